@@ -1,0 +1,380 @@
+"""Rankwise's data: projects, prompts and completions, leases, human judgements, models and runs.
+
+Invariants are kept by database constraints so they hold under concurrent writers, not
+only when a form checked them first.
+"""
+
+from __future__ import annotations
+
+from django.conf import settings
+from django.core.validators import MaxValueValidator, MinValueValidator
+from django.db import models
+from django.db.models import Q
+
+
+class Project(models.Model):
+    class Mode(models.TextChoices):
+        PAIRWISE = "pairwise", "Pairwise comparison"
+        RANKING = "ranking", "Group ranking"
+
+    class Algorithm(models.TextChoices):
+        DPO = "dpo", "DPO on pairwise judgements"
+        GRPO = "grpo", "GRPO on ranked groups"
+        DPO_FROM_RANKINGS = "dpo_rankings", "DPO on pairs derived from rankings"
+
+    name = models.CharField(max_length=200)
+    slug = models.SlugField(max_length=100, unique=True)
+    guidelines = models.TextField(blank=True, help_text="Markdown shown to annotators.")
+    mode = models.CharField(max_length=16, choices=Mode.choices, default=Mode.RANKING)
+    completions_per_prompt = models.PositiveSmallIntegerField(
+        default=4, validators=[MinValueValidator(2), MaxValueValidator(16)], help_text="K"
+    )
+    overlap = models.PositiveSmallIntegerField(
+        default=1,
+        validators=[MinValueValidator(1), MaxValueValidator(20)],
+        help_text="Judgements wanted per item.",
+    )
+    lease_seconds = models.PositiveIntegerField(default=600, validators=[MinValueValidator(30)])
+    temperature = models.FloatField(default=0.8, validators=[MinValueValidator(0.0), MaxValueValidator(2.0)])
+    top_p = models.FloatField(default=0.95, validators=[MinValueValidator(0.01), MaxValueValidator(1.0)])
+    max_new_tokens = models.PositiveIntegerField(default=256, validators=[MinValueValidator(1)])
+    base_model = models.CharField(
+        max_length=500,
+        blank=True,
+        help_text="A Hugging Face model directory or id; empty for the default model.",
+    )
+    training_algorithm = models.CharField(max_length=16, choices=Algorithm.choices, default=Algorithm.DPO)
+    training_config = models.JSONField(
+        default=dict, blank=True, help_text="Hyperparameters for training runs."
+    )
+    auto_train = models.BooleanField(default=False)
+    auto_train_threshold = models.PositiveIntegerField(default=200, validators=[MinValueValidator(1)])
+    auto_promote = models.BooleanField(default=False)
+    created_at = models.DateTimeField(auto_now_add=True)
+    members = models.ManyToManyField(settings.AUTH_USER_MODEL, through="Membership", related_name="projects")
+
+    class Meta:
+        ordering = ["name"]
+        constraints = [
+            models.CheckConstraint(condition=Q(mode__in=["pairwise", "ranking"]), name="project_mode_valid"),
+            models.CheckConstraint(condition=Q(completions_per_prompt__gte=2), name="project_k_at_least_2"),
+            models.CheckConstraint(condition=Q(overlap__gte=1), name="project_overlap_at_least_1"),
+            models.CheckConstraint(condition=Q(top_p__gt=0, top_p__lte=1), name="project_top_p_range"),
+            models.CheckConstraint(condition=Q(temperature__gte=0), name="project_temperature_non_negative"),
+        ]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class Membership(models.Model):
+    class Role(models.TextChoices):
+        ANNOTATOR = "annotator"
+        REVIEWER = "reviewer"
+        MANAGER = "manager"
+
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="memberships")
+    project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="memberships")
+    role = models.CharField(max_length=16, choices=Role.choices, default=Role.ANNOTATOR)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["user", "project"], name="one_membership_per_user_project"),
+            models.CheckConstraint(
+                condition=Q(role__in=["annotator", "reviewer", "manager"]), name="membership_role_valid"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.user} in {self.project} as {self.role}"
+
+
+class Prompt(models.Model):
+    project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="prompts")
+    messages = models.JSONField(help_text="[{role, content}, ...] ending with a user turn.")
+    external_id = models.CharField(max_length=200, blank=True)
+    metadata = models.JSONField(default=dict, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["id"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["project", "external_id"],
+                condition=~Q(external_id=""),
+                name="unique_prompt_external_id",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        text = self.messages[-1]["content"] if self.messages else ""
+        return text[:80]
+
+
+class ModelVersion(models.Model):
+    project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="model_versions")
+    name = models.CharField(max_length=100)
+    parent = models.ForeignKey(
+        "self", null=True, blank=True, on_delete=models.SET_NULL, related_name="children"
+    )
+    weights_path = models.CharField(max_length=500, help_text="A model directory under the data dir.")
+    produced_by_run = models.OneToOneField(
+        "TrainingRun", null=True, blank=True, on_delete=models.SET_NULL, related_name="produced_version"
+    )
+    metrics = models.JSONField(default=dict, blank=True)
+    is_active = models.BooleanField(default=False)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        constraints = [
+            models.UniqueConstraint(fields=["project", "name"], name="unique_model_version_name"),
+            models.UniqueConstraint(
+                fields=["project"], condition=Q(is_active=True), name="one_active_version_per_project"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.project.slug}/{self.name}"
+
+
+class Completion(models.Model):
+    HUMAN = "human"
+
+    prompt = models.ForeignKey(Prompt, on_delete=models.CASCADE, related_name="completions")
+    text = models.TextField()
+    html = models.TextField(
+        help_text="Sanitized HTML rendered from the text when the completion was created."
+    )
+    model_version = models.ForeignKey(
+        ModelVersion, null=True, blank=True, on_delete=models.SET_NULL, related_name="completions"
+    )
+    source_model = models.CharField(
+        max_length=300,
+        blank=True,
+        help_text="The model that wrote it when not a version of ours, or 'human'.",
+    )
+    generation_params = models.JSONField(default=dict, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["id"]
+
+    def __str__(self) -> str:
+        return self.text[:80]
+
+    @property
+    def source(self) -> str:
+        return str(self.model_version) if self.model_version_id else self.source_model
+
+
+class Assignment(models.Model):
+    """A lease of one item to one annotator.
+
+    An item is a prompt (ranking mode) or an unordered pair of completions (pairwise mode),
+    named by ``item_key``. Each item has ``overlap`` slots; a live lease or a finished
+    judgement holds one, so the unique (item_key, slot) constraint caps judgements per item
+    at the overlap whatever the concurrency. Expired leases are deleted to free their slot;
+    a skip keeps the row (the item is never served to that annotator again) but drops the slot.
+    """
+
+    class State(models.TextChoices):
+        LEASED = "leased"
+        DONE = "done"
+        SKIPPED = "skipped"
+
+    project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="assignments")
+    annotator = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="assignments"
+    )
+    prompt = models.ForeignKey(Prompt, on_delete=models.CASCADE, related_name="assignments")
+    completion_a = models.ForeignKey(
+        Completion, null=True, blank=True, on_delete=models.CASCADE, related_name="+"
+    )
+    completion_b = models.ForeignKey(
+        Completion, null=True, blank=True, on_delete=models.CASCADE, related_name="+"
+    )
+    item_key = models.CharField(max_length=64, help_text="'p<prompt id>' or 'c<low id>-<high id>'.")
+    slot = models.PositiveSmallIntegerField(null=True, blank=True)
+    display_order = models.JSONField(help_text="Completion ids in the order shown.")
+    state = models.CharField(max_length=8, choices=State.choices, default=State.LEASED)
+    skip_reason = models.CharField(max_length=500, blank=True)
+    expires_at = models.DateTimeField()
+    created_at = models.DateTimeField(auto_now_add=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["item_key", "slot"], name="one_lease_per_item_slot"),
+            models.UniqueConstraint(
+                fields=["annotator", "item_key"], name="one_assignment_per_annotator_item"
+            ),
+            models.CheckConstraint(
+                condition=Q(state__in=["leased", "done", "skipped"]), name="assignment_state_valid"
+            ),
+            models.CheckConstraint(
+                condition=Q(state="skipped", slot__isnull=True)
+                | (~Q(state="skipped") & Q(slot__isnull=False)),
+                name="assignment_slot_held_unless_skipped",
+            ),
+        ]
+        indexes = [models.Index(fields=["project", "state", "expires_at"])]
+
+    def __str__(self) -> str:
+        return f"{self.item_key} to {self.annotator} ({self.state})"
+
+
+class PairwiseJudgement(models.Model):
+    class Choice(models.TextChoices):
+        A = "a", "A is better"
+        B = "b", "B is better"
+        TIE = "tie", "Tie"
+        BOTH_BAD = "both_bad", "Both bad"
+
+    class Strength(models.TextChoices):
+        SLIGHT = "slight"
+        CLEAR = "clear"
+
+    project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="pairwise_judgements")
+    annotator = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="+")
+    assignment = models.OneToOneField(
+        Assignment, null=True, on_delete=models.SET_NULL, related_name="pairwise_judgement"
+    )
+    prompt = models.ForeignKey(Prompt, on_delete=models.CASCADE, related_name="pairwise_judgements")
+    left = models.ForeignKey(Completion, on_delete=models.CASCADE, related_name="+", help_text="Shown as A.")
+    right = models.ForeignKey(Completion, on_delete=models.CASCADE, related_name="+", help_text="Shown as B.")
+    item_key = models.CharField(max_length=64)
+    choice = models.CharField(max_length=8, choices=Choice.choices)
+    strength = models.CharField(max_length=8, choices=Strength.choices, blank=True)
+    rationale = models.TextField(blank=True)
+    time_ms = models.PositiveIntegerField(null=True, blank=True)
+    client_uuid = models.UUIDField(unique=True)
+    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+
+    class Meta:
+        ordering = ["id"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["annotator", "item_key"], name="one_pairwise_judgement_per_annotator_item"
+            ),
+            models.CheckConstraint(
+                condition=Q(choice__in=["a", "b", "tie", "both_bad"]), name="pairwise_choice_valid"
+            ),
+            models.CheckConstraint(
+                condition=Q(strength__in=["", "slight", "clear"]), name="pairwise_strength_valid"
+            ),
+            models.CheckConstraint(
+                condition=~Q(left=models.F("right")), name="pairwise_two_different_completions"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.annotator}: {self.choice} on {self.item_key}"
+
+
+class RankingJudgement(models.Model):
+    project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="ranking_judgements")
+    annotator = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="+")
+    assignment = models.OneToOneField(
+        Assignment, null=True, on_delete=models.SET_NULL, related_name="ranking_judgement"
+    )
+    prompt = models.ForeignKey(Prompt, on_delete=models.CASCADE, related_name="ranking_judgements")
+    rationale = models.TextField(blank=True)
+    time_ms = models.PositiveIntegerField(null=True, blank=True)
+    client_uuid = models.UUIDField(unique=True)
+    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+
+    class Meta:
+        ordering = ["id"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["annotator", "prompt"], name="one_ranking_judgement_per_annotator_prompt"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.annotator}: ranking of prompt {self.prompt_id}"
+
+
+class RankedCompletion(models.Model):
+    judgement = models.ForeignKey(RankingJudgement, on_delete=models.CASCADE, related_name="ranked")
+    completion = models.ForeignKey(Completion, on_delete=models.CASCADE, related_name="+")
+    rank = models.PositiveSmallIntegerField(help_text="1 = best; tied completions share a rank.")
+    position = models.PositiveSmallIntegerField(help_text="Where it was shown, 0 = first.")
+
+    class Meta:
+        ordering = ["judgement_id", "rank", "position"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["judgement", "completion"], name="one_rank_per_completion_per_judgement"
+            ),
+            models.CheckConstraint(condition=Q(rank__gte=1), name="rank_at_least_1"),
+        ]
+
+    def __str__(self) -> str:
+        return f"#{self.rank}: {self.completion_id}"
+
+
+class TrainingRun(models.Model):
+    class Algorithm(models.TextChoices):
+        DPO = "dpo"
+        GRPO = "grpo"
+
+    class Status(models.TextChoices):
+        QUEUED = "queued"
+        RUNNING = "running"
+        SUCCEEDED = "succeeded"
+        FAILED = "failed"
+        CANCELLED = "cancelled"
+
+    class Trigger(models.TextChoices):
+        MANUAL = "manual", "Retrain now"
+        SCHEDULE = "schedule", "Schedule"
+        COMMAND = "command", "Command line"
+        API = "api", "API"
+        ADMIN = "admin", "Django admin"
+
+    project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="training_runs")
+    algorithm = models.CharField(max_length=8, choices=Algorithm.choices)
+    config = models.JSONField(default=dict, blank=True)
+    status = models.CharField(max_length=10, choices=Status.choices, default=Status.QUEUED)
+    step = models.PositiveIntegerField(default=0)
+    total_steps = models.PositiveIntegerField(default=0)
+    metrics = models.JSONField(
+        default=list, blank=True, help_text="[{step, loss, ...}, ...] as the run goes."
+    )
+    error = models.TextField(blank=True)
+    data_counts = models.JSONField(default=dict, blank=True)
+    data_hash = models.CharField(max_length=64, blank=True)
+    parent_version = models.ForeignKey(
+        ModelVersion, null=True, blank=True, on_delete=models.SET_NULL, related_name="child_runs"
+    )
+    triggered_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    trigger = models.CharField(max_length=10, choices=Trigger.choices, default=Trigger.MANUAL)
+    cancel_requested = models.BooleanField(default=False)
+    created_at = models.DateTimeField(auto_now_add=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    heartbeat_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["project"],
+                condition=Q(status__in=["queued", "running"]),
+                name="one_active_run_per_project",
+            ),
+            models.CheckConstraint(
+                condition=Q(status__in=["queued", "running", "succeeded", "failed", "cancelled"]),
+                name="training_run_status_valid",
+            ),
+            models.CheckConstraint(
+                condition=Q(algorithm__in=["dpo", "grpo"]), name="training_run_algorithm_valid"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.project.slug} run {self.pk} ({self.status})"

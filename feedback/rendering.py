@@ -1,0 +1,64 @@
+"""Untrusted text (model output, imported prompts) to safe HTML.
+
+Markdown is parsed with raw HTML off, code blocks are highlighted by Pygments, and the
+result goes through nh3 with an allow-list, so no script, event handler, javascript: URL
+or hx-* attribute survives whatever the input.
+"""
+
+import html
+
+import nh3
+from markdown_it import MarkdownIt
+from pygments import highlight
+from pygments.formatters import HtmlFormatter
+from pygments.lexers import get_lexer_by_name, guess_lexer
+from pygments.util import ClassNotFound
+
+ALLOWED_TAGS = {
+    "p", "br", "hr", "strong", "em", "del", "s", "code", "pre", "blockquote", "span", "div",
+    "h1", "h2", "h3", "h4", "h5", "h6", "ul", "ol", "li", "a", "img",
+    "table", "thead", "tbody", "tr", "th", "td",
+}  # fmt: skip
+ALLOWED_ATTRIBUTES = {
+    "a": {"href", "title"},
+    "img": {"src", "alt", "title"},
+    "span": {"class"},
+    "div": {"class"},
+    "code": {"class"},
+    "pre": {"class"},
+    "ol": {"start"},
+}
+ALLOWED_URL_SCHEMES = {"http", "https", "mailto"}
+
+_formatter = HtmlFormatter(nowrap=True)
+
+
+def _highlight_code(code: str, language: str, _attrs: str) -> str:
+    try:
+        lexer = get_lexer_by_name(language) if language else guess_lexer(code)
+    except ClassNotFound:
+        body = html.escape(code)
+    else:
+        body = highlight(code, lexer, _formatter)
+    return f'<pre class="highlight"><code>{body}</code></pre>'
+
+
+_markdown = MarkdownIt("commonmark", {"html": False, "linkify": False, "highlight": _highlight_code}).enable(
+    ["table", "strikethrough"]
+)
+
+
+def markdown_to_safe_html(text: str) -> str:
+    """Render Markdown to HTML that is safe to mark safe in a template."""
+    return nh3.clean(
+        _markdown.render(text),
+        tags=ALLOWED_TAGS,
+        attributes=ALLOWED_ATTRIBUTES,
+        url_schemes=ALLOWED_URL_SCHEMES,
+        link_rel="noopener noreferrer nofollow",
+        strip_comments=True,
+    )
+
+
+def pygments_css() -> str:
+    return _formatter.get_style_defs(".highlight")

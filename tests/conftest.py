@@ -1,0 +1,28 @@
+from pathlib import Path
+
+import pytest
+
+from tests.factories import UserFactory
+
+PASSWORD = "correct horse battery staple"
+
+
+@pytest.fixture(autouse=True)
+def _data_dir(settings, tmp_path: Path) -> Path:
+    """Every test writes model versions, exports and caches under its own temporary data dir."""
+    settings.DATA_DIR = tmp_path / "data"
+    settings.MODEL_VERSIONS_DIR = settings.DATA_DIR / "versions"
+    settings.EXPORTS_DIR = settings.DATA_DIR / "exports"
+    settings.REFERENCE_CACHE_DIR = settings.DATA_DIR / "reference-cache"
+    settings.DATA_DIR.mkdir(parents=True)
+    return settings.DATA_DIR
+
+
+@pytest.fixture
+def staff_user(db):
+    return UserFactory(username="staff", is_staff=True, is_superuser=True)
+
+
+@pytest.fixture
+def annotator(db):
+    return UserFactory(username="annotator")

@@ -1,0 +1,12 @@
+"""huey tasks: thin; each loads by id and calls a service."""
+
+from huey.contrib.djhuey import db_task
+
+from feedback.models import Project
+from feedback.services.generation import completions_generate
+
+
+@db_task()
+def generate_completions_task(project_id: int, prompt_limit: int | None = None, k: int | None = None) -> int:
+    project = Project.objects.get(pk=project_id)
+    return completions_generate(project=project, prompt_limit=prompt_limit, k=k).completions

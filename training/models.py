@@ -1,0 +1,265 @@
+"""Load base models (HF directory, hub id, GGUF), attach LoRA, write atomic checkpoints.
+
+Every model directory this module writes is built under a temporary name next to its
+final place and renamed when complete, so a crash or a cancelled run never leaves a
+directory that looks finished but is not.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+# ChatML, as SmolLM2 ships it; used when a converted GGUF carries no template.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+class ModelLoadError(Exception):
+    """A base model or checkpoint could not be loaded; the message says which and why."""
+
+
+def load_model(
+    name_or_path: str, *, dtype: torch.dtype | None = None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a causal LM and its tokenizer from a local directory or a hub id.
+
+    A directory holding a LoRA adapter written by this library (``adapter_config.json``)
+    is loaded by loading its base model (recursively) and merging the adapter in.
+    Weights are read with safetensors only. ``dtype`` defaults to float32, the dtype
+    training keeps its master weights in.
+
+    Raises:
+        ModelLoadError: the path or id does not hold a loadable model.
+    """
+    dtype = dtype or torch.float32
+    path = Path(name_or_path).expanduser()
+    looks_local = path.is_absolute() or name_or_path.startswith(".") or path.exists()
+    if looks_local and not path.is_dir():
+        raise ModelLoadError(f"model directory {name_or_path!r} does not exist")
+    if looks_local and (path / "adapter_config.json").is_file():
+        return _load_adapter_dir(path, dtype=dtype)
+    if looks_local and not (path / "config.json").is_file():
+        raise ModelLoadError(f"{name_or_path!r} is not a model directory (no config.json)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path) if looks_local else name_or_path)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path) if looks_local else name_or_path, dtype=dtype, use_safetensors=True
+        )
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise ModelLoadError(f"cannot load model {name_or_path!r}: {exc}") from exc
+    _ensure_pad_token(tokenizer)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def _load_adapter_dir(path: Path, *, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    from peft import PeftModel
+
+    adapter_config = json.loads((path / "adapter_config.json").read_text())
+    base = adapter_config.get("base_model_name_or_path")
+    if not base:
+        raise ModelLoadError(f"adapter in {path} does not name its base model")
+    model, tokenizer = load_model(base, dtype=dtype)
+    try:
+        model = PeftModel.from_pretrained(model, str(path)).merge_and_unload()
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise ModelLoadError(f"cannot load adapter {path}: {exc}") from exc
+    if (path / "tokenizer_config.json").is_file():
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        _ensure_pad_token(tokenizer)
+    return model, tokenizer
+
+
+def _ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> None:
+    # Llama-family tokenizers often have no pad token; masks are built from lengths,
+    # so which id pads does not matter, only that one exists.
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+
+
+@contextlib.contextmanager
+def atomic_directory(out_dir: Path) -> Iterator[Path]:
+    """Yield a temporary directory next to ``out_dir``; rename it into place on success.
+
+    An existing ``out_dir`` is replaced only once the new one is complete. On an
+    exception the temporary directory is removed and ``out_dir`` is left untouched.
+    """
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; a model directory is not
+    try:
+        yield tmp
+        if out_dir.exists():
+            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+            os.replace(out_dir, old)
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
+    """Dequantize a GGUF checkpoint into a safetensors model directory at ``out_dir``.
+
+    transformers loads GGUF weights dequantized but flags the model as quantized, which
+    blocks saving and training; the model is therefore rebuilt from its config without
+    ``quantization_config`` and the dequantized state dict loaded into it.
+    """
+    gguf_path = Path(gguf_path)
+    if not gguf_path.is_file():
+        raise ModelLoadError(f"GGUF file {gguf_path} does not exist")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+        quantized = AutoModelForCausalLM.from_pretrained(
+            str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
+        )
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise ModelLoadError(f"cannot read GGUF {gguf_path}: {exc}") from exc
+
+    config = quantized.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    state_dict = quantized.state_dict()
+    del quantized
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    # Tied output embeddings appear as "missing" when the GGUF stores them once.
+    missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise ModelLoadError(f"GGUF {gguf_path.name}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    if config.tie_word_embeddings:
+        model.tie_weights()
+
+    if not tokenizer.chat_template:
+        tokenizer.chat_template = CHATML_TEMPLATE
+    _ensure_pad_token(tokenizer)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+
+    with atomic_directory(out_dir) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+    return Path(out_dir)
+
+
+@dataclass
+class LoraSettings:
+    """LoRA hyperparameters shared by the DPO and GRPO configs."""
+
+    r: int = 16  # adapter rank
+    alpha: int = 32  # scaling numerator: updates are scaled by alpha / r
+    dropout: float = 0.0  # dropout on the adapter input
+    target_modules: str | list[str] = "all-linear"  # which linear layers get adapters (lm_head excluded)
+
+
+def apply_lora(model: PreTrainedModel, settings: LoraSettings) -> PreTrainedModel:
+    """Wrap ``model`` with fresh LoRA adapters; the base weights are frozen."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=settings.r,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=settings.target_modules,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
+def is_lora(model: torch.nn.Module) -> bool:
+    from peft import PeftModel
+
+    return isinstance(model, PeftModel)
+
+
+@contextlib.contextmanager
+def reference_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Run the frozen reference: the base with its adapters disabled (LoRA), else the model as it is."""
+    if is_lora(model):
+        with model.disable_adapter():  # type: ignore[operator]
+            yield
+    else:
+        yield
+
+
+def trainable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The weights a checkpoint must hold to restore training: adapters only for LoRA."""
+    if is_lora(model):
+        from peft import get_peft_model_state_dict
+
+        return get_peft_model_state_dict(model)  # type: ignore[arg-type]
+    return model.state_dict()
+
+
+def load_trainable_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    if is_lora(model):
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(model, state)  # type: ignore[arg-type]
+    else:
+        model.load_state_dict(state)
+
+
+def save_model_dir(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    out_dir: Path,
+    *,
+    base_model: str,
+    config: dict[str, Any],
+    metrics: dict[str, Any],
+    merge_lora: bool = False,
+) -> Path:
+    """Write a finished model directory atomically.
+
+    It holds safetensors weights (or a LoRA adapter naming ``base_model`` as its base),
+    the tokenizer, ``training_config.json`` and ``metrics.json``. With ``merge_lora``
+    the adapter is merged and full weights are written instead.
+    """
+    with atomic_directory(out_dir) as tmp:
+        if is_lora(model):
+            if merge_lora:
+                merged = _merged_copy(model)
+                merged.save_pretrained(tmp, safe_serialization=True)
+            else:
+                model.peft_config["default"].base_model_name_or_path = _absolute_if_local(base_model)  # type: ignore[index]
+                model.save_pretrained(tmp, safe_serialization=True)  # type: ignore[operator]
+        else:
+            model.save_pretrained(tmp, safe_serialization=True)  # type: ignore[operator]
+        tokenizer.save_pretrained(tmp)
+        (tmp / "training_config.json").write_text(json.dumps(config, indent=2, default=str))
+        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
+    return Path(out_dir)
+
+
+def _merged_copy(model: torch.nn.Module) -> PreTrainedModel:
+    import copy
+
+    return copy.deepcopy(model).merge_and_unload()  # type: ignore[operator]
+
+
+def _absolute_if_local(name_or_path: str) -> str:
+    path = Path(name_or_path).expanduser()
+    return str(path.resolve()) if path.exists() else name_or_path

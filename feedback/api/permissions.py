@@ -1,34 +1,40 @@
-"""Project access for API views: 404 for a project that does not exist, 403 for one the user is not in."""
+"""Who may do what in a project through the API.
 
-from collections.abc import Collection
+Staff manage every project; other users act through their Membership role in it. A
+project the user cannot see answers 404 (its existence is not revealed); a project they
+can see but where their role is too low answers 403.
+"""
+
+from __future__ import annotations
 
 from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
 from rest_framework.exceptions import NotFound, PermissionDenied
 
 from feedback.models import Membership, Project
-from feedback.selectors.memberships import ANNOTATING_ROLES, membership_role_for
+
+User = AbstractBaseUser | AnonymousUser
 
 
-def project_get_for_role(
-    *, user: AbstractBaseUser | AnonymousUser, slug: str, roles: Collection[str] = ANNOTATING_ROLES
-) -> Project:
-    """The project named by ``slug`` if the user holds one of ``roles`` in it (staff always do)."""
+def membership_role(*, user: User, project: Project) -> str | None:
+    """The user's role in the project, "manager" for staff, None for non-members."""
+    if not user.is_authenticated:
+        return None
+    if user.is_staff:
+        return Membership.Role.MANAGER
+    return Membership.objects.filter(user_id=user.pk, project_id=project.pk).values_list("role", flat=True).first()
+
+
+def project_for_member(*, user: User, slug: str) -> Project:
+    """The project named by slug if the user is a member of it (any role) or staff; 404 otherwise."""
     project = Project.objects.filter(slug=slug).first()
-    if project is None:
-        raise NotFound(f"There is no project '{slug}'.")
-    role = membership_role_for(user=user, project=project)
-    if role is None:
-        raise PermissionDenied("You are not a member of this project.")
-    if role not in roles:
-        raise PermissionDenied(f"This needs one of the roles {', '.join(sorted(roles))}; you are {role}.")
+    if project is None or membership_role(user=user, project=project) is None:
+        raise NotFound("No such project.")
     return project
 
 
-def project_get_for_member(*, user: AbstractBaseUser | AnonymousUser, slug: str) -> Project:
-    """The project if the user is a member with any role, or staff."""
-    return project_get_for_role(user=user, slug=slug)
-
-
-def project_get_for_manager(*, user: AbstractBaseUser | AnonymousUser, slug: str) -> Project:
-    """The project if the user manages it, or is staff."""
-    return project_get_for_role(user=user, slug=slug, roles={Membership.Role.MANAGER})
+def project_for_manager(*, user: User, slug: str) -> Project:
+    """The project named by slug if the user manages it (or is staff); 404 for non-members, 403 for others."""
+    project = project_for_member(user=user, slug=slug)
+    if membership_role(user=user, project=project) != Membership.Role.MANAGER:
+        raise PermissionDenied("Only the project's managers may do this.")
+    return project

@@ -94,10 +94,17 @@ class Prompt(models.Model):
     messages = models.JSONField(help_text="[{role, content}, ...] ending with a user turn.")
     external_id = models.CharField(max_length=200, blank=True)
     metadata = models.JSONField(default=dict, blank=True)
+    judgement_count = models.PositiveIntegerField(
+        default=0,
+        editable=False,
+        help_text="Judgements made on this prompt's items; kept by judgement_submit so the task queue "
+        "can serve the least-judged items first without counting on every request.",
+    )
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
         ordering = ["id"]
+        indexes = [models.Index(fields=["project", "judgement_count", "id"], name="prompt_queue_order")]
         constraints = [
             models.UniqueConstraint(
                 fields=["project", "external_id"],
@@ -218,7 +225,10 @@ class Assignment(models.Model):
                 name="assignment_slot_held_unless_skipped",
             ),
         ]
-        indexes = [models.Index(fields=["project", "state", "expires_at"])]
+        indexes = [
+            models.Index(fields=["project", "state", "expires_at"]),
+            models.Index(fields=["annotator", "project", "state"], name="assignment_annotator_state"),
+        ]
 
     def __str__(self) -> str:
         return f"{self.item_key} to {self.annotator} ({self.state})"

@@ -1,0 +1,417 @@
+"""Preference datasets out of the judgements: DPO pairs, GRPO groups, raw judgements.
+
+One reader for every way out (the command, the API, the export page, training runs).
+It streams: up to four queries ordered by prompt id (prompts, completions, pairwise
+judgements, ranked completions) are read side by side in chunks and merged one prompt at a
+time, so memory holds one prompt's judgements however large the project is.
+
+Rules (DESIGN.md, "Formats"):
+
+- A pairwise judgement votes for the side chosen; ``tie`` and ``both_bad`` vote for neither.
+- A ranking (rank 1 = best, ties share a rank) votes on the pairs that ``pairs`` selects:
+  ``all`` every pair with a better and a worse rank, ``best_vs_rest`` the best rank against
+  every worse one, ``adjacent`` each rank against the next one down. Tied completions never
+  form a pair.
+- Across annotators a pair counts the votes for each side. ``votes`` is the number of votes
+  for either side, ``agreement`` = majority / votes, ``weight`` = agreement. A pair with no
+  vote for either side, with equal votes, or below ``min_agreement`` is left out.
+- GRPO: one annotator's ranking of K completions gives ``r_i = (K - place_i) / (K - 1)``
+  where tied completions share the mean of the places they span; a completion's reward and
+  rank (mean place) are the means over the annotators who ranked it.
+- With ``model_version_ids`` only completions written by those versions are seen: a ranking
+  keeps the others' relative order, a pairwise judgement needs both of its sides.
+
+Prompts: in the standard (string) shape a prompt that is a single user turn is that turn's
+text; a longer conversation (a system turn, earlier turns) becomes a plain transcript, one
+``Role: content`` paragraph per turn, so no context is lost. Use ``conversational`` to hand
+the messages over as they are and let the trainer apply the model's chat template.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from itertools import combinations
+from typing import Any, Literal
+
+from django.conf import settings
+from django.db.models import QuerySet
+
+from feedback.models import Completion, PairwiseJudgement, Project, Prompt, RankedCompletion
+
+ExportFormat = Literal["dpo", "grpo", "judgements"]
+PairMode = Literal["all", "best_vs_rest", "adjacent"]
+Split = Literal["train", "test"]
+
+FORMATS: tuple[str, ...] = ("dpo", "grpo", "judgements")
+PAIR_MODES: tuple[str, ...] = ("all", "best_vs_rest", "adjacent")
+SPLITS: tuple[str, ...] = ("train", "test")
+
+
+class ExportOptionsError(ValueError):
+    """An option that cannot be used; ``field`` names it."""
+
+    def __init__(self, field_name: str, message: str) -> None:
+        super().__init__(f"{field_name}: {message}")
+        self.field = field_name
+        self.message = message
+
+
+@dataclass(frozen=True, kw_only=True)
+class PreferenceExportOptions:
+    """What to export and how. Every field has a default; invalid values raise ExportOptionsError."""
+
+    format: ExportFormat = "dpo"
+    conversational: bool = False  # message lists instead of strings (TRL's conversational format)
+    pairs: PairMode = "all"  # which pairs a ranking yields
+    min_agreement: float = 0.0  # dpo: leave out pairs whose agreement is below this
+    created_from: datetime | None = None  # judgements created at or after
+    created_before: datetime | None = None  # judgements created strictly before
+    annotator_ids: tuple[int, ...] | None = None  # only these annotators' judgements
+    model_version_ids: tuple[int, ...] | None = None  # only completions written by these versions
+    split: Split | None = None  # None: every prompt; else the train or test part
+    test_fraction: float = 0.1  # share of prompts in the test part
+    split_seed: str = "rankwise"  # changes which prompts land in the test part
+    pseudonymise: bool = False  # judgements: HMAC pseudonyms instead of annotator ids
+    chunk_size: int = 2000  # rows fetched from the database at a time
+
+    def __post_init__(self) -> None:
+        if self.format not in FORMATS:
+            raise ExportOptionsError("format", f"must be one of {', '.join(FORMATS)}, not {self.format!r}")
+        if self.pairs not in PAIR_MODES:
+            raise ExportOptionsError("pairs", f"must be one of {', '.join(PAIR_MODES)}, not {self.pairs!r}")
+        if not 0.0 <= self.min_agreement <= 1.0:
+            raise ExportOptionsError("min_agreement", "must be between 0 and 1")
+        if self.split is not None and self.split not in SPLITS:
+            raise ExportOptionsError("split", f"must be train or test, not {self.split!r}")
+        if not 0.0 < self.test_fraction < 1.0:
+            raise ExportOptionsError("test_fraction", "must be strictly between 0 and 1")
+        if self.created_from and self.created_before and self.created_from >= self.created_before:
+            raise ExportOptionsError("created_before", "must be later than created_from")
+        if self.chunk_size < 1:
+            raise ExportOptionsError("chunk_size", "must be at least 1")
+
+
+@dataclass
+class _Ranking:
+    judgement_id: int
+    annotator_id: int
+    entries: list[tuple[int, int]] = field(default_factory=list)  # (completion id, rank), best first
+    rationale: str = ""
+    time_ms: int | None = None
+    created_at: datetime | None = None
+
+
+@dataclass
+class _PromptGroup:
+    prompt_id: int
+    messages: list[dict[str, str]]
+    texts: dict[int, str]  # completion id -> text, only the completions the options let through
+    pairwise: list[tuple[Any, ...]]
+    rankings: list[_Ranking]
+
+
+def prompt_in_split(*, prompt_id: int, options: PreferenceExportOptions) -> bool:
+    """Whether a prompt belongs to the requested split: a hash of the seed and the prompt id, stable across runs."""
+    if options.split is None:
+        return True
+    digest = hashlib.sha256(f"{options.split_seed}:{prompt_id}".encode()).digest()
+    is_test = int.from_bytes(digest[:8], "big") / 2**64 < options.test_fraction
+    return is_test == (options.split == "test")
+
+
+def annotator_pseudonym(*, annotator_id: int) -> str:
+    """A stable pseudonym for an annotator: an HMAC of the id keyed with SECRET_KEY, not reversible without it."""
+    key = settings.SECRET_KEY.encode()
+    return "a-" + hmac.new(key, f"annotator:{annotator_id}".encode(), hashlib.sha256).hexdigest()[:16]
+
+
+def prompt_text(*, messages: list[dict[str, str]]) -> str:
+    """A prompt as one string: the user's text for a single user turn, else a plain transcript."""
+    if len(messages) == 1 and messages[0]["role"] == "user":
+        return messages[0]["content"]
+    return "\n\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in messages)
+
+
+def places_from_ranks(*, ranks: list[int]) -> list[float]:
+    """1-based places for ranks sorted best first; tied ranks share the mean of the places they span."""
+    places: list[float] = []
+    start = 0
+    while start < len(ranks):
+        end = start
+        while end + 1 < len(ranks) and ranks[end + 1] == ranks[start]:
+            end += 1
+        places.extend([(start + end) / 2 + 1] * (end - start + 1))
+        start = end + 1
+    return places
+
+
+def rewards_from_ranks(*, ranks: list[int]) -> list[float]:
+    """GRPO rewards for one ranking sorted best first: (K - place) / (K - 1)."""
+    k = len(ranks)
+    return [(k - place) / (k - 1) for place in places_from_ranks(ranks=ranks)]
+
+
+def ranking_pairs(*, ranks: list[int], mode: PairMode) -> Iterator[tuple[int, int]]:
+    """Index pairs (better, worse) that one ranking sorted best first yields under a pair mode."""
+    levels = sorted(set(ranks))
+    if mode == "all":
+        for i, j in combinations(range(len(ranks)), 2):
+            if ranks[i] < ranks[j]:
+                yield i, j
+        return
+    by_level: dict[int, list[int]] = {}
+    for index, rank in enumerate(ranks):
+        by_level.setdefault(rank, []).append(index)
+    if mode == "best_vs_rest":
+        best = by_level[levels[0]]
+        rest = [i for level in levels[1:] for i in by_level[level]]
+        yield from ((b, r) for b in best for r in rest)
+        return
+    for upper, lower in zip(levels, levels[1:], strict=False):
+        yield from ((u, w) for u in by_level[upper] for w in by_level[lower])
+
+
+def _grouped(rows: Iterable[tuple[Any, ...]]) -> Iterator[tuple[int, list[tuple[Any, ...]]]]:
+    """(prompt id, rows) for rows ordered by their first column, the prompt id."""
+    current: int | None = None
+    bucket: list[tuple[Any, ...]] = []
+    for row in rows:
+        if row[0] != current:
+            if bucket:
+                yield current, bucket  # type: ignore[misc]
+            current, bucket = row[0], []
+        bucket.append(row)
+    if bucket:
+        yield current, bucket  # type: ignore[misc]
+
+
+class _Cursor:
+    """Hands out the rows of one grouped stream prompt by prompt, in prompt order."""
+
+    def __init__(self, rows: Iterable[tuple[Any, ...]] | None) -> None:
+        self._groups = _grouped(rows) if rows is not None else iter(())
+        self._head: tuple[int, list[tuple[Any, ...]]] | None = next(self._groups, None)
+
+    def take(self, prompt_id: int) -> list[tuple[Any, ...]]:
+        while self._head is not None and self._head[0] < prompt_id:
+            self._head = next(self._groups, None)
+        if self._head is not None and self._head[0] == prompt_id:
+            rows = self._head[1]
+            self._head = next(self._groups, None)
+            return rows
+        return []
+
+
+def _judgement_filters(options: PreferenceExportOptions, prefix: str) -> dict[str, Any]:
+    filters: dict[str, Any] = {}
+    if options.created_from is not None:
+        filters[f"{prefix}created_at__gte"] = options.created_from
+    if options.created_before is not None:
+        filters[f"{prefix}created_at__lt"] = options.created_before
+    if options.annotator_ids is not None:
+        filters[f"{prefix}annotator_id__in"] = list(options.annotator_ids)
+    return filters
+
+
+def _streams(
+    project: Project, options: PreferenceExportOptions
+) -> tuple[QuerySet, QuerySet, QuerySet | None, QuerySet | None]:
+    prompts = Prompt.objects.filter(project=project).order_by("id").values_list("id", "messages")
+    completions = Completion.objects.filter(prompt__project=project)
+    if options.model_version_ids is not None:
+        completions = completions.filter(model_version_id__in=list(options.model_version_ids))
+    completions = completions.order_by("prompt_id", "id").values_list("prompt_id", "id", "text")
+
+    raw = options.format == "judgements"
+    pairwise = None
+    if options.format != "grpo":
+        pairwise_fields = ["prompt_id", "id", "annotator_id", "left_id", "right_id", "choice"]
+        if raw:
+            pairwise_fields += ["strength", "rationale", "time_ms", "created_at"]
+        pairwise = (
+            PairwiseJudgement.objects.filter(project=project, **_judgement_filters(options, ""))
+            .order_by("prompt_id", "id")
+            .values_list(*pairwise_fields)
+        )
+    ranked_fields = ["judgement__prompt_id", "judgement_id", "judgement__annotator_id", "completion_id", "rank"]
+    if raw:
+        ranked_fields += ["judgement__rationale", "judgement__time_ms", "judgement__created_at"]
+    ranked = (
+        RankedCompletion.objects.filter(judgement__project=project, **_judgement_filters(options, "judgement__"))
+        .order_by("judgement__prompt_id", "judgement_id", "rank", "position")
+        .values_list(*ranked_fields)
+    )
+    return prompts, completions, pairwise, ranked
+
+
+def _prompt_groups(
+    project: Project, options: PreferenceExportOptions, on_prompt: Callable[[int], None] | None
+) -> Iterator[_PromptGroup]:
+    prompts, completions, pairwise, ranked = _streams(project, options)
+    size = options.chunk_size
+    completion_rows = _Cursor(completions.iterator(chunk_size=size))
+    pairwise_rows = _Cursor(pairwise.iterator(chunk_size=size) if pairwise is not None else None)
+    ranked_rows = _Cursor(ranked.iterator(chunk_size=size) if ranked is not None else None)
+    for prompt_id, messages in prompts.iterator(chunk_size=size):
+        texts = {row[1]: row[2] for row in completion_rows.take(prompt_id)}
+        judged_pairs = pairwise_rows.take(prompt_id)
+        ranked_entries = ranked_rows.take(prompt_id)
+        if on_prompt is not None:
+            on_prompt(1)
+        if not prompt_in_split(prompt_id=prompt_id, options=options):
+            continue
+        rankings: list[_Ranking] = []
+        for row in ranked_entries:
+            if not rankings or rankings[-1].judgement_id != row[1]:
+                rankings.append(_Ranking(judgement_id=row[1], annotator_id=row[2]))
+                if len(row) > 5:
+                    rankings[-1].rationale, rankings[-1].time_ms, rankings[-1].created_at = row[5:8]
+            if row[3] in texts:
+                rankings[-1].entries.append((row[3], row[4]))
+        yield _PromptGroup(
+            prompt_id=prompt_id,
+            messages=messages,
+            texts=texts,
+            pairwise=[row for row in judged_pairs if row[3] in texts and row[4] in texts],
+            rankings=[r for r in rankings if len(r.entries) >= 2],
+        )
+
+
+def _shapers(options: PreferenceExportOptions) -> tuple[Callable[[list[dict[str, str]]], Any], Callable[[str], Any]]:
+    if options.conversational:
+        return list, lambda text: [{"role": "assistant", "content": text}]
+    return (lambda messages: prompt_text(messages=messages)), (lambda text: text)
+
+
+def _dpo_rows(group: _PromptGroup, options: PreferenceExportOptions, prompt: Any, answer: Callable) -> Iterator[dict]:
+    # (low id, high id) -> [votes for low, votes for high]
+    votes: dict[tuple[int, int], list[int]] = {}
+
+    def vote(winner: int, loser: int) -> None:
+        key = (winner, loser) if winner < loser else (loser, winner)
+        counts = votes.setdefault(key, [0, 0])
+        counts[0 if winner < loser else 1] += 1
+
+    for _, _, _, left, right, choice, *_ in group.pairwise:
+        if choice == PairwiseJudgement.Choice.A:
+            vote(left, right)
+        elif choice == PairwiseJudgement.Choice.B:
+            vote(right, left)
+    for ranking in group.rankings:
+        ids = [cid for cid, _ in ranking.entries]
+        for better, worse in ranking_pairs(ranks=[rank for _, rank in ranking.entries], mode=options.pairs):
+            vote(ids[better], ids[worse])
+
+    for (low, high), (for_low, for_high) in sorted(votes.items()):
+        if for_low == for_high:
+            continue
+        total = for_low + for_high
+        agreement = max(for_low, for_high) / total
+        if agreement < options.min_agreement:
+            continue
+        chosen, rejected = (low, high) if for_low > for_high else (high, low)
+        yield {
+            "prompt": prompt,
+            "chosen": answer(group.texts[chosen]),
+            "rejected": answer(group.texts[rejected]),
+            "prompt_id": group.prompt_id,
+            "chosen_id": chosen,
+            "rejected_id": rejected,
+            "votes": total,
+            "agreement": agreement,
+            "weight": agreement,
+        }
+
+
+def _grpo_rows(group: _PromptGroup, prompt: Any, answer: Callable) -> Iterator[dict]:
+    # completion id -> [sum of places, sum of rewards, annotators who ranked it]
+    totals: dict[int, list[float]] = {}
+    for ranking in group.rankings:
+        ranks = [rank for _, rank in ranking.entries]
+        k = len(ranks)
+        for (cid, _), place in zip(ranking.entries, places_from_ranks(ranks=ranks), strict=True):
+            sums = totals.setdefault(cid, [0.0, 0.0, 0])
+            sums[0] += place
+            sums[1] += (k - place) / (k - 1)
+            sums[2] += 1
+    if len(totals) < 2:
+        return
+    ids = sorted(totals)
+    yield {
+        "prompt": prompt,
+        "completions": [answer(group.texts[cid]) for cid in ids],
+        "ranks": [totals[cid][0] / totals[cid][2] for cid in ids],
+        "rewards": [totals[cid][1] / totals[cid][2] for cid in ids],
+        "prompt_id": group.prompt_id,
+        "completion_ids": ids,
+        "annotators": len(group.rankings),
+    }
+
+
+def _judgement_rows(
+    group: _PromptGroup, options: PreferenceExportOptions, prompt: Any, answer: Callable
+) -> Iterator[dict]:
+    def who(annotator_id: int) -> str:
+        return annotator_pseudonym(annotator_id=annotator_id) if options.pseudonymise else str(annotator_id)
+
+    for _, judgement_id, annotator_id, left, right, choice, strength, rationale, time_ms, created in group.pairwise:
+        yield {
+            "kind": "pairwise",
+            "judgement_id": judgement_id,
+            "prompt_id": group.prompt_id,
+            "prompt": prompt,
+            "annotator": who(annotator_id),
+            "created_at": created.isoformat(),
+            "completion_ids": [left, right],
+            "completions": [answer(group.texts[left]), answer(group.texts[right])],
+            "choice": choice,
+            "strength": strength,
+            "ranks": None,
+            "rationale": rationale,
+            "time_ms": time_ms,
+        }
+    for ranking in group.rankings:
+        ids = [cid for cid, _ in ranking.entries]
+        yield {
+            "kind": "ranking",
+            "judgement_id": ranking.judgement_id,
+            "prompt_id": group.prompt_id,
+            "prompt": prompt,
+            "annotator": who(ranking.annotator_id),
+            "created_at": ranking.created_at.isoformat() if ranking.created_at else None,
+            "completion_ids": ids,
+            "completions": [answer(group.texts[cid]) for cid in ids],
+            "choice": None,
+            "strength": None,
+            "ranks": [rank for _, rank in ranking.entries],
+            "rationale": ranking.rationale,
+            "time_ms": ranking.time_ms,
+        }
+
+
+def preference_rows(
+    *,
+    project: Project,
+    options: PreferenceExportOptions,
+    on_prompt: Callable[[int], None] | None = None,
+) -> Iterator[dict[str, Any]]:
+    """Export rows for a project, prompt by prompt in id order, streamed from the database.
+
+    ``on_prompt(1)`` is called once per prompt read (a progress hook; the total is the
+    project's prompt count).
+    """
+    shape_prompt, answer = _shapers(options)
+    for group in _prompt_groups(project, options, on_prompt):
+        if not group.pairwise and not group.rankings:
+            continue
+        prompt = shape_prompt(group.messages)
+        if options.format == "dpo":
+            yield from _dpo_rows(group, options, prompt, answer)
+        elif options.format == "grpo":
+            yield from _grpo_rows(group, prompt, answer)
+        else:
+            yield from _judgement_rows(group, options, prompt, answer)

@@ -1,0 +1,279 @@
+"""Writing preference exports: JSONL streamed, Parquet in record batches, and background file jobs.
+
+A background job (a Parquet or JSONL file built by the worker) lives in its own directory
+under ``settings.EXPORTS_DIR`` named by a random id we generate; ``job.json`` holds its
+project, options, owner and status, and the file appears next to it, written under a
+temporary name and renamed when complete. No user input ever becomes part of a path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import tempfile
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import IO, Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from django.conf import settings
+from django.db import transaction
+from django.utils import timezone
+
+from feedback.models import Project
+from feedback.selectors.preferences import PreferenceExportOptions, preference_rows
+
+FILE_TYPES = ("jsonl", "parquet")
+JSONL_LINES_PER_CHUNK = 1000
+PARQUET_ROWS_PER_BATCH = 10_000
+JOB_ID = re.compile(r"^[0-9a-f]{32}$")
+
+_MESSAGES = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
+
+
+class ExportError(Exception):
+    """An export that cannot be written; the message says why."""
+
+
+def export_schema(*, options: PreferenceExportOptions) -> pa.Schema:
+    """The Parquet schema of a format: strings, or list<struct<role, content>> message lists when conversational."""
+    text = _MESSAGES if options.conversational else pa.string()
+    if options.format == "dpo":
+        fields = [
+            ("prompt", text),
+            ("chosen", text),
+            ("rejected", text),
+            ("prompt_id", pa.int64()),
+            ("chosen_id", pa.int64()),
+            ("rejected_id", pa.int64()),
+            ("votes", pa.int32()),
+            ("agreement", pa.float64()),
+            ("weight", pa.float64()),
+        ]
+    elif options.format == "grpo":
+        fields = [
+            ("prompt", text),
+            ("completions", pa.list_(text)),
+            ("ranks", pa.list_(pa.float64())),
+            ("rewards", pa.list_(pa.float64())),
+            ("prompt_id", pa.int64()),
+            ("completion_ids", pa.list_(pa.int64())),
+            ("annotators", pa.int32()),
+        ]
+    else:
+        fields = [
+            ("kind", pa.string()),
+            ("judgement_id", pa.int64()),
+            ("prompt_id", pa.int64()),
+            ("prompt", text),
+            ("annotator", pa.string()),
+            ("created_at", pa.string()),
+            ("completion_ids", pa.list_(pa.int64())),
+            ("completions", pa.list_(text)),
+            ("choice", pa.string()),
+            ("strength", pa.string()),
+            ("ranks", pa.list_(pa.int32())),
+            ("rationale", pa.string()),
+            ("time_ms", pa.int64()),
+        ]
+    return pa.schema(fields)
+
+
+def export_jsonl_chunks(*, rows: Iterable[dict[str, Any]]) -> Iterator[str]:
+    """JSONL text in chunks of about a thousand lines, for a file or a streamed response."""
+    encode = json.JSONEncoder(ensure_ascii=False, separators=(", ", ": ")).encode
+    lines: list[str] = []
+    for row in rows:
+        lines.append(encode(row))
+        if len(lines) >= JSONL_LINES_PER_CHUNK:
+            lines.append("")
+            yield "\n".join(lines)
+            lines = []
+    if lines:
+        lines.append("")
+        yield "\n".join(lines)
+
+
+def export_write_jsonl(*, rows: Iterable[dict[str, Any]], stream: IO[str]) -> int:
+    """Write rows as JSONL; returns the row count (JSON escapes newlines, so one line is one row)."""
+    count = 0
+    for chunk in export_jsonl_chunks(rows=rows):
+        stream.write(chunk)
+        count += chunk.count("\n")
+    return count
+
+
+def export_write_parquet(*, rows: Iterable[dict[str, Any]], path: Path, options: PreferenceExportOptions) -> int:
+    """Write rows as Parquet, one record batch per ten thousand rows; returns the row count."""
+    schema = export_schema(options=options)
+    count = 0
+    with pq.ParquetWriter(str(path), schema) as writer:
+        batch: list[dict[str, Any]] = []
+        for row in rows:
+            batch.append(row)
+            if len(batch) >= PARQUET_ROWS_PER_BATCH:
+                writer.write_batch(pa.RecordBatch.from_pylist(batch, schema=schema))
+                count += len(batch)
+                batch = []
+        if batch or count == 0:
+            writer.write_batch(pa.RecordBatch.from_pylist(batch, schema=schema))
+            count += len(batch)
+    return count
+
+
+def export_file_type(*, path: Path) -> str:
+    """jsonl or parquet from a file name; ExportError for any other extension."""
+    suffix = path.suffix.lower().lstrip(".")
+    if suffix not in FILE_TYPES:
+        raise ExportError(f"{path.name}: the file name must end in .jsonl or .parquet")
+    return suffix
+
+
+def export_write_file(
+    *,
+    project: Project,
+    options: PreferenceExportOptions,
+    path: Path,
+    on_prompt: Callable[[int], None] | None = None,
+) -> int:
+    """Export to a .jsonl or .parquet file, written to a temporary file beside it and renamed when complete."""
+    file_type = export_file_type(path=path)
+    directory = path.parent if str(path.parent) else Path(".")
+    if not directory.is_dir():
+        raise ExportError(f"{directory}: no such directory")
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise ExportError(f"{directory}: the directory is not writable")
+    if path.is_dir():
+        raise ExportError(f"{path}: is a directory")
+    rows = preference_rows(project=project, options=options, on_prompt=on_prompt)
+    handle, temporary = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".part")
+    try:
+        if file_type == "jsonl":
+            with os.fdopen(handle, "w", encoding="utf-8") as stream:
+                count = export_write_jsonl(rows=rows, stream=stream)
+        else:
+            os.close(handle)
+            count = export_write_parquet(rows=rows, path=Path(temporary), options=options)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return count
+
+
+@dataclasses.dataclass
+class ExportJob:
+    id: str
+    project_id: int
+    project_slug: str
+    requested_by_id: int | None
+    file_type: str
+    options: dict[str, Any]
+    status: str  # queued, running, succeeded, failed
+    created_at: str
+    finished_at: str | None = None
+    rows: int | None = None
+    error: str = ""
+
+    @property
+    def directory(self) -> Path:
+        return Path(settings.EXPORTS_DIR) / self.id
+
+    @property
+    def file_path(self) -> Path:
+        return self.directory / f"{self.project_slug}-{self.options['format']}.{self.file_type}"
+
+    @property
+    def file_name(self) -> str:
+        return self.file_path.name
+
+
+def _options_to_json(options: PreferenceExportOptions) -> dict[str, Any]:
+    data = dataclasses.asdict(options)
+    for key in ("created_from", "created_before"):
+        if data[key] is not None:
+            data[key] = data[key].isoformat()
+    for key in ("annotator_ids", "model_version_ids"):
+        if data[key] is not None:
+            data[key] = list(data[key])
+    return data
+
+
+def _options_from_json(data: dict[str, Any]) -> PreferenceExportOptions:
+    values = dict(data)
+    for key in ("created_from", "created_before"):
+        if values[key] is not None:
+            values[key] = datetime.fromisoformat(values[key])
+    for key in ("annotator_ids", "model_version_ids"):
+        if values[key] is not None:
+            values[key] = tuple(values[key])
+    return PreferenceExportOptions(**values)
+
+
+def _job_save(job: ExportJob) -> None:
+    job.directory.mkdir(parents=True, exist_ok=True)
+    temporary = job.directory / "job.json.part"
+    temporary.write_text(json.dumps(dataclasses.asdict(job)), encoding="utf-8")
+    os.replace(temporary, job.directory / "job.json")
+
+
+def export_job_get(*, job_id: str) -> ExportJob | None:
+    """The job with this id, or None; ids that are not ours (wrong shape) never reach the file system."""
+    if not JOB_ID.match(job_id):
+        return None
+    path = Path(settings.EXPORTS_DIR) / job_id / "job.json"
+    try:
+        return ExportJob(**json.loads(path.read_text(encoding="utf-8")))
+    except FileNotFoundError:
+        return None
+
+
+def export_job_start(
+    *, project: Project, options: PreferenceExportOptions, file_type: str, requested_by_id: int | None
+) -> ExportJob:
+    """Record an export job and queue it for the worker once the surrounding transaction commits."""
+    from feedback.tasks import export_file_task
+
+    if file_type not in FILE_TYPES:
+        raise ExportError(f"file type must be jsonl or parquet, not {file_type!r}")
+    job = ExportJob(
+        id=uuid.uuid4().hex,
+        project_id=project.pk,
+        project_slug=project.slug,
+        requested_by_id=requested_by_id,
+        file_type=file_type,
+        options=_options_to_json(options),
+        status="queued",
+        created_at=timezone.now().isoformat(),
+    )
+    _job_save(job)
+    transaction.on_commit(lambda: export_file_task(job.id))
+    return job
+
+
+def export_job_run(*, job_id: str) -> ExportJob:
+    """Build a job's file. Running a finished job again does nothing."""
+    job = export_job_get(job_id=job_id)
+    if job is None:
+        raise ExportError(f"no export job {job_id}")
+    if job.status == "succeeded":
+        return job
+    job.status = "running"
+    _job_save(job)
+    try:
+        project = Project.objects.get(pk=job.project_id)
+        job.rows = export_write_file(project=project, options=_options_from_json(job.options), path=job.file_path)
+        job.status = "succeeded"
+    except Exception as error:
+        job.status = "failed"
+        job.error = str(error) or type(error).__name__
+        raise
+    finally:
+        job.finished_at = timezone.now().isoformat()
+        _job_save(job)
+    return job

@@ -1,0 +1,29 @@
+"""Hand-made judgements for the export tests."""
+
+from feedback.models import Completion, Prompt, RankedCompletion, RankingJudgement
+from tests.factories import CompletionFactory, PairwiseJudgementFactory, PromptFactory, RankingJudgementFactory
+
+
+def make_prompt(project, k: int = 4, text: str | None = None) -> tuple[Prompt, list[Completion]]:
+    kwargs = {"messages": [{"role": "user", "content": text}]} if text else {}
+    prompt = PromptFactory(project=project, **kwargs)
+    return prompt, [CompletionFactory(prompt=prompt, text=f"answer {i} to {prompt.pk}") for i in range(k)]
+
+
+def rank(annotator, prompt: Prompt, levels: list[list[Completion]], **kwargs) -> RankingJudgement:
+    """A ranking judgement: levels[0] best; completions in one level are tied."""
+    judgement = RankingJudgementFactory(annotator=annotator, prompt=prompt, **kwargs)
+    position = 0
+    for rank_value, level in enumerate(levels, start=1):
+        for completion in level:
+            RankedCompletion.objects.create(
+                judgement=judgement, completion=completion, rank=rank_value, position=position
+            )
+            position += 1
+    return judgement
+
+
+def compare(annotator, left: Completion, right: Completion, choice: str, **kwargs):
+    return PairwiseJudgementFactory(
+        annotator=annotator, prompt=left.prompt, left=left, right=right, choice=choice, **kwargs
+    )

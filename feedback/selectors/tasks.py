@@ -1,0 +1,229 @@
+"""Reading the task queue: what an annotator may take next, what a task shows, how far a project is.
+
+An item is a prompt (ranking mode) or an unordered pair of its completions (pairwise mode).
+A task covers the prompt's first K completions by id, K being the project's completions per
+prompt, so in pairwise mode a prompt has K(K-1)/2 items and every completion meets every other
+once per round. Prompts are visited least-judged first through the (project, judgement_count,
+id) index; within a prompt the pair held fewest times wins, then the pair whose completions
+have been shown least, so completions meet each other evenly while a round is under way.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import defaultdict
+from collections.abc import Collection, Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from itertools import combinations
+from typing import Any
+
+from django.contrib.auth.models import AbstractBaseUser
+from django.db.models import Case, Count, F, IntegerField, OuterRef, Q, Subquery, Sum, Value, When
+from django.db.models.functions import Coalesce, Greatest, Least
+
+from feedback.models import Assignment, Completion, PairwiseJudgement, Project, Prompt, RankingJudgement
+
+CANDIDATE_BATCH = 50
+
+
+def item_key_for_prompt(prompt_id: int) -> str:
+    return f"p{prompt_id}"
+
+
+def item_key_for_pair(completion_id: int, other_id: int) -> str:
+    low, high = sorted((completion_id, other_id))
+    return f"c{low}-{high}"
+
+
+def items_per_prompt(*, project: Project, completions: int) -> int:
+    """How many items a prompt with this many completions (at most K count) makes."""
+    n = min(completions, project.completions_per_prompt)
+    if n < 2:
+        return 0
+    return 1 if project.mode == Project.Mode.RANKING else n * (n - 1) // 2
+
+
+@dataclass(frozen=True)
+class ItemCandidate:
+    """An item the annotator may lease, and the slot they would take."""
+
+    prompt_id: int
+    item_key: str
+    completion_ids: tuple[int, ...]
+    slot: int
+    expired_lease_id: int | None  # an abandoned lease on that slot, to be deleted when the slot is taken
+
+
+@dataclass(frozen=True)
+class Task:
+    assignment: Assignment
+    kind: str
+    messages: list[dict[str, str]]
+    completions: list[Completion]  # in display order: A then B in pairwise mode
+
+    @property
+    def task_id(self) -> int:
+        return self.assignment.pk
+
+    @property
+    def lease_expires_at(self) -> datetime:
+        return self.assignment.expires_at
+
+
+@dataclass(frozen=True)
+class TaskProgress:
+    judged_by_me: int
+    judged_total: int
+    left: int
+
+
+def task_lease_current(
+    *, project: Project, annotator: AbstractBaseUser, exclude_ids: Collection[int] = ()
+) -> Assignment | None:
+    """The annotator's oldest unfinished lease in the project, so abandoned work is resumed first.
+
+    A lease past its expiry still counts while its row exists: nobody has taken its slot yet.
+    """
+    return (
+        Assignment.objects.filter(project=project, annotator=annotator, state=Assignment.State.LEASED)
+        .exclude(pk__in=list(exclude_ids))
+        .order_by("created_at", "pk")
+        .first()
+    )
+
+
+def _first_completions(*, prompt_ids: list[int], k: int) -> dict[int, list[int]]:
+    by_prompt: dict[int, list[int]] = defaultdict(list)
+    rows = Completion.objects.filter(prompt_id__in=prompt_ids).order_by("prompt_id", "pk")
+    for prompt_id, completion_id in rows.values_list("prompt_id", "pk"):
+        if len(by_prompt[prompt_id]) < k:
+            by_prompt[prompt_id].append(completion_id)
+    return by_prompt
+
+
+def _candidates_for_prompt(
+    *,
+    project: Project,
+    annotator_id: int,
+    prompt_id: int,
+    completion_ids: list[int],
+    rows_by_item: dict[str, list[dict[str, Any]]],
+    now: datetime,
+) -> list[ItemCandidate]:
+    if len(completion_ids) < 2:
+        return []
+    if project.mode == Project.Mode.RANKING:
+        items = [(item_key_for_prompt(prompt_id), tuple(completion_ids))]
+    else:
+        items = [(item_key_for_pair(a, b), (a, b)) for a, b in combinations(completion_ids, 2)]
+
+    shown: dict[int, int] = defaultdict(int)  # completion id -> live slots on pairs that include it
+    options = []
+    for key, members in items:
+        rows = rows_by_item.get(key, [])
+        live = [r for r in rows if r["slot"] is not None and (r["state"] == "done" or r["expires_at"] > now)]
+        for member in members:
+            shown[member] += len(live)
+        if len(live) >= project.overlap or any(r["annotator_id"] == annotator_id for r in rows):
+            continue
+        taken = {r["slot"] for r in live}
+        slot = min(set(range(project.overlap)) - taken)
+        expired = next((r["pk"] for r in rows if r["slot"] == slot), None)
+        options.append((len(live), key, members, slot, expired))
+
+    ranked = sorted(
+        options,
+        key=lambda o: (o[0], sum(shown[m] for m in o[2]), random.random()),
+    )
+    return [ItemCandidate(prompt_id, key, members, slot, expired) for _, key, members, slot, expired in ranked]
+
+
+def task_candidates_for_annotator(
+    *, project: Project, annotator: AbstractBaseUser, now: datetime, batch_size: int = CANDIDATE_BATCH
+) -> Iterator[ItemCandidate]:
+    """Items the annotator may lease, least-judged first, each with a free slot.
+
+    Prompts come from an index range scan in (judgement_count, id) order, a batch at a time, so
+    a project with a million judgements costs the same as an empty one. What a batch offers is
+    read from one snapshot; the caller takes a slot with an insert that the database refuses
+    if someone was faster, and moves on to the next candidate.
+    """
+    capacity = project.overlap * items_per_prompt(project=project, completions=project.completions_per_prompt)
+    if capacity == 0:
+        return
+    prompts = Prompt.objects.filter(project=project, judgement_count__lt=capacity).order_by("judgement_count", "pk")
+    cursor: tuple[int, int] | None = None
+    while True:
+        page = prompts
+        if cursor is not None:
+            count, last_id = cursor
+            page = page.filter(Q(judgement_count__gt=count) | Q(judgement_count=count, pk__gt=last_id))
+        batch = list(page.values_list("pk", "judgement_count")[:batch_size])
+        if not batch:
+            return
+        cursor = batch[-1]
+        prompt_ids = [pk for pk, _ in batch]
+        completions = _first_completions(prompt_ids=prompt_ids, k=project.completions_per_prompt)
+        rows_by_item: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        for row in Assignment.objects.filter(prompt_id__in=prompt_ids).values(
+            "pk", "item_key", "slot", "annotator_id", "state", "expires_at"
+        ):
+            rows_by_item[row["item_key"]].append(row)
+        for prompt_id in prompt_ids:
+            yield from _candidates_for_prompt(
+                project=project,
+                annotator_id=annotator.pk,
+                prompt_id=prompt_id,
+                completion_ids=completions.get(prompt_id, []),
+                rows_by_item=rows_by_item,
+                now=now,
+            )
+        if len(batch) < batch_size:
+            return
+
+
+def task_for_assignment(*, assignment: Assignment) -> Task:
+    """What the annotator sees for a lease: the conversation and the completions in display order."""
+    completions = Completion.objects.in_bulk(assignment.display_order)
+    kind = Project.Mode.PAIRWISE if assignment.completion_a_id else Project.Mode.RANKING
+    return Task(
+        assignment=assignment,
+        kind=kind,
+        messages=assignment.prompt.messages,
+        completions=[completions[pk] for pk in assignment.display_order],
+    )
+
+
+def _judgements_left(*, project: Project) -> int:
+    completions = Subquery(
+        Completion.objects.filter(prompt=OuterRef("pk"))
+        .order_by()
+        .values("prompt")
+        .annotate(n=Count("pk"))
+        .values("n")[:1],
+        output_field=IntegerField(),
+    )
+    n = Least(Coalesce(completions, Value(0)), Value(project.completions_per_prompt))
+    if project.mode == Project.Mode.RANKING:
+        items = Case(When(n__gte=2, then=Value(1)), default=Value(0), output_field=IntegerField())
+    else:
+        items = F("n") * (F("n") - 1) / 2
+    left = (
+        Prompt.objects.filter(project=project)
+        .annotate(n=n)
+        .annotate(wanted=items * project.overlap)
+        .aggregate(left=Sum(Greatest(F("wanted") - F("judgement_count"), Value(0))))["left"]
+    )
+    return left or 0
+
+
+def task_progress(*, project: Project, annotator: AbstractBaseUser) -> TaskProgress:
+    """Judgements by this annotator, by everyone, and how many the project still wants."""
+    judgements = PairwiseJudgement if project.mode == Project.Mode.PAIRWISE else RankingJudgement
+    in_project = judgements.objects.filter(project=project)
+    return TaskProgress(
+        judged_by_me=in_project.filter(annotator=annotator).count(),
+        judged_total=in_project.count(),
+        left=_judgements_left(project=project),
+    )

@@ -1,0 +1,249 @@
+"""Recording a human judgement on a leased task.
+
+Everything is validated before anything is written; a mistake becomes a ValidationError
+keyed by the field at fault. The write is one short transaction: mark the lease done (a
+conditional update, so two racing submissions cannot both win), store the judgement, count
+it on the prompt. A repeated client UUID returns the first judgement and writes nothing.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+
+from django.contrib.auth.models import AbstractBaseUser
+from django.core.exceptions import ValidationError
+from django.db import IntegrityError, transaction
+from django.db.models import F
+from django.utils import timezone
+
+from feedback.models import (
+    Assignment,
+    PairwiseJudgement,
+    Project,
+    Prompt,
+    RankedCompletion,
+    RankingJudgement,
+)
+
+RATIONALE_MAX = 5000
+TIME_MS_MAX = 24 * 60 * 60 * 1000
+
+Judgement = PairwiseJudgement | RankingJudgement
+
+
+@dataclass(frozen=True)
+class JudgementSubmission:
+    judgement: Judgement
+    created: bool
+
+
+class _LostRace(Exception):
+    pass
+
+
+def judgement_find(*, client_uuid: uuid.UUID) -> Judgement | None:
+    return (
+        PairwiseJudgement.objects.filter(client_uuid=client_uuid).first()
+        or RankingJudgement.objects.filter(client_uuid=client_uuid).first()
+    )
+
+
+def judgement_ranking(*, judgement: RankingJudgement) -> list[list[int]]:
+    """The ranking as groups of completion ids, best first; tied completions share a group."""
+    groups: dict[int, list[int]] = {}
+    for rank, completion_id in judgement.ranked.order_by("rank", "position").values_list("rank", "completion_id"):
+        groups.setdefault(rank, []).append(completion_id)
+    return [groups[rank] for rank in sorted(groups)]
+
+
+def _validate_fields(
+    *,
+    project: Project,
+    kind: str,
+    choice: str,
+    strength: str,
+    ranking: list[list[int]] | None,
+    rationale: str,
+    time_ms: int | None,
+) -> dict[str, str]:
+    errors: dict[str, str] = {}
+    if kind != project.mode:
+        errors["kind"] = f"This project is in {project.mode} mode; send kind '{project.mode}'."
+        return errors
+    if kind == Project.Mode.PAIRWISE:
+        if not choice:
+            errors["choice"] = "Choose A better, B better, tie or both bad."
+        elif choice not in PairwiseJudgement.Choice.values:
+            errors["choice"] = f"'{choice}' is not a choice; use one of {', '.join(PairwiseJudgement.Choice.values)}."
+        if strength and strength not in PairwiseJudgement.Strength.values:
+            errors["strength"] = f"'{strength}' is not a strength; use slight or clear, or leave it out."
+        if ranking:
+            errors["ranking"] = "A pairwise judgement has a choice, not a ranking."
+    else:
+        if not ranking:
+            errors["ranking"] = "Rank the completions: a list of groups of completion ids, best first."
+        if choice or strength:
+            errors["choice"] = "A ranking judgement has a ranking, not a choice or strength."
+    if len(rationale) > RATIONALE_MAX:
+        errors["rationale"] = f"Keep the rationale under {RATIONALE_MAX} characters."
+    if time_ms is not None and not 0 <= time_ms <= TIME_MS_MAX:
+        errors["time_ms"] = "The time on task must be between 0 and 24 hours, in milliseconds."
+    return errors
+
+
+def _validate_ranking(*, ranking: list[list[int]], assignment: Assignment) -> str | None:
+    flat = [completion_id for group in ranking for completion_id in group]
+    if any(not group for group in ranking):
+        return "A group in the ranking is empty."
+    expected = set(assignment.display_order)
+    repeated = sorted({c for c in flat if flat.count(c) > 1})
+    if repeated:
+        return f"Each completion is ranked once; {', '.join(map(str, repeated))} appear more than once."
+    unknown = sorted(set(flat) - expected)
+    if unknown:
+        return f"Completions {', '.join(map(str, unknown))} are not part of this task."
+    missing = sorted(expected - set(flat))
+    if missing:
+        return f"Rank every completion of the task; {', '.join(map(str, missing))} are missing."
+    return None
+
+
+def _validate_task(*, assignment: Assignment | None, annotator: AbstractBaseUser) -> str | None:
+    if assignment is None:
+        return "There is no such task, or its lease expired and the item went to someone else; fetch a new task."
+    if assignment.annotator_id != annotator.pk:
+        return "This task is leased to someone else."
+    if assignment.state == Assignment.State.DONE:
+        return "You already judged this task."
+    if assignment.state == Assignment.State.SKIPPED:
+        return "You skipped this task."
+    return None
+
+
+def _repeat_of(*, client_uuid: uuid.UUID, annotator: AbstractBaseUser, task_id: int) -> JudgementSubmission | None:
+    existing = judgement_find(client_uuid=client_uuid)
+    if existing is None:
+        return None
+    if existing.annotator_id != annotator.pk or existing.assignment_id != task_id:
+        raise ValidationError({"client_uuid": "This client UUID was already used for another judgement."})
+    return JudgementSubmission(judgement=existing, created=False)
+
+
+def judgement_submit(
+    *,
+    project: Project,
+    annotator: AbstractBaseUser,
+    task_id: int,
+    client_uuid: uuid.UUID,
+    kind: str,
+    choice: str = "",
+    strength: str = "",
+    ranking: list[list[int]] | None = None,
+    rationale: str = "",
+    time_ms: int | None = None,
+) -> JudgementSubmission:
+    """Record the annotator's judgement on the task leased to them.
+
+    ``ranking`` is a list of groups of completion ids, best first; tied completions share a
+    group and a rank (1 for the first group, 2 for the next, ...).
+    """
+    repeat = _repeat_of(client_uuid=client_uuid, annotator=annotator, task_id=task_id)
+    if repeat is not None:
+        return repeat
+    rationale = rationale.strip()
+    errors = _validate_fields(
+        project=project,
+        kind=kind,
+        choice=choice,
+        strength=strength,
+        ranking=ranking,
+        rationale=rationale,
+        time_ms=time_ms,
+    )
+    assignment = Assignment.objects.filter(pk=task_id, project=project).first()
+    task_error = _validate_task(assignment=assignment, annotator=annotator)
+    if task_error:
+        errors["task_id"] = task_error
+    elif assignment is not None and kind == project.mode == Project.Mode.RANKING and ranking:
+        ranking_error = _validate_ranking(ranking=ranking, assignment=assignment)
+        if ranking_error:
+            errors["ranking"] = ranking_error
+    if errors:
+        raise ValidationError(errors)
+    assert assignment is not None
+
+    try:
+        with transaction.atomic():
+            judgement = _write(
+                project=project,
+                annotator=annotator,
+                assignment=assignment,
+                client_uuid=client_uuid,
+                choice=choice,
+                strength=strength,
+                ranking=ranking,
+                rationale=rationale,
+                time_ms=time_ms,
+            )
+    except (IntegrityError, _LostRace):
+        # Someone (most often this annotator's own double click) got there first.
+        repeat = _repeat_of(client_uuid=client_uuid, annotator=annotator, task_id=task_id)
+        if repeat is not None:
+            return repeat
+        fresh = Assignment.objects.filter(pk=task_id, project=project).first()
+        raise ValidationError(
+            {"task_id": _validate_task(assignment=fresh, annotator=annotator) or "This task changed; try again."}
+        ) from None
+    return JudgementSubmission(judgement=judgement, created=True)
+
+
+def _write(
+    *,
+    project: Project,
+    annotator: AbstractBaseUser,
+    assignment: Assignment,
+    client_uuid: uuid.UUID,
+    choice: str,
+    strength: str,
+    ranking: list[list[int]] | None,
+    rationale: str,
+    time_ms: int | None,
+) -> Judgement:
+    now = timezone.now()
+    finished = Assignment.objects.filter(pk=assignment.pk, annotator=annotator, state=Assignment.State.LEASED).update(
+        state=Assignment.State.DONE, finished_at=now
+    )
+    if not finished:
+        raise _LostRace
+    common = {
+        "project": project,
+        "annotator": annotator,
+        "assignment": assignment,
+        "prompt_id": assignment.prompt_id,
+        "rationale": rationale,
+        "time_ms": time_ms,
+        "client_uuid": client_uuid,
+    }
+    judgement: Judgement
+    if project.mode == Project.Mode.PAIRWISE:
+        left, right = assignment.display_order
+        judgement = PairwiseJudgement.objects.create(
+            **common,
+            left_id=left,
+            right_id=right,
+            item_key=assignment.item_key,
+            choice=choice,
+            strength=strength,
+        )
+    else:
+        assert ranking is not None
+        judgement = RankingJudgement.objects.create(**common)
+        position = {completion_id: index for index, completion_id in enumerate(assignment.display_order)}
+        RankedCompletion.objects.bulk_create(
+            RankedCompletion(judgement=judgement, completion_id=c, rank=rank, position=position[c])
+            for rank, group in enumerate(ranking, start=1)
+            for c in group
+        )
+    Prompt.objects.filter(pk=assignment.prompt_id).update(judgement_count=F("judgement_count") + 1)
+    return judgement

@@ -1,0 +1,259 @@
+import threading
+import uuid
+from collections import Counter
+from datetime import timedelta
+
+import pytest
+from django.db import connection
+from django.utils import timezone
+
+from feedback.models import Assignment, PairwiseJudgement, Project, Prompt, RankingJudgement
+from feedback.selectors.tasks import task_for_assignment, task_progress
+from feedback.services.assignments import assignment_lease_next, assignment_skip
+from feedback.services.judgements import judgement_submit
+from tests.factories import CompletionFactory, ProjectFactory, PromptFactory, UserFactory
+
+
+@pytest.fixture(autouse=True)
+def _fast_password_hashing(settings):
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+
+
+def make_project(*, mode: str = "ranking", prompts: int = 3, k: int = 4, overlap: int = 1, **kwargs) -> Project:
+    project = ProjectFactory(mode=mode, completions_per_prompt=k, overlap=overlap, **kwargs)
+    for _ in range(prompts):
+        prompt = PromptFactory(project=project)
+        CompletionFactory.create_batch(k, prompt=prompt)
+    return project
+
+
+def judge(project: Project, annotator, assignment: Assignment):
+    if project.mode == Project.Mode.PAIRWISE:
+        extra = {"choice": "a"}
+    else:
+        extra = {"ranking": [[c] for c in assignment.display_order]}
+    return judgement_submit(
+        project=project,
+        annotator=annotator,
+        task_id=assignment.pk,
+        client_uuid=uuid.uuid4(),
+        kind=project.mode,
+        **extra,
+    )
+
+
+def work_until_done(project: Project, annotator) -> list[Assignment]:
+    done = []
+    while (assignment := assignment_lease_next(project=project, annotator=annotator)) is not None:
+        judge(project, annotator, assignment)
+        done.append(assignment)
+    return done
+
+
+@pytest.mark.django_db
+def test_ranking_items_reach_the_overlap_exactly_and_nobody_judges_one_twice():
+    project = make_project(prompts=3, overlap=2)
+    annotators = UserFactory.create_batch(3)
+    for annotator in annotators:
+        work_until_done(project, annotator)
+    per_prompt = Counter(RankingJudgement.objects.values_list("prompt_id", flat=True))
+    assert per_prompt == {prompt.pk: 2 for prompt in project.prompts.all()}
+    per_annotator_prompt = Counter(RankingJudgement.objects.values_list("annotator_id", "prompt_id"))
+    assert set(per_annotator_prompt.values()) == {1}
+    assert all(assignment_lease_next(project=project, annotator=a) is None for a in annotators)
+    assert list(Prompt.objects.filter(project=project).values_list("judgement_count", flat=True)) == [2, 2, 2]
+
+
+@pytest.mark.django_db
+def test_pairwise_serves_every_pair_of_the_first_k_completions_once():
+    project = make_project(mode="pairwise", prompts=2, k=4, overlap=1)
+    extra = CompletionFactory(prompt=project.prompts.first())  # beyond K: not part of any item
+    annotator = UserFactory()
+    done = work_until_done(project, annotator)
+    assert len(done) == 2 * 6
+    keys = Counter(j.item_key for j in PairwiseJudgement.objects.all())
+    assert set(keys.values()) == {1}
+    for prompt in project.prompts.all():
+        ids = sorted(c.pk for c in prompt.completions.all() if c.pk != extra.pk)
+        expected = {f"c{a}-{b}" for i, a in enumerate(ids) for b in ids[i + 1 :]}
+        assert {j.item_key for j in PairwiseJudgement.objects.filter(prompt=prompt)} == expected
+    assert not PairwiseJudgement.objects.filter(left=extra).exists()
+    assert not PairwiseJudgement.objects.filter(right=extra).exists()
+
+
+@pytest.mark.django_db
+def test_pairwise_spreads_a_round_so_every_completion_meets_others_evenly():
+    project = make_project(mode="pairwise", prompts=1, k=4, overlap=1)
+    annotator = UserFactory()
+    first_two = []
+    for _ in range(2):
+        assignment = assignment_lease_next(project=project, annotator=annotator)
+        judge(project, annotator, assignment)
+        first_two.append(set(assignment.display_order))
+    # the second pair avoids the two completions already compared: all four have been shown once
+    assert first_two[0].isdisjoint(first_two[1])
+
+
+@pytest.mark.django_db
+def test_least_judged_prompts_come_first():
+    project = make_project(prompts=3, overlap=3)
+    first, second, third = project.prompts.order_by("pk")
+    Prompt.objects.filter(pk=first.pk).update(judgement_count=2)
+    Prompt.objects.filter(pk=second.pk).update(judgement_count=1)
+    assignment = assignment_lease_next(project=project, annotator=UserFactory())
+    assert assignment.prompt_id == third.pk
+
+
+@pytest.mark.django_db
+def test_an_unfinished_lease_is_resumed_and_can_be_excluded_for_prefetch():
+    project = make_project(prompts=3)
+    annotator = UserFactory()
+    current = assignment_lease_next(project=project, annotator=annotator)
+    assert assignment_lease_next(project=project, annotator=annotator).pk == current.pk
+    prefetched = assignment_lease_next(project=project, annotator=annotator, exclude_ids=[current.pk])
+    assert prefetched.pk != current.pk
+    assert Assignment.objects.filter(annotator=annotator, state="leased").count() == 2
+
+
+@pytest.mark.django_db
+def test_an_expired_lease_returns_its_item_to_the_pool():
+    project = make_project(prompts=1, overlap=1)
+    first, second = UserFactory.create_batch(2)
+    abandoned = assignment_lease_next(project=project, annotator=first)
+    assert assignment_lease_next(project=project, annotator=second) is None
+    Assignment.objects.filter(pk=abandoned.pk).update(expires_at=timezone.now() - timedelta(seconds=1))
+    taken = assignment_lease_next(project=project, annotator=second)
+    assert taken is not None and taken.item_key == abandoned.item_key and taken.slot == abandoned.slot
+    assert not Assignment.objects.filter(pk=abandoned.pk).exists()
+    with pytest.raises(Exception, match="went to someone else"):
+        judge(project, first, abandoned)
+
+
+@pytest.mark.django_db
+def test_an_expired_lease_nobody_took_can_still_be_submitted():
+    project = make_project(prompts=1)
+    annotator = UserFactory()
+    assignment = assignment_lease_next(project=project, annotator=annotator)
+    Assignment.objects.filter(pk=assignment.pk).update(expires_at=timezone.now() - timedelta(seconds=1))
+    assert judge(project, annotator, assignment).created
+
+
+@pytest.mark.django_db
+def test_skip_frees_the_slot_for_others_and_never_serves_the_item_again():
+    project = make_project(prompts=1, overlap=1)
+    first, second = UserFactory.create_batch(2)
+    assignment = assignment_lease_next(project=project, annotator=first)
+    skipped = assignment_skip(project=project, annotator=first, task_id=assignment.pk, reason="Not my language")
+    assert skipped.state == "skipped" and skipped.slot is None and skipped.skip_reason == "Not my language"
+    assert assignment_lease_next(project=project, annotator=first) is None
+    assert assignment_lease_next(project=project, annotator=second).item_key == assignment.item_key
+
+
+@pytest.mark.django_db
+def test_display_order_is_randomised_per_assignment_and_recorded():
+    project = make_project(prompts=1, k=6, overlap=20)
+    prompt = project.prompts.get()
+    ids = sorted(prompt.completions.values_list("pk", flat=True))
+    orders = set()
+    for _ in range(20):
+        assignment = assignment_lease_next(project=project, annotator=UserFactory())
+        assert sorted(assignment.display_order) == ids
+        orders.add(tuple(assignment.display_order))
+    assert len(orders) > 1
+    task = task_for_assignment(assignment=assignment)
+    assert [c.pk for c in task.completions] == assignment.display_order
+
+
+@pytest.mark.django_db
+def test_prompts_with_fewer_than_two_completions_are_not_served():
+    project = ProjectFactory(mode="ranking")
+    CompletionFactory(prompt=PromptFactory(project=project))
+    PromptFactory(project=project)
+    assert assignment_lease_next(project=project, annotator=UserFactory()) is None
+
+
+@pytest.mark.django_db
+def test_progress_counts_mine_everyones_and_whats_left():
+    project = make_project(mode="pairwise", prompts=2, k=3, overlap=2)  # 2 prompts x 3 pairs x 2 = 12 wanted
+    me, other = UserFactory.create_batch(2)
+    for _ in range(2):
+        judge(project, me, assignment_lease_next(project=project, annotator=me))
+    judge(project, other, assignment_lease_next(project=project, annotator=other))
+    progress = task_progress(project=project, annotator=me)
+    assert (progress.judged_by_me, progress.judged_total, progress.left) == (2, 3, 9)
+
+
+def _annotate_concurrently(project_id: int, annotator_ids: list[int], barrier: threading.Barrier, errors: list):
+    def work(annotator_id: int) -> None:
+        try:
+            project = Project.objects.get(pk=project_id)
+            annotator = UserFactory._meta.model.objects.get(pk=annotator_id)
+            barrier.wait()
+            while (assignment := assignment_lease_next(project=project, annotator=annotator)) is not None:
+                judge(project, annotator, assignment)
+        except Exception as error:  # reported by the test below
+            errors.append(error)
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=work, args=(pk,)) for pk in annotator_ids]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("mode", ["ranking", "pairwise"])
+def test_concurrent_annotators_never_exceed_the_overlap_or_repeat_an_item(mode):
+    project = make_project(mode=mode, prompts=6, k=3, overlap=2)
+    annotators = UserFactory.create_batch(5)
+    errors: list = []
+    _annotate_concurrently(project.pk, [a.pk for a in annotators], threading.Barrier(len(annotators)), errors)
+    assert errors == []
+    judgements = PairwiseJudgement if mode == "pairwise" else RankingJudgement
+    items = 6 * (3 if mode == "pairwise" else 1)
+    key = "item_key" if mode == "pairwise" else "prompt_id"
+    per_item = Counter(judgements.objects.values_list(key, flat=True))
+    assert len(per_item) == items and set(per_item.values()) == {2}
+    assert set(Counter(judgements.objects.values_list("annotator_id", key)).values()) == {1}
+    assert Assignment.objects.filter(state="leased").count() == 0
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_same_submission_sent_at_once_from_many_threads_is_stored_once():
+    project = make_project(prompts=1)
+    annotator = UserFactory()
+    assignment = assignment_lease_next(project=project, annotator=annotator)
+    client_uuid = uuid.uuid4()
+    results, errors = [], []
+    barrier = threading.Barrier(6)
+
+    def submit() -> None:
+        try:
+            barrier.wait()
+            results.append(
+                judgement_submit(
+                    project=project,
+                    annotator=annotator,
+                    task_id=assignment.pk,
+                    client_uuid=client_uuid,
+                    kind="ranking",
+                    ranking=[assignment.display_order],
+                )
+            )
+        except Exception as error:
+            errors.append(error)
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=submit) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert errors == []
+    assert sorted(r.created for r in results) == [False] * 5 + [True]
+    assert len({r.judgement.pk for r in results}) == 1
+    assert RankingJudgement.objects.count() == 1
+    assert Prompt.objects.get().judgement_count == 1

@@ -18,6 +18,11 @@ def _data_dir(settings, tmp_path: Path) -> Path:
     return settings.DATA_DIR
 
 
+@pytest.fixture(autouse=True)
+def _fast_password_hashing(settings) -> None:
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+
+
 @pytest.fixture
 def staff_user(db):
     return UserFactory(username="staff", is_staff=True, is_superuser=True)
@@ -26,3 +31,21 @@ def staff_user(db):
 @pytest.fixture
 def annotator(db):
     return UserFactory(username="annotator")
+
+
+@pytest.fixture(autouse=True)
+def huey_immediate():
+    """Run huey tasks in the calling thread as they are enqueued (and never touch the real queue)."""
+    from huey.contrib.djhuey import HUEY
+
+    HUEY.immediate = True
+    yield HUEY
+    HUEY.immediate = False
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A tiny random Llama with a tokenizer and chat template, as a model directory."""
+    from tests.tiny_model import make_tiny_model_dir
+
+    return make_tiny_model_dir(tmp_path_factory.mktemp("tiny-model"))

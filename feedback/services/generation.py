@@ -46,7 +46,10 @@ def completions_generate(
     if prompt_limit is not None and prompt_limit < 1:
         raise GenerationError(f"the number of prompts must be positive, not {prompt_limit}")
     prompts = prompts_lacking_completions(project=project, k=k, limit=prompt_limit)
-    model_name, version = model_for_generation(project=project)
+    try:
+        model_name, version = model_for_generation(project=project)
+    except ValueError as error:
+        raise GenerationError(str(error)) from None
     if not prompts:
         return GenerationResult(prompts=0, completions=0, model=model_name)
 
@@ -70,9 +73,7 @@ def completions_generate(
     for start in range(0, len(prompts), batch_size):
         batch = prompts[start : start + batch_size]
         have = dict(
-            Prompt.objects.filter(pk__in=[p.pk for p in batch])
-            .annotate(n=Count("completions"))
-            .values_list("pk", "n")
+            Prompt.objects.filter(pk__in=[p.pk for p in batch]).annotate(n=Count("completions")).values_list("pk", "n")
         )
         wanted = [p for p in batch if have[p.pk] < k]
         if not wanted:

@@ -4,18 +4,14 @@ from django.utils.text import slugify
 from feedback.models import Project
 
 
-def project_get_or_create(
-    *, slug: str, mode: str | None = None, k: int | None = None
-) -> tuple[Project, bool]:
+def project_get_or_create(*, slug: str, mode: str | None = None, k: int | None = None) -> tuple[Project, bool]:
     """The project with this slug, created with the given mode and K when it is new.
 
     For an existing project, a mode or K that differs from its own is an error rather
     than a silent change: its judgements were made under the old settings.
     """
     if slugify(slug) != slug:
-        raise ValidationError(
-            f"'{slug}' is not a valid project slug: use lowercase letters, digits and hyphens"
-        )
+        raise ValidationError(f"'{slug}' is not a valid project slug: use lowercase letters, digits and hyphens")
     if mode is not None and mode not in Project.Mode.values:
         raise ValidationError(f"mode must be one of {', '.join(Project.Mode.values)}, not '{mode}'")
     if k is not None and not 2 <= k <= 16:

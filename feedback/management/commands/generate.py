@@ -18,9 +18,7 @@ class Command(BaseCommand):
         parser.add_argument("--k", type=int, help="completions per prompt (default: the project's K)")
         parser.add_argument("--sync", action="store_true", help="generate here and wait instead of queueing")
 
-    def handle(
-        self, *args: Any, project: str, prompts: int | None, k: int | None, sync: bool, **opts: Any
-    ) -> None:
+    def handle(self, *args: Any, project: str, prompts: int | None, k: int | None, sync: bool, **opts: Any) -> None:
         target = Project.objects.filter(slug=project).first()
         if target is None:
             raise CommandError(f"no project '{project}'")

@@ -12,21 +12,15 @@ from feedback.services.prompts import PromptImportError, prompts_import_csv, pro
 
 
 class Command(BaseCommand):
-    help = (
-        "Import prompts (and optional completions) from a JSONL or CSV file into a project, all or nothing."
-    )
+    help = "Import prompts (and optional completions) from a JSONL or CSV file into a project, all or nothing."
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("project", help="project slug; the project is created when it is new")
         parser.add_argument("file", type=Path, help="a .jsonl or .csv file")
-        parser.add_argument(
-            "--mode", choices=["pairwise", "ranking"], help="annotation mode of a new project"
-        )
+        parser.add_argument("--mode", choices=["pairwise", "ranking"], help="annotation mode of a new project")
         parser.add_argument("--k", type=int, help="completions per prompt of a new project (2-16)")
 
-    def handle(
-        self, *args: Any, project: str, file: Path, mode: str | None, k: int | None, **options: Any
-    ) -> None:
+    def handle(self, *args: Any, project: str, file: Path, mode: str | None, k: int | None, **options: Any) -> None:
         suffix = file.suffix.lower()
         if suffix not in (".jsonl", ".csv"):
             raise CommandError(f"{file}: expected a .jsonl or .csv file")

@@ -1,0 +1,24 @@
+from typing import Any
+
+from django.core.management.base import BaseCommand
+
+from feedback.services.demo import demo_seed
+from feedback.services.generation import prompts_lacking_completions
+from feedback.tasks import generate_completions_task
+
+
+class Command(BaseCommand):
+    help = "Seed the demo project and its users once, queue its completions, and print the logins."
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        seed = demo_seed()
+        project = seed.project
+        lacking = len(prompts_lacking_completions(project=project, k=project.completions_per_prompt))
+        if lacking:
+            generate_completions_task(project.pk)
+            self.stdout.write(
+                f"Queued completions for {lacking} demo prompts; the worker writes them in the background."
+            )
+        self.stdout.write(("Seeded" if seed.created else "Found") + f" the demo project '{project.slug}'. Logins:")
+        for name, password in seed.credentials.items():
+            self.stdout.write(f"  {name:<6} {password}")

@@ -1,0 +1,89 @@
+import shutil
+
+import pytest
+from django.core.management import CommandError, call_command
+
+from feedback.models import Completion
+from feedback.services.generation import GenerationError, completions_generate
+from tests.factories import CompletionFactory, ModelVersionFactory, ProjectFactory, PromptFactory
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def project(tiny_model_dir):
+    return ProjectFactory(slug="gen", base_model=str(tiny_model_dir), completions_per_prompt=3, max_new_tokens=8)
+
+
+def test_prompts_lacking_completions_get_k_each_recorded_with_their_model(project, tiny_model_dir):
+    empty = PromptFactory(project=project)
+    partial = PromptFactory(project=project)
+    CompletionFactory(prompt=partial)
+    full = PromptFactory(project=project)
+    CompletionFactory.create_batch(3, prompt=full)
+
+    result = completions_generate(project=project)
+
+    assert (result.prompts, result.completions) == (2, 5)
+    assert empty.completions.count() == 3 and partial.completions.count() == 3 and full.completions.count() == 3
+    written = Completion.objects.filter(prompt=empty).first()
+    assert written.source_model == str(tiny_model_dir) and written.model_version is None
+    assert written.generation_params == {"temperature": 0.8, "top_p": 0.95, "max_new_tokens": 8}
+    assert written.html  # rendered and sanitised at creation
+    assert completions_generate(project=project).completions == 0  # nothing left to do
+
+
+def test_the_active_version_writes_and_is_recorded(project, tiny_model_dir, settings):
+    weights = settings.MODEL_VERSIONS_DIR / "gen" / "v1"
+    shutil.copytree(tiny_model_dir, weights)
+    version = ModelVersionFactory(project=project, name="v1", weights_path="gen/v1", is_active=True)
+    prompt = PromptFactory(project=project)
+    completions_generate(project=project, k=2)
+    assert [(c.model_version, c.source_model) for c in prompt.completions.all()] == [(version, "")] * 2
+
+
+def test_a_version_pointing_outside_the_versions_folder_is_refused(project):
+    ModelVersionFactory(project=project, name="v1", weights_path="../../etc", is_active=True)
+    PromptFactory(project=project)
+    with pytest.raises(GenerationError, match="points outside"):
+        completions_generate(project=project)
+
+
+def test_prompt_limit_and_progress(project):
+    PromptFactory.create_batch(3, project=project)
+    seen = []
+    result = completions_generate(
+        project=project, prompt_limit=2, k=2, batch_size=1, progress=lambda d, t: seen.append((d, t))
+    )
+    assert result.prompts == 2 and Completion.objects.count() == 4
+    assert seen == [(1, 2), (2, 2)]
+
+
+def test_an_unloadable_model_is_a_clear_error_and_writes_nothing(project, tmp_path):
+    project.base_model = str(tmp_path / "no-such-model")
+    project.save()
+    PromptFactory(project=project)
+    with pytest.raises(GenerationError, match="no-such-model"):
+        completions_generate(project=project)
+    assert not Completion.objects.exists()
+
+
+def test_generate_command_sync_and_queued(project, huey_immediate):
+    PromptFactory.create_batch(2, project=project)
+    call_command("generate", "gen", "--prompts", "1", "--k", "2", "--sync")
+    assert Completion.objects.count() == 2
+    call_command("generate", "gen")  # queued: huey runs it at once in immediate mode
+    assert Completion.objects.count() == 2 + 3 + 1
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["nope", "--sync"], "no project 'nope'"),
+        (["gen", "--prompts", "0", "--sync"], "--prompts must be positive"),
+        (["gen", "--k", "40", "--sync"], "--k must be between 1 and 16"),
+    ],
+)
+def test_generate_command_bad_input(project, args, message):
+    with pytest.raises(CommandError, match=message):
+        call_command("generate", *args)

@@ -1,0 +1,172 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from django.core.management import CommandError, call_command
+
+from feedback.models import Completion, Project, Prompt
+from feedback.services.prompts import PromptImportError, prompts_import_jsonl, prompts_import_records
+from tests.factories import ProjectFactory, PromptFactory
+
+pytestmark = pytest.mark.django_db
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def write_jsonl(path: Path, *records) -> Path:
+    path.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in records) + "\n")
+    return path
+
+
+def test_string_prompts_and_message_lists_import_with_their_completions(tmp_path):
+    file = write_jsonl(
+        tmp_path / "prompts.jsonl",
+        {
+            "prompt": "How do I reverse a list in Python?",
+            "completions": ["Use reversed(xs) or xs[::-1].", {"text": "Call xs.reverse().", "model": "some-model"}],
+            "id": "q-17",
+            "metadata": {"topic": "python"},
+        },
+        {"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]},
+    )
+    call_command("import_prompts", "new-project", str(file), "--mode", "pairwise", "--k", "2")
+
+    project = Project.objects.get(slug="new-project")
+    assert (project.mode, project.completions_per_prompt) == ("pairwise", 2)
+    first, second = Prompt.objects.filter(project=project).order_by("id")
+    assert first.messages == [{"role": "user", "content": "How do I reverse a list in Python?"}]
+    assert (first.external_id, first.metadata) == ("q-17", {"topic": "python"})
+    assert [(c.text, c.source_model) for c in first.completions.order_by("id")] == [
+        ("Use reversed(xs) or xs[::-1].", ""),
+        ("Call xs.reverse().", "some-model"),
+    ]
+    assert first.completions.first().html == "<p>Use reversed(xs) or xs[::-1].</p>\n"
+    assert second.messages[0] == {"role": "system", "content": "Be brief."}
+    assert not second.completions.exists()
+
+
+def test_csv_with_prompt_and_completion_columns(tmp_path):
+    file = tmp_path / "prompts.csv"
+    file.write_text(
+        'prompt,completion_1,completion_2,id,topic\n"Say hi, please",Hi!,Hello.,c-1,greeting\nSay bye,,,,\n'
+    )
+    call_command("import_prompts", "csv-project", str(file))
+    prompts = list(Prompt.objects.filter(project__slug="csv-project").order_by("id"))
+    assert [p.messages[0]["content"] for p in prompts] == ["Say hi, please", "Say bye"]
+    assert prompts[0].external_id == "c-1"
+    assert prompts[0].metadata == {"topic": "greeting"}
+    assert sorted(prompts[0].completions.values_list("text", flat=True)) == ["Hello.", "Hi!"]
+    assert prompts[1].completions.count() == 0
+
+
+BAD_LINES = [
+    ("{not json", "line 2", "not valid JSON"),
+    (json.dumps(["a list"]), "line 2", "must be a JSON object"),
+    (json.dumps({"completions": ["x"]}), "line 2, field 'prompt'", "missing"),
+    (json.dumps({"prompt": 42}), "line 2, field 'prompt'", "string or a list"),
+    (json.dumps({"prompt": "   "}), "line 2, field 'prompt'", "empty"),
+    (json.dumps({"prompt": []}), "line 2, field 'prompt'", "no messages"),
+    (json.dumps({"prompt": [{"role": "robot", "content": "hi"}]}), "field 'prompt[0].role'", "one of system"),
+    (json.dumps({"prompt": [{"role": "user", "content": 3}]}), "field 'prompt[0].content'", "must be a string"),
+    (
+        json.dumps({"prompt": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}),
+        "field 'prompt[1].role'",
+        "end with a user turn",
+    ),
+    (json.dumps({"prompt": "q", "completions": "not a list"}), "field 'completions'", "must be a list"),
+    (json.dumps({"prompt": "q", "completions": ["ok", ""]}), "field 'completions[1]'", "empty"),
+    (json.dumps({"prompt": "q", "completions": [{"model": "m"}]}), "field 'completions[0].text'", "must be a string"),
+    (json.dumps({"prompt": "q", "metadata": [1]}), "field 'metadata'", "must be an object"),
+    (json.dumps({"prompt": "q", "id": {"x": 1}}), "field 'id'", "must be a string"),
+    (json.dumps({"prompt": "q", "id": "dup"}), "field 'id'", "repeats line 1"),
+    (json.dumps({"prompt": "q", "colour": "red"}), "field 'colour'", "not a known field"),
+]
+
+
+@pytest.mark.parametrize(("bad_line", "where", "why"), BAD_LINES)
+def test_each_kind_of_bad_line_is_named_and_nothing_is_written(tmp_path, bad_line, where, why):
+    file = write_jsonl(tmp_path / "bad.jsonl", {"prompt": "fine", "id": "dup", "completions": ["a"]}, bad_line)
+    with pytest.raises(CommandError) as raised:
+        call_command("import_prompts", "fresh", str(file))
+    message = str(raised.value)
+    assert where in message and why in message
+    assert "nothing was imported" in message
+    assert not Project.objects.filter(slug="fresh").exists()
+    assert Prompt.objects.count() == 0 and Completion.objects.count() == 0
+
+
+def test_a_bad_file_into_an_existing_project_keeps_what_was_stored(tmp_path):
+    project = ProjectFactory(slug="kept")
+    PromptFactory(project=project, external_id="q-1")
+    file = write_jsonl(tmp_path / "bad.jsonl", {"prompt": "new one"}, {"prompt": "again", "id": "q-1"})
+    with pytest.raises(CommandError, match="line 2, field 'id': 'q-1' is already in project kept"):
+        call_command("import_prompts", "kept", str(file))
+    assert list(project.prompts.values_list("external_id", flat=True)) == ["q-1"]
+
+
+def test_every_problem_is_reported_not_only_the_first():
+    records = [{"prompt": ""}, {"prompt": "ok"}, {"prompt": None}, "text"]
+    with pytest.raises(PromptImportError) as raised:
+        prompts_import_records(project=ProjectFactory(), records=records)
+    assert [(p.line, p.field) for p in raised.value.problems] == [(1, "prompt"), (3, "prompt"), (4, "")]
+
+
+def test_blank_lines_are_skipped_and_an_empty_file_is_an_error():
+    project = ProjectFactory()
+    result = prompts_import_jsonl(project=project, lines=['{"prompt": "a"}', "", "  ", '{"prompt": "b"}'])
+    assert (result.prompts, result.completions) == (2, 0)
+    with pytest.raises(PromptImportError, match="no prompts"):
+        prompts_import_jsonl(project=project, lines=["", "\n"])
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["p", "missing.jsonl"], "no such file"),
+        (["p", "prompts.txt"], "expected a .jsonl or .csv file"),
+        (["Not A Slug", "ok.jsonl"], "not a valid project slug"),
+        (["p", "ok.jsonl", "--k", "1"], "between 2 and 16"),
+        (["existing", "ok.jsonl", "--mode", "pairwise"], "is in ranking mode"),
+    ],
+)
+def test_bad_command_arguments_are_clear_errors(tmp_path, monkeypatch, args, message):
+    monkeypatch.chdir(tmp_path)
+    write_jsonl(tmp_path / "ok.jsonl", {"prompt": "hello"})
+    (tmp_path / "prompts.txt").write_text("hello")
+    ProjectFactory(slug="existing", mode="ranking")
+    with pytest.raises(CommandError, match=message):
+        call_command("import_prompts", *args)
+    assert Prompt.objects.count() == 0
+
+
+def test_csv_without_a_prompt_column_and_non_utf8_input(tmp_path):
+    file = tmp_path / "x.csv"
+    file.write_text("question,answer\nhi,there\n")
+    with pytest.raises(CommandError, match="no 'prompt' column"):
+        call_command("import_prompts", "p", str(file))
+    file.write_bytes(b"prompt\n\xff\xfe bad\n")
+    with pytest.raises(CommandError, match="not UTF-8"):
+        call_command("import_prompts", "p", str(file))
+    jsonl = tmp_path / "x.jsonl"
+    jsonl.write_bytes(b'{"prompt": "\xff"}\n')
+    with pytest.raises(CommandError, match="line 1: is not valid UTF-8"):
+        call_command("import_prompts", "p", str(jsonl))
+    assert not Project.objects.exists()
+
+
+def test_the_command_exits_non_zero_without_a_traceback(tmp_path):
+    file = write_jsonl(tmp_path / "bad.jsonl", {"prompt": "q", "completions": [""]})
+    env = {**os.environ, "RANKWISE_DATA_DIR": str(tmp_path / "data")}
+    subprocess.run([sys.executable, "manage.py", "migrate", "-v0"], cwd=ROOT, env=env, check=True)
+    done = subprocess.run(
+        [sys.executable, "manage.py", "import_prompts", "cli-project", str(file)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert done.returncode != 0
+    assert "line 1, field 'completions[0]': is empty" in done.stderr
+    assert "Traceback" not in done.stderr

@@ -27,3 +27,8 @@ def compare(annotator, left: Completion, right: Completion, choice: str, **kwarg
     return PairwiseJudgementFactory(
         annotator=annotator, prompt=left.prompt, left=left, right=right, choice=choice, **kwargs
     )
+
+
+def fast_password_hashing(settings) -> None:
+    """Factories set passwords; the default hasher takes a good part of a second per user."""
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]

@@ -16,9 +16,14 @@ from feedback.selectors.preferences import (
     rewards_from_ranks,
 )
 from tests.factories import CompletionFactory, ModelVersionFactory, ProjectFactory, PromptFactory, UserFactory
-from tests.feedback.export_helpers import compare, make_prompt, rank
+from tests.feedback.export_helpers import compare, fast_password_hashing, make_prompt, rank
 
 pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture(autouse=True)
+def _fast_hashing(settings):
+    fast_password_hashing(settings)
 
 
 def rows(project, **options):

@@ -1,0 +1,214 @@
+"""Preference exports over the API: streamed JSONL, or a file built by the worker and downloaded when ready.
+
+Exports hold every annotator's judgements, so they are for the project's managers and staff.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.http import FileResponse, StreamingHttpResponse
+from django.urls import reverse
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
+from rest_framework import serializers, status
+from rest_framework.exceptions import NotFound
+from rest_framework.negotiation import DefaultContentNegotiation
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from feedback.api.permissions import membership_role, project_for_manager
+from feedback.api.serializers import FORBIDDEN, NOT_AUTHENTICATED, READ_ERRORS, VALIDATION_ERROR, ErrorSerializer
+from feedback.models import Project
+from feedback.selectors.preferences import (
+    FORMATS,
+    PAIR_MODES,
+    SPLITS,
+    ExportOptionsError,
+    PreferenceExportOptions,
+    preference_rows,
+)
+from feedback.services.exports import ExportJob, export_job_get, export_job_start, export_jsonl_chunks
+
+JSONL = "application/jsonl"
+PARQUET = "application/vnd.apache.parquet"
+
+
+class ExportOptionsSerializer(serializers.Serializer):
+    """The export options as query parameters (PreferenceExportOptions)."""
+
+    format = serializers.ChoiceField(choices=FORMATS, default="dpo")
+    conversational = serializers.BooleanField(default=False, help_text="Message lists instead of strings.")
+    pairs = serializers.ChoiceField(choices=PAIR_MODES, default="all", help_text="dpo: pairs from rankings.")
+    min_agreement = serializers.FloatField(default=0.0, min_value=0.0, max_value=1.0)
+    created_from = serializers.DateTimeField(required=False, help_text="Judgements created at or after.")
+    created_before = serializers.DateTimeField(required=False, help_text="Judgements created before.")
+    annotators = serializers.ListField(
+        child=serializers.IntegerField(min_value=1), required=False, max_length=1000, help_text="User ids."
+    )
+    model_versions = serializers.ListField(
+        child=serializers.IntegerField(min_value=1), required=False, max_length=1000, help_text="Model version ids."
+    )
+    split = serializers.ChoiceField(choices=SPLITS, required=False, help_text="Only the train or the test prompts.")
+    test_fraction = serializers.FloatField(default=0.1, min_value=0.001, max_value=0.999)
+    split_seed = serializers.CharField(default="rankwise", max_length=100)
+    pseudonymise = serializers.BooleanField(default=False, help_text="judgements: HMAC pseudonyms.")
+
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        try:
+            attrs["options"] = export_options_from(attrs)
+        except ExportOptionsError as error:
+            raise serializers.ValidationError({error.field: [error.message]}) from None
+        return attrs
+
+
+def export_options_from(data: dict[str, Any]) -> PreferenceExportOptions:
+    """PreferenceExportOptions from validated ExportOptionsSerializer data."""
+    annotators, versions = data.get("annotators"), data.get("model_versions")
+    return PreferenceExportOptions(
+        format=data["format"],
+        conversational=data["conversational"],
+        pairs=data["pairs"],
+        min_agreement=data["min_agreement"],
+        created_from=data.get("created_from"),
+        created_before=data.get("created_before"),
+        annotator_ids=tuple(annotators) if annotators else None,
+        model_version_ids=tuple(versions) if versions else None,
+        split=data.get("split"),
+        test_fraction=data["test_fraction"],
+        split_seed=data["split_seed"],
+        pseudonymise=data["pseudonymise"],
+    )
+
+
+def export_stream_response(*, project: Project, options: PreferenceExportOptions) -> StreamingHttpResponse:
+    rows = preference_rows(project=project, options=options)
+    response = StreamingHttpResponse((chunk.encode() for chunk in export_jsonl_chunks(rows=rows)), content_type=JSONL)
+    response["Content-Disposition"] = f'attachment; filename="{project.slug}-{options.format}.jsonl"'
+    return response
+
+
+class ExportJobOutputSerializer(serializers.Serializer):
+    id = serializers.CharField()
+    status = serializers.ChoiceField(choices=["queued", "running", "succeeded", "failed"])
+    file_type = serializers.ChoiceField(choices=["jsonl", "parquet"])
+    rows = serializers.IntegerField(allow_null=True)
+    error = serializers.CharField(allow_blank=True)
+    created_at = serializers.DateTimeField()
+    finished_at = serializers.DateTimeField(allow_null=True)
+    status_url = serializers.CharField()
+    download_url = serializers.CharField(allow_null=True, help_text="Set once the file is ready.")
+
+
+def _job_data(job: ExportJob) -> dict[str, Any]:
+    return ExportJobOutputSerializer(
+        {
+            **job.__dict__,
+            "status_url": reverse("api:export-job", args=[job.id]),
+            "download_url": reverse("api:export-download", args=[job.id]) if job.status == "succeeded" else None,
+        }
+    ).data
+
+
+class _FormatIsNotARenderer:
+    URL_FORMAT_OVERRIDE = None
+
+
+class ExportFormatNegotiation(DefaultContentNegotiation):
+    """`?format=` names the export format (DESIGN.md), so DRF must not read it as a renderer choice."""
+
+    settings = _FormatIsNotARenderer
+
+
+class ExportApi(APIView):
+    content_negotiation_class = ExportFormatNegotiation
+
+    class InputSerializer(ExportOptionsSerializer):
+        file = serializers.ChoiceField(
+            choices=["parquet", "jsonl"],
+            required=False,
+            help_text="Build a file in the background instead of streaming JSONL: answers 202 with a status URL.",
+        )
+
+        class Meta:
+            ref_name = "ExportQuery"
+
+    @extend_schema(
+        operation_id="projects_export",
+        summary="Export preference data (managers): streamed JSONL, or a background file",
+        description="Rows as DESIGN.md 'Formats' defines them, prompt by prompt.",
+        parameters=[InputSerializer],
+        responses={
+            (200, JSONL): OpenApiResponse(OpenApiTypes.STR, description="One JSON object per line."),
+            (202, "application/json"): OpenApiResponse(ExportJobOutputSerializer, description="File job queued."),
+            (400, "application/json"): VALIDATION_ERROR,
+            (401, "application/json"): NOT_AUTHENTICATED,
+            (403, "application/json"): FORBIDDEN,
+            (404, "application/json"): READ_ERRORS[404],
+        },
+    )
+    def get(self, request: Request, slug: str) -> Response | StreamingHttpResponse:
+        project = project_for_manager(user=request.user, slug=slug)
+        params = self.InputSerializer(data=request.query_params)
+        params.is_valid(raise_exception=True)
+        options = params.validated_data["options"]
+        file_type = params.validated_data.get("file")
+        if file_type is None:
+            return export_stream_response(project=project, options=options)
+        job = export_job_start(project=project, options=options, file_type=file_type, requested_by_id=request.user.pk)
+        return Response(_job_data(job), status=status.HTTP_202_ACCEPTED)
+
+
+def _job_for_manager(request: Request, job_id: str) -> ExportJob:
+    job = export_job_get(job_id=job_id)
+    project = Project.objects.filter(pk=job.project_id).first() if job else None
+    if job is None or project is None or membership_role(user=request.user, project=project) is None:
+        raise NotFound("No such export.")
+    project_for_manager(user=request.user, slug=project.slug)
+    return job
+
+
+JOB_ID_PARAMETER = OpenApiParameter(
+    "job_id", str, OpenApiParameter.PATH, pattern="^[0-9a-f]{32}$", description="As returned by the export."
+)
+JOB_ERRORS = {
+    401: NOT_AUTHENTICATED,
+    403: FORBIDDEN,
+    404: OpenApiResponse(ErrorSerializer, description="No such export (or not one of your projects')."),
+}
+
+
+class ExportJobApi(APIView):
+    @extend_schema(
+        operation_id="exports_retrieve",
+        summary="The status of a background export",
+        parameters=[JOB_ID_PARAMETER],
+        responses={200: ExportJobOutputSerializer, **JOB_ERRORS},
+    )
+    def get(self, request: Request, job_id: str) -> Response:
+        return Response(_job_data(_job_for_manager(request, job_id)))
+
+
+class ExportDownloadApi(APIView):
+    @extend_schema(
+        operation_id="exports_download",
+        summary="Download a finished background export",
+        parameters=[JOB_ID_PARAMETER],
+        responses={
+            (200, PARQUET): OpenApiResponse(OpenApiTypes.BINARY, description="A Parquet file."),
+            (200, JSONL): OpenApiResponse(OpenApiTypes.BINARY, description="A JSONL file."),
+            (409, "application/json"): OpenApiResponse(ErrorSerializer, description="The file is not ready."),
+            **{(code, "application/json"): response for code, response in JOB_ERRORS.items()},
+        },
+    )
+    def get(self, request: Request, job_id: str) -> Response | FileResponse:
+        job = _job_for_manager(request, job_id)
+        if job.status != "succeeded":
+            return Response({"detail": f"The export is {job.status}."}, status=status.HTTP_409_CONFLICT)
+        return FileResponse(
+            job.file_path.open("rb"),
+            as_attachment=True,
+            filename=job.file_name,
+            content_type=PARQUET if job.file_type == "parquet" else JSONL,
+        )

@@ -1,0 +1,287 @@
+"""Projects and what they hold: prompts (list, bulk import), completions, model versions.
+
+One view per URL; each method is one operation with its own nested Input/Output serializers.
+Members of a project (any role) and staff read; managers and staff write.
+"""
+
+from __future__ import annotations
+
+from django.db.models import Count, QuerySet
+from drf_spectacular.utils import OpenApiResponse, extend_schema, inline_serializer
+from rest_framework import serializers, status
+from rest_framework.pagination import PageNumberPagination
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.throttling import ScopedRateThrottle
+from rest_framework.views import APIView
+
+from feedback.api.permissions import membership_role, project_for_manager, project_for_member
+from feedback.api.serializers import (
+    FORBIDDEN,
+    NOT_AUTHENTICATED,
+    NOT_FOUND,
+    PAGE_PARAMETER,
+    READ_ERRORS,
+    THROTTLED,
+    VALIDATION_ERROR,
+    ErrorSerializer,
+    paginated,
+)
+from feedback.models import Completion, Membership, ModelVersion, Project, Prompt
+from feedback.selectors.projects import project_list_for_user
+from feedback.services.prompts import PromptImportError, prompts_import_records
+
+MAX_IMPORT_RECORDS = 10_000
+
+
+def _page(request: Request, view: APIView, queryset: QuerySet, serializer: type[serializers.Serializer]) -> Response:
+    paginator = PageNumberPagination()
+    page = paginator.paginate_queryset(queryset, request, view=view)
+    return paginator.get_paginated_response(serializer(page, many=True).data)
+
+
+class MessageSerializer(serializers.Serializer):
+    role = serializers.CharField(help_text="system, user or assistant")
+    content = serializers.CharField()
+
+
+class ProjectOutputSerializer(serializers.Serializer):
+    slug = serializers.SlugField()
+    name = serializers.CharField()
+    mode = serializers.ChoiceField(choices=Project.Mode.choices)
+    completions_per_prompt = serializers.IntegerField()
+    overlap = serializers.IntegerField()
+    prompt_count = serializers.IntegerField()
+    completion_count = serializers.IntegerField()
+    role = serializers.ChoiceField(choices=Membership.Role.choices, help_text="Yours; staff count as managers.")
+
+
+class ProjectListApi(APIView):
+    class OutputSerializer(ProjectOutputSerializer):
+        class Meta:
+            ref_name = "ProjectListItem"
+
+    @extend_schema(
+        operation_id="projects_list",
+        summary="The projects you belong to (every project for staff)",
+        parameters=[PAGE_PARAMETER],
+        responses={
+            200: paginated(OutputSerializer(many=True), name="PaginatedProjectList"),
+            401: NOT_AUTHENTICATED,
+            403: FORBIDDEN,
+            404: OpenApiResponse(ErrorSerializer, description="No such page."),
+        },
+    )
+    def get(self, request: Request) -> Response:
+        projects = project_list_for_user(user=request.user)
+        roles = dict(Membership.objects.filter(user_id=request.user.pk).values_list("project_id", "role"))
+        paginator = PageNumberPagination()
+        page = paginator.paginate_queryset(projects, request, view=self)
+        for project in page or []:
+            project.role = Membership.Role.MANAGER if request.user.is_staff else roles.get(project.pk)
+        return paginator.get_paginated_response(self.OutputSerializer(page, many=True).data)
+
+
+class ProjectDetailApi(APIView):
+    class OutputSerializer(ProjectOutputSerializer):
+        guidelines = serializers.CharField()
+
+        class Meta:
+            ref_name = "ProjectDetail"
+
+    @extend_schema(
+        operation_id="projects_retrieve",
+        summary="One project",
+        responses={200: OutputSerializer, **READ_ERRORS},
+    )
+    def get(self, request: Request, slug: str) -> Response:
+        project = project_for_member(user=request.user, slug=slug)
+        counted = project_list_for_user(user=request.user).get(pk=project.pk)
+        counted.role = membership_role(user=request.user, project=project)
+        return Response(self.OutputSerializer(counted).data)
+
+
+class PromptsApi(APIView):
+    """GET lists a project's prompts; POST imports prompts (and completions) all or nothing."""
+
+    def get_throttles(self):  # type: ignore[no-untyped-def]
+        return [ScopedRateThrottle()] if self.request.method == "POST" else []
+
+    throttle_scope = "submit"
+
+    class ListInputSerializer(serializers.Serializer):
+        ordering = serializers.ChoiceField(choices=["id", "-id", "created_at", "-created_at"], default="id")
+        external_id = serializers.CharField(required=False, max_length=200)
+
+        class Meta:
+            ref_name = "PromptListQuery"
+
+    class ListOutputSerializer(serializers.Serializer):
+        id = serializers.IntegerField()
+        messages = MessageSerializer(many=True)
+        external_id = serializers.CharField()
+        metadata = serializers.DictField()
+        completion_count = serializers.IntegerField()
+        created_at = serializers.DateTimeField()
+
+        class Meta:
+            ref_name = "Prompt"
+
+    class ImportInputSerializer(serializers.Serializer):
+        records = serializers.ListField(
+            child=serializers.JSONField(),
+            min_length=1,
+            max_length=MAX_IMPORT_RECORDS,
+            help_text=(
+                "Import records as in DESIGN.md: {prompt: string or [{role, content}] ending with a user turn, "
+                "completions?: [string or {text, model}], id?: string, metadata?: object}."
+            ),
+        )
+
+        class Meta:
+            ref_name = "PromptImport"
+
+    class ImportOutputSerializer(serializers.Serializer):
+        prompts = serializers.IntegerField()
+        completions = serializers.IntegerField()
+
+        class Meta:
+            ref_name = "PromptImportResult"
+
+    class ImportProblemSerializer(serializers.Serializer):
+        line = serializers.IntegerField(help_text="1-based position of the record in `records`.")
+        field = serializers.CharField()
+        message = serializers.CharField()
+
+        class Meta:
+            ref_name = "PromptImportProblem"
+
+    @extend_schema(
+        operation_id="projects_prompts_list",
+        summary="A project's prompts",
+        parameters=[ListInputSerializer, PAGE_PARAMETER],
+        responses={
+            200: paginated(ListOutputSerializer(many=True), name="PaginatedPromptList"),
+            400: VALIDATION_ERROR,
+            **READ_ERRORS,
+        },
+    )
+    def get(self, request: Request, slug: str) -> Response:
+        project = project_for_member(user=request.user, slug=slug)
+        params = self.ListInputSerializer(data=request.query_params)
+        params.is_valid(raise_exception=True)
+        prompts = Prompt.objects.filter(project=project).annotate(completion_count=Count("completions"))
+        if "external_id" in params.validated_data:
+            prompts = prompts.filter(external_id=params.validated_data["external_id"])
+        return _page(request, self, prompts.order_by(params.validated_data["ordering"]), self.ListOutputSerializer)
+
+    @extend_schema(
+        operation_id="projects_prompts_import",
+        summary="Import prompts, all or nothing (managers)",
+        request=ImportInputSerializer,
+        responses={
+            201: ImportOutputSerializer,
+            400: OpenApiResponse(
+                inline_serializer(
+                    name="PromptImportErrors",
+                    fields={
+                        "detail": serializers.CharField(),
+                        "problems": ImportProblemSerializer(many=True),
+                    },
+                ),
+                description="Nothing was imported: `problems` names each bad record and field. "
+                "A body that is not {records: [...]} answers {field: [message]} instead.",
+            ),
+            401: NOT_AUTHENTICATED,
+            403: FORBIDDEN,
+            404: NOT_FOUND,
+            429: THROTTLED,
+        },
+    )
+    def post(self, request: Request, slug: str) -> Response:
+        project = project_for_manager(user=request.user, slug=slug)
+        body = self.ImportInputSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        try:
+            result = prompts_import_records(project=project, records=body.validated_data["records"])
+        except PromptImportError as error:
+            problems = [{"line": p.line, "field": p.field, "message": p.message} for p in error.problems]
+            detail = "Nothing was imported: fix these records and send them again."
+            if error.more:
+                detail += f" {error.more} more problems are not listed."
+            return Response({"detail": detail, "problems": problems}, status=status.HTTP_400_BAD_REQUEST)
+        return Response(
+            self.ImportOutputSerializer({"prompts": result.prompts, "completions": result.completions}).data,
+            status=status.HTTP_201_CREATED,
+        )
+
+
+class CompletionListApi(APIView):
+    class InputSerializer(serializers.Serializer):
+        prompt = serializers.IntegerField(required=False, min_value=1, help_text="Only this prompt's completions.")
+        model_version = serializers.IntegerField(required=False, min_value=1)
+        ordering = serializers.ChoiceField(choices=["id", "-id", "created_at", "-created_at"], default="id")
+
+        class Meta:
+            ref_name = "CompletionListQuery"
+
+    class OutputSerializer(serializers.Serializer):
+        id = serializers.IntegerField()
+        prompt = serializers.IntegerField(source="prompt_id")
+        text = serializers.CharField()
+        html = serializers.CharField(help_text="Sanitised HTML rendered from the Markdown text.")
+        model_version = serializers.IntegerField(source="model_version_id", allow_null=True)
+        source_model = serializers.CharField()
+        created_at = serializers.DateTimeField()
+
+        class Meta:
+            ref_name = "Completion"
+
+    @extend_schema(
+        operation_id="projects_completions_list",
+        summary="A project's completions",
+        parameters=[InputSerializer, PAGE_PARAMETER],
+        responses={
+            200: paginated(OutputSerializer(many=True), name="PaginatedCompletionList"),
+            400: VALIDATION_ERROR,
+            **READ_ERRORS,
+        },
+    )
+    def get(self, request: Request, slug: str) -> Response:
+        project = project_for_member(user=request.user, slug=slug)
+        params = self.InputSerializer(data=request.query_params)
+        params.is_valid(raise_exception=True)
+        completions = Completion.objects.filter(prompt__project=project)
+        if "prompt" in params.validated_data:
+            completions = completions.filter(prompt_id=params.validated_data["prompt"])
+        if "model_version" in params.validated_data:
+            completions = completions.filter(model_version_id=params.validated_data["model_version"])
+        return _page(request, self, completions.order_by(params.validated_data["ordering"]), self.OutputSerializer)
+
+
+class ModelVersionListApi(APIView):
+    class OutputSerializer(serializers.Serializer):
+        id = serializers.IntegerField()
+        name = serializers.CharField()
+        parent = serializers.IntegerField(source="parent_id", allow_null=True)
+        produced_by_run = serializers.IntegerField(source="produced_by_run_id", allow_null=True)
+        metrics = serializers.DictField()
+        is_active = serializers.BooleanField()
+        created_at = serializers.DateTimeField()
+
+        class Meta:
+            ref_name = "ModelVersion"
+
+    @extend_schema(
+        operation_id="projects_model_versions_list",
+        summary="A project's model versions, newest first",
+        parameters=[PAGE_PARAMETER],
+        responses={
+            200: paginated(OutputSerializer(many=True), name="PaginatedModelVersionList"),
+            **READ_ERRORS,
+        },
+    )
+    def get(self, request: Request, slug: str) -> Response:
+        project = project_for_member(user=request.user, slug=slug)
+        versions = ModelVersion.objects.filter(project=project).order_by("-created_at", "-id")
+        return _page(request, self, versions, self.OutputSerializer)

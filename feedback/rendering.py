@@ -5,12 +5,14 @@ result goes through nh3 with an allow-list, so no script, event handler, javascr
 or hx-* attribute survives whatever the input.
 """
 
+import functools
 import html
 
 import nh3
 from markdown_it import MarkdownIt
 from pygments import highlight
 from pygments.formatters import HtmlFormatter
+from pygments.lexer import Lexer
 from pygments.lexers import get_lexer_by_name, guess_lexer
 from pygments.util import ClassNotFound
 
@@ -33,9 +35,14 @@ ALLOWED_URL_SCHEMES = {"http", "https", "mailto"}
 _formatter = HtmlFormatter(nowrap=True)
 
 
+@functools.lru_cache(maxsize=64)
+def _lexer_for(language: str) -> Lexer:
+    return get_lexer_by_name(language)
+
+
 def _highlight_code(code: str, language: str, _attrs: str) -> str:
     try:
-        lexer = get_lexer_by_name(language) if language else guess_lexer(code)
+        lexer = _lexer_for(language.lower()) if language else guess_lexer(code)
     except ClassNotFound:
         body = html.escape(code)
     else:

@@ -9,7 +9,11 @@ from __future__ import annotations
 import csv
 import io
 import json
+import multiprocessing
+import os
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +25,7 @@ from feedback.rendering import markdown_to_safe_html
 ROLES = ("system", "user", "assistant")
 MAX_PROBLEMS = 50
 BATCH_SIZE = 2000
+PARALLEL_RENDER_FROM = 4000
 
 
 @dataclass(frozen=True)

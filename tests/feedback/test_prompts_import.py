@@ -8,6 +8,7 @@ import pytest
 from django.core.management import CommandError, call_command
 
 from feedback.models import Completion, Project, Prompt
+from feedback.rendering import markdown_to_safe_html
 from feedback.services.prompts import PromptImportError, prompts_import_jsonl, prompts_import_records
 from tests.factories import ProjectFactory, PromptFactory
 
@@ -170,3 +171,14 @@ def test_the_command_exits_non_zero_without_a_traceback(tmp_path):
     assert done.returncode != 0
     assert "line 1, field 'completions[0]': is empty" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_large_imports_render_in_worker_processes_with_the_same_result(monkeypatch):
+    import feedback.services.prompts as prompts_service
+
+    records = [{"prompt": f"q{i}", "completions": [f"**{i}**", f"```python\nx = {i}\n```"]} for i in range(30)]
+    monkeypatch.setattr(prompts_service, "PARALLEL_RENDER_FROM", 1)
+    result = prompts_import_records(project=ProjectFactory(), records=records)
+    assert result.completions == 60
+    for completion in Completion.objects.all():
+        assert completion.html == markdown_to_safe_html(completion.text)

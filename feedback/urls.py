@@ -1,7 +1,11 @@
 from django.urls import path
 
-from feedback.views import pages
+from feedback.views import annotate, pages
 
 urlpatterns = [
     path("", pages.home, name="home"),
+    path("projects/<slug:slug>/annotate/", annotate.annotate, name="annotate"),
+    path("projects/<slug:slug>/annotate/next/", annotate.annotate_next, name="annotate-next"),
+    path("projects/<slug:slug>/annotate/submit/", annotate.annotate_submit, name="annotate-submit"),
+    path("projects/<slug:slug>/annotate/skip/", annotate.annotate_skip, name="annotate-skip"),
 ]

@@ -1,0 +1,184 @@
+"""The annotate page: one task on screen, the next one already leased and hidden behind it.
+
+Plain form posts work without JavaScript (post, redirect, show the next task). With htmx the
+page swaps in a freshly prefetched task after each submit or skip, and tells the counters
+through an HX-Trigger event; the script shows the prefetched task at once.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any
+
+from django.contrib.auth.decorators import login_required
+from django.core.exceptions import ValidationError
+from django.http import Http404, HttpRequest, HttpResponse
+from django.shortcuts import get_object_or_404, redirect, render
+from django.urls import reverse
+from django.views.decorators.http import require_GET, require_POST
+
+from feedback.api.permissions import membership_role
+from feedback.models import Assignment, Project
+from feedback.selectors.tasks import task_for_assignment, task_progress
+from feedback.services.assignments import assignment_lease_next, assignment_skip
+from feedback.services.judgements import judgement_submit
+from feedback.views.forms import JudgementForm, SkipForm
+
+SHORTCUTS = {
+    "pairwise": [
+        ("1", "A is better"),
+        ("2", "B is better"),
+        ("3", "Tie"),
+        ("4", "Both bad"),
+        ("S / C", "Slightly / clearly (press again to clear)"),
+    ],
+    "ranking": [
+        ("↑ / ↓", "Focus the previous / next completion"),
+        ("Shift + ↑ / ↓", "Move the focused completion up / down"),
+        ("T", "Tie the focused completion with the one above"),
+        ("U", "Untie the focused completion"),
+    ],
+    "common": [
+        ("Enter", "Submit (Ctrl + Enter inside the rationale)"),
+        ("K", "Skip this task"),
+        ("R", "Write a rationale"),
+        ("G", "Show or hide the guidelines"),
+        ("?", "Show or hide this help"),
+        ("Esc", "Close the help, leave a text field"),
+    ],
+}
+
+
+def _project_for_annotator(request: HttpRequest, slug: str) -> Project:
+    project = get_object_or_404(Project, slug=slug)
+    if membership_role(user=request.user, project=project) is None:
+        raise Http404("No such project.")
+    return project
+
+
+def _task_context(assignment: Assignment | None) -> dict[str, Any] | None:
+    if assignment is None:
+        return None
+    task = task_for_assignment(assignment=assignment)
+    return {"task": task, "client_uuid": uuid.uuid4(), "ranks": range(1, len(task.completions) + 1)}
+
+
+def _page(
+    request: HttpRequest,
+    project: Project,
+    *,
+    current: Assignment | None,
+    errors: dict[str, list[str]] | None = None,
+    status: int = 200,
+) -> HttpResponse:
+    prefetch = (
+        assignment_lease_next(project=project, annotator=request.user, exclude_ids=[current.pk]) if current else None
+    )
+    context = {
+        "project": project,
+        "progress": task_progress(project=project, annotator=request.user),
+        "current": _task_context(current),
+        "prefetch": _task_context(prefetch),
+        "errors": errors or {},
+        "shortcuts": SHORTCUTS[project.mode] + SHORTCUTS["common"],
+        "config": {
+            "mode": project.mode,
+            "nextUrl": reverse("annotate-next", args=[project.slug]),
+        },
+    }
+    return render(request, "annotate.html", context, status=status)
+
+
+@login_required
+@require_GET
+def annotate(request: HttpRequest, slug: str) -> HttpResponse:
+    project = _project_for_annotator(request, slug)
+    current = assignment_lease_next(project=project, annotator=request.user)
+    return _page(request, project, current=current)
+
+
+@login_required
+@require_GET
+def annotate_next(request: HttpRequest, slug: str) -> HttpResponse:
+    """A task to prefetch, other than the one the page shows (``shown``)."""
+    project = _project_for_annotator(request, slug)
+    return _prefetched(request, project)
+
+
+def _prefetched(request: HttpRequest, project: Project, *, event: str | None = None) -> HttpResponse:
+    source = request.POST if request.method == "POST" else request.GET
+    shown = [int(value) for value in source.getlist("shown") if value.isdigit()]
+    assignment = assignment_lease_next(project=project, annotator=request.user, exclude_ids=shown)
+    response = render(request, "annotate.html#prefetched", {"project": project, "prefetch": _task_context(assignment)})
+    if event:
+        response["HX-Trigger"] = json.dumps({event: {}})
+    return response
+
+
+def _rejected(
+    request: HttpRequest, project: Project, task_id: int | None, errors: dict[str, list[str]]
+) -> HttpResponse:
+    if request.htmx:
+        # The page has already moved on to the prefetched task; say what went wrong above it.
+        response = render(request, "annotate.html#notice", {"errors": errors})
+        response["HX-Retarget"] = "#notice"
+        response["HX-Reswap"] = "innerHTML"
+        response["HX-Trigger"] = json.dumps({"rankwise:rejected": {}})
+        return response
+    current = Assignment.objects.filter(
+        pk=task_id, project=project, annotator=request.user, state=Assignment.State.LEASED
+    ).first()
+    if current is None:
+        current = assignment_lease_next(project=project, annotator=request.user)
+    return _page(request, project, current=current, errors=errors, status=400)
+
+
+def _error_dict(error: ValidationError) -> dict[str, list[str]]:
+    return error.message_dict if hasattr(error, "error_dict") else {"task_id": error.messages}
+
+
+@login_required
+@require_POST
+def annotate_submit(request: HttpRequest, slug: str) -> HttpResponse:
+    project = _project_for_annotator(request, slug)
+    form = JudgementForm(request.POST)
+    if not form.is_valid():
+        errors = {("ranking" if name == "__all__" else name): list(messages) for name, messages in form.errors.items()}
+        return _rejected(request, project, form.cleaned_data.get("task_id"), errors)
+    data = form.cleaned_data
+    try:
+        judgement_submit(
+            project=project,
+            annotator=request.user,
+            task_id=data["task_id"],
+            client_uuid=data["client_uuid"],
+            kind=project.mode,
+            choice=data["choice"],
+            strength=data["strength"],
+            ranking=data["ranking"],
+            rationale=data["rationale"],
+            time_ms=data["time_ms"],
+        )
+    except ValidationError as error:
+        return _rejected(request, project, data["task_id"], _error_dict(error))
+    if request.htmx:
+        return _prefetched(request, project, event="rankwise:judged")
+    return redirect("annotate", slug=project.slug)
+
+
+@login_required
+@require_POST
+def annotate_skip(request: HttpRequest, slug: str) -> HttpResponse:
+    project = _project_for_annotator(request, slug)
+    form = SkipForm(request.POST)
+    if not form.is_valid():
+        return _rejected(request, project, None, {k: list(v) for k, v in form.errors.items()})
+    data = form.cleaned_data
+    try:
+        assignment_skip(project=project, annotator=request.user, task_id=data["task_id"], reason=data["reason"])
+    except ValidationError as error:
+        return _rejected(request, project, data["task_id"], _error_dict(error))
+    if request.htmx:
+        return _prefetched(request, project, event="rankwise:skipped")
+    return redirect("annotate", slug=project.slug)

@@ -24,16 +24,6 @@ run: setup
 	$(PY) manage.py fetch_default_model
 	$(PY) manage.py seed_demo
 	@echo "Rankwise is starting at http://$(HOST):$(PORT)/ (Ctrl-C stops the web server and the worker)"
-	@trap 'kill 0' INT TERM; \
-	$(PY) manage.py run_huey --flush-locks & \
-	$(PY) manage.py runserver $(HOST):$(PORT) & \
-	wait
-
-test: setup
-	$(PY) manage.py fetch_default_model
-	$(PY) -m pytest
-
-lint: setup
-	$(VENV)/bin/ruff check .
-	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy feedback training
+	@$(PY) manage.py run_huey --flush-locks & worker=$$!; \
+	trap 'kill $$worker 2>/dev/null; wait $$worker' EXIT; \
+	$(PY) manage.py runserver $(HOST):$(PORT)

@@ -1,0 +1,153 @@
+"""Annotating through the API: lease the next task, submit a judgement on it.
+
+The same services as the annotate page: a task is a lease (its id is the task_id), a repeated
+client_uuid returns the first judgement with 200 instead of 201.
+"""
+
+from __future__ import annotations
+
+from django.core.exceptions import ValidationError as DjangoValidationError
+from drf_spectacular.utils import OpenApiResponse, extend_schema
+from rest_framework import serializers, status
+from rest_framework.exceptions import ValidationError
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.throttling import ScopedRateThrottle
+from rest_framework.views import APIView
+
+from feedback.api.permissions import project_for_member
+from feedback.api.serializers import FORBIDDEN, NOT_AUTHENTICATED, NOT_FOUND, THROTTLED, VALIDATION_ERROR
+from feedback.models import PairwiseJudgement, Project
+from feedback.selectors.tasks import task_for_assignment
+from feedback.services.assignments import assignment_lease_next
+from feedback.services.judgements import RATIONALE_MAX, TIME_MS_MAX, judgement_ranking, judgement_submit
+
+
+class TaskMessageSerializer(serializers.Serializer):
+    role = serializers.CharField()
+    content = serializers.CharField()
+
+
+class TaskCompletionSerializer(serializers.Serializer):
+    id = serializers.IntegerField()
+    text = serializers.CharField(help_text="The completion as written (untrusted).")
+    html = serializers.CharField(help_text="Sanitized HTML rendered from the Markdown text.")
+
+
+class NextTaskApi(APIView):
+    class OutputSerializer(serializers.Serializer):
+        task_id = serializers.IntegerField()
+        kind = serializers.ChoiceField(choices=Project.Mode.choices)
+        prompt = TaskMessageSerializer(
+            source="messages", many=True, help_text="The conversation, ending with a user turn."
+        )
+        completions = TaskCompletionSerializer(
+            many=True, help_text="In display order; in pairwise mode the first is A and the second B."
+        )
+        lease_expires_at = serializers.DateTimeField()
+
+        class Meta:
+            ref_name = "Task"
+
+    @extend_schema(
+        operation_id="projects_next_task",
+        summary="Lease the next task (your unfinished one first)",
+        responses={
+            200: OutputSerializer,
+            204: OpenApiResponse(description="Nothing is left for you in this project."),
+            401: NOT_AUTHENTICATED,
+            403: FORBIDDEN,
+            404: NOT_FOUND,
+        },
+    )
+    def get(self, request: Request, slug: str) -> Response:
+        project = project_for_member(user=request.user, slug=slug)
+        assignment = assignment_lease_next(project=project, annotator=request.user)
+        if assignment is None:
+            return Response(status=status.HTTP_204_NO_CONTENT)
+        return Response(self.OutputSerializer(task_for_assignment(assignment=assignment)).data)
+
+
+class JudgementSubmitApi(APIView):
+    throttle_classes = [ScopedRateThrottle]
+    throttle_scope = "submit"
+
+    class InputSerializer(serializers.Serializer):
+        task_id = serializers.IntegerField(min_value=1)
+        client_uuid = serializers.UUIDField(help_text="Made by the client once per judgement; a retry sends it again.")
+        kind = serializers.ChoiceField(choices=Project.Mode.choices)
+        choice = serializers.ChoiceField(choices=PairwiseJudgement.Choice.choices, required=False)
+        strength = serializers.ChoiceField(choices=PairwiseJudgement.Strength.choices, required=False, allow_blank=True)
+        ranking = serializers.ListField(
+            child=serializers.ListField(child=serializers.IntegerField(), allow_empty=False),
+            required=False,
+            allow_empty=False,
+            help_text="Groups of completion ids, best first; completions in one group are tied.",
+        )
+        rationale = serializers.CharField(required=False, allow_blank=True, max_length=RATIONALE_MAX)
+        time_ms = serializers.IntegerField(required=False, allow_null=True, min_value=0, max_value=TIME_MS_MAX)
+
+        class Meta:
+            ref_name = "JudgementInput"
+
+    class OutputSerializer(serializers.Serializer):
+        id = serializers.IntegerField()
+        task_id = serializers.IntegerField(source="assignment_id")
+        kind = serializers.SerializerMethodField()
+        client_uuid = serializers.UUIDField()
+        choice = serializers.CharField(required=False)
+        strength = serializers.CharField(required=False)
+        ranking = serializers.SerializerMethodField()
+        rationale = serializers.CharField()
+        time_ms = serializers.IntegerField(allow_null=True)
+        created_at = serializers.DateTimeField()
+
+        class Meta:
+            ref_name = "Judgement"
+
+        def get_kind(self, judgement) -> str:  # type: ignore[no-untyped-def]
+            return Project.Mode.PAIRWISE if isinstance(judgement, PairwiseJudgement) else Project.Mode.RANKING
+
+        def get_ranking(self, judgement) -> list[list[int]] | None:  # type: ignore[no-untyped-def]
+            if isinstance(judgement, PairwiseJudgement):
+                return None
+            return judgement_ranking(judgement=judgement)
+
+    @extend_schema(
+        operation_id="projects_judgements_create",
+        summary="Submit a judgement on a task leased to you",
+        request=InputSerializer,
+        responses={
+            201: OutputSerializer,
+            200: OpenApiResponse(OutputSerializer, description="A repeated client_uuid: the first judgement."),
+            400: VALIDATION_ERROR,
+            401: NOT_AUTHENTICATED,
+            403: FORBIDDEN,
+            404: NOT_FOUND,
+            429: THROTTLED,
+        },
+    )
+    def post(self, request: Request, slug: str) -> Response:
+        project = project_for_member(user=request.user, slug=slug)
+        serializer = self.InputSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        data = serializer.validated_data
+        try:
+            result = judgement_submit(
+                project=project,
+                annotator=request.user,
+                task_id=data["task_id"],
+                client_uuid=data["client_uuid"],
+                kind=data["kind"],
+                choice=data.get("choice", ""),
+                strength=data.get("strength", ""),
+                ranking=data.get("ranking"),
+                rationale=data.get("rationale", ""),
+                time_ms=data.get("time_ms"),
+            )
+        except DjangoValidationError as error:
+            raise ValidationError(error.message_dict) from None
+        body = self.OutputSerializer(result.judgement).data
+        for absent in ("ranking",) if isinstance(result.judgement, PairwiseJudgement) else ("choice", "strength"):
+            body.pop(absent, None)
+        return Response(body, status=status.HTTP_201_CREATED if result.created else status.HTTP_200_OK)

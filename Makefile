@@ -25,5 +25,5 @@ run: setup
 	$(PY) manage.py seed_demo
 	@echo "Rankwise is starting at http://$(HOST):$(PORT)/ (Ctrl-C stops the web server and the worker)"
 	@$(PY) manage.py run_huey --flush-locks & worker=$$!; \
-	trap 'kill $$worker 2>/dev/null; wait $$worker' EXIT; \
+	trap 'kill $$worker 2>/dev/null; sleep 2; kill -9 $$worker 2>/dev/null' EXIT; \
 	$(PY) manage.py runserver $(HOST):$(PORT)

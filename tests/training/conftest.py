@@ -2,8 +2,13 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.tiny_model import make_tiny_model_dir
+
+# Tiny models gain nothing from intra-op threads, and spinning threads lose badly when
+# the suite shares the CPU with other processes.
+torch.set_num_threads(1)
 
 REAL_MODEL_DIR = Path(__file__).resolve().parents[2] / "var/models/SmolLM2-135M-Instruct"
 

@@ -1,0 +1,98 @@
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.training.synthetic import preference_pairs, ranked_groups
+from training.__main__ import build_parser, main
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = ["--max-length", "64", "--max-prompt-length", "48", "--lr", "1e-3", "--batch-size", "8", "--quiet"]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_dpo_end_to_end(tmp_path, tiny_model_dir, capsys):
+    data = write_jsonl(tmp_path / "pairs.jsonl", preference_pairs())
+    out = tmp_path / "out"
+    code = main(["dpo", "--data", str(data), "--model", str(tiny_model_dir), "--out", str(out), *TINY])
+    assert code == 0
+    text = capsys.readouterr().out
+    assert "steps:" in text and "held-out accuracy" in text and str(out) in text
+    before, after = text.split("held-out accuracy")[1].split(":")[1].split(";")[0].split("->")
+    assert float(before) == 0.5 and float(after) >= 0.9
+    assert (out / "adapter_model.safetensors").is_file()
+
+
+def test_grpo_end_to_end_with_parquet_and_separate_eval_file(tmp_path, tiny_model_dir, capsys):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    groups = ranked_groups()
+    pq.write_table(pa.Table.from_pylist(groups[:-9]), tmp_path / "train.parquet")
+    held = write_jsonl(tmp_path / "held.jsonl", groups[-9:])
+    out = tmp_path / "g"
+    code = main(
+        ["grpo", "--data", str(tmp_path / "train.parquet"), "--eval-data", str(held), "--model", str(tiny_model_dir)]
+        + ["--out", str(out), "--full", "--lr", "5e-4", "--num-iterations", "2", *TINY[:4], "--quiet"]
+    )
+    assert code == 0
+    assert "held-out accuracy (27 pairs)" in capsys.readouterr().out
+    assert (out / "model.safetensors").is_file()
+
+
+def test_missing_file_is_a_clear_error(tmp_path, tiny_model_dir, capsys):
+    code = main(["dpo", "--data", str(tmp_path / "nope.jsonl"), "--model", str(tiny_model_dir), "--out", "x"])
+    assert code == 1
+    assert "nope.jsonl: no such file" in capsys.readouterr().err
+
+
+def test_wrong_format_names_the_line(tmp_path, tiny_model_dir, capsys):
+    data = write_jsonl(tmp_path / "groups.jsonl", ranked_groups(4))
+    code = main(["dpo", "--data", str(data), "--model", str(tiny_model_dir), "--out", str(tmp_path / "o"), "--quiet"])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "line 1: missing field 'chosen'" in err or "line 2: missing field 'chosen'" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_model_that_cannot_be_loaded_is_a_clear_error(tmp_path, capsys):
+    data = write_jsonl(tmp_path / "pairs.jsonl", preference_pairs(4))
+    code = main(["dpo", "--data", str(data), "--model", str(tmp_path / "no-model"), "--out", str(tmp_path / "o")])
+    assert code == 1
+    assert "no-model' does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--full", "--merge-lora"], "merge_lora needs lora"),
+        (["--loss-type", "hinge", "--label-smoothing", "0.1"], "label_smoothing has no effect"),
+        (["--eval-data", "x.jsonl", "--eval-fraction", "0.2"], "cannot be used together"),
+        (["--max-prompt-length", "600"], "max_prompt_length must be"),
+    ],
+)
+def test_options_that_make_no_sense_together(tmp_path, capsys, args, message):
+    with pytest.raises(SystemExit) as exc:
+        main(["dpo", "--data", "d.jsonl", "--model", "m", "--out", "o", *args])
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_help_documents_every_option():
+    parser = build_parser()
+    [subparsers] = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    for algorithm, sub in subparsers.choices.items():
+        for action in sub._actions:
+            assert action.help and len(action.help.split()) >= 2, f"{algorithm} {action.option_strings} has no help"
+    result = subprocess.run(
+        [sys.executable, "-m", "training", "grpo", "--help"], cwd=REPO, capture_output=True, text=True
+    )
+    assert result.returncode == 0
+    assert "--num-iterations" in result.stdout and "--lora" in result.stdout and "--full" in result.stdout

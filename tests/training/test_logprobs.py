@@ -1,0 +1,66 @@
+import torch
+
+from training.data import collate_sequences, sequence_key
+from training.logprobs import ReferenceCache, completion_logps, reference_logps, sequence_logps
+from training.models import LoraSettings, apply_lora, load_model
+
+PROMPTS = [[1, 40, 41, 42, 43], [1, 50], [1, 60, 61]]
+COMPLETIONS = [[70, 71, 2], [2], [80, 81, 82, 83, 2]]
+
+
+def full_softmax_logps(model, batch):
+    logp = torch.log_softmax(model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits, -1)
+    rows = []
+    for i, (p, c) in enumerate(zip(PROMPTS, COMPLETIONS, strict=True)):
+        rows.append(torch.stack([logp[i, len(p) - 1 + j, tok] for j, tok in enumerate(c)]))
+    return rows
+
+
+def test_completion_logps_match_a_full_log_softmax_for_any_chunk_size(tiny_model_dir):
+    model, _ = load_model(str(tiny_model_dir))
+    batch = collate_sequences(PROMPTS, COMPLETIONS, pad_id=2)
+    expected = full_softmax_logps(model, batch)
+    for chunk in (1, 3, 4096):
+        got = completion_logps(model, batch, chunk_size=chunk)
+        assert got.shape == (3, 5)
+        for i, row in enumerate(expected):
+            torch.testing.assert_close(got[i, : len(row)], row, atol=1e-5, rtol=1e-5)
+            assert (got[i, len(row) :] == 0).all()
+    sums = sequence_logps(model, batch)
+    torch.testing.assert_close(sums, torch.stack([r.sum() for r in expected]), atol=1e-5, rtol=1e-5)
+
+
+def test_padding_does_not_change_a_sequence_log_prob(tiny_model_dir):
+    model, _ = load_model(str(tiny_model_dir))
+    alone = sequence_logps(model, collate_sequences(PROMPTS[1:2], COMPLETIONS[1:2], pad_id=2))
+    batched = sequence_logps(model, collate_sequences(PROMPTS, COMPLETIONS, pad_id=2))
+    torch.testing.assert_close(alone[0], batched[1], atol=1e-5, rtol=1e-5)
+
+
+def test_gradients_flow_to_lora_adapters(tiny_model_dir):
+    model, _ = load_model(str(tiny_model_dir))
+    model = apply_lora(model, LoraSettings(r=2, alpha=4))
+    sequence_logps(model, collate_sequences(PROMPTS, COMPLETIONS, pad_id=2)).sum().backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert grads and all("lora_" in n for n in grads)
+    assert any(
+        g is not None and g.abs().sum() > 0 for n, g in grads.items() if "lora_B" in n
+    )  # B starts at 0, so A gets none yet
+
+
+def test_reference_cache_round_trip_and_reuse(tmp_path, tiny_model_dir):
+    model, _ = load_model(str(tiny_model_dir))
+    sequences = list(zip(PROMPTS, COMPLETIONS, strict=True))
+    cache = ReferenceCache(tmp_path, "fp")
+    first, computed = reference_logps(model, sequences, cache, pad_id=2, batch_size=2, precision="fp32")
+    assert computed == 3
+    assert len(list((tmp_path / "fp").glob("*.safetensors"))) == 1
+
+    reopened = ReferenceCache(tmp_path, "fp")
+    extra = ([1, 90], [91, 2])
+    second, computed = reference_logps(model, [*sequences, extra], reopened, pad_id=2, batch_size=2, precision="fp32")
+    assert computed == 1  # only the new sequence ran through the model
+    for key, value in first.items():
+        torch.testing.assert_close(second[key], value)
+    assert second[sequence_key(*extra)].shape == (2,)
+    assert ReferenceCache(tmp_path, "another-model").get(sequence_key(*extra)) is None

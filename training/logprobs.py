@@ -1,0 +1,206 @@
+"""Per-token and per-sequence completion log-probs, and the on-disk reference cache.
+
+The language-model head runs only on the positions that predict completion tokens,
+in chunks, and each chunk is reduced to ``logit[target] - logsumexp(logits)`` at once:
+no (N, T, V) logits and no full-vocabulary log-softmax are ever materialised.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from training.data import SequenceBatch, collate_sequences, sequence_key
+from training.models import is_lora, reference_mode
+
+
+def backbone_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The transformer body (returns hidden states) and the output projection of a causal LM."""
+    base = model.get_base_model() if is_lora(model) else model  # type: ignore[operator]
+    return base.base_model, base.get_output_embeddings()
+
+
+def completion_mask(completion_lengths: torch.Tensor, width: int | None = None) -> torch.Tensor:
+    """(N,) lengths -> (N, Tc) float mask with ones on each row's first ``length`` entries."""
+    width = int(completion_lengths.max()) if width is None else width
+    return (torch.arange(width).unsqueeze(0) < completion_lengths.unsqueeze(1)).float()
+
+
+def token_logps_chunked(
+    hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor, chunk_size: int
+) -> torch.Tensor:
+    """log p(target) for each row of ``hidden`` (M, H) -> (M,), ``chunk_size`` rows at a time."""
+    out = []
+    for start in range(0, hidden.shape[0], chunk_size):
+        logits = head(hidden[start : start + chunk_size]).float()  # (m, V)
+        target = targets[start : start + chunk_size]
+        picked = logits.gather(1, target.unsqueeze(1)).squeeze(1)  # (m,)
+        out.append(picked - torch.logsumexp(logits, dim=-1))
+    return torch.cat(out) if out else hidden.new_zeros(0)
+
+
+def completion_logps(model: torch.nn.Module, batch: SequenceBatch, *, chunk_size: int = 2048) -> torch.Tensor:
+    """Per-token log-probs of each row's completion, left-aligned, zero past its length.
+
+    Returns:
+        (N, Tc) with Tc the longest completion; multiply by ``completion_mask`` or sum
+        over dim 1 for per-sequence log-probs.
+    """
+    backbone, head = backbone_and_head(model)
+    device = next(model.parameters()).device
+    input_ids = batch.input_ids.to(device)
+    hidden = backbone(
+        input_ids=input_ids, attention_mask=batch.attention_mask.to(device), use_cache=False
+    ).last_hidden_state  # (N, T, H)
+
+    n = input_ids.shape[0]
+    lengths = batch.completion_lengths.to(device)  # (N,)
+    rows = torch.repeat_interleave(torch.arange(n, device=device), lengths)  # (M,) row of each token
+    starts = torch.cumsum(lengths, 0) - lengths  # (N,) first flat index of each row
+    offset = torch.arange(rows.shape[0], device=device) - starts[rows]  # (M,) index inside the completion
+    position = batch.prompt_lengths.to(device)[rows] - 1 + offset  # (M,) hidden state that predicts it
+    targets = input_ids[rows, position + 1]  # (M,)
+    token_logps = token_logps_chunked(hidden[rows, position], head, targets, chunk_size)  # (M,)
+
+    out = torch.zeros(n, int(lengths.max()), device=device, dtype=token_logps.dtype)
+    return out.index_put((rows, offset), token_logps)
+
+
+def sequence_logps(model: torch.nn.Module, batch: SequenceBatch, *, chunk_size: int = 2048) -> torch.Tensor:
+    """(N,) summed completion log-probs."""
+    return completion_logps(model, batch, chunk_size=chunk_size).sum(dim=1)
+
+
+# -------------------------------------------------------------------- reference cache
+
+
+def model_fingerprint(name_or_path: str, precision: str) -> str:
+    """Identity of a reference model: its files' names, sizes and times, and the precision."""
+    h = hashlib.sha256(precision.encode())
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        h.update(str(path.resolve()).encode())
+        for f in sorted(path.iterdir()):
+            if f.suffix in (".safetensors", ".json"):
+                stat = f.stat()
+                h.update(f"{f.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    else:
+        h.update(name_or_path.encode())
+    return h.hexdigest()[:24]
+
+
+class ReferenceCache:
+    """Per-token reference log-probs on disk, keyed by model fingerprint and sequence content.
+
+    Each ``flush`` writes the entries added since the last one as a new safetensors
+    shard (temporary name, then rename), so concurrent readers never see half a file.
+    Without a directory it is an in-memory cache for one run.
+    """
+
+    def __init__(self, cache_dir: Path | None, fingerprint: str):
+        self.dir = Path(cache_dir) / fingerprint if cache_dir is not None else None
+        self.entries: dict[str, torch.Tensor] = {}
+        self.new: dict[str, torch.Tensor] = {}
+        if self.dir is not None and self.dir.is_dir():
+            for shard in sorted(self.dir.glob("*.safetensors")):
+                self.entries.update(load_file(shard))
+
+    def get(self, key: str) -> torch.Tensor | None:
+        return self.entries.get(key)
+
+    def put(self, key: str, token_logps: torch.Tensor) -> None:
+        value = token_logps.detach().float().cpu().contiguous()
+        self.entries[key] = value
+        self.new[key] = value
+
+    def flush(self) -> None:
+        if self.dir is None or not self.new:
+            self.new = {}
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".shard-", suffix=".tmp", dir=self.dir)
+        os.close(fd)
+        save_file(self.new, tmp)
+        os.replace(tmp, self.dir / f"{hashlib.sha256(''.join(sorted(self.new)).encode()).hexdigest()[:16]}.safetensors")
+        self.new = {}
+
+
+def autocast_context(precision: str, device: torch.device) -> contextlib.AbstractContextManager[None]:
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def reference_logps(
+    model: torch.nn.Module,
+    sequences: Sequence[tuple[list[int], list[int]]],
+    cache: ReferenceCache,
+    *,
+    pad_id: int,
+    batch_size: int,
+    precision: str,
+    chunk_size: int = 2048,
+    on_batch: Callable[[int, int], None] | None = None,
+) -> tuple[dict[str, torch.Tensor], int]:
+    """Per-token reference log-probs for each (prompt, completion), from the cache or computed.
+
+    Returns the log-probs by ``sequence_key`` and how many sequences were computed
+    (the rest came from the cache). New entries are flushed to disk.
+    """
+    keys = [sequence_key(p, c) for p, c in sequences]
+    out: dict[str, torch.Tensor] = {}
+    todo: dict[str, tuple[list[int], list[int]]] = {}
+    for key, seq in zip(keys, sequences, strict=True):
+        cached = cache.get(key)
+        if cached is not None:
+            out[key] = cached
+        else:
+            todo[key] = seq
+    items = sorted(todo.items(), key=lambda kv: len(kv[1][0]) + len(kv[1][1]))
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    try:
+        with reference_mode(model), autocast_context(precision, device):
+            for start in range(0, len(items), batch_size):
+                chunk = items[start : start + batch_size]
+                batch = collate_sequences([s[0] for _, s in chunk], [s[1] for _, s in chunk], pad_id)
+                logps = completion_logps(model, batch, chunk_size=chunk_size)  # (n, Tc)
+                for row, (key, (_, completion)) in enumerate(chunk):
+                    cache.put(key, logps[row, : len(completion)])
+                    out[key] = cache.get(key)  # type: ignore[assignment]
+                if on_batch is not None:
+                    on_batch(min(start + batch_size, len(items)), len(items))
+    finally:
+        model.train(was_training)
+    cache.flush()
+    return out, len(items)
+
+
+@contextlib.contextmanager
+def evaluation(model: torch.nn.Module) -> Iterator[None]:
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+
+
+def padded_from_keys(values: dict[str, torch.Tensor], keys: Sequence[str], width: int | None = None) -> torch.Tensor:
+    """Stack per-token tensors of different lengths into (N, Tc), zero padded."""
+    width = max(v.shape[0] for v in (values[k] for k in keys)) if width is None else width
+    out = torch.zeros(len(keys), width)
+    for i, k in enumerate(keys):
+        v = values[k]
+        out[i, : v.shape[0]] = v
+    return out

@@ -1,0 +1,192 @@
+"""What the DPO and GRPO loops share: results, precision, schedules, resumable checkpoints, evaluation."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from training.data import PairExample, collate_pairs, length_sorted_batches, sequence_key
+from training.logprobs import autocast_context, evaluation, sequence_logps
+from training.models import atomic_directory, load_trainable_state_dict, trainable_state_dict
+
+ProgressCallback = Callable[[int, int, dict[str, float]], None]
+
+
+@dataclass
+class TrainResult:
+    out_dir: Path  # the finished model directory (not created when cancelled)
+    metrics: dict[str, Any] = field(default_factory=dict)  # eval before/after, steps, seconds, counts
+    cancelled: bool = False
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto`` -> ``bf16`` where the hardware has fast bf16 matrix units, else ``fp32``."""
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return "fp32"
+    # Without these, PyTorch emulates bf16 matmuls on the CPU, which is far slower than fp32.
+    return "bf16" if {"avx512_bf16", "amx_bf16"} & set(flags) else "fp32"
+
+
+def lr_factor(schedule: str, warmup_steps: int, total_steps: int) -> Callable[[int], float]:
+    """Multiplier of the peak learning rate at each optimizer step: linear warmup, then the schedule."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        if schedule == "constant":
+            return 1.0
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        if schedule == "linear":
+            return max(0.0, 1.0 - progress)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))  # cosine
+
+    return factor
+
+
+def make_optimizer(
+    model: torch.nn.Module, *, lr: float, weight_decay: float
+) -> tuple[torch.optim.Optimizer, list[torch.nn.Parameter]]:
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay), params
+
+
+def step_plan(
+    lengths: Sequence[int], batch_size: int, accumulation: int, epochs: int, seed: int
+) -> list[list[list[int]]]:
+    """All optimizer steps of a run: each a list of micro-batches of example indices.
+
+    Deterministic given the seed, so a resumed run sees the same batches in the same order.
+    """
+    micro = []
+    for epoch in range(epochs):
+        micro.extend(length_sorted_batches(lengths, batch_size, seed=seed * 1000 + epoch))
+    return [micro[i : i + accumulation] for i in range(0, len(micro), accumulation)]
+
+
+def run_fingerprint(config: dict[str, Any], model_fingerprint: str, keys: Sequence[str]) -> str:
+    h = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
+    h.update(model_fingerprint.encode())
+    for k in keys:
+        h.update(k.encode())
+    return h.hexdigest()[:24]
+
+
+class RunCheckpoint:
+    """The resumable state of an unfinished run, beside its output directory.
+
+    It lives in a hidden ``.<out_dir name>.checkpoint`` directory (written atomically),
+    holds the trainable weights (safetensors), the optimizer and the step reached, and
+    is only used by a run with the same config, base model and data.
+    """
+
+    def __init__(self, out_dir: Path, fingerprint: str):
+        self.dir = Path(out_dir).parent / f".{Path(out_dir).name}.checkpoint"
+        self.fingerprint = fingerprint
+
+    def load(
+        self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler
+    ) -> int:
+        state_file = self.dir / "state.json"
+        if not state_file.is_file():
+            return 0
+        state = json.loads(state_file.read_text())
+        if state.get("fingerprint") != self.fingerprint:
+            return 0
+        load_trainable_state_dict(model, load_file(self.dir / "weights.safetensors"))
+        optimizer.load_state_dict(torch.load(self.dir / "optimizer.pt", weights_only=True))
+        scheduler.load_state_dict(state["scheduler"])
+        return int(state["step"])
+
+    def save(
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler,
+        step: int,
+    ) -> None:
+        weights = {k: v.detach().contiguous() for k, v in trainable_state_dict(model).items()}
+        with atomic_directory(self.dir) as tmp:
+            save_file(_untie(weights), tmp / "weights.safetensors")
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            state = {"fingerprint": self.fingerprint, "step": step, "scheduler": scheduler.state_dict()}
+            (tmp / "state.json").write_text(json.dumps(state))
+
+    def discard(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _untie(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # safetensors refuses tensors that share storage (tied embeddings); store copies.
+    seen: set[int] = set()
+    out = {}
+    for k, v in weights.items():
+        ptr = v.data_ptr()
+        out[k] = v.clone() if ptr in seen else v
+        seen.add(ptr)
+    return out
+
+
+def preference_metrics(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+    beta: float,
+) -> dict[str, float]:
+    """Held-out preference accuracy and mean margin of the implicit reward ``β·(log π − log π_ref)``.
+
+    A pair counts when the chosen side's implicit reward is higher; an exact tie (the
+    untrained policy is the reference) counts half. ``logp_accuracy`` is the share of
+    pairs whose chosen completion is simply more likely under the policy.
+    """
+    margin = beta * ((policy_chosen - ref_chosen) - (policy_rejected - ref_rejected))  # (B,)
+    accuracy = (margin > 0).float() + 0.5 * (margin == 0).float()
+    logp_accuracy = (policy_chosen > policy_rejected).float()
+    return {
+        "accuracy": float(accuracy.mean()) if len(margin) else float("nan"),
+        "margin": float(margin.mean()) if len(margin) else float("nan"),
+        "logp_accuracy": float(logp_accuracy.mean()) if len(margin) else float("nan"),
+        "pairs": len(margin),
+    }
+
+
+def evaluate_pairs(
+    model: torch.nn.Module | None,
+    pairs: Sequence[PairExample],
+    ref: dict[str, torch.Tensor],
+    *,
+    beta: float,
+    pad_id: int,
+    batch_size: int,
+    precision: str,
+) -> dict[str, float]:
+    """Preference metrics on held-out pairs; ``model=None`` scores the reference itself (before training)."""
+    ref_chosen = torch.tensor([float(ref[sequence_key(p.prompt_ids, p.chosen_ids)].sum()) for p in pairs])
+    ref_rejected = torch.tensor([float(ref[sequence_key(p.prompt_ids, p.rejected_ids)].sum()) for p in pairs])
+    if model is None:
+        return preference_metrics(ref_chosen, ref_rejected, ref_chosen, ref_rejected, beta)
+    policy_chosen = torch.zeros(len(pairs))
+    policy_rejected = torch.zeros(len(pairs))
+    device = next(model.parameters()).device
+    lengths = [len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs]
+    with evaluation(model), autocast_context(precision, device):
+        for idx in length_sorted_batches(lengths, batch_size, seed=0, shuffle=False):
+            logps = sequence_logps(model, collate_pairs([pairs[i] for i in idx], pad_id)).float().cpu()  # (2b,)
+            policy_chosen[idx] = logps[: len(idx)]
+            policy_rejected[idx] = logps[len(idx) :]
+    return preference_metrics(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta)

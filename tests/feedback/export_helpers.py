@@ -32,3 +32,43 @@ def compare(annotator, left: Completion, right: Completion, choice: str, **kwarg
 def fast_password_hashing(settings) -> None:
     """Factories set passwords; the default hasher takes a good part of a second per user."""
     settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+
+
+def bulk_rankings(project, *, prompts: int, k: int = 4, annotators=(), start: int = 0) -> None:
+    """Many prompts, each with k completions ranked best-first by every annotator, written in bulk."""
+    import uuid
+
+    new_prompts = Prompt.objects.bulk_create(
+        [
+            Prompt(project=project, messages=[{"role": "user", "content": f"Bulk question {start + i}?"}])
+            for i in range(prompts)
+        ],
+        batch_size=2000,
+    )
+    completions = Completion.objects.bulk_create(
+        [
+            Completion(prompt=p, text=f"Answer {j} to bulk question {p.pk}, somewhat long " * 3, html="")
+            for p in new_prompts
+            for j in range(k)
+        ],
+        batch_size=2000,
+    )
+    judgements = RankingJudgement.objects.bulk_create(
+        [
+            RankingJudgement(project=project, annotator=annotator, prompt=p, client_uuid=uuid.uuid4())
+            for p in new_prompts
+            for annotator in annotators
+        ],
+        batch_size=2000,
+    )
+    by_prompt: dict[int, list[Completion]] = {}
+    for completion in completions:
+        by_prompt.setdefault(completion.prompt_id, []).append(completion)
+    RankedCompletion.objects.bulk_create(
+        [
+            RankedCompletion(judgement=j, completion=c, rank=position + 1, position=position)
+            for j in judgements
+            for position, c in enumerate(by_prompt[j.prompt_id])
+        ],
+        batch_size=2000,
+    )

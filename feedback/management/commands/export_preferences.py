@@ -61,14 +61,14 @@ class Command(BaseCommand):
         parser.add_argument("--pseudonymise", action="store_true", help="judgements: HMAC pseudonyms for annotators")
 
     def handle(self, *args: Any, **opts: Any) -> None:
-        project = Project.objects.filter(slug=opts["project"]).first()
-        if project is None:
-            raise CommandError(f"no project with the slug {opts['project']!r}")
         out: Path = opts["out"]
         try:
             export_file_type(path=out)
         except ExportError as error:
             raise CommandError(str(error)) from None
+        project = Project.objects.filter(slug=opts["project"]).first()
+        if project is None:
+            raise CommandError(f"no project with the slug {opts['project']!r}")
         try:
             options = PreferenceExportOptions(
                 format=opts["export_format"],

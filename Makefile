@@ -1,3 +1,4 @@
+SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -25,5 +26,5 @@ run: setup
 	$(PY) manage.py seed_demo
 	@echo "Rankwise is starting at http://$(HOST):$(PORT)/ (Ctrl-C stops the web server and the worker)"
 	@$(PY) manage.py run_huey --flush-locks & worker=$$!; \
-	trap 'kill $$worker 2>/dev/null; sleep 2; kill -9 $$worker 2>/dev/null' EXIT; \
+	trap 'kill $$worker 2>/dev/null; sleep 2; kill -9 $$worker 2>/dev/null' INT TERM EXIT; \
 	$(PY) manage.py runserver $(HOST):$(PORT)

@@ -28,3 +28,12 @@ run: setup
 	@$(PY) manage.py run_huey --flush-locks & worker=$$!; \
 	trap 'kill $$worker 2>/dev/null; sleep 2; kill -9 $$worker 2>/dev/null' INT TERM EXIT; \
 	$(PY) manage.py runserver $(HOST):$(PORT)
+
+test: setup
+	$(PY) manage.py fetch_default_model
+	$(PY) -m pytest
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy feedback training

@@ -164,6 +164,8 @@ CSRF_TRUSTED_ORIGINS = env.list("CSRF_TRUSTED_ORIGINS", default=[])
 
 # How often the scheduler looks for projects due for training, in minutes.
 TRAINING_SCHEDULE_MINUTES = env.int("RANKWISE_TRAINING_SCHEDULE_MINUTES", default=5)
+# A running training run whose heartbeat is older than this is taken for dead and failed.
+TRAINING_RUN_STALE_SECONDS = env.int("RANKWISE_TRAINING_RUN_STALE_SECONDS", default=180)
 
 LOGGING = {
     "version": 1,

@@ -1,0 +1,365 @@
+"""Training runs: start (snapshot the judgements, queue), execute in the worker, cancel, reap, schedule.
+
+The snapshot uses the export selector, so a run trains on exactly the rows an export of
+the same options would give. It is written to the run's folder before the task is queued,
+and its counts and content hash are kept on the run row.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, fields
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from django.conf import settings
+from django.contrib.auth.models import AbstractBaseUser
+from django.db import IntegrityError, transaction
+from django.db.models import Q
+from django.utils import timezone
+
+from feedback.models import ModelVersion, PairwiseJudgement, Project, RankingJudgement, TrainingRun
+from feedback.selectors.models import model_for_generation
+from feedback.selectors.preferences import PreferenceExportOptions, preference_rows
+
+HEARTBEAT_SECONDS = 20
+PROGRESS_EVERY_SECONDS = 2.0
+# Each model version is a standalone model directory, so the next run can start from it.
+WEB_DEFAULTS: dict[str, Any] = {"merge_lora": True}
+
+
+class TrainingRunError(Exception):
+    """A run that cannot be started, cancelled or finished; the message says why."""
+
+
+def _config_class(algorithm: str) -> type:
+    if algorithm == TrainingRun.Algorithm.DPO:
+        from training.dpo import DPOConfig
+
+        return DPOConfig
+    if algorithm == TrainingRun.Algorithm.GRPO:
+        from training.grpo import GRPOConfig
+
+        return GRPOConfig
+    raise TrainingRunError(f"algorithm must be dpo or grpo, not '{algorithm}'")
+
+
+def training_config_build(*, algorithm: str, values: dict[str, Any]) -> dict[str, Any]:
+    """A complete, validated config for the algorithm from the given values and the defaults."""
+    config_class = _config_class(algorithm)
+    known = {f.name for f in fields(config_class)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise TrainingRunError(f"unknown {algorithm} setting '{unknown[0]}'; known: {', '.join(sorted(known))}")
+    defaults = config_class()
+    typed: dict[str, Any] = {}
+    for name, value in {**WEB_DEFAULTS, **values}.items():
+        typed[name] = _typed_setting(algorithm, name, value, getattr(defaults, name))
+    try:
+        config = config_class(**typed)
+        config.validate()
+    except ValueError as error:
+        raise TrainingRunError(f"{algorithm} settings: {error}") from None
+    return asdict(config)
+
+
+def _typed_setting(algorithm: str, name: str, value: Any, default: Any) -> Any:
+    """The value as the type of the setting's default; a clear error when it is not one."""
+    kind = type(default)
+    if kind is bool:
+        ok = isinstance(value, bool)
+    elif kind is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif kind is float:
+        ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    else:
+        ok = default is None or isinstance(value, kind)
+    if not ok:
+        raise TrainingRunError(f"{algorithm} settings: {name} must be a {kind.__name__}, not {value!r}")
+    return float(value) if kind is float else value
+
+
+def _algorithm_for(project: Project, algorithm: str | None) -> tuple[str, str]:
+    """(training algorithm, export format) for the project's data."""
+    choice = algorithm or project.training_algorithm
+    if choice in ("dpo", Project.Algorithm.DPO_FROM_RANKINGS):
+        return TrainingRun.Algorithm.DPO, "dpo"
+    if choice == "grpo":
+        if project.mode != Project.Mode.RANKING:
+            raise TrainingRunError("GRPO trains on ranked groups; this project collects pairwise judgements")
+        return TrainingRun.Algorithm.GRPO, "grpo"
+    raise TrainingRunError(f"algorithm must be dpo or grpo, not '{choice}'")
+
+
+def run_dir(run: TrainingRun) -> Path:
+    return Path(settings.DATA_DIR) / "runs" / str(run.pk)
+
+
+def _snapshot(project: Project, export_format: str, test_fraction: float) -> tuple[list[dict], list[dict]]:
+    base = {"format": export_format, "test_fraction": test_fraction}
+    train = list(preference_rows(project=project, options=PreferenceExportOptions(**base, split="train")))
+    held_out = list(preference_rows(project=project, options=PreferenceExportOptions(**base, split="test")))
+    return train, held_out
+
+
+def _content_hash(rows: list[dict]) -> str:
+    digest = hashlib.sha256()
+    for row in rows:
+        digest.update(json.dumps(row, sort_keys=True).encode())
+    return digest.hexdigest()
+
+
+def training_run_start(
+    *,
+    project: Project,
+    algorithm: str | None = None,
+    config: dict[str, Any] | None = None,
+    triggered_by: AbstractBaseUser | None = None,
+    trigger: str = TrainingRun.Trigger.MANUAL,
+    test_fraction: float = 0.1,
+) -> TrainingRun:
+    """Snapshot the project's judgements and queue a run; at most one is queued or running per project."""
+    algorithm, export_format = _algorithm_for(project, algorithm)
+    full_config = training_config_build(algorithm=algorithm, values={**project.training_config, **(config or {})})
+    if TrainingRun.objects.filter(project=project, status__in=["queued", "running"]).exists():
+        raise TrainingRunError(f"a training run of {project.slug} is already queued or running")
+    train, held_out = _snapshot(project, export_format, test_fraction)
+    if not train:
+        unit = "pairs" if export_format == "dpo" else "ranked groups with different rewards"
+        raise TrainingRunError(f"no {unit} to train on yet: collect more judgements first")
+    from feedback.tasks import training_run_task
+
+    _, parent = model_for_generation(project=project)
+    try:
+        with transaction.atomic():
+            run = TrainingRun.objects.create(
+                project=project,
+                algorithm=algorithm,
+                config=full_config,
+                data_counts={"train": len(train), "held_out": len(held_out), "format": export_format},
+                data_hash=_content_hash(train + held_out),
+                parent_version=parent,
+                triggered_by=triggered_by if triggered_by and triggered_by.is_authenticated else None,
+                trigger=trigger,
+            )
+            folder = run_dir(run)
+            folder.mkdir(parents=True, exist_ok=True)
+            for name, rows in (("train.jsonl", train), ("held_out.jsonl", held_out)):
+                with (folder / name).open("w") as out:
+                    out.writelines(json.dumps(row) + "\n" for row in rows)
+            transaction.on_commit(lambda: training_run_task(run.pk))
+    except IntegrityError:
+        raise TrainingRunError(f"a training run of {project.slug} is already queued or running") from None
+    return run
+
+
+def training_run_cancel(*, run: TrainingRun) -> TrainingRun:
+    """A queued run is cancelled at once; a running one stops before its next step."""
+    with transaction.atomic():
+        run = TrainingRun.objects.select_for_update().get(pk=run.pk)
+        if run.status == TrainingRun.Status.QUEUED:
+            run.status = TrainingRun.Status.CANCELLED
+            run.finished_at = timezone.now()
+        elif run.status == TrainingRun.Status.RUNNING:
+            run.cancel_requested = True
+        else:
+            raise TrainingRunError(f"run {run.pk} has already ended ({run.status})")
+        run.save(update_fields=["status", "finished_at", "cancel_requested"])
+    return run
+
+
+def _finite(value: Any) -> Any:
+    """JSON without NaN or infinities (PostgreSQL's jsonb refuses them)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
+
+
+class _Heartbeat:
+    """Touches the run's heartbeat from a thread, so long steps (the reference pass) look alive."""
+
+    def __init__(self, run_id: int) -> None:
+        self.run_id = run_id
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._beat, daemon=True)
+
+    def _beat(self) -> None:
+        from django.db import connection
+
+        try:
+            while not self.stopped.wait(HEARTBEAT_SECONDS):
+                TrainingRun.objects.filter(pk=self.run_id, status="running").update(heartbeat_at=timezone.now())
+        finally:
+            connection.close()
+
+    def __enter__(self) -> _Heartbeat:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stopped.set()
+        self.thread.join()
+
+
+ProgressCallback = Callable[[int, int, dict], None]
+
+
+def _progress_writer(run: TrainingRun, also: ProgressCallback | None) -> ProgressCallback:
+    """Record progress on the run row, at most every few seconds (and always the last step)."""
+    last_write = 0.0
+
+    def write(step: int, total: int, metrics: dict) -> None:
+        nonlocal last_write
+        if also is not None:
+            also(step, total, metrics)
+        run.metrics.append(_finite({"step": step, **metrics}))
+        now = time.monotonic()
+        if now - last_write < PROGRESS_EVERY_SECONDS and step < total:
+            return
+        last_write = now
+        TrainingRun.objects.filter(pk=run.pk).update(
+            step=step, total_steps=total, metrics=run.metrics, heartbeat_at=timezone.now()
+        )
+
+    return write
+
+
+def _cancel_checker(run: TrainingRun) -> Callable[[], bool]:
+    return lambda: TrainingRun.objects.filter(pk=run.pk, cancel_requested=True).exists()
+
+
+def _read_rows(path: Path) -> list[dict]:
+    with path.open() as lines:
+        return [json.loads(line) for line in lines]
+
+
+def _version_name(project: Project) -> str:
+    number = project.model_versions.count() + 1
+    while project.model_versions.filter(name=f"v{number}").exists():
+        number += 1
+    return f"v{number}"
+
+
+def training_run_execute(*, run_id: int, on_progress: ProgressCallback | None = None) -> TrainingRun:
+    """Run a queued run here and now: train, then record the model version it made.
+
+    A failed or cancelled run never touches the active version.
+    """
+    with transaction.atomic():
+        claimed = TrainingRun.objects.filter(pk=run_id, status=TrainingRun.Status.QUEUED).update(
+            status=TrainingRun.Status.RUNNING, started_at=timezone.now(), heartbeat_at=timezone.now()
+        )
+    run = TrainingRun.objects.select_related("project", "parent_version").get(pk=run_id)
+    if not claimed:
+        return run  # cancelled while queued, or already taken by another worker
+    project = run.project
+    out_dir = Path(settings.MODEL_VERSIONS_DIR) / project.slug / f"run-{run.pk}"
+    try:
+        result = _train(run, out_dir, on_progress)
+    except Exception as error:  # the run records any failure; the worker goes on
+        TrainingRun.objects.filter(pk=run.pk).update(
+            status=TrainingRun.Status.FAILED, error=f"{type(error).__name__}: {error}", finished_at=timezone.now()
+        )
+        run.refresh_from_db()
+        return run
+    if result.cancelled:
+        TrainingRun.objects.filter(pk=run.pk).update(status=TrainingRun.Status.CANCELLED, finished_at=timezone.now())
+        run.refresh_from_db()
+        return run
+    metrics = _finite(result.metrics)
+    with transaction.atomic():
+        version = ModelVersion.objects.create(
+            project=project,
+            name=_version_name(project),
+            parent=run.parent_version,
+            weights_path=str(out_dir.relative_to(Path(settings.MODEL_VERSIONS_DIR))),
+            produced_by_run=run,
+            metrics=metrics,
+        )
+        TrainingRun.objects.filter(pk=run.pk).update(
+            status=TrainingRun.Status.SUCCEEDED, finished_at=timezone.now(), step=metrics.get("steps", run.step)
+        )
+    run.refresh_from_db()
+    if project.auto_promote and _improved(metrics):
+        from feedback.services.model_versions import model_version_promote
+
+        model_version_promote(version=version)
+    return run
+
+
+def _improved(metrics: dict[str, Any]) -> bool:
+    before = (metrics.get("eval_before") or {}).get("accuracy")
+    after = (metrics.get("eval_after") or {}).get("accuracy")
+    return before is not None and after is not None and after > before
+
+
+def _train(run: TrainingRun, out_dir: Path, on_progress: ProgressCallback | None) -> Any:
+    folder = run_dir(run)
+    train, held_out = _read_rows(folder / "train.jsonl"), _read_rows(folder / "held_out.jsonl")
+    model, _ = model_for_generation(project=run.project)
+    config_class = _config_class(run.algorithm)
+    config = config_class(**run.config)
+    if run.algorithm == TrainingRun.Algorithm.DPO:
+        from training.dpo import train_dpo as train_function
+    else:
+        from training.grpo import train_grpo as train_function
+    with _Heartbeat(run.pk):
+        return train_function(
+            config,
+            train_examples=train,
+            eval_examples=held_out,
+            model=model,
+            out_dir=out_dir,
+            cache_dir=Path(settings.REFERENCE_CACHE_DIR),
+            progress=_progress_writer(run, on_progress),
+            should_stop=_cancel_checker(run),
+        )
+
+
+def training_runs_reap() -> list[int]:
+    """Fail runs whose worker stopped: running without a heartbeat for a while. Returns their ids.
+
+    huey does not re-run a task whose consumer died, so without this such a run would
+    stay `running` for ever and block the project's next run.
+    """
+    now = timezone.now()
+    stale_after = timedelta(seconds=settings.TRAINING_RUN_STALE_SECONDS)
+    stale = TrainingRun.objects.filter(status=TrainingRun.Status.RUNNING).filter(
+        Q(heartbeat_at__lt=now - stale_after) | Q(heartbeat_at__isnull=True)
+    )
+    reaped = list(stale.values_list("pk", flat=True))
+    stale.filter(pk__in=reaped).update(
+        status=TrainingRun.Status.FAILED,
+        finished_at=now,
+        error="The worker stopped during this run (no heartbeat); start a new run to train again.",
+    )
+    return reaped
+
+
+def judgements_since(*, project: Project, since: Any) -> int:
+    filters = {"project": project} | ({"created_at__gt": since} if since else {})
+    return PairwiseJudgement.objects.filter(**filters).count() + RankingJudgement.objects.filter(**filters).count()
+
+
+def training_schedule_tick() -> list[TrainingRun]:
+    """Start a run for every auto-training project with enough new judgements and nothing running."""
+    started = []
+    for project in Project.objects.filter(auto_train=True):
+        last = project.training_runs.filter(status=TrainingRun.Status.SUCCEEDED).order_by("-created_at").first()
+        if judgements_since(project=project, since=last.created_at if last else None) < project.auto_train_threshold:
+            continue
+        try:
+            started.append(training_run_start(project=project, trigger=TrainingRun.Trigger.SCHEDULE))
+        except TrainingRunError:
+            continue  # already running, or nothing to train on: the next tick tries again
+    return started

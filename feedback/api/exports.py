@@ -19,7 +19,15 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from feedback.api.permissions import membership_role, project_for_manager
-from feedback.api.serializers import FORBIDDEN, NOT_AUTHENTICATED, READ_ERRORS, VALIDATION_ERROR, ErrorSerializer
+from feedback.api.serializers import (
+    FORBIDDEN,
+    MAX_ID,
+    NOT_AUTHENTICATED,
+    READ_ERRORS,
+    VALIDATION_ERROR,
+    ErrorSerializer,
+    query_data,
+)
 from feedback.models import Project
 from feedback.selectors.preferences import (
     FORMATS,
@@ -45,10 +53,16 @@ class ExportOptionsSerializer(serializers.Serializer):
     created_from = serializers.DateTimeField(required=False, help_text="Judgements created at or after.")
     created_before = serializers.DateTimeField(required=False, help_text="Judgements created before.")
     annotators = serializers.ListField(
-        child=serializers.IntegerField(min_value=1), required=False, max_length=1000, help_text="User ids."
+        child=serializers.IntegerField(min_value=1, max_value=MAX_ID),
+        required=False,
+        max_length=200,
+        help_text="User ids.",
     )
     model_versions = serializers.ListField(
-        child=serializers.IntegerField(min_value=1), required=False, max_length=1000, help_text="Model version ids."
+        child=serializers.IntegerField(min_value=1, max_value=MAX_ID),
+        required=False,
+        max_length=200,
+        help_text="Model version ids.",
     )
     split = serializers.ChoiceField(choices=SPLITS, required=False, help_text="Only the train or the test prompts.")
     test_fraction = serializers.FloatField(default=0.1, min_value=0.001, max_value=0.999)
@@ -150,7 +164,7 @@ class ExportApi(APIView):
     )
     def get(self, request: Request, slug: str) -> Response | StreamingHttpResponse:
         project = project_for_manager(user=request.user, slug=slug)
-        params = self.InputSerializer(data=request.query_params)
+        params = self.InputSerializer(data=query_data(request, lists=("annotators", "model_versions")))
         params.is_valid(raise_exception=True)
         options = params.validated_data["options"]
         file_type = params.validated_data.get("file")

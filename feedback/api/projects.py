@@ -6,10 +6,13 @@ Members of a project (any role) and staff read; managers and staff write.
 
 from __future__ import annotations
 
+from typing import Any
+
 from django.db.models import Count, QuerySet
 from drf_spectacular.utils import OpenApiResponse, extend_schema, inline_serializer
 from rest_framework import serializers, status
-from rest_framework.pagination import PageNumberPagination
+from rest_framework.exceptions import ParseError
+from rest_framework.parsers import JSONParser
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.throttling import ScopedRateThrottle
@@ -18,6 +21,7 @@ from rest_framework.views import APIView
 from feedback.api.permissions import membership_role, project_for_manager, project_for_member
 from feedback.api.serializers import (
     FORBIDDEN,
+    MAX_ID,
     NOT_AUTHENTICATED,
     NOT_FOUND,
     PAGE_PARAMETER,
@@ -25,7 +29,9 @@ from feedback.api.serializers import (
     THROTTLED,
     VALIDATION_ERROR,
     ErrorSerializer,
+    StrictPageNumberPagination,
     paginated,
+    query_data,
 )
 from feedback.models import Completion, Membership, ModelVersion, Project, Prompt
 from feedback.selectors.projects import project_list_for_user
@@ -35,9 +41,20 @@ MAX_IMPORT_RECORDS = 10_000
 
 
 def _page(request: Request, view: APIView, queryset: QuerySet, serializer: type[serializers.Serializer]) -> Response:
-    paginator = PageNumberPagination()
+    paginator = StrictPageNumberPagination()
     page = paginator.paginate_queryset(queryset, request, view=view)
     return paginator.get_paginated_response(serializer(page, many=True).data)
+
+
+def _flat(errors: Any, prefix: str = "") -> list[tuple[str, str]]:
+    """DRF's nested error structure as (field path, message) pairs."""
+    if isinstance(errors, dict):
+        return [
+            pair for key, value in errors.items() for pair in _flat(value, f"{prefix}.{key}" if prefix else str(key))
+        ]
+    if isinstance(errors, list):
+        return [pair for item in errors for pair in _flat(item, prefix)]
+    return [(prefix or "body", str(errors))]
 
 
 class MessageSerializer(serializers.Serializer):
@@ -75,7 +92,7 @@ class ProjectListApi(APIView):
     def get(self, request: Request) -> Response:
         projects = project_list_for_user(user=request.user)
         roles = dict(Membership.objects.filter(user_id=request.user.pk).values_list("project_id", "role"))
-        paginator = PageNumberPagination()
+        paginator = StrictPageNumberPagination()
         page = paginator.paginate_queryset(projects, request, view=self)
         for project in page or []:
             project.role = Membership.Role.MANAGER if request.user.is_staff else roles.get(project.pk)
@@ -108,10 +125,13 @@ class PromptsApi(APIView):
         return [ScopedRateThrottle()] if self.request.method == "POST" else []
 
     throttle_scope = "submit"
+    parser_classes = [JSONParser]
 
     class ListInputSerializer(serializers.Serializer):
         ordering = serializers.ChoiceField(choices=["id", "-id", "created_at", "-created_at"], default="id")
-        external_id = serializers.CharField(required=False, max_length=200)
+        external_id = serializers.RegexField(
+            r"^[^\x00]*$", required=False, max_length=200, allow_blank=True, trim_whitespace=False
+        )
 
         class Meta:
             ref_name = "PromptListQuery"
@@ -168,7 +188,7 @@ class PromptsApi(APIView):
     )
     def get(self, request: Request, slug: str) -> Response:
         project = project_for_member(user=request.user, slug=slug)
-        params = self.ListInputSerializer(data=request.query_params)
+        params = self.ListInputSerializer(data=query_data(request))
         params.is_valid(raise_exception=True)
         prompts = Prompt.objects.filter(project=project).annotate(completion_count=Count("completions"))
         if "external_id" in params.validated_data:
@@ -189,8 +209,8 @@ class PromptsApi(APIView):
                         "problems": ImportProblemSerializer(many=True),
                     },
                 ),
-                description="Nothing was imported: `problems` names each bad record and field. "
-                "A body that is not {records: [...]} answers {field: [message]} instead.",
+                description="Nothing was imported: `problems` names each bad record (1-based `line`; 0 when the "
+                "body itself is wrong) and field.",
             ),
             401: NOT_AUTHENTICATED,
             403: FORBIDDEN,
@@ -200,8 +220,20 @@ class PromptsApi(APIView):
     )
     def post(self, request: Request, slug: str) -> Response:
         project = project_for_manager(user=request.user, slug=slug)
-        body = self.ImportInputSerializer(data=request.data)
-        body.is_valid(raise_exception=True)
+        try:
+            body = self.ImportInputSerializer(data=request.data)
+        except ParseError as error:
+            problems = [{"line": 0, "field": "body", "message": str(error.detail)}]
+            return Response(
+                {"detail": "Nothing was imported: the body is not JSON.", "problems": problems},
+                status=status.HTTP_400_BAD_REQUEST,
+            )
+        if not body.is_valid():
+            problems = [{"line": 0, "field": field, "message": str(message)} for field, message in _flat(body.errors)]
+            return Response(
+                {"detail": "Nothing was imported: the body must be {records: [...]}.", "problems": problems},
+                status=status.HTTP_400_BAD_REQUEST,
+            )
         try:
             result = prompts_import_records(project=project, records=body.validated_data["records"])
         except PromptImportError as error:
@@ -218,8 +250,10 @@ class PromptsApi(APIView):
 
 class CompletionListApi(APIView):
     class InputSerializer(serializers.Serializer):
-        prompt = serializers.IntegerField(required=False, min_value=1, help_text="Only this prompt's completions.")
-        model_version = serializers.IntegerField(required=False, min_value=1)
+        prompt = serializers.IntegerField(
+            required=False, min_value=1, max_value=MAX_ID, help_text="Only this prompt's completions."
+        )
+        model_version = serializers.IntegerField(required=False, min_value=1, max_value=MAX_ID)
         ordering = serializers.ChoiceField(choices=["id", "-id", "created_at", "-created_at"], default="id")
 
         class Meta:
@@ -249,7 +283,7 @@ class CompletionListApi(APIView):
     )
     def get(self, request: Request, slug: str) -> Response:
         project = project_for_member(user=request.user, slug=slug)
-        params = self.InputSerializer(data=request.query_params)
+        params = self.InputSerializer(data=query_data(request))
         params.is_valid(raise_exception=True)
         completions = Completion.objects.filter(prompt__project=project)
         if "prompt" in params.validated_data:

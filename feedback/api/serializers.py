@@ -2,13 +2,33 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, inline_serializer
 from rest_framework import serializers
+from rest_framework.exceptions import NotFound
+from rest_framework.pagination import PageNumberPagination
+from rest_framework.request import Request
+
+# Ids are 64-bit database integers; a larger number must be a 400, not an overflow in the database driver.
+MAX_ID = 2**63 - 1
 
 PAGE_PARAMETER = OpenApiParameter(
-    "page", int, OpenApiParameter.QUERY, description="1-based page number (50 items a page)."
+    "page", {"type": "integer", "minimum": 1}, OpenApiParameter.QUERY, description="1-based page number (50 a page)."
 )
+
+
+class StrictPageNumberPagination(PageNumberPagination):
+    """DRF's page numbers, except that a page that is not a positive whole number is a 404, not page 1."""
+
+    def get_page_number(self, request: Request, paginator: Any) -> Any:
+        value = request.query_params.get(self.page_query_param)
+        if value is None:
+            return 1
+        if not (value.isascii() and value.isdigit()) or int(value) < 1:
+            raise NotFound("Invalid page.")
+        return value
 
 
 class ErrorSerializer(serializers.Serializer):
@@ -37,3 +57,12 @@ NOT_FOUND = OpenApiResponse(ErrorSerializer, description="No such project (or no
 THROTTLED = OpenApiResponse(ErrorSerializer, description="Too many requests; retry after the Retry-After header.")
 
 READ_ERRORS = {401: NOT_AUTHENTICATED, 403: FORBIDDEN, 404: NOT_FOUND}
+
+
+def query_data(request: Request, *, lists: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Query parameters as plain data: the last value of each, all values of the `lists` ones.
+
+    Serializers read a QueryDict like an HTML form, where an empty value means "not given";
+    plain data makes `?ordering=` an error like any other value outside the allow-list.
+    """
+    return {key: values if key in lists else values[-1] for key, values in request.query_params.lists()}

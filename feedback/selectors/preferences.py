@@ -69,7 +69,7 @@ class PreferenceExportOptions:
     pairs: PairMode = "all"  # which pairs a ranking yields
     min_agreement: float = 0.0  # dpo: leave out pairs whose agreement is below this
     created_from: datetime | None = None  # judgements created at or after
-    created_before: datetime | None = None  # judgements created strictly before
+    created_before: datetime | None = None  # judgements created strictly before (an empty range gives no rows)
     annotator_ids: tuple[int, ...] | None = None  # only these annotators' judgements
     model_version_ids: tuple[int, ...] | None = None  # only completions written by these versions
     split: Split | None = None  # None: every prompt; else the train or test part
@@ -89,8 +89,6 @@ class PreferenceExportOptions:
             raise ExportOptionsError("split", f"must be train or test, not {self.split!r}")
         if not 0.0 < self.test_fraction < 1.0:
             raise ExportOptionsError("test_fraction", "must be strictly between 0 and 1")
-        if self.created_from and self.created_before and self.created_from >= self.created_before:
-            raise ExportOptionsError("created_before", "must be later than created_from")
         if self.chunk_size < 1:
             raise ExportOptionsError("chunk_size", "must be at least 1")
 

@@ -160,8 +160,10 @@ def test_streamed_export_is_jsonl(world):
         ("min_agreement=2", "min_agreement"),
         ("min_agreement=high", "min_agreement"),
         ("created_from=yesterday", "created_from"),
-        ("created_from=2026-02-01T00:00Z&created_before=2026-01-01T00:00Z", "created_before"),
+        ("conversational=", "conversational"),
+        ("split_seed=", "split_seed"),
         ("annotators=x", "annotators"),
+        ("model_versions=9223372036854775808", "model_versions"),
         ("split=dev", "split"),
         ("test_fraction=1", "test_fraction"),
         ("file=zip", "file"),
@@ -179,6 +181,8 @@ def test_export_refuses_bad_options(world, query, field):
         "/api/v1/projects/alpha/prompts/?ordering=annotator__password",
         "/api/v1/projects/alpha/completions/?ordering=prompt__project__members__password",
         "/api/v1/projects/alpha/completions/?prompt=abc",
+        "/api/v1/projects/alpha/completions/?ordering=",
+        "/api/v1/projects/alpha/completions/?prompt=9223372036854775808",
     ],
 )
 def test_orderings_and_filters_are_allow_listed(world, url):
@@ -205,7 +209,8 @@ def test_prompt_list_is_paginated(world, settings):
     first = client.get("/api/v1/projects/alpha/prompts/").json()
     assert first["count"] == 56 and len(first["results"]) == 50 and first["next"]
     assert len(client.get("/api/v1/projects/alpha/prompts/?page=2").json()["results"]) == 6
-    assert client.get("/api/v1/projects/alpha/prompts/?page=9").status_code == 404
+    for page in ("9", "0", "-1", "", "x"):
+        assert client.get(f"/api/v1/projects/alpha/prompts/?page={page}").status_code == 404
 
 
 @pytest.mark.parametrize(
@@ -231,12 +236,19 @@ def test_prompt_import_names_each_problem_and_imports_nothing(world, body, probl
 
 
 @pytest.mark.parametrize(
-    "body",
-    [{}, {"records": []}, {"records": "not a list"}, [{"prompt": "bare list"}], {"records": [1, 2]}],
+    "body, line",
+    [
+        ({}, 0),
+        ({"records": []}, 0),
+        ({"records": "not a list"}, 0),
+        ([{"prompt": "bare list"}], 0),
+        ({"records": [1, 2]}, 1),
+    ],
 )
-def test_prompt_import_refuses_malformed_bodies(world, body):
+def test_prompt_import_refuses_malformed_bodies(world, body, line):
     response = client_for(world["users"]["manager"]).post("/api/v1/projects/alpha/prompts/", body, format="json")
     assert response.status_code == 400
+    assert response.json()["problems"][0]["line"] == line
     assert Prompt.objects.count() == 1
 
 
@@ -244,6 +256,8 @@ def test_prompt_import_refuses_non_json(world):
     client = client_for(world["users"]["manager"])
     response = client.post("/api/v1/projects/alpha/prompts/", "{not json", content_type="application/json")
     assert response.status_code == 400
+    form = client.post("/api/v1/projects/alpha/prompts/", {"records": "x"}, format="multipart")
+    assert form.status_code == 415
 
 
 def test_model_versions_list(world):
@@ -275,3 +289,10 @@ def test_api_docs_page_uses_local_assets_and_no_inline_script(client):
     assert "/static/vendor/swagger-ui/swagger-ui-bundle.js" in html and "/static/js/swagger-init.js" in html
     assert "<script>" not in html and "cdn" not in html.lower()
     assert "script-src 'self'" in response["Content-Security-Policy"]
+
+
+def test_an_empty_date_range_exports_nothing(world):
+    client = client_for(world["users"]["manager"])
+    query = "created_from=2026-02-01T00:00Z&created_before=2026-01-01T00:00Z"
+    response = client.get(f"/api/v1/projects/alpha/export/?{query}")
+    assert response.status_code == 200 and b"".join(response.streaming_content) == b""

@@ -69,6 +69,8 @@ class Command(BaseCommand):
         project = Project.objects.filter(slug=opts["project"]).first()
         if project is None:
             raise CommandError(f"no project with the slug {opts['project']!r}")
+        if opts["since"] and opts["until"] and opts["since"] >= opts["until"]:
+            raise CommandError("--until must be later than --since")
         try:
             options = PreferenceExportOptions(
                 format=opts["export_format"],

@@ -24,7 +24,8 @@ from django.db.models.functions import Coalesce, Greatest, Least
 
 from feedback.models import Assignment, Completion, PairwiseJudgement, Project, Prompt, RankingJudgement
 
-CANDIDATE_BATCH = 50
+FIRST_BATCH = 8
+MAX_BATCH = 256
 
 
 def item_key_for_prompt(prompt_id: int) -> str:
@@ -140,12 +141,13 @@ def _candidates_for_prompt(
 
 
 def task_candidates_for_annotator(
-    *, project: Project, annotator: AbstractBaseUser, now: datetime, batch_size: int = CANDIDATE_BATCH
+    *, project: Project, annotator: AbstractBaseUser, now: datetime
 ) -> Iterator[ItemCandidate]:
     """Items the annotator may lease, least-judged first, each with a free slot.
 
     Prompts come from an index range scan in (judgement_count, id) order, a batch at a time, so
-    a project with a million judgements costs the same as an empty one. What a batch offers is
+    a project with a million judgements costs the same as an empty one. The first batch is
+    small (the first candidate usually wins); batches double while they yield nothing. What a batch offers is
     read from one snapshot; the caller takes a slot with an insert that the database refuses
     if someone was faster, and moves on to the next candidate.
     """
@@ -154,6 +156,7 @@ def task_candidates_for_annotator(
         return
     prompts = Prompt.objects.filter(project=project, judgement_count__lt=capacity).order_by("judgement_count", "pk")
     cursor: tuple[int, int] | None = None
+    batch_size = FIRST_BATCH
     while True:
         page = prompts
         if cursor is not None:
@@ -181,6 +184,7 @@ def task_candidates_for_annotator(
             )
         if len(batch) < batch_size:
             return
+        batch_size = min(batch_size * 2, MAX_BATCH)
 
 
 def task_for_assignment(*, assignment: Assignment) -> Task:

@@ -1,0 +1,471 @@
+"""How fast the annotation queue answers with a large project, and whether it stays correct under load.
+
+Usage: python benchmarks/annotate_speed.py [--prompts 100000] [--judgements 300000] [--calls 1000]
+                                           [--annotators 20] [--seconds 60] [--keep DIR]
+
+It builds a fresh SQLite database (the production settings: WAL, immediate transactions,
+busy timeout) in a temporary data dir with two projects of N prompts x 4 completions:
+
+- ranking, overlap 5, with 3 judgements on every prompt (3N judgements);
+- pairwise, overlap 1, with 3 of the 6 pairs of every prompt judged (3N judgements).
+
+Then, for each project:
+
+1. server-side time: 1,000 GET next-task and 1,000 POST judgements through Django's full
+   request handling in this process (middleware, session auth, DRF, the services; no network),
+   taking turns among 20 annotators who already have thousands of judgements;
+2. over HTTP: gunicorn (2 workers x 8 threads) and 20 simulated annotators, each looping
+   next-task -> judgement as fast as answers come, for 60 s; then the database is checked for
+   lost or duplicated judgements, items over their overlap, and items judged twice by one person.
+
+Throttling is switched off for the HTTP run (benchmarks/annotate_speed_settings.py): the
+submit throttle (120/min per user) is a policy for people, and the simulated annotators are
+far faster than people. The figures are written to benchmarks/RESULTS.md (## Annotation speed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import re
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "RESULTS.md"
+SECTION = "## Annotation speed"
+K = 4
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+def summary(values_ms: list[float]) -> str:
+    return f"median {statistics.median(values_ms):.1f} ms, p95 {percentile(values_ms, 0.95):.1f} ms"
+
+
+def setup_django(data_dir: Path) -> None:
+    os.environ["RANKWISE_DATA_DIR"] = str(data_dir)
+    os.environ["DEBUG"] = "0"
+    os.environ.setdefault("ALLOWED_HOSTS", "127.0.0.1,localhost,testserver")
+    os.environ["SECURE_SSL_REDIRECT"] = "0"
+    os.environ["SESSION_COOKIE_SECURE"] = "0"
+    os.environ["CSRF_COOKIE_SECURE"] = "0"
+    os.environ["DJANGO_SETTINGS_MODULE"] = "benchmarks.annotate_speed_settings"
+    sys.path.insert(0, str(ROOT))
+    import django
+
+    django.setup()
+    from django.core.management import call_command
+
+    call_command("migrate", verbosity=0)
+
+
+def seed(*, prompts: int, judgements_per_prompt: int) -> dict[str, object]:
+    """Two projects with judgements already in; returns their slugs and the annotators' ids."""
+    from django.contrib.auth import get_user_model
+    from django.db import transaction
+    from django.utils import timezone
+
+    from feedback.models import (
+        Assignment,
+        Completion,
+        Membership,
+        PairwiseJudgement,
+        Project,
+        Prompt,
+        RankedCompletion,
+        RankingJudgement,
+    )
+    from feedback.selectors.tasks import item_key_for_pair, item_key_for_prompt
+
+    rng = random.Random(0)
+    now = timezone.now()
+    user_model = get_user_model()
+    users = [
+        user_model(username=f"{kind}-{n}") for kind, count in (("seeded", 60), ("bench", 20)) for n in range(count)
+    ]
+    for user in users:
+        user.set_unusable_password()
+    user_model.objects.bulk_create(users)
+    seeded_ids = list(
+        user_model.objects.filter(username__startswith="seeded-").order_by("pk").values_list("pk", flat=True)
+    )
+    bench_ids = list(
+        user_model.objects.filter(username__startswith="bench-").order_by("pk").values_list("pk", flat=True)
+    )
+
+    pair_plan = [(0, 1), (2, 3), (0, 2)]  # 3 of the 6 pairs judged on every pairwise prompt
+    slugs = {}
+    for mode, overlap in (("ranking", 5), ("pairwise", 1)):
+        started = time.perf_counter()
+        project = Project.objects.create(
+            name=f"Bench {mode}", slug=f"bench-{mode}", mode=mode, completions_per_prompt=K, overlap=overlap
+        )
+        slugs[mode] = project.slug
+        Membership.objects.bulk_create(Membership(user_id=pk, project=project) for pk in seeded_ids + bench_ids)
+        batch = 5000
+        for start in range(0, prompts, batch):
+            with transaction.atomic():
+                rows = Prompt.objects.bulk_create(
+                    Prompt(
+                        project=project,
+                        messages=[{"role": "user", "content": f"Question {start + i}: how do I reverse a list?"}],
+                        judgement_count=judgements_per_prompt,
+                    )
+                    for i in range(min(batch, prompts - start))
+                )
+                completions = Completion.objects.bulk_create(
+                    Completion(
+                        prompt=prompt,
+                        text=f"Answer {j} to {prompt.pk}: use `xs[::-1]`.",
+                        html=f"<p>Answer {j} to {prompt.pk}: use <code>xs[::-1]</code>.</p>",
+                        source_model="bench",
+                    )
+                    for prompt in rows
+                    for j in range(K)
+                )
+                ids = [c.pk for c in completions]
+                assignments = []
+                for p_index, prompt in enumerate(rows):
+                    mine = ids[p_index * K : (p_index + 1) * K]
+                    for j in range(judgements_per_prompt):
+                        annotator = seeded_ids[(prompt.pk * 7 + j * 13) % len(seeded_ids)]
+                        if mode == "ranking":
+                            order = rng.sample(mine, K)
+                            key, slot, a, b = item_key_for_prompt(prompt.pk), j, None, None
+                        else:
+                            x, y = pair_plan[j]
+                            order = [mine[x], mine[y]]
+                            rng.shuffle(order)
+                            key, slot, a, b = item_key_for_pair(mine[x], mine[y]), 0, order[0], order[1]
+                        assignments.append(
+                            Assignment(
+                                project=project,
+                                annotator_id=annotator,
+                                prompt=prompt,
+                                completion_a_id=a,
+                                completion_b_id=b,
+                                item_key=key,
+                                slot=slot,
+                                display_order=order,
+                                state=Assignment.State.DONE,
+                                expires_at=now,
+                                finished_at=now,
+                            )
+                        )
+                assignments = Assignment.objects.bulk_create(assignments)
+
+                def common(a: Assignment, project: Project = project) -> dict[str, object]:
+                    return {
+                        "project": project,
+                        "annotator_id": a.annotator_id,
+                        "assignment": a,
+                        "prompt_id": a.prompt_id,
+                        "client_uuid": uuid.UUID(int=rng.getrandbits(128)),
+                        "time_ms": rng.randint(2000, 60000),
+                    }
+
+                if mode == "ranking":
+                    judgements = RankingJudgement.objects.bulk_create(
+                        RankingJudgement(**common(a)) for a in assignments
+                    )
+                    RankedCompletion.objects.bulk_create(
+                        RankedCompletion(judgement=j, completion_id=c, rank=position + 1, position=position)
+                        for j, a in zip(judgements, assignments, strict=True)
+                        for position, c in enumerate(a.display_order)
+                    )
+                else:
+                    PairwiseJudgement.objects.bulk_create(
+                        PairwiseJudgement(
+                            **common(a),
+                            left_id=a.display_order[0],
+                            right_id=a.display_order[1],
+                            item_key=a.item_key,
+                            choice=rng.choice(["a", "b", "tie", "both_bad"]),
+                        )
+                        for a in assignments
+                    )
+        print(
+            f"seeded {mode}: {prompts} prompts, {prompts * judgements_per_prompt} judgements "
+            f"in {time.perf_counter() - started:.0f} s",
+            flush=True,
+        )
+    return {"slugs": slugs, "seeded_ids": seeded_ids, "bench_ids": bench_ids}
+
+
+def judgement_body(task: dict) -> dict:
+    ids = [c["id"] for c in task["completions"]]
+    body = {"task_id": task["task_id"], "client_uuid": str(uuid.uuid4()), "kind": task["kind"], "time_ms": 1234}
+    if task["kind"] == "ranking":
+        random.shuffle(ids)
+        body["ranking"] = [[ids[0]], ids[1:3], [ids[3]]] if len(ids) == 4 else [[i] for i in ids]
+    else:
+        body["choice"] = random.choice(["a", "b", "tie", "both_bad"])
+    return body
+
+
+def in_process(*, slug: str, annotator_ids: list[int], calls: int) -> dict[str, list[float]]:
+    """Full Django request handling without a network: the server-side time of each call."""
+    from django.contrib.auth import get_user_model
+    from django.test import Client
+
+    users = get_user_model().objects.in_bulk(annotator_ids)
+    clients = []
+    for pk in annotator_ids:
+        client = Client()
+        client.force_login(users[pk])
+        clients.append(client)
+    next_url = f"/api/v1/projects/{slug}/next-task/"
+    submit_url = f"/api/v1/projects/{slug}/judgements/"
+    timings: dict[str, list[float]] = {"next-task": [], "submit": []}
+    for i in range(calls):
+        client = clients[i % len(clients)]
+        start = time.perf_counter()
+        response = client.get(next_url)
+        timings["next-task"].append((time.perf_counter() - start) * 1000)
+        assert response.status_code == 200, response.status_code
+        body = judgement_body(response.json())
+        start = time.perf_counter()
+        response = client.post(submit_url, body, content_type="application/json")
+        timings["submit"].append((time.perf_counter() - start) * 1000)
+        assert response.status_code == 201, (response.status_code, response.content)
+    return timings
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def over_http(*, base: str, slug: str, tokens: list[str], seconds: float) -> dict[str, object]:
+    stop = time.monotonic() + seconds
+    lock = threading.Lock()
+    latencies: list[float] = []
+    created: list[str] = []
+    errors: list[str] = []
+    empty = [0]
+
+    def call(method: str, url: str, token: str, body: dict | None = None) -> tuple[int, dict | None, float]:
+        data = json.dumps(body).encode() if body is not None else None
+        request = urllib.request.Request(
+            base + url,
+            data=data,
+            method=method,
+            headers={"Authorization": f"Token {token}", "Content-Type": "application/json"},
+        )
+        start = time.perf_counter()
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                payload = response.read()
+                status = response.status
+        except urllib.error.HTTPError as error:
+            payload, status = error.read(), error.code
+        elapsed = (time.perf_counter() - start) * 1000
+        return status, (json.loads(payload) if payload else None), elapsed
+
+    def annotator(token: str) -> None:
+        while time.monotonic() < stop:
+            try:
+                status, task, elapsed = call("GET", f"/api/v1/projects/{slug}/next-task/", token)
+                with lock:
+                    latencies.append(elapsed)
+                if status == 204:
+                    with lock:
+                        empty[0] += 1
+                    return
+                if status != 200:
+                    with lock:
+                        errors.append(f"next-task {status}: {task}")
+                    continue
+                body = judgement_body(task)
+                status, answer, elapsed = call("POST", f"/api/v1/projects/{slug}/judgements/", token, body)
+                with lock:
+                    latencies.append(elapsed)
+                    if status == 201:
+                        created.append(body["client_uuid"])
+                    else:
+                        errors.append(f"judgement {status}: {answer}")
+            except Exception as error:  # counted and reported, the run goes on
+                with lock:
+                    errors.append(repr(error))
+
+    threads = [threading.Thread(target=annotator, args=(t,)) for t in tokens]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    wall = time.perf_counter() - started
+    return {"latencies": latencies, "created": created, "errors": errors, "wall": wall, "ran_dry": empty[0]}
+
+
+def check_integrity(*, slug: str, created: list[str], before: int) -> dict[str, int]:
+    from django.db.models import Count
+
+    from feedback.models import Assignment, PairwiseJudgement, Project, RankingJudgement
+
+    project = Project.objects.get(slug=slug)
+    judgements = PairwiseJudgement if project.mode == "pairwise" else RankingJudgement
+    stored = judgements.objects.filter(project=project)
+    found = set(stored.filter(client_uuid__in=created).values_list("client_uuid", flat=True))
+    key = "item_key" if project.mode == "pairwise" else "prompt_id"
+    return {
+        "new judgements stored": stored.count() - before,
+        "201 answers": len(created),
+        "lost (201 but not stored)": len(created) - len(found),
+        "items over their overlap": Assignment.objects.filter(project=project)
+        .exclude(slot=None)
+        .values("item_key")
+        .annotate(n=Count("pk"))
+        .filter(n__gt=project.overlap)
+        .count(),
+        "items judged twice by one annotator": stored.values("annotator_id", key)
+        .annotate(n=Count("pk"))
+        .filter(n__gt=1)
+        .count(),
+    }
+
+
+def write_results(text: str) -> None:
+    body = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
+    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
+    found = pattern.search(body)
+    body = pattern.sub(lambda _: text, body) if found else body.rstrip("\n") + "\n\n" + text
+    RESULTS.write_text(body.rstrip("\n") + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--prompts", type=int, default=100_000)
+    parser.add_argument("--judgements-per-prompt", type=int, default=3)
+    parser.add_argument("--calls", type=int, default=1000)
+    parser.add_argument("--annotators", type=int, default=20)
+    parser.add_argument("--seconds", type=float, default=60)
+    parser.add_argument("--no-write", action="store_true", help="print the figures, leave RESULTS.md alone")
+    args = parser.parse_args()
+
+    scratch = tempfile.TemporaryDirectory()
+    data_dir = Path(scratch.name)
+    setup_django(data_dir)
+    from django.db import connection
+    from rest_framework.authtoken.models import Token
+
+    started = time.perf_counter()
+    seeded = seed(prompts=args.prompts, judgements_per_prompt=args.judgements_per_prompt)
+    seed_seconds = time.perf_counter() - started
+    with connection.cursor() as cursor:
+        cursor.execute("ANALYZE")
+    # in process: annotators with thousands of judgements each; over HTTP: newcomers
+    in_process_ids, http_ids = seeded["seeded_ids"][: args.annotators], seeded["bench_ids"][: args.annotators]
+    lines = [
+        SECTION,
+        "",
+        f"`python benchmarks/annotate_speed.py` on {platform.machine()} with {os.cpu_count()} cores, "
+        f"Python {platform.python_version()}, SQLite {connection.Database.sqlite_version} (WAL, immediate "
+        f"transactions); {time.strftime('%Y-%m-%d')}. Each project: {args.prompts:,} prompts x {K} completions "
+        f"and {args.prompts * args.judgements_per_prompt:,} judgements already stored (seeding took "
+        f"{seed_seconds:.0f} s).",
+        "",
+        "Server-side time (Django's full request handling in process: middleware, session auth, DRF, services; "
+        f"no network), {args.calls:,} calls each, {args.annotators} annotators taking turns:",
+        "",
+        "| project | next-task | submit |",
+        "|---|---|---|",
+    ]
+    for mode, slug in seeded["slugs"].items():
+        timings = in_process(slug=slug, annotator_ids=in_process_ids, calls=args.calls)
+        lines.append(f"| {mode} | {summary(timings['next-task'])} | {summary(timings['submit'])} |")
+        print(lines[-1], flush=True)
+
+    tokens = [Token.objects.create(user_id=pk).key for pk in http_ids]
+    connection.close()
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    server = subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "gunicorn"),
+            "config.wsgi",
+            "--bind",
+            f"127.0.0.1:{port}",
+            "--workers",
+            "2",
+            "--threads",
+            "8",
+            "--log-level",
+            "warning",
+        ],
+        cwd=ROOT,
+        env=env,
+    )
+    lines += [
+        "",
+        f"Over HTTP: gunicorn (2 workers x 8 threads) on the same machine, {args.annotators} simulated annotators "
+        f"(token auth, one thread each, next-task then judgement, no pause) for {args.seconds:.0f} s per project; "
+        "latency is per request as the client sees it; afterwards the database is checked:",
+        "",
+        "| project | judgements/s | requests | p50 | p95 | errors | lost | over overlap | judged twice |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen(base + "/api/v1/projects/", timeout=2)
+            except urllib.error.HTTPError:
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+        from feedback.models import PairwiseJudgement, RankingJudgement
+
+        for mode, slug in seeded["slugs"].items():
+            judgements = PairwiseJudgement if mode == "pairwise" else RankingJudgement
+            before = judgements.objects.filter(project__slug=slug).count()
+            run = over_http(base=base, slug=slug, tokens=tokens, seconds=args.seconds)
+            checks = check_integrity(slug=slug, created=run["created"], before=before)
+            latencies = run["latencies"]
+            lines.append(
+                f"| {mode} | {len(run['created']) / run['wall']:.0f} | {len(latencies):,} | "
+                f"{statistics.median(latencies):.1f} ms | {percentile(latencies, 0.95):.1f} ms | "
+                f"{len(run['errors'])} | {checks['lost (201 but not stored)']} | "
+                f"{checks['items over their overlap']} | {checks['items judged twice by one annotator']} |"
+            )
+            print(lines[-1], json.dumps(checks), run["errors"][:5], flush=True)
+            assert checks["new judgements stored"] == checks["201 answers"], checks
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    lines += [
+        "",
+        "Lost = answered 201 but not in the database; over overlap = items holding more slots than the project's "
+        "overlap; judged twice = an annotator with two judgements on one item. The number of new rows equals the "
+        "number of 201 answers (checked by the script).",
+        "",
+    ]
+    text = "\n".join(lines)
+    print(text)
+    if not args.no_write:
+        write_results(text)
+    scratch.cleanup()
+
+
+if __name__ == "__main__":
+    main()

@@ -4,7 +4,7 @@ from django.conf import settings
 from huey import crontab
 from huey.contrib.djhuey import HUEY, db_periodic_task, db_task
 
-from feedback.models import Project
+from feedback.models import Project, TrainingRun
 from feedback.services.exports import export_job_run
 from feedback.services.generation import completions_generate
 from feedback.services.training_runs import training_run_execute, training_runs_reap, training_schedule_tick
@@ -21,24 +21,37 @@ def export_file_task(job_id: str) -> None:
     export_job_run(job_id=job_id)
 
 
+def _training_lock_name(project_id: int) -> str:
+    return f"training-project-{project_id}"
+
+
 @db_task()
 def training_run_task(run_id: int) -> None:
-    from feedback.models import TrainingRun
-
     project_id = TrainingRun.objects.values_list("project_id", flat=True).get(pk=run_id)
-    with HUEY.lock_task(f"training-project-{project_id}"):
+    with HUEY.lock_task(_training_lock_name(project_id)):
         training_run_execute(run_id=run_id)
+
+
+def _reap_and_release() -> None:
+    """Fail runs whose worker died and free the training locks of projects with nothing running.
+
+    `run_huey --flush-locks` only knows the locks taken since the consumer started, and a
+    killed worker keeps its lock, so the per-project names are released here.
+    """
+    training_runs_reap()
+    idle = Project.objects.exclude(training_runs__status=TrainingRun.Status.RUNNING).values_list("pk", flat=True)
+    HUEY.flush_locks(*(_training_lock_name(pk) for pk in idle))
 
 
 @db_periodic_task(crontab(minute=f"*/{settings.TRAINING_SCHEDULE_MINUTES}"))
 def training_schedule_task() -> None:
-    training_runs_reap()
+    _reap_and_release()
     training_schedule_tick()
 
 
 @HUEY.on_startup()
-def reap_stale_runs_on_startup() -> None:
+def release_dead_runs_on_startup() -> None:
     from django.db import connection
 
-    training_runs_reap()
+    _reap_and_release()
     connection.close()

@@ -1,9 +1,15 @@
 """The closed loop in one process: judgements -> run -> model version -> promotion -> new completions."""
 
+import os
+import subprocess
+import sys
+import time
 import uuid
+from pathlib import Path
 
 import pytest
 from django.core.management import CommandError, call_command
+from django.db import connection
 from django.utils import timezone
 
 from feedback.models import Completion, ModelVersion, TrainingRun
@@ -29,6 +35,7 @@ from tests.factories import (
 )
 
 pytestmark = pytest.mark.django_db(transaction=True)
+ROOT = Path(__file__).resolve().parents[2]
 
 SMALL = {"epochs": 1, "batch_size": 4, "max_length": 64, "max_prompt_length": 32, "eval_batch_size": 8, "save_every": 0}
 
@@ -203,3 +210,62 @@ def test_train_command_sync_and_its_errors(project, capsys):
         call_command("train", "loop", "--beta", "0")
     with pytest.raises(CommandError, match="must be a JSON object"):
         call_command("train", "loop", "--config", "[1]")
+
+
+def wait_for(condition, *, seconds, what):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.3)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_a_worker_killed_mid_run_leaves_no_run_stuck_and_the_next_run_succeeds(project, settings):
+    judge_everything(project, UserFactory())
+    env = {
+        **os.environ,
+        "DATABASE_URL": f"sqlite:///{connection.settings_dict['NAME']}",
+        "RANKWISE_DATA_DIR": str(settings.DATA_DIR),
+        "RANKWISE_TRAINING_RUN_STALE_SECONDS": "2",
+    }
+
+    def manage(*args):
+        return subprocess.run([sys.executable, "manage.py", *args], cwd=ROOT, env=env, check=True, capture_output=True)
+
+    log = (settings.DATA_DIR / "worker.log").open("ab")
+
+    def worker():
+        return subprocess.Popen(
+            [sys.executable, "manage.py", "run_huey", "--flush-locks"], cwd=ROOT, env=env, stdout=log, stderr=log
+        )
+
+    manage("train", "loop", "--epochs", "500", "--batch-size", "1")  # queued for the worker
+    run = TrainingRun.objects.get()
+    first = worker()
+    try:
+        wait_for(lambda: TrainingRun.objects.get(pk=run.pk).step >= 1, seconds=120, what="the run to make progress")
+    finally:
+        first.kill()  # SIGKILL: no clean-up in the worker at all
+        first.wait()
+    run.refresh_from_db()
+    assert run.status == "running"  # stuck, as huey will not re-run it
+
+    time.sleep(2.5)  # the heartbeat goes stale
+    second = worker()
+    try:
+        wait_for(lambda: TrainingRun.objects.get(pk=run.pk).status == "failed", seconds=60, what="the reaper")
+        manage("train", "loop", "--epochs", "1")
+        next_run = TrainingRun.objects.exclude(pk=run.pk).get()
+        wait_for(
+            lambda: TrainingRun.objects.get(pk=next_run.pk).status in ("succeeded", "failed"),
+            seconds=120,
+            what="the next run to end: " + (settings.DATA_DIR / "worker.log").read_text()[-3000:],
+        )
+    finally:
+        second.terminate()
+        second.wait(timeout=30)
+    next_run.refresh_from_db()
+    assert next_run.status == "succeeded", next_run.error + (settings.DATA_DIR / "worker.log").read_text()
+    assert "worker stopped" in TrainingRun.objects.get(pk=run.pk).error
+    assert not ModelVersion.objects.filter(produced_by_run=run).exists()

@@ -117,6 +117,7 @@ USE_TZ = True
 STATIC_URL = "static/"
 STATICFILES_DIRS = [BASE_DIR / "static"]
 STATIC_ROOT = DATA_DIR / "staticfiles"
+STATIC_ROOT.mkdir(exist_ok=True)
 STORAGES = {
     "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
     "staticfiles": {
@@ -142,6 +143,8 @@ SPECTACULAR_SETTINGS = {
     "TITLE": "Rankwise API",
     "VERSION": "1",
     "SERVE_INCLUDE_SCHEMA": False,
+    # Project modes appear as `mode` and as a task's `kind`: one name for the one choice set.
+    "ENUM_NAME_OVERRIDES": {"ProjectModeEnum": "feedback.models.Project.Mode"},
 }
 
 CONTENT_SECURITY_POLICY = (

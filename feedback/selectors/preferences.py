@@ -34,7 +34,8 @@ import hmac
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
-from itertools import combinations
+from itertools import groupby
+from operator import itemgetter
 from typing import Any, Literal
 
 from django.conf import settings
@@ -153,38 +154,29 @@ def rewards_from_ranks(*, ranks: list[int]) -> list[float]:
     return [(k - place) / (k - 1) for place in places_from_ranks(ranks=ranks)]
 
 
-def ranking_pairs(*, ranks: list[int], mode: PairMode) -> Iterator[tuple[int, int]]:
+def ranking_pairs(*, ranks: list[int], mode: PairMode) -> list[tuple[int, int]]:
     """Index pairs (better, worse) that one ranking sorted best first yields under a pair mode."""
-    levels = sorted(set(ranks))
+    n = len(ranks)
     if mode == "all":
-        for i, j in combinations(range(len(ranks)), 2):
-            if ranks[i] < ranks[j]:
-                yield i, j
-        return
+        return [(i, j) for i in range(n) for j in range(i + 1, n) if ranks[i] < ranks[j]]
+    levels = sorted(set(ranks))
     by_level: dict[int, list[int]] = {}
     for index, rank in enumerate(ranks):
         by_level.setdefault(rank, []).append(index)
     if mode == "best_vs_rest":
         best = by_level[levels[0]]
-        rest = [i for level in levels[1:] for i in by_level[level]]
-        yield from ((b, r) for b in best for r in rest)
-        return
-    for upper, lower in zip(levels, levels[1:], strict=False):
-        yield from ((u, w) for u in by_level[upper] for w in by_level[lower])
+        return [(b, i) for b in best for level in levels[1:] for i in by_level[level]]
+    return [
+        (u, w)
+        for upper, lower in zip(levels, levels[1:], strict=False)
+        for u in by_level[upper]
+        for w in by_level[lower]
+    ]
 
 
 def _grouped(rows: Iterable[tuple[Any, ...]]) -> Iterator[tuple[int, list[tuple[Any, ...]]]]:
     """(prompt id, rows) for rows ordered by their first column, the prompt id."""
-    current: int | None = None
-    bucket: list[tuple[Any, ...]] = []
-    for row in rows:
-        if row[0] != current:
-            if bucket:
-                yield current, bucket  # type: ignore[misc]
-            current, bucket = row[0], []
-        bucket.append(row)
-    if bucket:
-        yield current, bucket  # type: ignore[misc]
+    return ((prompt_id, list(group)) for prompt_id, group in groupby(rows, key=itemgetter(0)))
 
 
 class _Cursor:
@@ -286,25 +278,21 @@ def _shapers(options: PreferenceExportOptions) -> tuple[Callable[[list[dict[str,
 
 
 def _dpo_rows(group: _PromptGroup, options: PreferenceExportOptions, prompt: Any, answer: Callable) -> Iterator[dict]:
-    # (low id, high id) -> [votes for low, votes for high]
-    votes: dict[tuple[int, int], list[int]] = {}
-
-    def vote(winner: int, loser: int) -> None:
-        key = (winner, loser) if winner < loser else (loser, winner)
-        counts = votes.setdefault(key, [0, 0])
-        counts[0 if winner < loser else 1] += 1
-
+    wins: dict[tuple[int, int], int] = {}  # (winner id, loser id) -> votes
     for _, _, _, left, right, choice, *_ in group.pairwise:
         if choice == PairwiseJudgement.Choice.A:
-            vote(left, right)
+            wins[left, right] = wins.get((left, right), 0) + 1
         elif choice == PairwiseJudgement.Choice.B:
-            vote(right, left)
+            wins[right, left] = wins.get((right, left), 0) + 1
     for ranking in group.rankings:
         ids = [cid for cid, _ in ranking.entries]
         for better, worse in ranking_pairs(ranks=[rank for _, rank in ranking.entries], mode=options.pairs):
-            vote(ids[better], ids[worse])
+            key = (ids[better], ids[worse])
+            wins[key] = wins.get(key, 0) + 1
 
-    for (low, high), (for_low, for_high) in sorted(votes.items()):
+    shaped: dict[int, Any] = {}
+    for low, high in sorted({(a, b) if a < b else (b, a) for a, b in wins}):
+        for_low, for_high = wins.get((low, high), 0), wins.get((high, low), 0)
         if for_low == for_high:
             continue
         total = for_low + for_high
@@ -312,10 +300,13 @@ def _dpo_rows(group: _PromptGroup, options: PreferenceExportOptions, prompt: Any
         if agreement < options.min_agreement:
             continue
         chosen, rejected = (low, high) if for_low > for_high else (high, low)
+        for cid in (chosen, rejected):
+            if cid not in shaped:
+                shaped[cid] = answer(group.texts[cid])
         yield {
             "prompt": prompt,
-            "chosen": answer(group.texts[chosen]),
-            "rejected": answer(group.texts[rejected]),
+            "chosen": shaped[chosen],
+            "rejected": shaped[rejected],
             "prompt_id": group.prompt_id,
             "chosen_id": chosen,
             "rejected_id": rejected,

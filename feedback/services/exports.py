@@ -84,12 +84,46 @@ def export_schema(*, options: PreferenceExportOptions) -> pa.Schema:
     return pa.schema(fields)
 
 
+DPO_KEYS = ("prompt", "chosen", "rejected", "prompt_id", "chosen_id", "rejected_id", "votes", "agreement", "weight")
+
+
+def _dpo_line_encoder(encode: Callable[[Any], str]) -> Callable[[dict[str, Any]], str]:
+    """dpo rows formatted directly, the same text as `encode(row)` in a fraction of the time.
+
+    Every pair of a prompt shares the prompt object and each completion object, so those are
+    encoded once and looked up by identity (holding the object, so an id is never reused);
+    the numbers are written as json writes them (repr).
+    """
+    cache: dict[int, tuple[Any, str]] = {}
+
+    def cached(value: Any) -> str:
+        hit = cache.get(id(value))
+        if hit is None or hit[0] is not value:
+            if len(cache) > 4096:
+                cache.clear()
+            hit = cache[id(value)] = (value, encode(value))
+        return hit[1]
+
+    def line(row: dict[str, Any]) -> str:
+        return (
+            f'{{"prompt": {cached(row["prompt"])}, "chosen": {cached(row["chosen"])}, '
+            f'"rejected": {cached(row["rejected"])}, "prompt_id": {row["prompt_id"]}, '
+            f'"chosen_id": {row["chosen_id"]}, "rejected_id": {row["rejected_id"]}, "votes": {row["votes"]}, '
+            f'"agreement": {row["agreement"]!r}, "weight": {row["weight"]!r}}}'
+        )
+
+    return line
+
+
 def export_jsonl_chunks(*, rows: Iterable[dict[str, Any]]) -> Iterator[str]:
     """JSONL text in chunks of about a thousand lines, for a file or a streamed response."""
     encode = json.JSONEncoder(ensure_ascii=False, separators=(", ", ": ")).encode
+    line = encode
     lines: list[str] = []
     for row in rows:
-        lines.append(encode(row))
+        if not lines and line is encode and tuple(row) == DPO_KEYS:
+            line = _dpo_line_encoder(encode)
+        lines.append(line(row))
         if len(lines) >= JSONL_LINES_PER_CHUNK:
             lines.append("")
             yield "\n".join(lines)

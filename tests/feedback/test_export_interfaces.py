@@ -13,7 +13,7 @@ from rest_framework.test import APIClient
 
 from feedback.models import Membership
 from feedback.selectors.preferences import PreferenceExportOptions, preference_rows
-from feedback.services.exports import export_schema
+from feedback.services.exports import export_jsonl_chunks, export_schema
 from tests.factories import (
     CompletionFactory,
     MembershipFactory,
@@ -200,3 +200,11 @@ def test_manager_gets_the_same_stream_as_staff(project):
     response = client.get("/api/v1/projects/gamma/export/?format=grpo")
     rows = [json.loads(line) for line in b"".join(response.streaming_content).splitlines()]
     assert rows == list(preference_rows(project=project, options=PreferenceExportOptions(format="grpo")))
+
+
+@pytest.mark.parametrize("conversational", [False, True])
+def test_jsonl_lines_are_exactly_what_json_writes(project, conversational):
+    options = PreferenceExportOptions(format="dpo", conversational=conversational)
+    rows = list(preference_rows(project=project, options=options))
+    text = "".join(export_jsonl_chunks(rows=rows))
+    assert text == "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)

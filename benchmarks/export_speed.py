@@ -1,0 +1,326 @@
+"""Export speed: ranking judgements -> `dpo` JSONL through the command and through the API.
+
+Usage: python benchmarks/export_speed.py [--judgements 1000000] [--small 250000] [--keep DIR]
+
+For each size (the small one shows whether memory grows with the data) it builds a fresh
+SQLite database with the production settings (WAL, immediate transactions) in a temporary
+data dir: one ranking project, K = 4 completions a prompt, 3 annotators ranking every prompt
+(judgements / 3 prompts), each ranking a random order with a tie in one ranking of five.
+The rows are written straight through the database cursor (the ORM would take longer to
+build the data than to export it); the schema comes from the migrations.
+
+Then it times, each in its own process so that the peak resident memory (ru_maxrss from
+wait4) belongs to that export alone:
+
+1. `python manage.py export_preferences bench --format dpo --out FILE.jsonl`;
+2. `GET /api/v1/projects/bench/export/?format=dpo` through Django's WSGI handler in-process
+   (middleware, token auth, DRF, the streaming response; no socket), writing the body to a file.
+
+Rows/s is the number of JSONL rows over the wall time of the whole process, start-up
+included. The figures go to benchmarks/RESULTS.md under "## Export speed".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "RESULTS.md"
+SECTION = "## Export speed"
+K = 4
+ANNOTATORS = 3
+WORDS = [
+    "model",
+    "answer",
+    "python",
+    "list",
+    "reverse",
+    "query",
+    "index",
+    "token",
+    "batch",
+    "rank",
+    "pair",
+    "judge",
+    "prompt",
+    "learn",
+    "data",
+]
+
+
+def _django(data_dir: Path) -> None:
+    os.environ["RANKWISE_DATA_DIR"] = str(data_dir)
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
+    sys.path.insert(0, str(ROOT))
+    import django
+
+    django.setup()
+
+
+def _insert(cursor, model, rows: list[dict]) -> None:
+    """INSERT rows given as {field name: database value}; other fields take their defaults."""
+    from django.db import connection
+
+    fields = [f for f in model._meta.concrete_fields]
+    defaults = {}
+    for field in fields:
+        if field.primary_key:
+            defaults[field.attname] = None
+        elif field.has_default():
+            defaults[field.attname] = field.get_db_prep_save(field.get_default(), connection)
+        elif field.null:
+            defaults[field.attname] = None
+        elif field.blank:
+            defaults[field.attname] = ""
+    columns = ", ".join(connection.ops.quote_name(f.column) for f in fields)
+    marks = ", ".join(["%s"] * len(fields))
+    sql = f"INSERT INTO {connection.ops.quote_name(model._meta.db_table)} ({columns}) VALUES ({marks})"
+    names = [f.attname for f in fields]
+    cursor.executemany(sql, [[row.get(name, defaults.get(name)) for name in names] for row in rows])
+
+
+def generate(data_dir: Path, judgements: int) -> dict:
+    """Fill the database in data_dir; returns counts."""
+    _django(data_dir)
+    from django.contrib.auth import get_user_model
+    from django.db import connection, transaction
+    from django.utils import timezone
+    from rest_framework.authtoken.models import Token
+
+    from feedback.models import Completion, Membership, Project, Prompt, RankedCompletion, RankingJudgement
+
+    rng = random.Random(0)
+    now = connection.ops.adapt_datetimefield_value(timezone.now())
+    prompts = judgements // ANNOTATORS
+    texts = [
+        " ".join(" ".join(rng.choice(WORDS) for _ in range(10)).capitalize() + "." for _ in range(rng.randint(2, 6)))
+        for _ in range(2000)
+    ]
+    questions = [" ".join(rng.choice(WORDS) for _ in range(12)).capitalize() + "?" for _ in range(2000)]
+    User = get_user_model()
+    project = Project.objects.create(name="Bench", slug="bench", mode=Project.Mode.RANKING, completions_per_prompt=K)
+    staff = User.objects.create_user("bench-staff", is_staff=True)
+    Token.objects.create(user=staff, key="b" * 40)
+    annotators = [User.objects.create_user(f"bench-annotator-{i}") for i in range(ANNOTATORS)]
+    for user in annotators:
+        Membership.objects.create(user=user, project=project)
+
+    started = time.perf_counter()
+    batch = 20_000
+    with transaction.atomic(), connection.cursor() as cursor:
+        for first in range(1, prompts + 1, batch):
+            ids = range(first, min(first + batch, prompts + 1))
+            _insert(
+                cursor,
+                Prompt,
+                [
+                    {
+                        "id": p,
+                        "project_id": project.pk,
+                        "messages": json.dumps([{"role": "user", "content": f"{rng.choice(questions)} ({p})"}]),
+                        "metadata": "{}",
+                        "created_at": now,
+                    }
+                    for p in ids
+                ],
+            )
+            completion_rows, judgement_rows, ranked_rows = [], [], []
+            for p in ids:
+                completion_ids = [(p - 1) * K + j + 1 for j in range(K)]
+                for cid in completion_ids:
+                    text = rng.choice(texts)
+                    completion_rows.append(
+                        {
+                            "id": cid,
+                            "prompt_id": p,
+                            "text": text,
+                            "html": f"<p>{text}</p>",
+                            "source_model": "bench",
+                            "generation_params": "{}",
+                            "created_at": now,
+                        }
+                    )
+                for a, annotator in enumerate(annotators):
+                    jid = (p - 1) * ANNOTATORS + a + 1
+                    judgement_rows.append(
+                        {
+                            "id": jid,
+                            "project_id": project.pk,
+                            "annotator_id": annotator.pk,
+                            "prompt_id": p,
+                            "client_uuid": uuid.UUID(int=rng.getrandbits(128)).hex,
+                            "created_at": now,
+                        }
+                    )
+                    order = completion_ids[:]
+                    rng.shuffle(order)
+                    ranks = [1, 2, 3, 4] if rng.random() < 0.8 else [1, 2, 2, 3]
+                    for position, (cid, rank) in enumerate(zip(order, ranks, strict=True)):
+                        ranked_rows.append(
+                            {"judgement_id": jid, "completion_id": cid, "rank": rank, "position": position}
+                        )
+            _insert(cursor, Completion, completion_rows)
+            _insert(cursor, RankingJudgement, judgement_rows)
+            _insert(cursor, RankedCompletion, ranked_rows)
+    return {
+        "prompts": prompts,
+        "completions": prompts * K,
+        "judgements": prompts * ANNOTATORS,
+        "ranked": prompts * ANNOTATORS * K,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+
+
+def serve_api(data_dir: Path, out: Path) -> None:
+    """GET the dpo export through the WSGI handler and write the streamed body to out."""
+    _django(data_dir)
+    from django.core.handlers.wsgi import WSGIHandler
+
+    from config import settings
+
+    app = WSGIHandler()
+    environ = {
+        "REQUEST_METHOD": "GET",
+        "PATH_INFO": "/api/v1/projects/bench/export/",
+        "QUERY_STRING": "format=dpo",
+        "SERVER_NAME": "localhost",
+        "SERVER_PORT": "443",
+        "HTTP_HOST": settings.ALLOWED_HOSTS[0] if settings.ALLOWED_HOSTS else "localhost",
+        "HTTP_AUTHORIZATION": "Token " + "b" * 40,
+        "wsgi.url_scheme": "https",
+        "wsgi.input": open(os.devnull, "rb"),  # noqa: SIM115
+        "wsgi.errors": sys.stderr,
+    }
+    status = []
+    body = app(environ, lambda s, headers, exc_info=None: status.append(s))
+    with out.open("wb") as stream:
+        for chunk in body:
+            stream.write(chunk)
+    body.close()
+    if not status[0].startswith("200"):
+        raise SystemExit(f"API answered {status[0]}: {out.read_text()[:500]}")
+
+
+def timed(command: list[str], env: dict) -> tuple[float, int, str]:
+    """Wall seconds, peak resident memory in MiB and stdout of a child process."""
+    started = time.perf_counter()
+    process = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    stdout = process.stdout.read().decode()
+    stderr = process.stderr.read().decode()
+    _, status, usage = os.wait4(process.pid, 0)
+    seconds = time.perf_counter() - started
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"{' '.join(command)} failed:\n{stderr[-2000:]}")
+    return seconds, usage.ru_maxrss // 1024, stdout
+
+
+def measure(judgements: int, base: Path) -> dict:
+    data_dir = base / f"n{judgements}"
+    shutil.rmtree(data_dir, ignore_errors=True)
+    data_dir.mkdir(parents=True)
+    env = {**os.environ, "RANKWISE_DATA_DIR": str(data_dir), "DEBUG": "0", "ALLOWED_HOSTS": "localhost"}
+    python = sys.executable
+    subprocess.run([python, "manage.py", "migrate", "-v", "0"], env=env, cwd=ROOT, check=True)
+    _, _, generated = timed([python, __file__, "_generate", str(data_dir), str(judgements)], env)
+    counts = json.loads(generated)
+    database_mib = sum(f.stat().st_size for f in data_dir.glob("rankwise.sqlite3*")) / 2**20
+
+    out = data_dir / "command.jsonl"
+    seconds, peak, stdout = timed(
+        [python, "manage.py", "export_preferences", "bench", "--format", "dpo", "--out", str(out)], env
+    )
+    rows = int(re.match(r"(\d+) dpo rows", stdout).group(1))
+    command = {"rows": rows, "seconds": round(seconds, 1), "rows_per_s": round(rows / seconds), "peak_mib": peak}
+
+    api_out = data_dir / "api.jsonl"
+    seconds, peak, _ = timed([python, __file__, "_api", str(data_dir), str(api_out)], env)
+    api_rows = sum(1 for _ in api_out.open("rb"))
+    same = api_out.read_bytes() == out.read_bytes()
+    api = {"rows": api_rows, "seconds": round(seconds, 1), "rows_per_s": round(api_rows / seconds), "peak_mib": peak}
+
+    _, baseline, _ = timed([python, "manage.py", "check", "-v", "0"], env)
+    return {
+        "judgements": counts["judgements"],
+        "counts": counts,
+        "database_mib": round(database_mib),
+        "jsonl_mib": round(out.stat().st_size / 2**20),
+        "command": command,
+        "api": api,
+        "identical": same,
+        "baseline_peak_mib": baseline,
+    }
+
+
+def write_results(results: list[dict]) -> None:
+    lines = [
+        SECTION,
+        "",
+        f"`python benchmarks/export_speed.py` on {platform.machine()}, {os.cpu_count()} CPUs (shared with other "
+        f"work while measured), Python {platform.python_version()}, SQLite {__import__('sqlite3').sqlite_version}, "
+        f"{time.strftime('%Y-%m-%d')}.",
+        "",
+        f"Data: one ranking project, K = {K}, {ANNOTATORS} annotators rank every prompt in a random order "
+        "(one ranking in five has a tie); `dpo` with all pairs and the default options. Each export runs in its own "
+        "process; rows/s counts the whole process (Python and Django start-up included); peak memory is the "
+        "process's maximum resident set (ru_maxrss). `manage.py check` alone peaks at the baseline shown.",
+        "",
+        "| judgements | prompts | dpo rows | database | JSONL | command: s, rows/s, peak | API: s, rows/s, peak "
+        "| same bytes |",
+        "|---:|---:|---:|---:|---:|---|---|---|",
+    ]
+    for r in results:
+        c, a = r["command"], r["api"]
+        lines.append(
+            f"| {r['judgements']:,} | {r['counts']['prompts']:,} | {c['rows']:,} | {r['database_mib']} MiB "
+            f"| {r['jsonl_mib']} MiB | {c['seconds']} s, {c['rows_per_s']:,}/s, {c['peak_mib']} MiB "
+            f"| {a['seconds']} s, {a['rows_per_s']:,}/s, {a['peak_mib']} MiB | {'yes' if r['identical'] else 'NO'} |"
+        )
+    lines += ["", f"Baseline (`manage.py check`): {results[0]['baseline_peak_mib']} MiB.", ""]
+    section = "\n".join(lines)
+    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
+    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
+    text = pattern.sub(section + "\n", text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + section
+    RESULTS.write_text(text)
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "_generate":
+        print(json.dumps(generate(Path(sys.argv[2]), int(sys.argv[3]))))
+        return
+    if len(sys.argv) > 1 and sys.argv[1] == "_api":
+        serve_api(Path(sys.argv[2]), Path(sys.argv[3]))
+        return
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--judgements", type=int, default=1_000_000)
+    parser.add_argument("--small", type=int, default=250_000, help="a second, smaller size to compare memory with")
+    parser.add_argument("--keep", type=Path, help="keep the databases and exports in this directory")
+    parser.add_argument("--no-write", action="store_true", help="print the figures, leave RESULTS.md alone")
+    args = parser.parse_args()
+    base = args.keep or Path(tempfile.mkdtemp(prefix="rankwise-export-bench-"))
+    try:
+        results = []
+        for size in (args.small, args.judgements):
+            result = measure(size, base)
+            print(json.dumps(result), flush=True)
+            results.append(result)
+        if not args.no_write:
+            write_results(results)
+    finally:
+        if args.keep is None:
+            shutil.rmtree(base, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

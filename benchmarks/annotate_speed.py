@@ -75,8 +75,25 @@ def setup_django(data_dir: Path) -> None:
     call_command("migrate", verbosity=0)
 
 
+def _insert(model, names: list[str], rows: list[tuple]) -> None:
+    """Plain executemany with values prepared by the model's own fields: no model instances."""
+    from django.db import connection
+
+    fields = [model._meta.get_field(name) for name in names]
+    columns = ", ".join(connection.ops.quote_name(f.column) for f in fields)
+    table = connection.ops.quote_name(model._meta.db_table)
+    sql = f"INSERT INTO {table} ({columns}) VALUES ({', '.join(['%s'] * len(fields))})"
+    prepared = [tuple(f.get_db_prep_save(v, connection) for f, v in zip(fields, row, strict=True)) for row in rows]
+    with connection.cursor() as cursor:
+        cursor.executemany(sql, prepared)
+
+
 def seed(*, prompts: int, judgements_per_prompt: int) -> dict[str, object]:
-    """Two projects with judgements already in; returns their slugs and the annotators' ids."""
+    """Two projects with judgements already in; returns their slugs and the annotators' ids.
+
+    Rows go in with explicit ids through executemany (the database is new), which is what makes
+    millions of rows take a minute rather than ten.
+    """
     from django.contrib.auth import get_user_model
     from django.db import transaction
     from django.utils import timezone
@@ -102,14 +119,12 @@ def seed(*, prompts: int, judgements_per_prompt: int) -> dict[str, object]:
     for user in users:
         user.set_unusable_password()
     user_model.objects.bulk_create(users)
-    seeded_ids = list(
-        user_model.objects.filter(username__startswith="seeded-").order_by("pk").values_list("pk", flat=True)
-    )
-    bench_ids = list(
-        user_model.objects.filter(username__startswith="bench-").order_by("pk").values_list("pk", flat=True)
-    )
+    by_name = user_model.objects.order_by("pk")
+    seeded_ids = list(by_name.filter(username__startswith="seeded-").values_list("pk", flat=True))
+    bench_ids = list(by_name.filter(username__startswith="bench-").values_list("pk", flat=True))
 
-    pair_plan = [(0, 1), (2, 3), (0, 2)]  # 3 of the 6 pairs judged on every pairwise prompt
+    pair_plan = [(0, 1), (2, 3), (0, 2), (1, 3), (0, 3), (1, 2)]  # the first judgements_per_prompt pairs are judged
+    ids = {"prompt": 0, "completion": 0, "assignment": 0, "judgement": 0}
     slugs = {}
     for mode, overlap in (("ranking", 5), ("pairwise", 1)):
         started = time.perf_counter()
@@ -118,88 +133,159 @@ def seed(*, prompts: int, judgements_per_prompt: int) -> dict[str, object]:
         )
         slugs[mode] = project.slug
         Membership.objects.bulk_create(Membership(user_id=pk, project=project) for pk in seeded_ids + bench_ids)
-        batch = 5000
+        batch = 10_000
         for start in range(0, prompts, batch):
-            with transaction.atomic():
-                rows = Prompt.objects.bulk_create(
-                    Prompt(
-                        project=project,
-                        messages=[{"role": "user", "content": f"Question {start + i}: how do I reverse a list?"}],
-                        judgement_count=judgements_per_prompt,
+            prompt_rows, completion_rows, assignment_rows, judgement_rows, ranked_rows = [], [], [], [], []
+            for n in range(start, min(start + batch, prompts)):
+                ids["prompt"] += 1
+                prompt_id = ids["prompt"]
+                messages = [{"role": "user", "content": f"Question {n}: how do I reverse a list in Python?"}]
+                prompt_rows.append((prompt_id, project.pk, messages, "", {}, judgements_per_prompt, now))
+                mine = []
+                for j in range(K):
+                    ids["completion"] += 1
+                    mine.append(ids["completion"])
+                    text = f"Answer {j} to question {n}: use `xs[::-1]` or `reversed(xs)`."
+                    html = f"<p>Answer {j} to question {n}: use <code>xs[::-1]</code> or <code>reversed(xs)</code>.</p>"
+                    completion_rows.append((ids["completion"], prompt_id, text, html, "bench", {}, now))
+                for j in range(judgements_per_prompt):
+                    ids["assignment"] += 1
+                    ids["judgement"] += 1
+                    annotator = seeded_ids[(prompt_id * 7 + j * 13) % len(seeded_ids)]
+                    if mode == "ranking":
+                        order = rng.sample(mine, K)
+                        key, slot, a, b = item_key_for_prompt(prompt_id), j, None, None
+                    else:
+                        x, y = pair_plan[j]
+                        order = [mine[x], mine[y]]
+                        rng.shuffle(order)
+                        key, slot, a, b = item_key_for_pair(mine[x], mine[y]), 0, order[0], order[1]
+                    assignment_rows.append(
+                        (
+                            ids["assignment"],
+                            project.pk,
+                            annotator,
+                            prompt_id,
+                            a,
+                            b,
+                            key,
+                            slot,
+                            order,
+                            "done",
+                            "",
+                            now,
+                            now,
+                            now,
+                        )
                     )
-                    for i in range(min(batch, prompts - start))
-                )
-                completions = Completion.objects.bulk_create(
-                    Completion(
-                        prompt=prompt,
-                        text=f"Answer {j} to {prompt.pk}: use `xs[::-1]`.",
-                        html=f"<p>Answer {j} to {prompt.pk}: use <code>xs[::-1]</code>.</p>",
-                        source_model="bench",
-                    )
-                    for prompt in rows
-                    for j in range(K)
-                )
-                ids = [c.pk for c in completions]
-                assignments = []
-                for p_index, prompt in enumerate(rows):
-                    mine = ids[p_index * K : (p_index + 1) * K]
-                    for j in range(judgements_per_prompt):
-                        annotator = seeded_ids[(prompt.pk * 7 + j * 13) % len(seeded_ids)]
-                        if mode == "ranking":
-                            order = rng.sample(mine, K)
-                            key, slot, a, b = item_key_for_prompt(prompt.pk), j, None, None
-                        else:
-                            x, y = pair_plan[j]
-                            order = [mine[x], mine[y]]
-                            rng.shuffle(order)
-                            key, slot, a, b = item_key_for_pair(mine[x], mine[y]), 0, order[0], order[1]
-                        assignments.append(
-                            Assignment(
-                                project=project,
-                                annotator_id=annotator,
-                                prompt=prompt,
-                                completion_a_id=a,
-                                completion_b_id=b,
-                                item_key=key,
-                                slot=slot,
-                                display_order=order,
-                                state=Assignment.State.DONE,
-                                expires_at=now,
-                                finished_at=now,
+                    client_uuid = uuid.UUID(int=rng.getrandbits(128))
+                    time_ms = rng.randint(2000, 60000)
+                    if mode == "ranking":
+                        judgement_rows.append(
+                            (
+                                ids["judgement"],
+                                project.pk,
+                                annotator,
+                                ids["assignment"],
+                                prompt_id,
+                                "",
+                                time_ms,
+                                client_uuid,
+                                now,
                             )
                         )
-                assignments = Assignment.objects.bulk_create(assignments)
-
-                def common(a: Assignment, project: Project = project) -> dict[str, object]:
-                    return {
-                        "project": project,
-                        "annotator_id": a.annotator_id,
-                        "assignment": a,
-                        "prompt_id": a.prompt_id,
-                        "client_uuid": uuid.UUID(int=rng.getrandbits(128)),
-                        "time_ms": rng.randint(2000, 60000),
-                    }
-
-                if mode == "ranking":
-                    judgements = RankingJudgement.objects.bulk_create(
-                        RankingJudgement(**common(a)) for a in assignments
-                    )
-                    RankedCompletion.objects.bulk_create(
-                        RankedCompletion(judgement=j, completion_id=c, rank=position + 1, position=position)
-                        for j, a in zip(judgements, assignments, strict=True)
-                        for position, c in enumerate(a.display_order)
-                    )
-                else:
-                    PairwiseJudgement.objects.bulk_create(
-                        PairwiseJudgement(
-                            **common(a),
-                            left_id=a.display_order[0],
-                            right_id=a.display_order[1],
-                            item_key=a.item_key,
-                            choice=rng.choice(["a", "b", "tie", "both_bad"]),
+                        ranked_rows += [(ids["judgement"], c, p + 1, p) for p, c in enumerate(order)]
+                    else:
+                        choice = rng.choice(["a", "b", "tie", "both_bad"])
+                        judgement_rows.append(
+                            (
+                                ids["judgement"],
+                                project.pk,
+                                annotator,
+                                ids["assignment"],
+                                prompt_id,
+                                order[0],
+                                order[1],
+                                key,
+                                choice,
+                                "",
+                                "",
+                                time_ms,
+                                client_uuid,
+                                now,
+                            )
                         )
-                        for a in assignments
+            with transaction.atomic():
+                _insert(
+                    Prompt,
+                    ["id", "project", "messages", "external_id", "metadata", "judgement_count", "created_at"],
+                    prompt_rows,
+                )
+                _insert(
+                    Completion,
+                    ["id", "prompt", "text", "html", "source_model", "generation_params", "created_at"],
+                    completion_rows,
+                )
+                _insert(
+                    Assignment,
+                    [
+                        "id",
+                        "project",
+                        "annotator",
+                        "prompt",
+                        "completion_a",
+                        "completion_b",
+                        "item_key",
+                        "slot",
+                        "display_order",
+                        "state",
+                        "skip_reason",
+                        "expires_at",
+                        "created_at",
+                        "finished_at",
+                    ],
+                    assignment_rows,
+                )
+                if mode == "ranking":
+                    _insert(
+                        RankingJudgement,
+                        [
+                            "id",
+                            "project",
+                            "annotator",
+                            "assignment",
+                            "prompt",
+                            "rationale",
+                            "time_ms",
+                            "client_uuid",
+                            "created_at",
+                        ],
+                        judgement_rows,
                     )
+                    _insert(RankedCompletion, ["judgement", "completion", "rank", "position"], ranked_rows)
+                else:
+                    _insert(
+                        PairwiseJudgement,
+                        [
+                            "id",
+                            "project",
+                            "annotator",
+                            "assignment",
+                            "prompt",
+                            "left",
+                            "right",
+                            "item_key",
+                            "choice",
+                            "strength",
+                            "rationale",
+                            "time_ms",
+                            "client_uuid",
+                            "created_at",
+                        ],
+                        judgement_rows,
+                    )
+        if mode == "ranking":
+            ids["judgement"] = 0  # pairwise judgements live in their own table
         print(
             f"seeded {mode}: {prompts} prompts, {prompts * judgements_per_prompt} judgements "
             f"in {time.perf_counter() - started:.0f} s",
@@ -233,6 +319,9 @@ def in_process(*, slug: str, annotator_ids: list[int], calls: int) -> dict[str, 
     next_url = f"/api/v1/projects/{slug}/next-task/"
     submit_url = f"/api/v1/projects/{slug}/judgements/"
     timings: dict[str, list[float]] = {"next-task": [], "submit": []}
+    for client in clients:  # warm up: first requests import modules and fill caches
+        task = client.get(next_url).json()
+        client.post(submit_url, judgement_body(task), content_type="application/json")
     for i in range(calls):
         client = clients[i % len(clients)]
         start = time.perf_counter()
@@ -460,6 +549,8 @@ def main() -> None:
         "number of 201 answers (checked by the script).",
         "",
     ]
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    lines[3:3] = ["", f"Load average when the run ended: {load} (other work shared the machine's cores)."]
     text = "\n".join(lines)
     print(text)
     if not args.no_write:

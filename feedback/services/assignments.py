@@ -77,6 +77,16 @@ def assignment_lease_next(
     return None
 
 
+def assignment_lease_renew(*, project: Project, annotator: AbstractBaseUser, task_ids: Collection[int]) -> int:
+    """Restart the leases of tasks the annotator has just been shown (a prefetched task leased a while ago).
+
+    Only unfinished leases of theirs whose slot nobody has taken are renewed; returns how many.
+    """
+    return Assignment.objects.filter(
+        pk__in=list(task_ids), project=project, annotator=annotator, state=Assignment.State.LEASED
+    ).update(expires_at=timezone.now() + timedelta(seconds=project.lease_seconds))
+
+
 def assignment_skip(*, project: Project, annotator: AbstractBaseUser, task_id: int, reason: str = "") -> Assignment:
     """Give a leased item back without judging it; it is never served to this annotator again."""
     reason = reason.strip()

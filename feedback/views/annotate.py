@@ -21,7 +21,7 @@ from django.views.decorators.http import require_GET, require_POST
 from feedback.api.permissions import membership_role
 from feedback.models import Assignment, Project
 from feedback.selectors.tasks import task_for_assignment, task_progress
-from feedback.services.assignments import assignment_lease_next, assignment_skip
+from feedback.services.assignments import assignment_lease_next, assignment_lease_renew, assignment_skip
 from feedback.services.judgements import judgement_submit
 from feedback.views.forms import JudgementForm, SkipForm
 
@@ -109,6 +109,8 @@ def annotate_next(request: HttpRequest, slug: str) -> HttpResponse:
 def _prefetched(request: HttpRequest, project: Project, *, event: str | None = None) -> HttpResponse:
     source = request.POST if request.method == "POST" else request.GET
     shown = [int(value) for value in source.getlist("shown") if value.isdigit()]
+    # the page has just put the prefetched task on screen: its lease starts again from now
+    assignment_lease_renew(project=project, annotator=request.user, task_ids=shown)
     assignment = assignment_lease_next(project=project, annotator=request.user, exclude_ids=shown)
     response = render(request, "annotate.html#prefetched", {"project": project, "prefetch": _task_context(assignment)})
     if event:

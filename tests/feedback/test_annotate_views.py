@@ -1,10 +1,12 @@
 import json
 import re
 import uuid
+from datetime import timedelta
 
 import pytest
 from django.test import Client
 from django.urls import reverse
+from django.utils import timezone
 
 from feedback.models import Assignment, PairwiseJudgement, RankingJudgement
 from feedback.services.assignments import assignment_lease_next
@@ -219,6 +221,7 @@ def test_an_htmx_submit_answers_with_a_new_prefetched_task_and_an_event():
     client, user = member_client(project)
     page = client.get(reverse("annotate", args=[project.slug])).content.decode()
     shown, prefetched = Assignment.objects.filter(annotator=user).order_by("pk")
+    Assignment.objects.filter(pk=prefetched.pk).update(expires_at=timezone.now() + timedelta(seconds=5))
     response = client.post(
         reverse("annotate-submit", args=[project.slug]),
         {
@@ -237,6 +240,8 @@ def test_an_htmx_submit_answers_with_a_new_prefetched_task_and_an_event():
     new_id = int(re.search(r'data-task-id="(\d+)"', html).group(1))
     assert new_id not in (shown.pk, prefetched.pk)
     assert PairwiseJudgement.objects.get().time_ms == 4200
+    prefetched.refresh_from_db()  # now on screen: its lease starts again
+    assert prefetched.expires_at > timezone.now() + timedelta(seconds=project.lease_seconds - 60)
 
 
 def test_an_htmx_submit_that_fails_says_so_in_the_notice():

@@ -9,7 +9,7 @@ from django.utils import timezone
 
 from feedback.models import Assignment, PairwiseJudgement, Project, Prompt, RankingJudgement
 from feedback.selectors.tasks import task_for_assignment, task_progress
-from feedback.services.assignments import assignment_lease_next, assignment_skip
+from feedback.services.assignments import assignment_lease_next, assignment_lease_renew, assignment_skip
 from feedback.services.judgements import judgement_submit
 from tests.factories import CompletionFactory, ProjectFactory, PromptFactory, UserFactory
 
@@ -136,6 +136,20 @@ def test_an_expired_lease_nobody_took_can_still_be_submitted():
     assignment = assignment_lease_next(project=project, annotator=annotator)
     Assignment.objects.filter(pk=assignment.pk).update(expires_at=timezone.now() - timedelta(seconds=1))
     assert judge(project, annotator, assignment).created
+
+
+@pytest.mark.django_db
+def test_renewing_restarts_only_the_annotators_own_unfinished_leases():
+    project = make_project(prompts=3)
+    me, other = UserFactory.create_batch(2)
+    mine = assignment_lease_next(project=project, annotator=me)
+    theirs = assignment_lease_next(project=project, annotator=other)
+    soon = timezone.now() + timedelta(seconds=5)
+    Assignment.objects.update(expires_at=soon)
+    assert assignment_lease_renew(project=project, annotator=me, task_ids=[mine.pk, theirs.pk]) == 1
+    mine.refresh_from_db()
+    theirs.refresh_from_db()
+    assert mine.expires_at > soon + timedelta(seconds=500) and theirs.expires_at == soon
 
 
 @pytest.mark.django_db

@@ -11,9 +11,11 @@ from feedback.services.training_runs import training_run_execute, training_runs_
 
 
 @db_task()
-def generate_completions_task(project_id: int, prompt_limit: int | None = None, k: int | None = None) -> int:
+def generate_completions_task(
+    project_id: int, prompt_limit: int | None = None, k: int | None = None, mix_previous: bool = False
+) -> int:
     project = Project.objects.get(pk=project_id)
-    return completions_generate(project=project, prompt_limit=prompt_limit, k=k).completions
+    return completions_generate(project=project, prompt_limit=prompt_limit, k=k, mix_previous=mix_previous).completions
 
 
 @db_task()

@@ -3,12 +3,13 @@
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from django.conf import settings
 from django.db import transaction
 from django.db.models import Count
 
-from feedback.models import Completion, Project, Prompt
+from feedback.models import Completion, ModelVersion, Project, Prompt
 from feedback.rendering import markdown_to_safe_html
-from feedback.selectors.models import model_for_generation
+from feedback.selectors.models import model_for_generation, model_version_weights_dir
 
 
 class GenerationError(Exception):
@@ -27,16 +28,41 @@ def prompts_lacking_completions(*, project: Project, k: int, limit: int | None =
     return list(prompts[:limit] if limit else prompts)
 
 
+def _writers(project: Project, mix_previous: bool) -> list[tuple[str, ModelVersion | None]]:
+    """The models that write: the active one, and with `mix_previous` the one it was trained from."""
+    try:
+        name, version = model_for_generation(project=project)
+        writers = [(name, version)]
+        if mix_previous and version is not None:
+            parent = version.parent
+            if parent is not None:
+                writers.append((str(model_version_weights_dir(version=parent)), parent))
+            else:
+                writers.append((project.base_model or settings.BASE_MODEL, None))
+    except ValueError as error:
+        raise GenerationError(str(error)) from None
+    return writers
+
+
+def _shares(missing: int, writers: int) -> list[int]:
+    """Split the missing completions of a prompt between the writers, the first taking any extra."""
+    base, extra = divmod(missing, writers)
+    return [base + (1 if i < extra else 0) for i in range(writers)]
+
+
 def completions_generate(
     *,
     project: Project,
     prompt_limit: int | None = None,
     k: int | None = None,
+    mix_previous: bool = False,
     batch_size: int = 8,
     progress: Callable[[int, int], None] | None = None,
 ) -> GenerationResult:
     """Write completions until each chosen prompt has K, one batch of prompts at a time.
 
+    With `mix_previous`, half of each prompt's new completions come from the active
+    version and half from the model it was trained from, so people compare the two.
     Each batch is committed on its own, so an interrupted run keeps what it wrote and a
     second run picks up where it stopped.
     """
@@ -45,30 +71,25 @@ def completions_generate(
         raise GenerationError(f"K must be between 1 and 16, not {k}")
     if prompt_limit is not None and prompt_limit < 1:
         raise GenerationError(f"the number of prompts must be positive, not {prompt_limit}")
+    writers = _writers(project, mix_previous)
+    label = " + ".join(str(version or name) for name, version in writers)
     prompts = prompts_lacking_completions(project=project, k=k, limit=prompt_limit)
-    try:
-        model_name, version = model_for_generation(project=project)
-    except ValueError as error:
-        raise GenerationError(str(error)) from None
     if not prompts:
-        return GenerationResult(prompts=0, completions=0, model=model_name)
+        return GenerationResult(prompts=0, completions=0, model=label)
 
     from training.generate import SamplingConfig, generate_completions
     from training.models import ModelLoadError, load_model
 
-    try:
-        model, tokenizer = load_model(model_name)
-    except ModelLoadError as error:
-        raise GenerationError(str(error)) from None
+    loaded = []
+    for name, version in writers:
+        try:
+            loaded.append((load_model(name), name, version))
+        except ModelLoadError as error:
+            raise GenerationError(str(error)) from None
     sampling = SamplingConfig(
         temperature=project.temperature, top_p=project.top_p, max_new_tokens=project.max_new_tokens
     )
-    params = {
-        "temperature": sampling.temperature,
-        "top_p": sampling.top_p,
-        "max_new_tokens": sampling.max_new_tokens,
-    }
-    source = "" if version else model_name
+    params = {"temperature": sampling.temperature, "top_p": sampling.top_p, "max_new_tokens": sampling.max_new_tokens}
     written = 0
     for start in range(0, len(prompts), batch_size):
         batch = prompts[start : start + batch_size]
@@ -76,30 +97,34 @@ def completions_generate(
             Prompt.objects.filter(pk__in=[p.pk for p in batch]).annotate(n=Count("completions")).values_list("pk", "n")
         )
         wanted = [p for p in batch if have[p.pk] < k]
-        if not wanted:
-            continue
-        texts = generate_completions(
-            model,
-            tokenizer,
-            [p.messages for p in wanted],
-            k=max(k - have[p.pk] for p in wanted),
-            sampling=sampling,
-        )
-        rows = [
-            Completion(
-                prompt=prompt,
-                text=text,
-                html=markdown_to_safe_html(text),
-                model_version=version,
-                source_model=source,
-                generation_params=params,
+        shares = {p.pk: _shares(k - have[p.pk], len(loaded)) for p in wanted}
+        rows = []
+        for i, ((model, tokenizer), name, version) in enumerate(loaded):
+            takers = [p for p in wanted if shares[p.pk][i]]
+            if not takers:
+                continue
+            texts = generate_completions(
+                model,
+                tokenizer,
+                [p.messages for p in takers],
+                k=max(shares[p.pk][i] for p in takers),
+                sampling=sampling,
             )
-            for prompt, samples in zip(wanted, texts, strict=True)
-            for text in samples[: k - have[prompt.pk]]
-        ]
+            rows += [
+                Completion(
+                    prompt=prompt,
+                    text=text,
+                    html=markdown_to_safe_html(text),
+                    model_version=version,
+                    source_model="" if version else name,
+                    generation_params=params,
+                )
+                for prompt, samples in zip(takers, texts, strict=True)
+                for text in samples[: shares[prompt.pk][i]]
+            ]
         with transaction.atomic():
             Completion.objects.bulk_create(rows)
         written += len(rows)
         if progress:
             progress(min(start + batch_size, len(prompts)), len(prompts))
-    return GenerationResult(prompts=len(prompts), completions=written, model=str(version or model_name))
+    return GenerationResult(prompts=len(prompts), completions=written, model=label)

@@ -6,8 +6,9 @@ from feedback.models import ModelVersion
 def model_version_promote(*, version: ModelVersion, generate: bool = True) -> ModelVersion:
     """Make this the project's active version (the one that writes new completions).
 
-    Rolling back is promoting an earlier version. When `generate` is on, the new active
-    version writes completions for the prompts that lack them, in the worker.
+    Rolling back is promoting an earlier version. When `generate` is on, the worker writes
+    the next round: completions for the prompts that lack them, half from the new active
+    version and half from the model it was trained from, so people compare the two.
     """
     from feedback.tasks import generate_completions_task
 
@@ -17,6 +18,6 @@ def model_version_promote(*, version: ModelVersion, generate: bool = True) -> Mo
         )
         ModelVersion.objects.filter(pk=version.pk).update(is_active=True)
         if generate:
-            transaction.on_commit(lambda: generate_completions_task(version.project_id))
+            transaction.on_commit(lambda: generate_completions_task(version.project_id, mix_previous=True))
     version.refresh_from_db()
     return version

@@ -96,12 +96,19 @@ def test_judgements_become_a_model_version_that_writes_the_next_completions(proj
     new_prompt = PromptFactory(project=project)
     model_version_promote(version=version)  # generation follows in the worker (immediate here)
     assert ModelVersion.objects.get(is_active=True) == version
-    assert [c.model_version for c in new_prompt.completions.all()] == [version, version]
+    # the next round mixes the new version with the model it was trained from
+    written = [(c.model_version, c.source_model) for c in new_prompt.completions.all()]
+    assert sorted(written, key=str) == sorted([(version, ""), (None, project.base_model)], key=str)
 
     second = training_run_start(project=project, config={"epochs": 1})
     second.refresh_from_db()
     assert second.status == "succeeded" and second.parent_version == version
     assert second.produced_version.parent == version and second.produced_version.name == "v2"
+    newest = PromptFactory(project=project)
+    model_version_promote(version=second.produced_version)
+    assert {c.model_version for c in newest.completions.all()} == {version, second.produced_version}
+    model_version_promote(version=version, generate=False)  # roll back
+    assert ModelVersion.objects.get(is_active=True) == version
 
 
 def test_the_schedule_starts_a_run_only_after_enough_new_judgements(project):

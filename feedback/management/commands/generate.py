@@ -16,9 +16,14 @@ class Command(BaseCommand):
         parser.add_argument("project", help="project slug")
         parser.add_argument("--prompts", type=int, help="at most this many prompts")
         parser.add_argument("--k", type=int, help="completions per prompt (default: the project's K)")
+        parser.add_argument(
+            "--mix", action="store_true", help="half from the active version, half from the model it was trained from"
+        )
         parser.add_argument("--sync", action="store_true", help="generate here and wait instead of queueing")
 
-    def handle(self, *args: Any, project: str, prompts: int | None, k: int | None, sync: bool, **opts: Any) -> None:
+    def handle(
+        self, *args: Any, project: str, prompts: int | None, k: int | None, mix: bool, sync: bool, **opts: Any
+    ) -> None:
         target = Project.objects.filter(slug=project).first()
         if target is None:
             raise CommandError(f"no project '{project}'")
@@ -27,7 +32,7 @@ class Command(BaseCommand):
         if k is not None and not 1 <= k <= 16:
             raise CommandError(f"--k must be between 1 and 16, not {k}")
         if not sync:
-            generate_completions_task(target.pk, prompts, k)
+            generate_completions_task(target.pk, prompts, k, mix)
             self.stdout.write(f"Queued generation for '{target.slug}'; the worker writes the completions.")
             return
         bar = tqdm(desc="prompts", unit=" prompts", disable=not sys.stdout.isatty())
@@ -37,7 +42,9 @@ class Command(BaseCommand):
             bar.update(done - bar.n)
 
         try:
-            result = completions_generate(project=target, prompt_limit=prompts, k=k, progress=progress)
+            result = completions_generate(
+                project=target, prompt_limit=prompts, k=k, mix_previous=mix, progress=progress
+            )
         except GenerationError as error:
             raise CommandError(str(error)) from None
         finally:

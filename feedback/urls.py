@@ -1,6 +1,6 @@
 from django.urls import path
 
-from feedback.views import annotate, exports, pages
+from feedback.views import annotate, exports, pages, training
 
 urlpatterns = [
     path("", pages.home, name="home"),
@@ -9,4 +9,19 @@ urlpatterns = [
     path("projects/<slug:slug>/annotate/submit/", annotate.annotate_submit, name="annotate-submit"),
     path("projects/<slug:slug>/annotate/skip/", annotate.annotate_skip, name="annotate-skip"),
     path("projects/<slug:slug>/export/", exports.export_page, name="export"),
+    path("projects/<slug:slug>/training/", training.training_page, name="training"),
+    path("projects/<slug:slug>/training/history/", training.training_history, name="training-history"),
+    path("projects/<slug:slug>/training/retrain/", training.training_retrain, name="training-retrain"),
+    path("projects/<slug:slug>/training/settings/", training.training_settings, name="training-settings"),
+    path("projects/<slug:slug>/training/runs/<int:run_id>/", training.training_run_live, name="training-run-live"),
+    path(
+        "projects/<slug:slug>/training/runs/<int:run_id>/cancel/",
+        training.training_run_cancel_view,
+        name="training-run-cancel",
+    ),
+    path(
+        "projects/<slug:slug>/training/versions/<int:version_id>/promote/",
+        training.training_version_promote,
+        name="training-version-promote",
+    ),
 ]

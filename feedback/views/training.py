@@ -1,0 +1,268 @@
+"""The training page: a project's runs (live while one goes), its model versions, and its training settings.
+
+Every member of the project may look; only its managers and staff start, cancel, promote or
+change the settings. Each button is a plain form post that redirects back to the page, and with
+htmx the same post answers with the page's `main` partial. While a run is queued or running its
+panel polls itself every two seconds; the poll that sees the run end tells the page (an
+HX-Trigger event) to refresh the run and version tables.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from django import forms
+from django.contrib import messages
+from django.contrib.auth.decorators import login_required
+from django.core.exceptions import PermissionDenied
+from django.http import Http404, HttpRequest, HttpResponse
+from django.shortcuts import get_object_or_404, redirect, render
+from django.urls import reverse
+from django.views.decorators.http import require_GET, require_http_methods, require_POST
+
+from feedback.api.permissions import membership_role
+from feedback.models import Membership, ModelVersion, Project, TrainingRun
+from feedback.services.model_versions import model_version_promote
+from feedback.services.training_runs import (
+    TrainingRunError,
+    training_config_build,
+    training_run_cancel,
+    training_run_start,
+)
+
+ACTIVE = (TrainingRun.Status.QUEUED, TrainingRun.Status.RUNNING)
+RUN_ENDED_EVENT = "rankwise:run-ended"
+
+
+class RetrainForm(forms.Form):
+    algorithm = forms.ChoiceField(choices=[("", "Project default")] + Project.Algorithm.choices, required=False)
+
+
+class TrainingSettingsForm(forms.ModelForm):
+    class Meta:
+        model = Project
+        fields = ["auto_train", "auto_train_threshold", "auto_promote", "training_algorithm", "training_config"]
+        labels = {
+            "auto_train": "Train automatically",
+            "auto_train_threshold": "after this many new judgements",
+            "auto_promote": "Promote a new version when its held-out accuracy improves",
+            "training_algorithm": "Algorithm",
+            "training_config": "Hyperparameters (JSON)",
+        }
+
+    def clean(self) -> dict[str, Any]:
+        cleaned = super().clean()
+        if cleaned.get("training_config") is None and "training_config" not in self.errors:
+            cleaned["training_config"] = {}
+        config, choice = cleaned.get("training_config"), cleaned.get("training_algorithm")
+        if isinstance(config, dict) and choice:
+            algorithm = TrainingRun.Algorithm.GRPO if choice == Project.Algorithm.GRPO else TrainingRun.Algorithm.DPO
+            try:
+                training_config_build(algorithm=algorithm, values=config)
+            except TrainingRunError as error:
+                self.add_error("training_config", str(error))
+        elif config is not None and not isinstance(config, dict):
+            self.add_error("training_config", "must be a JSON object of setting names and values")
+        return cleaned
+
+
+def _role(request: HttpRequest, project: Project) -> str:
+    role = membership_role(user=request.user, project=project)
+    if role is None:
+        raise Http404("No such project.")
+    return role
+
+
+def _project_for_member(request: HttpRequest, slug: str) -> tuple[Project, bool]:
+    """The project and whether the user manages it; 404 for non-members."""
+    project = get_object_or_404(Project, slug=slug)
+    return project, _role(request, project) == Membership.Role.MANAGER
+
+
+def _project_for_manager(request: HttpRequest, slug: str) -> Project:
+    project, manages = _project_for_member(request, slug)
+    if not manages:
+        raise PermissionDenied("Only the project's managers may do this.")
+    return project
+
+
+def _duration(run: TrainingRun) -> float | None:
+    if run.started_at is None:
+        return None
+    end = run.finished_at or run.heartbeat_at or run.started_at
+    return max((end - run.started_at).total_seconds(), 0.0)
+
+
+def _run_context(run: TrainingRun | None) -> dict[str, Any]:
+    if run is None:
+        return {"run": None}
+    return {
+        "run": run,
+        "run_active": run.status in ACTIVE,
+        "run_duration": _duration(run),
+        "run_config": json.dumps(run.config, indent=2, sort_keys=True),
+        "run_chart": {"algorithm": run.algorithm, "metrics": run.metrics},
+    }
+
+
+def _versions(project: Project) -> list[dict[str, Any]]:
+    versions = list(project.model_versions.select_related("parent", "produced_by_run").order_by("-created_at", "-id"))
+    active = next((v for v in versions if v.is_active), None)
+    rows = []
+    for version in versions:
+        before = version.metrics.get("eval_before") or {}
+        after = version.metrics.get("eval_after") or {}
+        rows.append(
+            {
+                "version": version,
+                "before": before,
+                "after": after,
+                "action": None
+                if version.is_active
+                else ("Roll back" if active and version.created_at < active.created_at else "Promote"),
+            }
+        )
+    return rows
+
+
+def _page_context(
+    project: Project,
+    manages: bool,
+    *,
+    selected: str = "",
+    settings_form: TrainingSettingsForm | None = None,
+) -> dict[str, Any]:
+    """Everything the page shows; `selected` is the id of the run in the panel (default: the newest)."""
+    runs = list(project.training_runs.select_related("triggered_by", "produced_version").order_by("-created_at")[:50])
+    for listed in runs:
+        listed.duration = _duration(listed)
+    run = None
+    if selected.isdigit():
+        run = (
+            next((r for r in runs if r.pk == int(selected)), None)
+            or project.training_runs.filter(pk=int(selected)).first()
+        )
+    if run is None and runs:
+        run = runs[0]
+    return {
+        "project": project,
+        "manages": manages,
+        "runs": runs,
+        "versions": _versions(project),
+        "active_run": next((r for r in runs if r.status in ACTIVE), None),
+        "run_ended_event": RUN_ENDED_EVENT,
+        "retrain_form": RetrainForm(),
+        "settings_form": settings_form or TrainingSettingsForm(instance=project),
+        **_run_context(run),
+    }
+
+
+def _page_url(project: Project, run: TrainingRun | None = None) -> str:
+    url = reverse("training", args=[project.slug])
+    return f"{url}?run={run.pk}" if run is not None else url
+
+
+def _after_action(request: HttpRequest, project: Project, run: TrainingRun | None = None) -> HttpResponse:
+    """Back to the page: a redirect for a plain post, the page's main partial for htmx."""
+    if not request.htmx:
+        return redirect(_page_url(project, run))
+    selected = str(run.pk) if run is not None else ""
+    response = render(request, "training.html#main", _page_context(project, True, selected=selected))
+    response["HX-Push-Url"] = _page_url(project, run)
+    return response
+
+
+@login_required
+@require_GET
+def training_page(request: HttpRequest, slug: str) -> HttpResponse:
+    project, manages = _project_for_member(request, slug)
+    return render(request, "training.html", _page_context(project, manages, selected=request.GET.get("run", "")))
+
+
+@login_required
+@require_GET
+def training_history(request: HttpRequest, slug: str) -> HttpResponse:
+    """The runs and versions tables, refreshed when a run ends."""
+    project, manages = _project_for_member(request, slug)
+    context = _page_context(project, manages, selected=request.GET.get("run", ""))
+    return render(request, "training.html#history", context)
+
+
+@login_required
+@require_GET
+def training_run_live(request: HttpRequest, slug: str, run_id: int) -> HttpResponse:
+    """A run's live panel (progress, status, error, metrics for the charts); polled while the run goes."""
+    project, manages = _project_for_member(request, slug)
+    run = get_object_or_404(TrainingRun, pk=run_id, project=project)
+    context = {"project": project, "manages": manages, **_run_context(run)}
+    response = render(request, "training.html#run_live", context)
+    if request.htmx and not context["run_active"]:
+        response["HX-Trigger"] = json.dumps({RUN_ENDED_EVENT: {"run": run.pk}})
+    return response
+
+
+@login_required
+@require_POST
+def training_retrain(request: HttpRequest, slug: str) -> HttpResponse:
+    project = _project_for_manager(request, slug)
+    form = RetrainForm(request.POST)
+    if not form.is_valid():
+        messages.error(request, f"Could not start a run: {form.errors.as_text()}")
+        return _after_action(request, project)
+    try:
+        run = training_run_start(
+            project=project,
+            algorithm=form.cleaned_data["algorithm"] or None,
+            triggered_by=request.user,
+            trigger=TrainingRun.Trigger.MANUAL,
+        )
+    except TrainingRunError as error:
+        messages.error(request, f"Could not start a run: {error}")
+        return _after_action(request, project)
+    messages.success(request, f"Run #{run.pk} ({run.algorithm}) is queued with {run.data_counts.get('train')} items.")
+    return _after_action(request, project, run)
+
+
+@login_required
+@require_POST
+def training_run_cancel_view(request: HttpRequest, slug: str, run_id: int) -> HttpResponse:
+    project = _project_for_manager(request, slug)
+    run = get_object_or_404(TrainingRun, pk=run_id, project=project)
+    try:
+        run = training_run_cancel(run=run)
+    except TrainingRunError as error:
+        messages.error(request, f"Could not cancel: {error}")
+        return _after_action(request, project, run)
+    if run.status == TrainingRun.Status.CANCELLED:
+        messages.success(request, f"Run #{run.pk} is cancelled.")
+    else:
+        messages.success(request, f"Run #{run.pk} stops before its next step.")
+    return _after_action(request, project, run)
+
+
+@login_required
+@require_POST
+def training_version_promote(request: HttpRequest, slug: str, version_id: int) -> HttpResponse:
+    project = _project_for_manager(request, slug)
+    version = get_object_or_404(ModelVersion, pk=version_id, project=project)
+    version = model_version_promote(version=version)
+    messages.success(request, f"{version.name} is now the active version; it writes the next completions.")
+    return _after_action(request, project)
+
+
+@login_required
+@require_http_methods(["POST"])
+def training_settings(request: HttpRequest, slug: str) -> HttpResponse:
+    project = _project_for_manager(request, slug)
+    form = TrainingSettingsForm(request.POST, instance=project)
+    if not form.is_valid():
+        messages.error(request, "The training settings were not saved; see the errors below.")
+        context = _page_context(project, True, settings_form=form)
+        # htmx swaps only successful responses, so it gets the form with its errors as a 200.
+        if request.htmx:
+            return render(request, "training.html#main", context)
+        return render(request, "training.html", context, status=400)
+    form.save()
+    messages.success(request, "Training settings saved.")
+    return _after_action(request, project)

@@ -1,6 +1,6 @@
 from django.urls import path
 
-from feedback.api import annotation, exports, projects
+from feedback.api import annotation, exports, projects, training
 
 app_name = "api"
 
@@ -13,6 +13,9 @@ urlpatterns: list = [
     path("projects/<str:slug>/next-task/", annotation.NextTaskApi.as_view(), name="project-next-task"),
     path("projects/<str:slug>/judgements/", annotation.JudgementSubmitApi.as_view(), name="project-judgements"),
     path("projects/<str:slug>/export/", exports.ExportApi.as_view(), name="project-export"),
+    path("projects/<str:slug>/training-runs/", training.TrainingRunListApi.as_view(), name="project-training-runs"),
+    path("training-runs/<str:run_id>/", training.TrainingRunDetailApi.as_view(), name="training-run"),
+    path("training-runs/<str:run_id>/cancel/", training.TrainingRunCancelApi.as_view(), name="training-run-cancel"),
     path("exports/<str:job_id>/", exports.ExportJobApi.as_view(), name="export-job"),
     path("exports/<str:job_id>/download/", exports.ExportDownloadApi.as_view(), name="export-download"),
 ]

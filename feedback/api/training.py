@@ -1,0 +1,221 @@
+"""Training runs over the API: list, start, read and cancel.
+
+Members of a project (any role) and staff read; managers and staff start and cancel.
+The views call the same services as the training page, and a service's refusal (TrainingRunError)
+becomes a 400 with its message, or a 409 when another run is already queued or running, or the
+run to cancel has already ended.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
+from rest_framework import serializers, status
+from rest_framework.exceptions import NotFound
+from rest_framework.parsers import JSONParser
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from feedback.api.permissions import membership_role, project_for_manager, project_for_member
+from feedback.api.serializers import (
+    FORBIDDEN,
+    MAX_ID,
+    NOT_AUTHENTICATED,
+    NOT_FOUND,
+    PAGE_PARAMETER,
+    READ_ERRORS,
+    ErrorSerializer,
+    StrictPageNumberPagination,
+    paginated,
+)
+from feedback.models import Project, TrainingRun
+from feedback.services.training_runs import TrainingRunError, training_run_cancel, training_run_start
+
+ACTIVE = (TrainingRun.Status.QUEUED, TrainingRun.Status.RUNNING)
+
+
+class TrainingRunOutputSerializer(serializers.Serializer):
+    id = serializers.IntegerField()
+    project = serializers.CharField(source="project.slug")
+    algorithm = serializers.ChoiceField(choices=TrainingRun.Algorithm.choices)
+    status = serializers.ChoiceField(choices=TrainingRun.Status.choices)
+    step = serializers.IntegerField()
+    total_steps = serializers.IntegerField(help_text="0 until the worker has counted the steps.")
+    metrics = serializers.ListField(
+        child=serializers.DictField(),
+        help_text="One entry per step as the run goes: {step, loss, rewards/accuracies, kl, learning_rate, ...}.",
+    )
+    config = serializers.DictField(help_text="The run's complete configuration, defaults included.")
+    error = serializers.CharField(allow_blank=True)
+    data_counts = serializers.DictField(help_text="{train, held_out, format} of the data snapshot.")
+    data_hash = serializers.CharField(allow_blank=True, help_text="SHA-256 of the snapshot's rows.")
+    parent_version = serializers.IntegerField(source="parent_version_id", allow_null=True)
+    produced_version = serializers.SerializerMethodField()
+    trigger = serializers.ChoiceField(choices=TrainingRun.Trigger.choices)
+    triggered_by = serializers.SerializerMethodField()
+    cancel_requested = serializers.BooleanField()
+    created_at = serializers.DateTimeField()
+    started_at = serializers.DateTimeField(allow_null=True)
+    finished_at = serializers.DateTimeField(allow_null=True)
+
+    class Meta:
+        ref_name = "TrainingRun"
+
+    def get_produced_version(self, run: TrainingRun) -> int | None:
+        version = getattr(run, "produced_version", None)
+        return version.pk if version is not None else None
+
+    def get_triggered_by(self, run: TrainingRun) -> str | None:
+        return run.triggered_by.get_username() if run.triggered_by else None
+
+
+def _id(value: str, what: str) -> int:
+    """A path id as a number; anything that cannot be one is a 404, like an id that does not exist."""
+    if not (value.isascii() and value.isdigit()) or not 1 <= int(value) <= MAX_ID:
+        raise NotFound(f"No such {what}.")
+    return int(value)
+
+
+def _runs() -> Any:
+    return TrainingRun.objects.select_related("project", "triggered_by", "produced_version")
+
+
+def _run_for_member(request: Request, run_id: str) -> TrainingRun:
+    run = _runs().filter(pk=_id(run_id, "training run")).first()
+    if run is None or membership_role(user=request.user, project=run.project) is None:
+        raise NotFound("No such training run.")
+    return run
+
+
+def _run_data(run: TrainingRun) -> dict[str, Any]:
+    return TrainingRunOutputSerializer(run).data
+
+
+def _has_active_run(project: Project) -> TrainingRun | None:
+    return project.training_runs.filter(status__in=ACTIVE).first()
+
+
+def _conflict(detail: str) -> Response:
+    return Response({"detail": detail}, status=status.HTTP_409_CONFLICT)
+
+
+RUN_ID_PARAMETER = OpenApiParameter(
+    "run_id", {"type": "integer", "minimum": 1, "maximum": MAX_ID}, OpenApiParameter.PATH, description="A run's id."
+)
+RUN_NOT_FOUND = OpenApiResponse(ErrorSerializer, description="No such run (or not one of your projects').")
+
+
+class TrainingRunListApi(APIView):
+    """GET lists a project's runs, newest first; POST starts one (managers)."""
+
+    parser_classes = [JSONParser]
+
+    class InputSerializer(serializers.Serializer):
+        algorithm = serializers.ChoiceField(
+            choices=Project.Algorithm.choices,
+            required=False,
+            help_text="dpo, grpo (ranking projects), or dpo_rankings; the project's setting when left out.",
+        )
+        config = serializers.DictField(
+            required=False,
+            help_text='Hyperparameters over the project\'s own (e.g. {"epochs": 2, "beta": 0.1}); '
+            "names and types as in training.dpo.DPOConfig / training.grpo.GRPOConfig.",
+        )
+
+        class Meta:
+            ref_name = "TrainingRunStart"
+
+    @extend_schema(
+        operation_id="projects_training_runs_list",
+        summary="A project's training runs, newest first",
+        parameters=[PAGE_PARAMETER],
+        responses={
+            200: paginated(TrainingRunOutputSerializer(many=True), name="PaginatedTrainingRunList"),
+            **READ_ERRORS,
+        },
+    )
+    def get(self, request: Request, slug: str) -> Response:
+        project = project_for_member(user=request.user, slug=slug)
+        runs = _runs().filter(project=project).order_by("-created_at", "-id")
+        paginator = StrictPageNumberPagination()
+        page = paginator.paginate_queryset(runs, request, view=self)
+        return paginator.get_paginated_response(TrainingRunOutputSerializer(page, many=True).data)
+
+    @extend_schema(
+        operation_id="projects_training_runs_start",
+        summary="Start a training run (managers)",
+        description="Snapshots the project's judgements and queues the run for the worker; poll "
+        "`GET /training-runs/{id}/` for its progress. A project trains one run at a time.",
+        request=InputSerializer,
+        responses={
+            201: TrainingRunOutputSerializer,
+            400: OpenApiResponse(
+                ErrorSerializer,
+                description="Nothing was started: an unknown algorithm or setting, a bad value, GRPO on a "
+                "pairwise project, or no judgements to train on yet. `detail` says which; malformed fields "
+                "answer {field: [message, ...]} instead.",
+            ),
+            401: NOT_AUTHENTICATED,
+            403: FORBIDDEN,
+            404: NOT_FOUND,
+            409: OpenApiResponse(ErrorSerializer, description="Another run of the project is queued or running."),
+        },
+    )
+    def post(self, request: Request, slug: str) -> Response:
+        project = project_for_manager(user=request.user, slug=slug)
+        body = self.InputSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        if (active := _has_active_run(project)) is not None:
+            return _conflict(f"Run {active.pk} of {project.slug} is already {active.status}; wait or cancel it.")
+        try:
+            run = training_run_start(
+                project=project,
+                algorithm=body.validated_data.get("algorithm"),
+                config=body.validated_data.get("config"),
+                triggered_by=request.user,
+                trigger=TrainingRun.Trigger.API,
+            )
+        except TrainingRunError as error:
+            if _has_active_run(project) is not None:  # another request started one meanwhile
+                return _conflict(str(error))
+            return Response({"detail": str(error)}, status=status.HTTP_400_BAD_REQUEST)
+        return Response(_run_data(_runs().get(pk=run.pk)), status=status.HTTP_201_CREATED)
+
+
+class TrainingRunDetailApi(APIView):
+    @extend_schema(
+        operation_id="training_runs_retrieve",
+        summary="One training run: status, progress, metrics, config and error",
+        parameters=[RUN_ID_PARAMETER],
+        responses={200: TrainingRunOutputSerializer, 401: NOT_AUTHENTICATED, 403: FORBIDDEN, 404: RUN_NOT_FOUND},
+    )
+    def get(self, request: Request, run_id: str) -> Response:
+        return Response(_run_data(_run_for_member(request, run_id)))
+
+
+class TrainingRunCancelApi(APIView):
+    @extend_schema(
+        operation_id="training_runs_cancel",
+        summary="Cancel a queued or running run (managers)",
+        description="A queued run is cancelled at once; a running one stops before its next step "
+        "(`cancel_requested` is true until it has).",
+        parameters=[RUN_ID_PARAMETER],
+        request=None,
+        responses={
+            200: TrainingRunOutputSerializer,
+            401: NOT_AUTHENTICATED,
+            403: FORBIDDEN,
+            404: RUN_NOT_FOUND,
+            409: OpenApiResponse(ErrorSerializer, description="The run has already ended."),
+        },
+    )
+    def post(self, request: Request, run_id: str) -> Response:
+        run = _run_for_member(request, run_id)
+        project_for_manager(user=request.user, slug=run.project.slug)
+        try:
+            training_run_cancel(run=run)
+        except TrainingRunError as error:
+            return _conflict(str(error))
+        return Response(_run_data(_runs().get(pk=run.pk)))

@@ -1,6 +1,9 @@
-from django.contrib import admin
+from django.contrib import admin, messages
+from django.db.models import QuerySet
+from django.http import HttpRequest
 
 from feedback import models
+from feedback.services.training_runs import TrainingRunError, training_run_cancel, training_run_start
 
 
 class MembershipInline(admin.TabularInline):
@@ -16,6 +19,21 @@ class ProjectAdmin(admin.ModelAdmin):
     search_fields = ["name", "slug"]
     prepopulated_fields = {"slug": ["name"]}
     inlines = [MembershipInline]
+    actions = ["retrain_now"]
+
+    @admin.action(description="Retrain now (the project's algorithm and settings)")
+    def retrain_now(self, request: HttpRequest, queryset: QuerySet[models.Project]) -> None:
+        for project in queryset:
+            try:
+                run = training_run_start(
+                    project=project, triggered_by=request.user, trigger=models.TrainingRun.Trigger.ADMIN
+                )
+            except TrainingRunError as error:
+                self.message_user(request, f"{project.name}: {error}", level=messages.ERROR)
+            else:
+                self.message_user(
+                    request, f"{project.name}: run {run.pk} ({run.algorithm}) is queued.", messages.SUCCESS
+                )
 
 
 @admin.register(models.Membership)
@@ -87,6 +105,21 @@ class ModelVersionAdmin(admin.ModelAdmin):
 class TrainingRunAdmin(admin.ModelAdmin):
     list_display = ["id", "project", "algorithm", "status", "step", "total_steps", "trigger", "created_at"]
     list_filter = ["project", "status", "algorithm"]
+    actions = ["cancel_runs"]
+
+    @admin.action(description="Cancel the selected queued or running runs")
+    def cancel_runs(self, request: HttpRequest, queryset: QuerySet[models.TrainingRun]) -> None:
+        for run in queryset:
+            try:
+                run = training_run_cancel(run=run)
+            except TrainingRunError as error:
+                self.message_user(request, f"Run {run.pk}: {error}", level=messages.ERROR)
+            else:
+                done = (
+                    "cancelled" if run.status == models.TrainingRun.Status.CANCELLED else "stops before its next step"
+                )
+                self.message_user(request, f"Run {run.pk} {done}.", messages.SUCCESS)
+
     readonly_fields = [
         "metrics",
         "error",

@@ -1,5 +1,6 @@
 """Rankwise settings. Everything that differs between machines comes from the environment."""
 
+import os
 from pathlib import Path
 
 import environ
@@ -84,7 +85,8 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
         "transaction_mode": "IMMEDIATE",
         "timeout": 30,
     }
-    DATABASES["default"]["TEST"] = {"NAME": str(DATA_DIR / "test-rankwise.sqlite3")}
+    # A file, not memory, so live-server threads and worker processes in tests share it; one per test process.
+    DATABASES["default"]["TEST"] = {"NAME": str(DATA_DIR / f"test-rankwise-{os.getpid()}.sqlite3")}
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 REDIS_URL = env.str("REDIS_URL", default="")

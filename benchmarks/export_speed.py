@@ -111,6 +111,7 @@ def generate(data_dir: Path, judgements: int) -> dict:
     questions = [" ".join(rng.choice(WORDS) for _ in range(12)).capitalize() + "?" for _ in range(2000)]
     User = get_user_model()
     project = Project.objects.create(name="Bench", slug="bench", mode=Project.Mode.RANKING, completions_per_prompt=K)
+    Project.objects.create(name="Empty", slug="empty")
     staff = User.objects.create_user("bench-staff", is_staff=True)
     Token.objects.create(user=staff, key="b" * 40)
     annotators = [User.objects.create_user(f"bench-annotator-{i}") for i in range(ANNOTATORS)]
@@ -213,8 +214,8 @@ def serve_api(data_dir: Path, out: Path) -> None:
         raise SystemExit(f"API answered {status[0]}: {out.read_text()[:500]}")
 
 
-def timed(command: list[str], env: dict) -> tuple[float, int, str]:
-    """Wall seconds, peak resident memory in MiB and stdout of a child process."""
+def timed(command: list[str], env: dict) -> tuple[float, float, int, str]:
+    """Wall seconds, CPU seconds (user + system), peak resident memory in MiB and stdout of a child process."""
     started = time.perf_counter()
     process = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     stdout = process.stdout.read().decode()
@@ -223,7 +224,18 @@ def timed(command: list[str], env: dict) -> tuple[float, int, str]:
     seconds = time.perf_counter() - started
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"{' '.join(command)} failed:\n{stderr[-2000:]}")
-    return seconds, usage.ru_maxrss // 1024, stdout
+    return seconds, usage.ru_utime + usage.ru_stime, usage.ru_maxrss // 1024, stdout
+
+
+def figures(rows: int, seconds: float, cpu: float, peak: int) -> dict:
+    return {
+        "rows": rows,
+        "seconds": round(seconds, 1),
+        "cpu_seconds": round(cpu, 1),
+        "rows_per_s": round(rows / seconds),
+        "rows_per_cpu_s": round(rows / cpu),
+        "peak_mib": peak,
+    }
 
 
 def measure(judgements: int, base: Path) -> dict:
@@ -233,24 +245,26 @@ def measure(judgements: int, base: Path) -> dict:
     env = {**os.environ, "RANKWISE_DATA_DIR": str(data_dir), "DEBUG": "0", "ALLOWED_HOSTS": "localhost"}
     python = sys.executable
     subprocess.run([python, "manage.py", "migrate", "-v", "0"], env=env, cwd=ROOT, check=True)
-    _, _, generated = timed([python, __file__, "_generate", str(data_dir), str(judgements)], env)
+    _, _, _, generated = timed([python, __file__, "_generate", str(data_dir), str(judgements)], env)
     counts = json.loads(generated)
     database_mib = sum(f.stat().st_size for f in data_dir.glob("rankwise.sqlite3*")) / 2**20
 
     out = data_dir / "command.jsonl"
-    seconds, peak, stdout = timed(
+    seconds, cpu, peak, stdout = timed(
         [python, "manage.py", "export_preferences", "bench", "--format", "dpo", "--out", str(out)], env
     )
     rows = int(re.match(r"(\d+) dpo rows", stdout).group(1))
-    command = {"rows": rows, "seconds": round(seconds, 1), "rows_per_s": round(rows / seconds), "peak_mib": peak}
+    command = figures(rows, seconds, cpu, peak)
 
     api_out = data_dir / "api.jsonl"
-    seconds, peak, _ = timed([python, __file__, "_api", str(data_dir), str(api_out)], env)
-    api_rows = sum(1 for _ in api_out.open("rb"))
+    seconds, cpu, peak, _ = timed([python, __file__, "_api", str(data_dir), str(api_out)], env)
+    api = figures(sum(1 for _ in api_out.open("rb")), seconds, cpu, peak)
     same = api_out.read_bytes() == out.read_bytes()
-    api = {"rows": api_rows, "seconds": round(seconds, 1), "rows_per_s": round(api_rows / seconds), "peak_mib": peak}
 
-    _, baseline, _ = timed([python, "manage.py", "check", "-v", "0"], env)
+    empty = data_dir / "empty.jsonl"
+    _, _, baseline, _ = timed(
+        [python, "manage.py", "export_preferences", "empty", "--format", "dpo", "--out", str(empty)], env
+    )
     return {
         "judgements": counts["judgements"],
         "counts": counts,
@@ -267,27 +281,35 @@ def write_results(results: list[dict]) -> None:
     lines = [
         SECTION,
         "",
-        f"`python benchmarks/export_speed.py` on {platform.machine()}, {os.cpu_count()} CPUs (shared with other "
-        f"work while measured), Python {platform.python_version()}, SQLite {__import__('sqlite3').sqlite_version}, "
-        f"{time.strftime('%Y-%m-%d')}.",
+        f"`python benchmarks/export_speed.py` on {platform.machine()}, {os.cpu_count()} CPUs shared with three "
+        f"other engineers' test runs while measured, Python {platform.python_version()}, SQLite "
+        f"{__import__('sqlite3').sqlite_version}, {time.strftime('%Y-%m-%d')}.",
         "",
         f"Data: one ranking project, K = {K}, {ANNOTATORS} annotators rank every prompt in a random order "
-        "(one ranking in five has a tie); `dpo` with all pairs and the default options. Each export runs in its own "
-        "process; rows/s counts the whole process (Python and Django start-up included); peak memory is the "
-        "process's maximum resident set (ru_maxrss). `manage.py check` alone peaks at the baseline shown.",
+        "(one ranking in five has a tie), written straight into a fresh SQLite database (production settings). "
+        "Export: `dpo`, all pairs, default options. Each export runs in its own process: the command as a user "
+        "runs it, and the API through Django's WSGI handler in-process (token auth, DRF, streaming response; no "
+        "socket). Wall rows/s counts the whole process, start-up included; CPU rows/s divides by the process's "
+        "user + system time, which the other work on the machine disturbs less. Peak is the process's maximum "
+        "resident set (ru_maxrss); the same command on an empty project peaks at the baseline shown.",
         "",
-        "| judgements | prompts | dpo rows | database | JSONL | command: s, rows/s, peak | API: s, rows/s, peak "
-        "| same bytes |",
-        "|---:|---:|---:|---:|---:|---|---|---|",
+        "| judgements | prompts | dpo rows | JSONL | way | wall | rows/s (wall) | rows/s (CPU) | peak RSS |",
+        "|---:|---:|---:|---:|---|---:|---:|---:|---:|",
     ]
     for r in results:
-        c, a = r["command"], r["api"]
-        lines.append(
-            f"| {r['judgements']:,} | {r['counts']['prompts']:,} | {c['rows']:,} | {r['database_mib']} MiB "
-            f"| {r['jsonl_mib']} MiB | {c['seconds']} s, {c['rows_per_s']:,}/s, {c['peak_mib']} MiB "
-            f"| {a['seconds']} s, {a['rows_per_s']:,}/s, {a['peak_mib']} MiB | {'yes' if r['identical'] else 'NO'} |"
-        )
-    lines += ["", f"Baseline (`manage.py check`): {results[0]['baseline_peak_mib']} MiB.", ""]
+        for way in ("command", "api"):
+            f = r[way]
+            lines.append(
+                f"| {r['judgements']:,} | {r['counts']['prompts']:,} | {f['rows']:,} | {r['jsonl_mib']} MiB | {way} "
+                f"| {f['seconds']} s | {f['rows_per_s']:,} | {f['rows_per_cpu_s']:,} | {f['peak_mib']} MiB |"
+            )
+    same = all(r["identical"] for r in results)
+    lines += [
+        "",
+        f"Baseline peak (the command on an empty project): {results[0]['baseline_peak_mib']} MiB. "
+        f"The command's file and the API's body are {'byte-identical' if same else 'NOT identical'} at every size.",
+        "",
+    ]
     section = "\n".join(lines)
     text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
     pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)

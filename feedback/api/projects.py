@@ -9,9 +9,9 @@ from __future__ import annotations
 from typing import Any
 
 from django.db.models import Count, QuerySet
-from drf_spectacular.utils import OpenApiResponse, extend_schema, inline_serializer
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema, inline_serializer
 from rest_framework import serializers, status
-from rest_framework.exceptions import ParseError
+from rest_framework.exceptions import NotFound, ParseError
 from rest_framework.parsers import JSONParser
 from rest_framework.request import Request
 from rest_framework.response import Response
@@ -35,6 +35,7 @@ from feedback.api.serializers import (
 )
 from feedback.models import Completion, Membership, ModelVersion, Project, Prompt
 from feedback.selectors.projects import project_list_for_user
+from feedback.services.model_versions import model_version_promote
 from feedback.services.prompts import PromptImportError, prompts_import_records
 
 MAX_IMPORT_RECORDS = 10_000
@@ -293,18 +294,21 @@ class CompletionListApi(APIView):
         return _page(request, self, completions.order_by(params.validated_data["ordering"]), self.OutputSerializer)
 
 
-class ModelVersionListApi(APIView):
-    class OutputSerializer(serializers.Serializer):
-        id = serializers.IntegerField()
-        name = serializers.CharField()
-        parent = serializers.IntegerField(source="parent_id", allow_null=True)
-        produced_by_run = serializers.IntegerField(source="produced_by_run_id", allow_null=True)
-        metrics = serializers.DictField()
-        is_active = serializers.BooleanField()
-        created_at = serializers.DateTimeField()
+class ModelVersionOutputSerializer(serializers.Serializer):
+    id = serializers.IntegerField()
+    name = serializers.CharField()
+    parent = serializers.IntegerField(source="parent_id", allow_null=True)
+    produced_by_run = serializers.IntegerField(source="produced_by_run_id", allow_null=True)
+    metrics = serializers.DictField()
+    is_active = serializers.BooleanField()
+    created_at = serializers.DateTimeField()
 
-        class Meta:
-            ref_name = "ModelVersion"
+    class Meta:
+        ref_name = "ModelVersion"
+
+
+class ModelVersionListApi(APIView):
+    OutputSerializer = ModelVersionOutputSerializer
 
     @extend_schema(
         operation_id="projects_model_versions_list",
@@ -319,3 +323,48 @@ class ModelVersionListApi(APIView):
         project = project_for_member(user=request.user, slug=slug)
         versions = ModelVersion.objects.filter(project=project).order_by("-created_at", "-id")
         return _page(request, self, versions, self.OutputSerializer)
+
+
+class ModelVersionPromoteApi(APIView):
+    """Make a version its project's active one; the worker then writes the next round of completions."""
+
+    parser_classes = [JSONParser]
+
+    class InputSerializer(serializers.Serializer):
+        generate = serializers.BooleanField(
+            default=True, help_text="Queue completions for prompts that lack them, from the new version."
+        )
+
+        class Meta:
+            ref_name = "ModelVersionPromote"
+
+    @extend_schema(
+        operation_id="model_versions_promote",
+        summary="Promote a model version (managers)",
+        parameters=[
+            OpenApiParameter("version_id", {"type": "integer", "minimum": 1}, OpenApiParameter.PATH),
+        ],
+        request=InputSerializer,
+        responses={
+            200: ModelVersionOutputSerializer,
+            400: VALIDATION_ERROR,
+            401: NOT_AUTHENTICATED,
+            403: FORBIDDEN,
+            404: OpenApiResponse(
+                ErrorSerializer, description="No such model version (or not in one of your projects)."
+            ),
+        },
+    )
+    def post(self, request: Request, version_id: str) -> Response:
+        version = (
+            ModelVersion.objects.filter(pk=int(version_id)).select_related("project").first()
+            if version_id.isascii() and version_id.isdigit() and int(version_id) <= MAX_ID
+            else None
+        )
+        if version is None or membership_role(user=request.user, project=version.project) is None:
+            raise NotFound("No such model version.")
+        project_for_manager(user=request.user, slug=version.project.slug)
+        body = self.InputSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        version = model_version_promote(version=version, generate=body.validated_data["generate"])
+        return Response(ModelVersionOutputSerializer(version).data)

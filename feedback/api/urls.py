@@ -13,6 +13,11 @@ urlpatterns: list = [
     path("projects/<str:slug>/next-task/", annotation.NextTaskApi.as_view(), name="project-next-task"),
     path("projects/<str:slug>/judgements/", annotation.JudgementSubmitApi.as_view(), name="project-judgements"),
     path("projects/<str:slug>/export/", exports.ExportApi.as_view(), name="project-export"),
+    path(
+        "model-versions/<str:version_id>/promote/",
+        projects.ModelVersionPromoteApi.as_view(),
+        name="model-version-promote",
+    ),
     path("projects/<str:slug>/training-runs/", training.TrainingRunListApi.as_view(), name="project-training-runs"),
     path("training-runs/<str:run_id>/", training.TrainingRunDetailApi.as_view(), name="training-run"),
     path("training-runs/<str:run_id>/cancel/", training.TrainingRunCancelApi.as_view(), name="training-run-cancel"),

@@ -41,9 +41,10 @@ def world(staff_user):
     manager = MembershipFactory(project=project, user=UserFactory(username="boss"), role=Membership.Role.MANAGER).user
     prompt, completions = make_prompt(project, k=3)
     rank(annotator, prompt, [[completions[0]], [completions[1]], [completions[2]]])
-    ModelVersionFactory(project=project)
+    version = ModelVersionFactory(project=project)
     return {
         "project": project,
+        "version": version,
         "prompt": prompt,
         "users": {
             "anonymous": None,
@@ -296,3 +297,52 @@ def test_an_empty_date_range_exports_nothing(world):
     query = "created_from=2026-02-01T00:00Z&created_before=2026-01-01T00:00Z"
     response = client.get(f"/api/v1/projects/alpha/export/?{query}")
     assert response.status_code == 200 and b"".join(response.streaming_content) == b""
+
+
+@pytest.mark.parametrize("who", list(READ))
+def test_promote_permissions(world, who):
+    version = world["version"]
+    response = client_for(world["users"][who]).post(
+        f"/api/v1/model-versions/{version.pk}/promote/", {"generate": False}, format="json"
+    )
+    assert response.status_code == MANAGE[who]
+    version.refresh_from_db()
+    assert version.is_active == (MANAGE[who] == 200)
+    if MANAGE[who] == 200:
+        assert response.json()["is_active"] is True
+
+
+def test_promote_switches_the_active_version(world, django_capture_on_commit_callbacks):
+    first = world["version"]
+    second = ModelVersionFactory(project=world["project"])
+    client = client_for(world["users"]["manager"])
+    client.post(f"/api/v1/model-versions/{first.pk}/promote/", {"generate": False}, format="json")
+    with django_capture_on_commit_callbacks() as callbacks:
+        client.post(f"/api/v1/model-versions/{second.pk}/promote/", {}, format="json")
+    first.refresh_from_db()
+    second.refresh_from_db()
+    assert (first.is_active, second.is_active) == (False, True)
+    assert len(callbacks) == 1  # the next round of completions is queued
+
+
+@pytest.mark.parametrize(
+    "path, body, status",
+    [
+        ("{pk}", {"generate": "maybe"}, 400),
+        ("{pk}", "not json", 400),
+        ("999999", {}, 404),
+        ("abc", {}, 404),
+        ("9223372036854775808", {}, 404),
+    ],
+)
+def test_promote_refuses_bad_input(world, path, body, status):
+    client = client_for(world["users"]["staff"])
+    url = f"/api/v1/model-versions/{path.format(pk=world['version'].pk)}/promote/"
+    if isinstance(body, str):
+        response = client.post(url, body, content_type="application/json")
+    else:
+        response = client.post(url, body, format="json")
+    assert response.status_code == status
+    assert response["Content-Type"] == "application/json"
+    world["version"].refresh_from_db()
+    assert not world["version"].is_active

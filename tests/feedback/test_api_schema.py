@@ -23,6 +23,7 @@ from tests.feedback.export_helpers import fast_password_hashing, make_prompt, ra
 SCHEMA = SchemaGenerator().get_schema(request=None, public=True)
 SLUG = "schema"
 JOB_ID = "5c4e0f6a0d8e4c1f9b7a2e3d4c5b6a79"
+VERSION_ID = 424242
 
 
 def _aimed_at_the_test_data(schema: dict) -> dict:
@@ -35,6 +36,8 @@ def _aimed_at_the_test_data(schema: dict) -> dict:
                     parameter["schema"] = {"type": "string", "enum": [SLUG]}
                 if parameter["in"] == "path" and parameter["name"] == "job_id":
                     parameter["schema"] = {"type": "string", "enum": [JOB_ID]}
+                if parameter["in"] == "path" and parameter["name"] == "version_id":
+                    parameter["schema"] = {"type": "integer", "enum": [VERSION_ID]}
     return aimed
 
 
@@ -65,7 +68,7 @@ def api_world(db, settings, monkeypatch):
     for _ in range(3):
         prompt, completions = make_prompt(project, k=3)
         rank(annotator, prompt, [[completions[0]], completions[1:]])
-    ModelVersionFactory(project=project)
+    ModelVersionFactory(project=project, id=VERSION_ID)
     monkeypatch.setattr("feedback.services.exports.uuid.uuid4", lambda: uuid.UUID(JOB_ID))
     export_job_start(project=project, options=PreferenceExportOptions(), file_type="jsonl", requested_by_id=1)
     yield {"token": Token.objects.create(user=manager).key}

@@ -29,6 +29,7 @@ from feedback.api.serializers import (
     THROTTLED,
     VALIDATION_ERROR,
     ErrorSerializer,
+    StrictBooleanField,
     StrictPageNumberPagination,
     paginated,
     query_data,
@@ -331,7 +332,7 @@ class ModelVersionPromoteApi(APIView):
     parser_classes = [JSONParser]
 
     class InputSerializer(serializers.Serializer):
-        generate = serializers.BooleanField(
+        generate = StrictBooleanField(
             default=True, help_text="Queue completions for prompts that lack them, from the new version."
         )
 

@@ -31,6 +31,15 @@ class StrictPageNumberPagination(PageNumberPagination):
         return value
 
 
+class StrictBooleanField(serializers.BooleanField):
+    """A JSON body's true or false; DRF's BooleanField also takes 0, 1, "yes" and "off", which the schema does not."""
+
+    def to_internal_value(self, data: Any) -> bool:
+        if isinstance(data, bool):
+            return data
+        self.fail("invalid", input=data)
+
+
 class ErrorSerializer(serializers.Serializer):
     detail = serializers.CharField()
 

@@ -329,6 +329,7 @@ def test_promote_switches_the_active_version(world, django_capture_on_commit_cal
     "path, body, status",
     [
         ("{pk}", {"generate": "maybe"}, 400),
+        ("{pk}", {"generate": 0}, 400),
         ("{pk}", "not json", 400),
         ("999999", {}, 404),
         ("abc", {}, 404),

@@ -1,0 +1,311 @@
+"""The training page: who sees what, the buttons as plain posts and with htmx, the live panel's polling."""
+
+import json
+
+import pytest
+from django.contrib.messages import get_messages
+
+from feedback.models import Membership, ModelVersion, Project, TrainingRun
+from tests.factories import MembershipFactory, ModelVersionFactory, ProjectFactory, TrainingRunFactory, UserFactory
+from tests.feedback.export_helpers import compare, make_prompt
+
+pytestmark = pytest.mark.django_db
+
+HTMX = {"HTTP_HX_REQUEST": "true"}
+POLLING = 'hx-trigger="every 2s"'
+
+
+@pytest.fixture
+def queued(monkeypatch):
+    """Runs and generations stay queued: the worker's tasks are recorded instead of run."""
+    calls = {"train": [], "generate": []}
+    monkeypatch.setattr("feedback.tasks.training_run_task", lambda run_id: calls["train"].append(run_id))
+    monkeypatch.setattr(
+        "feedback.tasks.generate_completions_task", lambda project_id, **options: calls["generate"].append(project_id)
+    )
+    return calls
+
+
+@pytest.fixture
+def project():
+    return ProjectFactory(slug="loop", name="Loop", mode=Project.Mode.PAIRWISE, completions_per_prompt=2)
+
+
+@pytest.fixture
+def judged(project):
+    """Pairwise judgements on enough prompts for a training split."""
+    annotator = MembershipFactory(project=project).user
+    for _ in range(8):
+        _, (good, bad) = make_prompt(project, k=2)
+        compare(annotator, good, bad, "a")
+    return project
+
+
+@pytest.fixture
+def manager(project):
+    return MembershipFactory(project=project, role=Membership.Role.MANAGER).user
+
+
+@pytest.fixture
+def member(project):
+    return MembershipFactory(project=project, role=Membership.Role.ANNOTATOR).user
+
+
+def messages_of(response) -> list[str]:
+    return [str(m) for m in get_messages(response.wsgi_request)]
+
+
+def running_run(project, **kwargs):
+    defaults = {
+        "status": TrainingRun.Status.RUNNING,
+        "step": 3,
+        "total_steps": 10,
+        "metrics": [{"step": s, "loss": 0.7 - s / 100, "rewards/accuracies": s / 10} for s in (1, 2, 3)],
+        "data_counts": {"train": 12, "held_out": 2, "format": "dpo"},
+        "config": {"beta": 0.1, "epochs": 1},
+    }
+    return TrainingRunFactory(project=project, **defaults | kwargs)
+
+
+def versions(project):
+    metrics = {"eval_before": {"accuracy": 0.5, "margin": 0.0}, "eval_after": {"accuracy": 0.875, "margin": 0.42}}
+    old = ModelVersionFactory(project=project, name="v1", metrics=metrics)
+    new = ModelVersionFactory(project=project, name="v2", parent=old, metrics=metrics)
+    return old, new
+
+
+@pytest.mark.parametrize(
+    ("who", "status"),
+    [("anonymous", 302), ("outsider", 404), ("annotator", 200), ("manager", 200), ("staff", 200)],
+)
+def test_who_may_open_the_page(client, project, staff_user, who, status):
+    users = {
+        "outsider": MembershipFactory(project=ProjectFactory()).user,
+        "annotator": MembershipFactory(project=project).user,
+        "manager": MembershipFactory(project=project, role=Membership.Role.MANAGER).user,
+        "staff": staff_user,
+    }
+    if who in users:
+        client.force_login(users[who])
+    response = client.get("/projects/loop/training/")
+    assert response.status_code == status
+    if status == 200:
+        assert (b"Retrain now</button>" in response.content) == (who in ("manager", "staff"))
+
+
+def test_the_page_shows_runs_versions_and_settings(client, project, staff_user):
+    old, new = versions(project)
+    finished = TrainingRunFactory(
+        project=project,
+        status=TrainingRun.Status.FAILED,
+        error="ValueError: learning_rate too high",
+        triggered_by=staff_user,
+        trigger=TrainingRun.Trigger.ADMIN,
+    )
+    project.auto_train, project.auto_train_threshold = True, 50
+    project.save()
+    client.force_login(staff_user)
+
+    page = client.get(f"/projects/loop/training/?run={finished.pk}").content.decode()
+
+    assert "ValueError: learning_rate too high" in page
+    assert "Django admin by staff" in page
+    assert POLLING not in page  # a failed run is not polled
+    assert "0.500 → 0.875" in page and "0.000 → 0.420" in page
+    assert page.count(">Promote</button>") == 2  # nothing active yet
+    assert 'id="run-metrics"' in page and "chart-4.6.1.umd.min.js" in page
+    assert 'name="auto_train" id="id_auto_train" checked' in page and 'value="50"' in page
+    assert " style=" not in page and "<script>" not in page  # the Content Security Policy forbids both
+
+
+def test_the_live_panel_polls_only_while_the_run_goes(client, project, member):
+    run = running_run(project)
+    client.force_login(member)
+
+    page = client.get("/projects/loop/training/").content.decode()
+    assert POLLING in page and f'hx-get="/projects/loop/training/runs/{run.pk}/"' in page
+    assert '<progress id="run-progress" max="10" value="3">' in page
+    assert "Cancel</button>" not in page  # members watch; managers act
+
+    live = client.get(f"/projects/loop/training/runs/{run.pk}/", **HTMX)
+    assert POLLING in live.content.decode() and "HX-Trigger" not in live
+    metrics = json.loads(live.content.decode().split('type="application/json">')[1].split("</script>")[0])
+    assert metrics == {"algorithm": "dpo", "metrics": run.metrics}
+
+    TrainingRun.objects.filter(pk=run.pk).update(status=TrainingRun.Status.SUCCEEDED, step=10)
+    ended = client.get(f"/projects/loop/training/runs/{run.pk}/", **HTMX)
+    assert POLLING not in ended.content.decode() and 'value="10"' in ended.content.decode()
+    assert json.loads(ended["HX-Trigger"]) == {"rankwise:run-ended": {"run": run.pk}}
+
+    history = client.get("/projects/loop/training/history/", **HTMX).content.decode()
+    assert history.lstrip().startswith('<div id="history"') and f"#{run.pk}</a>" in history and "succeeded" in history
+
+
+def test_retrain_now_as_a_plain_post_queues_a_run(client, judged, manager, queued, django_capture_on_commit_callbacks):
+    client.force_login(manager)
+
+    with django_capture_on_commit_callbacks(execute=True):
+        response = client.post("/projects/loop/training/retrain/", {"algorithm": "dpo"})
+
+    run = TrainingRun.objects.get()
+    assert response.status_code == 302 and response["Location"] == f"/projects/loop/training/?run={run.pk}"
+    assert queued["train"] == [run.pk]
+    assert run.triggered_by == manager and run.trigger == TrainingRun.Trigger.MANUAL and run.status == "queued"
+    page = client.get(response["Location"]).content.decode()
+    assert f"Run #{run.pk} (dpo) is queued" in page and POLLING in page and "Cancel</button>" in page
+
+
+def test_retrain_now_with_htmx_answers_the_page_part_with_the_new_run(client, judged, staff_user, queued):
+    client.force_login(staff_user)
+
+    response = client.post("/projects/loop/training/retrain/", {"algorithm": ""}, **HTMX)
+
+    run = TrainingRun.objects.get()
+    body = response.content.decode()
+    assert response.status_code == 200 and body.lstrip().startswith('<div id="training"')
+    assert f"Run #{run.pk} (dpo) is queued" in body and POLLING in body
+    assert response["HX-Push-Url"] == f"/projects/loop/training/?run={run.pk}"
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({}, "no pairs to train on yet"),
+        ({"algorithm": "grpo"}, "GRPO trains on ranked groups"),
+        ({"algorithm": "ppo"}, "Select a valid choice"),
+    ],
+)
+def test_a_run_that_cannot_start_is_a_message_not_an_error(client, project, manager, queued, data, message):
+    client.force_login(manager)
+
+    plain = client.post("/projects/loop/training/retrain/", data, follow=True)
+    assert plain.status_code == 200 and message in plain.content.decode()
+    htmx = client.post("/projects/loop/training/retrain/", data, **HTMX)
+    assert htmx.status_code == 200 and message in htmx.content.decode()
+    assert not TrainingRun.objects.exists() and queued["train"] == []
+
+
+def test_a_second_run_while_one_goes_is_refused_with_a_message(client, judged, manager, queued):
+    active = running_run(judged)
+    client.force_login(manager)
+
+    response = client.post("/projects/loop/training/retrain/", {}, follow=True)
+
+    assert "already queued or running" in response.content.decode()
+    assert list(TrainingRun.objects.all()) == [active]
+
+
+def test_cancel_a_queued_run_then_a_running_one_then_an_ended_one(client, project, manager):
+    queued_run = TrainingRunFactory(project=project)
+    client.force_login(manager)
+
+    response = client.post(f"/projects/loop/training/runs/{queued_run.pk}/cancel/")
+    queued_run.refresh_from_db()
+    assert response.status_code == 302 and queued_run.status == "cancelled"
+    assert messages_of(response) == [f"Run #{queued_run.pk} is cancelled."]
+
+    running = running_run(project)
+    response = client.post(f"/projects/loop/training/runs/{running.pk}/cancel/", **HTMX)
+    running.refresh_from_db()
+    assert running.status == "running" and running.cancel_requested
+    assert "stops before its next step" in response.content.decode()
+    assert "cancel requested" in response.content.decode()
+
+    response = client.post(f"/projects/loop/training/runs/{queued_run.pk}/cancel/", follow=True)
+    assert "has already ended (cancelled)" in response.content.decode()
+
+
+def test_promote_then_roll_back(client, project, manager, queued, django_capture_on_commit_callbacks):
+    old, new = versions(project)
+    client.force_login(manager)
+
+    with django_capture_on_commit_callbacks(execute=True):
+        response = client.post(f"/projects/loop/training/versions/{new.pk}/promote/")
+    assert response.status_code == 302 and ModelVersion.objects.get(is_active=True) == new
+    assert queued["generate"] == [project.pk]  # the new active version writes the next completions
+    page = client.get("/projects/loop/training/").content.decode()
+    assert ">Roll back</button>" in page and ">Promote</button>" not in page
+    assert "v2</strong> <span" in page and "active</span>" in page
+
+    response = client.post(f"/projects/loop/training/versions/{old.pk}/promote/", **HTMX)
+    assert response.status_code == 200 and "v1 is now the active version" in response.content.decode()
+    assert ModelVersion.objects.get(is_active=True) == old
+
+
+def test_members_cannot_start_cancel_promote_or_change_settings(client, judged, member, queued):
+    run = running_run(judged)
+    old, _ = versions(judged)
+    client.force_login(member)
+
+    for url, data in [
+        ("/projects/loop/training/retrain/", {}),
+        (f"/projects/loop/training/runs/{run.pk}/cancel/", {}),
+        (f"/projects/loop/training/versions/{old.pk}/promote/", {}),
+        ("/projects/loop/training/settings/", {"auto_train": "on", "auto_train_threshold": "1"}),
+    ]:
+        assert client.post(url, data).status_code == 403
+        assert client.post(url, data, **HTMX).status_code == 403
+    run.refresh_from_db()
+    judged.refresh_from_db()
+    assert TrainingRun.objects.count() == 1 and not run.cancel_requested
+    assert not ModelVersion.objects.filter(is_active=True).exists() and not judged.auto_train
+
+
+def test_outsiders_get_404_for_every_action(client, project):
+    run = running_run(project)
+    client.force_login(MembershipFactory(project=ProjectFactory(), role=Membership.Role.MANAGER).user)
+    assert client.post("/projects/loop/training/retrain/").status_code == 404
+    assert client.post(f"/projects/loop/training/runs/{run.pk}/cancel/").status_code == 404
+    assert client.get(f"/projects/loop/training/runs/{run.pk}/").status_code == 404
+
+
+def settings_data(**overrides):
+    data = {
+        "auto_train": "on",
+        "auto_train_threshold": "25",
+        "auto_promote": "on",
+        "training_algorithm": "dpo",
+        "training_config": '{"epochs": 2, "beta": 0.2}',
+    }
+    return data | overrides
+
+
+def test_managers_change_the_training_settings(client, project, manager):
+    client.force_login(manager)
+
+    response = client.post("/projects/loop/training/settings/", settings_data())
+
+    project.refresh_from_db()
+    assert response.status_code == 302 and messages_of(response) == ["Training settings saved."]
+    assert project.auto_train and project.auto_promote and project.auto_train_threshold == 25
+    assert project.training_config == {"epochs": 2, "beta": 0.2}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"training_config": '{"betta": 0.1}'}, "unknown dpo setting &#x27;betta&#x27;"),
+        ({"training_config": '{"beta": -1}'}, "beta must be positive"),
+        ({"training_config": "[1, 2]"}, "must be a JSON object"),
+        ({"training_config": "{not json"}, "Enter a valid JSON"),
+        ({"auto_train_threshold": "0"}, "greater than or equal to 1"),
+    ],
+)
+def test_bad_settings_are_shown_at_their_field_and_not_saved(client, project, manager, overrides, message):
+    client.force_login(manager)
+
+    plain = client.post("/projects/loop/training/settings/", settings_data(**overrides))
+    htmx = client.post("/projects/loop/training/settings/", settings_data(**overrides), **HTMX)
+
+    assert plain.status_code == 400 and message in plain.content.decode()
+    assert htmx.status_code == 200 and message in htmx.content.decode()
+    project.refresh_from_db()
+    assert not project.auto_train and project.training_config == {}
+
+
+def test_the_home_page_links_to_training_for_managers_only(client, project, staff_user):
+    annotator = MembershipFactory(project=project).user
+    manager = MembershipFactory(project=project, role=Membership.Role.MANAGER, user=UserFactory()).user
+    for user, shown in [(annotator, False), (manager, True), (staff_user, True)]:
+        client.force_login(user)
+        assert (b'href="/projects/loop/training/"' in client.get("/").content) == shown

@@ -169,6 +169,10 @@ CSRF_TRUSTED_ORIGINS = env.list("CSRF_TRUSTED_ORIGINS", default=[])
 
 # How often the scheduler looks for projects due for training, in minutes.
 TRAINING_SCHEDULE_MINUTES = env.int("RANKWISE_TRAINING_SCHEDULE_MINUTES", default=5)
+# When a project's queue wants fewer judgements than this, the worker writes the next round of
+# completions for this many prompts that lack them.
+GENERATION_LOW_WATER = env.int("RANKWISE_GENERATION_LOW_WATER", default=20)
+GENERATION_ROUND_PROMPTS = env.int("RANKWISE_GENERATION_ROUND_PROMPTS", default=25)
 # A running training run whose heartbeat is older than this is taken for dead and failed.
 TRAINING_RUN_STALE_SECONDS = env.int("RANKWISE_TRAINING_RUN_STALE_SECONDS", default=180)
 

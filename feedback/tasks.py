@@ -6,8 +6,12 @@ from huey.contrib.djhuey import HUEY, db_periodic_task, db_task
 
 from feedback.models import Project, TrainingRun
 from feedback.services.exports import export_job_run
-from feedback.services.generation import completions_generate
+from feedback.services.generation import completions_generate, generation_schedule_tick
 from feedback.services.training_runs import training_run_execute, training_runs_reap, training_schedule_tick
+
+
+def _generation_lock_name(project_id: int) -> str:
+    return f"generation-project-{project_id}"
 
 
 @db_task()
@@ -15,7 +19,10 @@ def generate_completions_task(
     project_id: int, prompt_limit: int | None = None, k: int | None = None, mix_previous: bool = False
 ) -> int:
     project = Project.objects.get(pk=project_id)
-    return completions_generate(project=project, prompt_limit=prompt_limit, k=k, mix_previous=mix_previous).completions
+    with HUEY.lock_task(_generation_lock_name(project_id)):  # one generation per project at a time
+        return completions_generate(
+            project=project, prompt_limit=prompt_limit, k=k, mix_previous=mix_previous
+        ).completions
 
 
 @db_task()
@@ -49,6 +56,7 @@ def _reap_and_release() -> None:
 def training_schedule_task() -> None:
     _reap_and_release()
     training_schedule_tick()
+    generation_schedule_tick(low_water=settings.GENERATION_LOW_WATER, round_prompts=settings.GENERATION_ROUND_PROMPTS)
 
 
 @HUEY.on_startup()
@@ -56,4 +64,6 @@ def release_dead_runs_on_startup() -> None:
     from django.db import connection
 
     _reap_and_release()
+    # A generation that was under way when a worker died left its lock behind.
+    HUEY.flush_locks(*(_generation_lock_name(pk) for pk in Project.objects.values_list("pk", flat=True)))
     connection.close()

@@ -199,7 +199,8 @@ def task_for_assignment(*, assignment: Assignment) -> Task:
     )
 
 
-def _judgements_left(*, project: Project) -> int:
+def judgements_left(*, project: Project) -> int:
+    """Judgements the project still wants on the items its completions make now."""
     completions = Subquery(
         Completion.objects.filter(prompt=OuterRef("pk"))
         .order_by()
@@ -229,5 +230,5 @@ def task_progress(*, project: Project, annotator: AbstractBaseUser) -> TaskProgr
     return TaskProgress(
         judged_by_me=in_project.filter(annotator=annotator).count(),
         judged_total=in_project.count(),
-        left=_judgements_left(project=project),
+        left=judgements_left(project=project),
     )

@@ -128,3 +128,22 @@ def completions_generate(
         if progress:
             progress(min(start + batch_size, len(prompts)), len(prompts))
     return GenerationResult(prompts=len(prompts), completions=written, model=label)
+
+
+def generation_schedule_tick(*, low_water: int, round_prompts: int) -> list[Project]:
+    """Projects whose annotation queue runs low and that have prompts waiting for completions.
+
+    For each, the worker is asked to write the next round (`round_prompts` prompts).
+    """
+    from feedback.selectors.tasks import judgements_left
+    from feedback.tasks import generate_completions_task
+
+    due = []
+    for project in Project.objects.all():
+        if judgements_left(project=project) >= low_water:
+            continue
+        if not prompts_lacking_completions(project=project, k=project.completions_per_prompt, limit=1):
+            continue
+        generate_completions_task(project.pk, round_prompts, None, True)
+        due.append(project)
+    return due

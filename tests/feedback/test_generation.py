@@ -4,7 +4,7 @@ import pytest
 from django.core.management import CommandError, call_command
 
 from feedback.models import Completion
-from feedback.services.generation import GenerationError, completions_generate
+from feedback.services.generation import GenerationError, completions_generate, generation_schedule_tick
 from tests.factories import CompletionFactory, ModelVersionFactory, ProjectFactory, PromptFactory
 
 pytestmark = pytest.mark.django_db
@@ -87,3 +87,18 @@ def test_generate_command_sync_and_queued(project, huey_immediate):
 def test_generate_command_bad_input(project, args, message):
     with pytest.raises(CommandError, match=message):
         call_command("generate", *args)
+
+
+def test_a_project_whose_queue_runs_low_gets_its_next_round(project):
+    judged = PromptFactory(project=project)
+    CompletionFactory.create_batch(3, prompt=judged)  # one ranking item still wanted: 1 judgement left
+    waiting = PromptFactory.create_batch(3, project=project)
+
+    assert generation_schedule_tick(low_water=1, round_prompts=2) == []  # 1 left is not below 1
+    assert generation_schedule_tick(low_water=5, round_prompts=2) == [project]
+    assert [p.completions.count() for p in waiting] == [3, 3, 0]
+    busy = ProjectFactory(base_model=project.base_model)
+    PromptFactory(project=busy)
+    for _ in range(10):
+        CompletionFactory.create_batch(2, prompt=PromptFactory(project=busy))
+    assert generation_schedule_tick(low_water=5, round_prompts=2) == [project]  # busy has 10 items left

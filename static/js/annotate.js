@@ -253,7 +253,10 @@
     if (!form) return;
     if (typing(event.target)) {
       if (event.key === "Escape") event.target.blur();
-      else if (event.key === "Enter" && (event.ctrlKey || event.metaKey)) {
+      else if (event.key === "Enter" && event.target.name === "reason") {
+        event.preventDefault(); // Enter in the skip reason skips, it does not submit a judgement
+        form.querySelector("[data-action=skip]").click();
+      } else if (event.key === "Enter" && (event.ctrlKey || event.metaKey)) {
         event.preventDefault();
         submit(form);
       }

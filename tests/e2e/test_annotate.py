@@ -66,9 +66,9 @@ def ranks_of(assignment_id: int) -> dict[int, int]:
 
 
 def test_ranking_by_drag_and_drop_and_by_keyboard_with_ties_then_skip(live_server, page, artifacts):
-    project = make_project(mode="ranking", prompts=3, k=4, guidelines="Rank correct answers first.")
+    project = make_project(mode="ranking", prompts=4, k=4, guidelines="Rank correct answers first.")
     log_in(page, live_server, project)
-    expect(page.locator("#count-left")).to_have_text("3")
+    expect(page.locator("#count-left")).to_have_text("4")
 
     # 1. drag the last completion to the top
     first_task = shown_task_id(page)
@@ -109,14 +109,17 @@ def test_ranking_by_drag_and_drop_and_by_keyboard_with_ties_then_skip(live_serve
     judgement = RankingJudgement.objects.get(assignment_id=second_task)
     assert judgement.rationale == "b is the only one that explains slicing" and judgement.time_ms > 0
 
-    # 3. skip with a reason, then nothing is left
+    # 3. skip with a reason (Enter in the reason field), 4. skip with K; then nothing is left
     third_task = shown_task_id(page)
     page.locator("#current input[name=reason]").fill("Duplicate question")
-    page.keyboard.press("Escape")
-    page.keyboard.press("k")
-    expect(page.locator("#current .all-done")).to_be_visible()
+    page.keyboard.press("Enter")
+    expect(page.locator("#current form.task")).not_to_have_attribute("data-task-id", str(third_task))
     skipped = wait_for_db(lambda: Assignment.objects.filter(pk=third_task, state="skipped").first())
     assert skipped.skip_reason == "Duplicate question"
+    fourth_task = shown_task_id(page)
+    page.keyboard.press("k")
+    expect(page.locator("#current .all-done")).to_be_visible()
+    assert wait_for_db(lambda: Assignment.objects.filter(pk=fourth_task, state="skipped").first()).skip_reason == ""
     expect(page.locator("#count-mine")).to_have_text("2")
     assert RankingJudgement.objects.count() == 2 and Assignment.objects.filter(state="leased").count() == 0
 

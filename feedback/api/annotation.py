@@ -20,7 +20,7 @@ from feedback.api.serializers import FORBIDDEN, NOT_AUTHENTICATED, NOT_FOUND, TH
 from feedback.models import PairwiseJudgement, Project
 from feedback.selectors.tasks import task_for_assignment
 from feedback.services.assignments import assignment_lease_next
-from feedback.services.judgements import RATIONALE_MAX, TIME_MS_MAX, judgement_ranking, judgement_submit
+from feedback.services.judgements import RATIONALE_MAX, TIME_MS_MAX, judgement_submit
 
 
 class TaskMessageSerializer(serializers.Serializer):
@@ -97,7 +97,11 @@ class JudgementSubmitApi(APIView):
         client_uuid = serializers.UUIDField()
         choice = serializers.CharField(required=False)
         strength = serializers.CharField(required=False)
-        ranking = serializers.SerializerMethodField()
+        ranking = serializers.ListField(
+            child=serializers.ListField(child=serializers.IntegerField()),
+            required=False,
+            help_text="Ranking judgements: groups of completion ids, best first.",
+        )
         rationale = serializers.CharField()
         time_ms = serializers.IntegerField(allow_null=True)
         created_at = serializers.DateTimeField()
@@ -107,11 +111,6 @@ class JudgementSubmitApi(APIView):
 
         def get_kind(self, judgement) -> str:  # type: ignore[no-untyped-def]
             return Project.Mode.PAIRWISE if isinstance(judgement, PairwiseJudgement) else Project.Mode.RANKING
-
-        def get_ranking(self, judgement) -> list[list[int]] | None:  # type: ignore[no-untyped-def]
-            if isinstance(judgement, PairwiseJudgement):
-                return None
-            return judgement_ranking(judgement=judgement)
 
     @extend_schema(
         operation_id="projects_judgements_create",
@@ -148,6 +147,6 @@ class JudgementSubmitApi(APIView):
         except DjangoValidationError as error:
             raise ValidationError(error.message_dict) from None
         body = self.OutputSerializer(result.judgement).data
-        for absent in ("ranking",) if isinstance(result.judgement, PairwiseJudgement) else ("choice", "strength"):
-            body.pop(absent, None)
+        if result.ranking is not None:
+            body["ranking"] = result.ranking
         return Response(body, status=status.HTTP_201_CREATED if result.created else status.HTTP_200_OK)

@@ -36,17 +36,17 @@ Judgement = PairwiseJudgement | RankingJudgement
 class JudgementSubmission:
     judgement: Judgement
     created: bool
+    ranking: list[list[int]] | None = None  # a ranking judgement's groups, best first
 
 
 class _LostRace(Exception):
     pass
 
 
-def judgement_find(*, client_uuid: uuid.UUID) -> Judgement | None:
-    return (
-        PairwiseJudgement.objects.filter(client_uuid=client_uuid).first()
-        or RankingJudgement.objects.filter(client_uuid=client_uuid).first()
-    )
+def judgement_find(*, project: Project, client_uuid: uuid.UUID) -> Judgement | None:
+    """The judgement of the project's kind with this client UUID, if any."""
+    judgements = PairwiseJudgement if project.mode == Project.Mode.PAIRWISE else RankingJudgement
+    return judgements.objects.filter(client_uuid=client_uuid).first()
 
 
 def judgement_ranking(*, judgement: RankingJudgement) -> list[list[int]]:
@@ -121,13 +121,16 @@ def _validate_task(*, assignment: Assignment | None, annotator: AbstractBaseUser
     return None
 
 
-def _repeat_of(*, client_uuid: uuid.UUID, annotator: AbstractBaseUser, task_id: int) -> JudgementSubmission | None:
-    existing = judgement_find(client_uuid=client_uuid)
+def _repeat_of(
+    *, project: Project, client_uuid: uuid.UUID, annotator: AbstractBaseUser, task_id: int
+) -> JudgementSubmission | None:
+    existing = judgement_find(project=project, client_uuid=client_uuid)
     if existing is None:
         return None
     if existing.annotator_id != annotator.pk or existing.assignment_id != task_id:
         raise ValidationError({"client_uuid": "This client UUID was already used for another judgement."})
-    return JudgementSubmission(judgement=existing, created=False)
+    ranking = judgement_ranking(judgement=existing) if isinstance(existing, RankingJudgement) else None
+    return JudgementSubmission(judgement=existing, created=False, ranking=ranking)
 
 
 def judgement_submit(
@@ -148,7 +151,7 @@ def judgement_submit(
     ``ranking`` is a list of groups of completion ids, best first; tied completions share a
     group and a rank (1 for the first group, 2 for the next, ...).
     """
-    repeat = _repeat_of(client_uuid=client_uuid, annotator=annotator, task_id=task_id)
+    repeat = _repeat_of(project=project, client_uuid=client_uuid, annotator=annotator, task_id=task_id)
     if repeat is not None:
         return repeat
     rationale = rationale.strip()
@@ -170,6 +173,10 @@ def judgement_submit(
         if ranking_error:
             errors["ranking"] = ranking_error
     if errors:
+        # the same submission may have been stored between the first look and now (a double click)
+        repeat = _repeat_of(project=project, client_uuid=client_uuid, annotator=annotator, task_id=task_id)
+        if repeat is not None:
+            return repeat
         raise ValidationError(errors)
     assert assignment is not None
 
@@ -188,14 +195,16 @@ def judgement_submit(
             )
     except (IntegrityError, _LostRace):
         # Someone (most often this annotator's own double click) got there first.
-        repeat = _repeat_of(client_uuid=client_uuid, annotator=annotator, task_id=task_id)
+        repeat = _repeat_of(project=project, client_uuid=client_uuid, annotator=annotator, task_id=task_id)
         if repeat is not None:
             return repeat
         fresh = Assignment.objects.filter(pk=task_id, project=project).first()
         raise ValidationError(
             {"task_id": _validate_task(assignment=fresh, annotator=annotator) or "This task changed; try again."}
         ) from None
-    return JudgementSubmission(judgement=judgement, created=True)
+    return JudgementSubmission(
+        judgement=judgement, created=True, ranking=ranking if isinstance(judgement, RankingJudgement) else None
+    )
 
 
 def _write(

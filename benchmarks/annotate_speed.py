@@ -1,7 +1,7 @@
 """How fast the annotation queue answers with a large project, and whether it stays correct under load.
 
-Usage: python benchmarks/annotate_speed.py [--prompts 100000] [--judgements 300000] [--calls 1000]
-                                           [--annotators 20] [--seconds 60] [--keep DIR]
+Usage: python benchmarks/annotate_speed.py [--prompts 100000] [--judgements-per-prompt 3] [--calls 1000]
+                                           [--annotators 20] [--seconds 60] [--seeded-db FILE] [--no-write]
 
 It builds a fresh SQLite database (the production settings: WAL, immediate transactions,
 busy timeout) in a temporary data dir with two projects of N prompts x 4 completions:
@@ -31,6 +31,7 @@ import os
 import platform
 import random
 import re
+import shutil
 import socket
 import statistics
 import subprocess
@@ -294,6 +295,17 @@ def seed(*, prompts: int, judgements_per_prompt: int) -> dict[str, object]:
     return {"slugs": slugs, "seeded_ids": seeded_ids, "bench_ids": bench_ids}
 
 
+def seeded_from_database() -> dict[str, object]:
+    from django.contrib.auth import get_user_model
+
+    users = get_user_model().objects.order_by("pk")
+    return {
+        "slugs": {"ranking": "bench-ranking", "pairwise": "bench-pairwise"},
+        "seeded_ids": list(users.filter(username__startswith="seeded-").values_list("pk", flat=True)),
+        "bench_ids": list(users.filter(username__startswith="bench-").values_list("pk", flat=True)),
+    }
+
+
 def judgement_body(task: dict) -> dict:
     ids = [c["id"] for c in task["completions"]]
     body = {"task_id": task["task_id"], "client_uuid": str(uuid.uuid4()), "kind": task["kind"], "time_ms": 1234}
@@ -447,19 +459,33 @@ def main() -> None:
     parser.add_argument("--annotators", type=int, default=20)
     parser.add_argument("--seconds", type=float, default=60)
     parser.add_argument("--no-write", action="store_true", help="print the figures, leave RESULTS.md alone")
+    parser.add_argument(
+        "--seeded-db",
+        type=Path,
+        help="a copy of the seeded database: made on the first run, copied in (and migrated) on later ones",
+    )
     args = parser.parse_args()
 
     scratch = tempfile.TemporaryDirectory()
     data_dir = Path(scratch.name)
+    reuse = args.seeded_db is not None and args.seeded_db.exists()
+    if reuse:
+        shutil.copyfile(args.seeded_db, data_dir / "rankwise.sqlite3")
     setup_django(data_dir)
     from django.db import connection
     from rest_framework.authtoken.models import Token
 
     started = time.perf_counter()
-    seeded = seed(prompts=args.prompts, judgements_per_prompt=args.judgements_per_prompt)
+    if reuse:
+        seeded = seeded_from_database()
+    else:
+        seeded = seed(prompts=args.prompts, judgements_per_prompt=args.judgements_per_prompt)
     seed_seconds = time.perf_counter() - started
     with connection.cursor() as cursor:
         cursor.execute("ANALYZE")
+        if args.seeded_db is not None and not reuse:
+            cursor.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            shutil.copyfile(data_dir / "rankwise.sqlite3", args.seeded_db)
     # in process: annotators with thousands of judgements each; over HTTP: newcomers
     in_process_ids, http_ids = seeded["seeded_ids"][: args.annotators], seeded["bench_ids"][: args.annotators]
     lines = [
@@ -468,8 +494,8 @@ def main() -> None:
         f"`python benchmarks/annotate_speed.py` on {platform.machine()} with {os.cpu_count()} cores, "
         f"Python {platform.python_version()}, SQLite {connection.Database.sqlite_version} (WAL, immediate "
         f"transactions); {time.strftime('%Y-%m-%d')}. Each project: {args.prompts:,} prompts x {K} completions "
-        f"and {args.prompts * args.judgements_per_prompt:,} judgements already stored (seeding took "
-        f"{seed_seconds:.0f} s).",
+        f"and {args.prompts * args.judgements_per_prompt:,} judgements already stored "
+        + ("(a copy of a database seeded earlier)." if reuse else f"(seeding took {seed_seconds:.0f} s)."),
         "",
         "Server-side time (Django's full request handling in process: middleware, session auth, DRF, services; "
         f"no network), {args.calls:,} calls each, {args.annotators} annotators taking turns:",

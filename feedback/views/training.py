@@ -43,6 +43,7 @@ class TrainingSettingsForm(forms.ModelForm):
     class Meta:
         model = Project
         fields = ["auto_train", "auto_train_threshold", "auto_promote", "training_algorithm", "training_config"]
+        widgets = {"training_config": forms.Textarea(attrs={"rows": 4})}
         labels = {
             "auto_train": "Train automatically",
             "auto_train_threshold": "after this many new judgements",
@@ -102,7 +103,8 @@ def _run_context(run: TrainingRun | None) -> dict[str, Any]:
         "run_active": run.status in ACTIVE,
         "run_duration": _duration(run),
         "run_config": json.dumps(run.config, indent=2, sort_keys=True),
-        "run_chart": {"algorithm": run.algorithm, "metrics": run.metrics},
+        # A data attribute, not json_script: htmx (allowScriptTags off) drops script elements from swapped content.
+        "run_chart": json.dumps({"algorithm": run.algorithm, "metrics": run.metrics}),
     }
 
 

@@ -1,6 +1,6 @@
 // The training page's charts: loss, and reward accuracy (DPO) or KL (GRPO), by step.
-// The metrics come from the `run-metrics` JSON script inside the live panel, which htmx
-// swaps every two seconds while the run goes; the charts are updated in place.
+// The metrics come from the live panel's `data-metrics` attribute (JSON); htmx swaps the panel
+// every two seconds while the run goes, and the charts are updated in place.
 (function () {
   "use strict";
 
@@ -16,8 +16,8 @@
   };
 
   function readMetrics() {
-    const script = document.getElementById("run-metrics");
-    return script ? JSON.parse(script.textContent) : null;
+    const panel = document.getElementById("run-live");
+    return panel && panel.dataset.metrics ? JSON.parse(panel.dataset.metrics) : null;
   }
 
   function datasets(kind, run) {
@@ -63,6 +63,16 @@
     });
   }
 
+  // htmx:load fires for the page and for every piece of content htmx swaps in (including a
+  // polled panel that replaced itself, whose own swap events are fired on the detached element).
+  let pending = false;
   document.addEventListener("DOMContentLoaded", draw);
-  document.addEventListener("htmx:afterSettle", draw);
+  document.addEventListener("htmx:load", () => {
+    if (pending) return;
+    pending = true;
+    requestAnimationFrame(() => {
+      pending = false;
+      draw();
+    });
+  });
 })();

@@ -1,5 +1,6 @@
 """The training page: who sees what, the buttons as plain posts and with htmx, the live panel's polling."""
 
+import html
 import json
 
 import pytest
@@ -113,7 +114,7 @@ def test_the_page_shows_runs_versions_and_settings(client, project, staff_user):
     assert POLLING not in page  # a failed run is not polled
     assert "0.500 → 0.875" in page and "0.000 → 0.420" in page
     assert page.count(">Promote</button>") == 2  # nothing active yet
-    assert 'id="run-metrics"' in page and "chart-4.6.1.umd.min.js" in page
+    assert "data-metrics=" in page and "chart-4.6.1.umd.min.js" in page
     assert 'name="auto_train" id="id_auto_train" checked' in page and 'value="50"' in page
     assert " style=" not in page and "<script>" not in page  # the Content Security Policy forbids both
 
@@ -129,7 +130,7 @@ def test_the_live_panel_polls_only_while_the_run_goes(client, project, member):
 
     live = client.get(f"/projects/loop/training/runs/{run.pk}/", **HTMX)
     assert POLLING in live.content.decode() and "HX-Trigger" not in live
-    metrics = json.loads(live.content.decode().split('type="application/json">')[1].split("</script>")[0])
+    metrics = json.loads(html.unescape(live.content.decode().split('data-metrics="')[1].split('"')[0]))
     assert metrics == {"algorithm": "dpo", "metrics": run.metrics}
 
     TrainingRun.objects.filter(pk=run.pk).update(status=TrainingRun.Status.SUCCEEDED, step=10)

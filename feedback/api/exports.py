@@ -132,7 +132,7 @@ class _FormatIsNotARenderer:
 class ExportFormatNegotiation(DefaultContentNegotiation):
     """`?format=` names the export format (DESIGN.md), so DRF must not read it as a renderer choice."""
 
-    settings = _FormatIsNotARenderer
+    settings = _FormatIsNotARenderer  # type: ignore[assignment]  # only URL_FORMAT_OVERRIDE is read
 
 
 class ExportApi(APIView):

@@ -19,7 +19,7 @@ def membership_role(*, user: User, project: Project) -> str | None:
     """The user's role in the project, "manager" for staff, None for non-members."""
     if not user.is_authenticated:
         return None
-    if user.is_staff:
+    if getattr(user, "is_staff", False):
         return Membership.Role.MANAGER
     return Membership.objects.filter(user_id=user.pk, project_id=project.pk).values_list("role", flat=True).first()
 

@@ -75,6 +75,12 @@ class ProjectOutputSerializer(serializers.Serializer):
     role = serializers.ChoiceField(choices=Membership.Role.choices, help_text="Yours; staff count as managers.")
 
 
+def _project_data(project: Project, role: str | None) -> dict[str, Any]:
+    """A project annotated by project_list_for_user (prompt and completion counts) with the caller's role."""
+    fields = ("slug", "name", "mode", "completions_per_prompt", "overlap", "prompt_count", "completion_count")
+    return {**{name: getattr(project, name) for name in fields}, "role": role}
+
+
 class ProjectListApi(APIView):
     class OutputSerializer(ProjectOutputSerializer):
         class Meta:
@@ -93,12 +99,12 @@ class ProjectListApi(APIView):
     )
     def get(self, request: Request) -> Response:
         projects = project_list_for_user(user=request.user)
-        roles = dict(Membership.objects.filter(user_id=request.user.pk).values_list("project_id", "role"))
+        roles = dict(Membership.objects.filter(user_id=request.user.pk or 0).values_list("project_id", "role"))
         paginator = StrictPageNumberPagination()
-        page = paginator.paginate_queryset(projects, request, view=self)
-        for project in page or []:
-            project.role = Membership.Role.MANAGER if request.user.is_staff else roles.get(project.pk)
-        return paginator.get_paginated_response(self.OutputSerializer(page, many=True).data)
+        page = paginator.paginate_queryset(projects, request, view=self) or []
+        staff = getattr(request.user, "is_staff", False)
+        items = [_project_data(p, Membership.Role.MANAGER if staff else roles.get(p.pk)) for p in page]
+        return paginator.get_paginated_response(self.OutputSerializer(items, many=True).data)
 
 
 class ProjectDetailApi(APIView):
@@ -116,8 +122,8 @@ class ProjectDetailApi(APIView):
     def get(self, request: Request, slug: str) -> Response:
         project = project_for_member(user=request.user, slug=slug)
         counted = project_list_for_user(user=request.user).get(pk=project.pk)
-        counted.role = membership_role(user=request.user, project=project)
-        return Response(self.OutputSerializer(counted).data)
+        data = _project_data(counted, membership_role(user=request.user, project=project))
+        return Response(self.OutputSerializer({**data, "guidelines": counted.guidelines}).data)
 
 
 class PromptsApi(APIView):
@@ -298,7 +304,7 @@ class CompletionListApi(APIView):
 class ModelVersionOutputSerializer(serializers.Serializer):
     id = serializers.IntegerField()
     name = serializers.CharField()
-    parent = serializers.IntegerField(source="parent_id", allow_null=True)
+    parent_version = serializers.IntegerField(source="parent_id", allow_null=True)
     produced_by_run = serializers.IntegerField(source="produced_by_run_id", allow_null=True)
     metrics = serializers.DictField()
     is_active = serializers.BooleanField()

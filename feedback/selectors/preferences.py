@@ -211,10 +211,10 @@ def _streams(
     project: Project, options: PreferenceExportOptions
 ) -> tuple[QuerySet, QuerySet, QuerySet | None, QuerySet | None]:
     prompts = Prompt.objects.filter(project=project).order_by("id").values_list("id", "messages")
-    completions = Completion.objects.filter(prompt__project=project)
+    written = Completion.objects.filter(prompt__project=project)
     if options.model_version_ids is not None:
-        completions = completions.filter(model_version_id__in=list(options.model_version_ids))
-    completions = completions.order_by("prompt_id", "id").values_list("prompt_id", "id", "text")
+        written = written.filter(model_version_id__in=list(options.model_version_ids))
+    completions = written.order_by("prompt_id", "id").values_list("prompt_id", "id", "text")
 
     raw = options.format == "judgements"
     pairwise = None

@@ -118,7 +118,7 @@ def _dpo_line_encoder(encode: Callable[[Any], str]) -> Callable[[dict[str, Any]]
 def export_jsonl_chunks(*, rows: Iterable[dict[str, Any]]) -> Iterator[str]:
     """JSONL text in chunks of about a thousand lines, for a file or a streamed response."""
     encode = json.JSONEncoder(ensure_ascii=False, separators=(", ", ": ")).encode
-    line = encode
+    line: Callable[[dict[str, Any]], str] = encode
     lines: list[str] = []
     for row in rows:
         if not lines and line is encode and tuple(row) == DPO_KEYS:

@@ -6,8 +6,8 @@ is built by the worker, and the page shows its status and then the download link
 
 from __future__ import annotations
 
-from datetime import datetime, time
-from typing import Any
+from datetime import datetime, time, timedelta
+from typing import Any, cast
 from urllib.parse import urlencode
 
 from django import forms
@@ -43,11 +43,13 @@ class ExportForm(forms.Form):
 
     def __init__(self, *args: Any, project: Project, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.fields["annotators"].queryset = get_user_model().objects.filter(memberships__project=project)
-        self.fields["model_versions"].queryset = project.model_versions.all()
+        annotators = cast(forms.ModelMultipleChoiceField, self.fields["annotators"])
+        annotators.queryset = get_user_model().objects.filter(memberships__project=project)
+        versions = cast(forms.ModelMultipleChoiceField, self.fields["model_versions"])
+        versions.queryset = project.model_versions.all()
 
     def clean(self) -> dict[str, Any]:
-        cleaned = super().clean()
+        cleaned = super().clean() or {}
         start, end = cleaned.get("created_from"), cleaned.get("created_until")
         if start and end and start > end:
             self.add_error("created_until", "must not be before the first day")
@@ -57,7 +59,7 @@ class ExportForm(forms.Form):
         start, end = self.cleaned_data.get("created_from"), self.cleaned_data.get("created_until")
         zone = timezone.get_current_timezone()
         first = datetime.combine(start, time.min, tzinfo=zone) if start else None
-        after = datetime.combine(end, time.min, tzinfo=zone) + timezone.timedelta(days=1) if end else None
+        after = datetime.combine(end, time.min, tzinfo=zone) + timedelta(days=1) if end else None
         return first, after
 
     def options(self) -> PreferenceExportOptions:
@@ -101,7 +103,9 @@ class ExportForm(forms.Form):
 
 def _managed_project(request: HttpRequest, slug: str) -> Project:
     project = Project.objects.filter(slug=slug).first()
-    role = membership_role(user=request.user, project=project) if project else None
+    if project is None:
+        raise Http404("No such project.")
+    role = membership_role(user=request.user, project=project)
     if role is None:
         raise Http404("No such project.")
     if role != Membership.Role.MANAGER:
@@ -127,10 +131,10 @@ def export_page(request: HttpRequest, slug: str) -> HttpResponse:
         if action == "link":
             context["download_url"] = f"{reverse('api:project-export', args=[project.slug])}?{form.api_query()}"
             return render(request, "export.html", context)
-        job = export_job_start(
+        started = export_job_start(
             project=project, options=form.options(), file_type=action, requested_by_id=request.user.pk
         )
-        return redirect(f"{reverse('export', args=[project.slug])}?job={job.id}")
+        return redirect(f"{reverse('export', args=[project.slug])}?job={started.id}")
     job = export_job_get(job_id=request.GET.get("job", ""))
     if job is not None and job.project_id == project.pk:
         context["job"] = job

@@ -266,7 +266,7 @@ def test_model_versions_list(world):
     assert len(results) == 1 and set(results[0]) == {
         "id",
         "name",
-        "parent",
+        "parent_version",
         "produced_by_run",
         "metrics",
         "is_active",

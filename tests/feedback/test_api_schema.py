@@ -77,7 +77,7 @@ def api_world(db, settings, monkeypatch):
 
 
 @api.parametrize()
-@settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck))
 def test_api_keeps_to_its_schema(case, api_world):
     # Authenticate with the token; drop the session cookie schemathesis generates for the cookie scheme.
     case.cookies = {}

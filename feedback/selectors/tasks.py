@@ -18,8 +18,9 @@ from datetime import datetime
 from itertools import combinations
 from typing import Any
 
-from django.contrib.auth.models import AbstractBaseUser
+from django.contrib.auth.models import User
 from django.db.models import Case, Count, F, IntegerField, OuterRef, Q, Subquery, Sum, Value, When
+from django.db.models.expressions import CombinedExpression
 from django.db.models.functions import Coalesce, Greatest, Least
 
 from feedback.models import Assignment, Completion, PairwiseJudgement, Project, Prompt, RankingJudgement
@@ -79,9 +80,7 @@ class TaskProgress:
     left: int
 
 
-def task_lease_current(
-    *, project: Project, annotator: AbstractBaseUser, exclude_ids: Collection[int] = ()
-) -> Assignment | None:
+def task_lease_current(*, project: Project, annotator: User, exclude_ids: Collection[int] = ()) -> Assignment | None:
     """The annotator's oldest unfinished lease in the project, so abandoned work is resumed first.
 
     A lease past its expiry still counts while its row exists: nobody has taken its slot yet.
@@ -140,9 +139,7 @@ def _candidates_for_prompt(
     return [ItemCandidate(prompt_id, key, members, slot, expired) for _, key, members, slot, expired in ranked]
 
 
-def task_candidates_for_annotator(
-    *, project: Project, annotator: AbstractBaseUser, now: datetime
-) -> Iterator[ItemCandidate]:
+def task_candidates_for_annotator(*, project: Project, annotator: User, now: datetime) -> Iterator[ItemCandidate]:
     """Items the annotator may lease, least-judged first, each with a free slot.
 
     Prompts come from an index range scan in (judgement_count, id) order, a batch at a time, so
@@ -172,7 +169,7 @@ def task_candidates_for_annotator(
         for row in Assignment.objects.filter(prompt_id__in=prompt_ids).values(
             "pk", "item_key", "slot", "annotator_id", "state", "expires_at"
         ):
-            rows_by_item[row["item_key"]].append(row)
+            rows_by_item[row["item_key"]].append(dict(row))
         for prompt_id in prompt_ids:
             yield from _candidates_for_prompt(
                 project=project,
@@ -210,6 +207,7 @@ def judgements_left(*, project: Project) -> int:
         output_field=IntegerField(),
     )
     n = Least(Coalesce(completions, Value(0)), Value(project.completions_per_prompt))
+    items: Case | CombinedExpression
     if project.mode == Project.Mode.RANKING:
         items = Case(When(n__gte=2, then=Value(1)), default=Value(0), output_field=IntegerField())
     else:
@@ -223,7 +221,7 @@ def judgements_left(*, project: Project) -> int:
     return left or 0
 
 
-def task_progress(*, project: Project, annotator: AbstractBaseUser) -> TaskProgress:
+def task_progress(*, project: Project, annotator: User) -> TaskProgress:
     """Judgements by this annotator, by everyone, and how many the project still wants."""
     judgements = PairwiseJudgement if project.mode == Project.Mode.PAIRWISE else RankingJudgement
     in_project = judgements.objects.filter(project=project)

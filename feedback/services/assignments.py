@@ -13,7 +13,7 @@ import random
 from collections.abc import Collection
 from datetime import datetime, timedelta
 
-from django.contrib.auth.models import AbstractBaseUser
+from django.contrib.auth.models import User
 from django.core.exceptions import ValidationError
 from django.db import IntegrityError, transaction
 from django.utils import timezone
@@ -24,9 +24,7 @@ from feedback.selectors.tasks import ItemCandidate, task_candidates_for_annotato
 SKIP_REASON_MAX = 500
 
 
-def _lease_take(
-    *, project: Project, annotator: AbstractBaseUser, candidate: ItemCandidate, now: datetime
-) -> Assignment | None:
+def _lease_take(*, project: Project, annotator: User, candidate: ItemCandidate, now: datetime) -> Assignment | None:
     display_order = list(candidate.completion_ids)
     random.shuffle(display_order)
     pairwise = project.mode == Project.Mode.PAIRWISE
@@ -53,9 +51,7 @@ def _lease_take(
         return None
 
 
-def assignment_lease_next(
-    *, project: Project, annotator: AbstractBaseUser, exclude_ids: Collection[int] = ()
-) -> Assignment | None:
+def assignment_lease_next(*, project: Project, annotator: User, exclude_ids: Collection[int] = ()) -> Assignment | None:
     """The annotator's next task: an unfinished lease of theirs if any, else a new lease.
 
     ``exclude_ids`` are leases the caller already holds on screen (the page's current task
@@ -77,7 +73,7 @@ def assignment_lease_next(
     return None
 
 
-def assignment_lease_renew(*, project: Project, annotator: AbstractBaseUser, task_ids: Collection[int]) -> int:
+def assignment_lease_renew(*, project: Project, annotator: User, task_ids: Collection[int]) -> int:
     """Restart the leases of tasks the annotator has just been shown (a prefetched task leased a while ago).
 
     Only unfinished leases of theirs whose slot nobody has taken are renewed; returns how many.
@@ -87,7 +83,7 @@ def assignment_lease_renew(*, project: Project, annotator: AbstractBaseUser, tas
     ).update(expires_at=timezone.now() + timedelta(seconds=project.lease_seconds))
 
 
-def assignment_skip(*, project: Project, annotator: AbstractBaseUser, task_id: int, reason: str = "") -> Assignment:
+def assignment_skip(*, project: Project, annotator: User, task_id: int, reason: str = "") -> Assignment:
     """Give a leased item back without judging it; it is never served to this annotator again."""
     reason = reason.strip()
     if len(reason) > SKIP_REASON_MAX:

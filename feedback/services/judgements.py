@@ -11,7 +11,7 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 
-from django.contrib.auth.models import AbstractBaseUser
+from django.contrib.auth.models import User
 from django.core.exceptions import ValidationError
 from django.db import IntegrityError, transaction
 from django.db.models import F
@@ -109,7 +109,7 @@ def _validate_ranking(*, ranking: list[list[int]], assignment: Assignment) -> st
     return None
 
 
-def _validate_task(*, assignment: Assignment | None, annotator: AbstractBaseUser) -> str | None:
+def _validate_task(*, assignment: Assignment | None, annotator: User) -> str | None:
     if assignment is None:
         return "There is no such task, or its lease expired and the item went to someone else; fetch a new task."
     if assignment.annotator_id != annotator.pk:
@@ -122,7 +122,7 @@ def _validate_task(*, assignment: Assignment | None, annotator: AbstractBaseUser
 
 
 def _repeat_of(
-    *, project: Project, client_uuid: uuid.UUID, annotator: AbstractBaseUser, task_id: int
+    *, project: Project, client_uuid: uuid.UUID, annotator: User, task_id: int
 ) -> JudgementSubmission | None:
     existing = judgement_find(project=project, client_uuid=client_uuid)
     if existing is None:
@@ -136,7 +136,7 @@ def _repeat_of(
 def judgement_submit(
     *,
     project: Project,
-    annotator: AbstractBaseUser,
+    annotator: User,
     task_id: int,
     client_uuid: uuid.UUID,
     kind: str,
@@ -210,7 +210,7 @@ def judgement_submit(
 def _write(
     *,
     project: Project,
-    annotator: AbstractBaseUser,
+    annotator: User,
     assignment: Assignment,
     client_uuid: uuid.UUID,
     choice: str,

@@ -12,11 +12,13 @@ import uuid
 from typing import Any
 
 from django.contrib.auth.decorators import login_required
+from django.contrib.auth.models import User
 from django.core.exceptions import ValidationError
 from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
 from django.views.decorators.http import require_GET, require_POST
+from django_htmx.middleware import HtmxDetails
 
 from feedback.api.permissions import membership_role
 from feedback.models import Assignment, Project
@@ -50,7 +52,14 @@ SHORTCUTS = {
 }
 
 
-def _project_for_annotator(request: HttpRequest, slug: str) -> Project:
+class AnnotatorRequest(HttpRequest):
+    """A request that went through login_required and django-htmx's middleware."""
+
+    user: User
+    htmx: HtmxDetails
+
+
+def _project_for_annotator(request: AnnotatorRequest, slug: str) -> Project:
     project = get_object_or_404(Project, slug=slug)
     if membership_role(user=request.user, project=project) is None:
         raise Http404("No such project.")
@@ -65,7 +74,7 @@ def _task_context(assignment: Assignment | None) -> dict[str, Any] | None:
 
 
 def _page(
-    request: HttpRequest,
+    request: AnnotatorRequest,
     project: Project,
     *,
     current: Assignment | None,
@@ -92,7 +101,7 @@ def _page(
 
 @login_required
 @require_GET
-def annotate(request: HttpRequest, slug: str) -> HttpResponse:
+def annotate(request: AnnotatorRequest, slug: str) -> HttpResponse:
     project = _project_for_annotator(request, slug)
     current = assignment_lease_next(project=project, annotator=request.user)
     return _page(request, project, current=current)
@@ -100,13 +109,13 @@ def annotate(request: HttpRequest, slug: str) -> HttpResponse:
 
 @login_required
 @require_GET
-def annotate_next(request: HttpRequest, slug: str) -> HttpResponse:
+def annotate_next(request: AnnotatorRequest, slug: str) -> HttpResponse:
     """A task to prefetch, other than the one the page shows (``shown``)."""
     project = _project_for_annotator(request, slug)
     return _prefetched(request, project)
 
 
-def _prefetched(request: HttpRequest, project: Project, *, event: str | None = None) -> HttpResponse:
+def _prefetched(request: AnnotatorRequest, project: Project, *, event: str | None = None) -> HttpResponse:
     source = request.POST if request.method == "POST" else request.GET
     shown = [int(value) for value in source.getlist("shown") if value.isdigit()]
     # the page has just put the prefetched task on screen: its lease starts again from now
@@ -119,7 +128,7 @@ def _prefetched(request: HttpRequest, project: Project, *, event: str | None = N
 
 
 def _rejected(
-    request: HttpRequest, project: Project, task_id: int | None, errors: dict[str, list[str]]
+    request: AnnotatorRequest, project: Project, task_id: int | None, errors: dict[str, list[str]]
 ) -> HttpResponse:
     if request.htmx:
         # The page has already moved on to the prefetched task; say what went wrong above it.
@@ -128,9 +137,8 @@ def _rejected(
         response["HX-Reswap"] = "innerHTML"
         response["HX-Trigger"] = json.dumps({"rankwise:rejected": {}})
         return response
-    current = Assignment.objects.filter(
-        pk=task_id, project=project, annotator=request.user, state=Assignment.State.LEASED
-    ).first()
+    mine = Assignment.objects.filter(project=project, annotator=request.user, state=Assignment.State.LEASED)
+    current = mine.filter(pk=task_id).first() if task_id is not None else None
     if current is None:
         current = assignment_lease_next(project=project, annotator=request.user)
     return _page(request, project, current=current, errors=errors, status=400)
@@ -142,11 +150,14 @@ def _error_dict(error: ValidationError) -> dict[str, list[str]]:
 
 @login_required
 @require_POST
-def annotate_submit(request: HttpRequest, slug: str) -> HttpResponse:
+def annotate_submit(request: AnnotatorRequest, slug: str) -> HttpResponse:
     project = _project_for_annotator(request, slug)
     form = JudgementForm(request.POST)
     if not form.is_valid():
-        errors = {("ranking" if name == "__all__" else name): list(messages) for name, messages in form.errors.items()}
+        errors = {
+            ("ranking" if name == "__all__" else name): [str(m) for m in messages]
+            for name, messages in form.errors.items()
+        }
         return _rejected(request, project, form.cleaned_data.get("task_id"), errors)
     data = form.cleaned_data
     try:
@@ -171,11 +182,11 @@ def annotate_submit(request: HttpRequest, slug: str) -> HttpResponse:
 
 @login_required
 @require_POST
-def annotate_skip(request: HttpRequest, slug: str) -> HttpResponse:
+def annotate_skip(request: AnnotatorRequest, slug: str) -> HttpResponse:
     project = _project_for_annotator(request, slug)
     form = SkipForm(request.POST)
     if not form.is_valid():
-        return _rejected(request, project, None, {k: list(v) for k, v in form.errors.items()})
+        return _rejected(request, project, None, {k: [str(m) for m in v] for k, v in form.errors.items()})
     data = form.cleaned_data
     try:
         assignment_skip(project=project, annotator=request.user, task_id=data["task_id"], reason=data["reason"])

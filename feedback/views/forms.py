@@ -23,7 +23,8 @@ class JudgementForm(forms.Form):
 
     def clean(self) -> dict[str, Any]:
         """Collect ``rank-<completion id>`` fields into groups, best first; equal ranks are ties."""
-        cleaned = super().clean()
+        super().clean()
+        cleaned = self.cleaned_data
         ranks: dict[int, int] = {}
         for name, value in self.data.items():
             if not name.startswith(RANK_PREFIX):

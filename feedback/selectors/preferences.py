@@ -17,7 +17,8 @@ Rules (DESIGN.md, "Formats"):
   vote for either side, with equal votes, or below ``min_agreement`` is left out.
 - GRPO: one annotator's ranking of K completions gives ``r_i = (K - place_i) / (K - 1)``
   where tied completions share the mean of the places they span; a completion's reward and
-  rank (mean place) are the means over the annotators who ranked it.
+  rank (mean place) are the means over the annotators who ranked it; ``annotators`` counts
+  the rankings of the prompt. Pairwise judgements do not enter GRPO groups.
 - With ``model_version_ids`` only completions written by those versions are seen: a ranking
   keeps the others' relative order, a pairwise judgement needs both of its sides.
 

@@ -33,6 +33,11 @@ JSONL_LINES_PER_CHUNK = 1000
 PARQUET_ROWS_PER_BATCH = 10_000
 JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 
+# Read once at import (umask can only be read by setting it): export files get the usual
+# permissions of a new file, not the owner-only ones of a temporary file.
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
 _MESSAGES = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
 
 
@@ -193,6 +198,7 @@ def export_write_file(
         else:
             os.close(handle)
             count = export_write_parquet(rows=rows, path=Path(temporary), options=options)
+        os.chmod(temporary, 0o666 & ~_UMASK)
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)

@@ -208,3 +208,12 @@ def test_jsonl_lines_are_exactly_what_json_writes(project, conversational):
     rows = list(preference_rows(project=project, options=options))
     text = "".join(export_jsonl_chunks(rows=rows))
     assert text == "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+
+
+def test_an_exported_file_has_the_permissions_of_a_new_file(project, tmp_path):
+    out = tmp_path / "perm.jsonl"
+    call_command("export_preferences", "gamma", "--format", "dpo", "--out", str(out))
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask
+    assert not list(tmp_path.glob(".*.part"))

@@ -27,7 +27,7 @@ def make_project(*, mode: str, prompts: int, k: int, texts=None, **kwargs):
     return project
 
 
-def log_in(page, live_server, project):
+def log_in(page, live_server, project, *, home_screenshot=None):
     user = UserFactory(username="ann")
     MembershipFactory(user=user, project=project)
     page.goto(f"{live_server.url}/login/")
@@ -36,6 +36,8 @@ def log_in(page, live_server, project):
     page.click("button[type=submit]")
     row = page.locator("tr", has_text=project.name)
     expect(row).to_contain_text("Start")
+    if home_screenshot:
+        page.screenshot(path=str(home_screenshot))
     row.get_by_role("link", name="Start").click()
     page.wait_for_selector("html.js #current form.task")
     return user
@@ -126,7 +128,7 @@ def test_ranking_by_drag_and_drop_and_by_keyboard_with_ties_then_skip(live_serve
 
 def test_pairwise_with_number_keys_and_the_help_overlay(live_server, page, artifacts):
     project = make_project(mode="pairwise", prompts=1, k=3)
-    log_in(page, live_server, project)
+    log_in(page, live_server, project, home_screenshot=artifacts / "home.png")
     page.keyboard.press("?")
     expect(page.locator("#help")).to_be_visible()
     expect(page.locator("#help")).to_contain_text("Both bad")
@@ -160,13 +162,17 @@ def test_pairwise_with_number_keys_and_the_help_overlay(live_server, page, artif
     assert all(t > 0 for t in PairwiseJudgement.objects.values_list("time_ms", flat=True))
 
 
-def test_enter_without_a_choice_submits_nothing(live_server, page):
+def test_enter_without_a_choice_submits_nothing_and_a_narrow_screen_stacks_the_pair(live_server, page, artifacts):
     project = make_project(mode="pairwise", prompts=1, k=2)
     log_in(page, live_server, project)
     task = shown_task_id(page)
     page.keyboard.press("Enter")
     page.wait_for_timeout(300)
     assert shown_task_id(page) == task and not PairwiseJudgement.objects.exists()
+    page.set_viewport_size({"width": 420, "height": 900})
+    a, b = page.locator("#current .completion").all()
+    assert b.bounding_box()["y"] > a.bounding_box()["y"] + a.bounding_box()["height"] - 1
+    page.screenshot(path=str(artifacts / "annotate-pairwise-narrow.png"), full_page=True)
 
 
 def test_the_page_works_without_javascript(live_server, browser):

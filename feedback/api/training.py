@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import serializers, status
 from rest_framework.exceptions import NotFound
@@ -152,10 +153,10 @@ class TrainingRunListApi(APIView):
         responses={
             201: TrainingRunOutputSerializer,
             400: OpenApiResponse(
-                ErrorSerializer,
-                description="Nothing was started: an unknown algorithm or setting, a bad value, GRPO on a "
-                "pairwise project, or no judgements to train on yet. `detail` says which; malformed fields "
-                "answer {field: [message, ...]} instead.",
+                OpenApiTypes.OBJECT,
+                description="Nothing was started. A malformed field answers {field: [message, ...]}; a refusal "
+                "by the service answers {detail}: an unknown setting or a bad value in `config`, GRPO on a "
+                "pairwise project, or no judgements to train on yet.",
             ),
             401: NOT_AUTHENTICATED,
             403: FORBIDDEN,

@@ -26,7 +26,9 @@ class ProjectAdmin(admin.ModelAdmin):
         for project in queryset:
             try:
                 run = training_run_start(
-                    project=project, triggered_by=request.user, trigger=models.TrainingRun.Trigger.ADMIN
+                    project=project,
+                    triggered_by=request.user if request.user.is_authenticated else None,
+                    trigger=models.TrainingRun.Trigger.ADMIN,
                 )
             except TrainingRunError as error:
                 self.message_user(request, f"{project.name}: {error}", level=messages.ERROR)

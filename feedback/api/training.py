@@ -141,7 +141,7 @@ class TrainingRunListApi(APIView):
         project = project_for_member(user=request.user, slug=slug)
         runs = _runs().filter(project=project).order_by("-created_at", "-id")
         paginator = StrictPageNumberPagination()
-        page = paginator.paginate_queryset(runs, request, view=self)
+        page: list[TrainingRun] | None = paginator.paginate_queryset(runs, request, view=self)
         return paginator.get_paginated_response(TrainingRunOutputSerializer(page, many=True).data)
 
     @extend_schema(
@@ -175,7 +175,7 @@ class TrainingRunListApi(APIView):
                 project=project,
                 algorithm=body.validated_data.get("algorithm"),
                 config=body.validated_data.get("config"),
-                triggered_by=request.user,
+                triggered_by=request.user if request.user.is_authenticated else None,
                 trigger=TrainingRun.Trigger.API,
             )
         except TrainingRunError as error:

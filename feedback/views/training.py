@@ -15,11 +15,13 @@ from typing import Any
 from django import forms
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
+from django.contrib.auth.models import User
 from django.core.exceptions import PermissionDenied
 from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
+from django_htmx.middleware import HtmxDetails
 
 from feedback.api.permissions import membership_role
 from feedback.models import Membership, ModelVersion, Project, TrainingRun
@@ -33,6 +35,13 @@ from feedback.services.training_runs import (
 
 ACTIVE = (TrainingRun.Status.QUEUED, TrainingRun.Status.RUNNING)
 RUN_ENDED_EVENT = "rankwise:run-ended"
+
+
+class TrainingRequest(HttpRequest):
+    """A request that went through login_required and django-htmx's middleware."""
+
+    user: User
+    htmx: HtmxDetails
 
 
 class RetrainForm(forms.Form):
@@ -53,7 +62,8 @@ class TrainingSettingsForm(forms.ModelForm):
         }
 
     def clean(self) -> dict[str, Any]:
-        cleaned = super().clean()
+        super().clean()
+        cleaned = self.cleaned_data
         if cleaned.get("training_config") is None and "training_config" not in self.errors:
             cleaned["training_config"] = {}
         config, choice = cleaned.get("training_config"), cleaned.get("training_algorithm")
@@ -68,20 +78,20 @@ class TrainingSettingsForm(forms.ModelForm):
         return cleaned
 
 
-def _role(request: HttpRequest, project: Project) -> str:
+def _role(request: TrainingRequest, project: Project) -> str:
     role = membership_role(user=request.user, project=project)
     if role is None:
         raise Http404("No such project.")
     return role
 
 
-def _project_for_member(request: HttpRequest, slug: str) -> tuple[Project, bool]:
+def _project_for_member(request: TrainingRequest, slug: str) -> tuple[Project, bool]:
     """The project and whether the user manages it; 404 for non-members."""
     project = get_object_or_404(Project, slug=slug)
     return project, _role(request, project) == Membership.Role.MANAGER
 
 
-def _project_for_manager(request: HttpRequest, slug: str) -> Project:
+def _project_for_manager(request: TrainingRequest, slug: str) -> Project:
     project, manages = _project_for_member(request, slug)
     if not manages:
         raise PermissionDenied("Only the project's managers may do this.")
@@ -137,8 +147,6 @@ def _page_context(
 ) -> dict[str, Any]:
     """Everything the page shows; `selected` is the id of the run in the panel (default: the newest)."""
     runs = list(project.training_runs.select_related("triggered_by", "produced_version").order_by("-created_at")[:50])
-    for listed in runs:
-        listed.duration = _duration(listed)
     run = None
     if selected.isdigit():
         run = (
@@ -150,7 +158,7 @@ def _page_context(
     return {
         "project": project,
         "manages": manages,
-        "runs": runs,
+        "runs": [{"run": listed, "duration": _duration(listed)} for listed in runs],
         "versions": _versions(project),
         "active_run": next((r for r in runs if r.status in ACTIVE), None),
         "run_ended_event": RUN_ENDED_EVENT,
@@ -165,7 +173,7 @@ def _page_url(project: Project, run: TrainingRun | None = None) -> str:
     return f"{url}?run={run.pk}" if run is not None else url
 
 
-def _after_action(request: HttpRequest, project: Project, run: TrainingRun | None = None) -> HttpResponse:
+def _after_action(request: TrainingRequest, project: Project, run: TrainingRun | None = None) -> HttpResponse:
     """Back to the page: a redirect for a plain post, the page's main partial for htmx."""
     if not request.htmx:
         return redirect(_page_url(project, run))
@@ -177,14 +185,14 @@ def _after_action(request: HttpRequest, project: Project, run: TrainingRun | Non
 
 @login_required
 @require_GET
-def training_page(request: HttpRequest, slug: str) -> HttpResponse:
+def training_page(request: TrainingRequest, slug: str) -> HttpResponse:
     project, manages = _project_for_member(request, slug)
     return render(request, "training.html", _page_context(project, manages, selected=request.GET.get("run", "")))
 
 
 @login_required
 @require_GET
-def training_history(request: HttpRequest, slug: str) -> HttpResponse:
+def training_history(request: TrainingRequest, slug: str) -> HttpResponse:
     """The runs and versions tables, refreshed when a run ends."""
     project, manages = _project_for_member(request, slug)
     context = _page_context(project, manages, selected=request.GET.get("run", ""))
@@ -193,7 +201,7 @@ def training_history(request: HttpRequest, slug: str) -> HttpResponse:
 
 @login_required
 @require_GET
-def training_run_live(request: HttpRequest, slug: str, run_id: int) -> HttpResponse:
+def training_run_live(request: TrainingRequest, slug: str, run_id: int) -> HttpResponse:
     """A run's live panel (progress, status, error, metrics for the charts); polled while the run goes."""
     project, manages = _project_for_member(request, slug)
     run = get_object_or_404(TrainingRun, pk=run_id, project=project)
@@ -206,7 +214,7 @@ def training_run_live(request: HttpRequest, slug: str, run_id: int) -> HttpRespo
 
 @login_required
 @require_POST
-def training_retrain(request: HttpRequest, slug: str) -> HttpResponse:
+def training_retrain(request: TrainingRequest, slug: str) -> HttpResponse:
     project = _project_for_manager(request, slug)
     form = RetrainForm(request.POST)
     if not form.is_valid():
@@ -228,7 +236,7 @@ def training_retrain(request: HttpRequest, slug: str) -> HttpResponse:
 
 @login_required
 @require_POST
-def training_run_cancel_view(request: HttpRequest, slug: str, run_id: int) -> HttpResponse:
+def training_run_cancel_view(request: TrainingRequest, slug: str, run_id: int) -> HttpResponse:
     project = _project_for_manager(request, slug)
     run = get_object_or_404(TrainingRun, pk=run_id, project=project)
     try:
@@ -245,7 +253,7 @@ def training_run_cancel_view(request: HttpRequest, slug: str, run_id: int) -> Ht
 
 @login_required
 @require_POST
-def training_version_promote(request: HttpRequest, slug: str, version_id: int) -> HttpResponse:
+def training_version_promote(request: TrainingRequest, slug: str, version_id: int) -> HttpResponse:
     project = _project_for_manager(request, slug)
     version = get_object_or_404(ModelVersion, pk=version_id, project=project)
     version = model_version_promote(version=version)
@@ -255,7 +263,7 @@ def training_version_promote(request: HttpRequest, slug: str, version_id: int) -
 
 @login_required
 @require_http_methods(["POST"])
-def training_settings(request: HttpRequest, slug: str) -> HttpResponse:
+def training_settings(request: TrainingRequest, slug: str) -> HttpResponse:
     project = _project_for_manager(request, slug)
     form = TrainingSettingsForm(request.POST, instance=project)
     if not form.is_valid():

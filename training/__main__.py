@@ -105,6 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
         for flag, field_name, type_, help_text in COMMON_OPTIONS + options:
             default = getattr(defaults, field_name)
             p.add_argument(flag, dest=field_name, type=type_, default=default, help=f"{help_text} (default: {default})")
+        p.add_argument(
+            "--no-share-prompt",
+            dest="share_prompt",
+            action="store_false",
+            help="run prompt + completion as whole sequences instead of sharing one prompt pass per example",
+        )
         p.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 

@@ -24,6 +24,7 @@ from training.logprobs import (
     model_fingerprint,
     reference_logps,
     sequence_logps,
+    shared_prompt_logps,
 )
 from training.losses import DPO_LOSS_TYPES, dpo_loss
 from training.models import LoraSettings, apply_lora, load_model, save_model_dir
@@ -64,6 +65,7 @@ class DPOConfig:
     precision: str = "auto"  # auto | bf16 | fp32; auto uses bf16 autocast where the hardware is fast at it
     eval_batch_size: int = 8  # pairs per forward pass when scoring held-out pairs and the reference
     logprob_chunk_size: int = 2048  # completion positions per chunk of the output projection
+    share_prompt: bool = True  # run each prompt once for chosen and rejected (shared KV cache)
     save_every: int = 50  # optimizer steps between resumable checkpoints; 0 disables
     seed: int = 0  # seeds batch order and adapter initialisation
 
@@ -186,14 +188,25 @@ def train_dpo(
         step_started = time.perf_counter()
         micro_batches = plan[step]
         n_pairs = sum(len(idx) for idx in micro_batches)
-        sums = {"loss": 0.0, "chosen": 0.0, "rejected": 0.0, "correct": 0.0}
+        sums = {"loss": 0.0, "chosen": 0.0, "rejected": 0.0, "correct": 0.0, "logps_chosen": 0.0, "logps_rejected": 0.0}
         step_tokens = 0
         for idx in micro_batches:
             batch = collate_pairs([pairs[i] for i in idx], pad_id)  # 2B rows: chosen, then rejected
             step_tokens += batch.num_tokens
             b = len(idx)
             with autocast_context(precision, device):
-                logps = sequence_logps(policy, batch, chunk_size=config.logprob_chunk_size).float()  # (2B,)
+                if config.share_prompt:
+                    logps = shared_prompt_logps(
+                        policy,
+                        [pairs[i].prompt_ids for i in idx],
+                        [pairs[i].chosen_ids for i in idx] + [pairs[i].rejected_ids for i in idx],
+                        [*range(b), *range(b)],
+                        pad_id=pad_id,
+                        chunk_size=config.logprob_chunk_size,
+                    ).sum(dim=1)  # (2B,)
+                else:
+                    logps = sequence_logps(policy, batch, chunk_size=config.logprob_chunk_size)  # (2B,)
+                logps = logps.float()
             weights = torch.tensor([pairs[i].weight for i in idx]) if config.use_weights else None
             losses, chosen_rewards, rejected_rewards = dpo_loss(
                 logps[:b],
@@ -212,6 +225,8 @@ def train_dpo(
             sums["chosen"] += float(chosen_rewards.sum())
             sums["rejected"] += float(rejected_rewards.sum())
             sums["correct"] += float((chosen_rewards > rejected_rewards).float().sum())
+            sums["logps_chosen"] += float(logps[:b].detach().sum())
+            sums["logps_rejected"] += float(logps[b:].detach().sum())
         if config.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
         lr = scheduler.get_last_lr()[0]
@@ -226,6 +241,8 @@ def train_dpo(
             "rewards/rejected": sums["rejected"] / n_pairs,
             "rewards/margins": (sums["chosen"] - sums["rejected"]) / n_pairs,
             "rewards/accuracies": sums["correct"] / n_pairs,
+            "logps/chosen": sums["logps_chosen"] / n_pairs,
+            "logps/rejected": sums["logps_rejected"] / n_pairs,
             "learning_rate": lr,
             "tokens_per_second": step_tokens / max(time.perf_counter() - step_started, 1e-9),
         }

@@ -46,6 +46,7 @@ from training.logprobs import (
     model_fingerprint,
     padded_from_keys,
     reference_logps,
+    shared_prompt_logps,
 )
 from training.losses import GRPO_LOSS_TYPES, group_advantages, grpo_loss
 from training.models import LoraSettings, apply_lora, load_model, save_model_dir
@@ -89,6 +90,7 @@ class GRPOConfig:
     eval_beta: float = 0.1  # β of the implicit reward in held-out metrics (comparable with DPO runs)
     eval_batch_size: int = 8  # pairs per forward pass when scoring held-out pairs and the reference
     logprob_chunk_size: int = 2048  # completion positions per chunk of the output projection
+    share_prompt: bool = True  # run each prompt once for all K completions of its group (shared KV cache)
     save_every: int = 50  # optimizer steps between resumable checkpoints (at batch boundaries); 0 disables
     seed: int = 0  # seeds batch order and adapter initialisation
 
@@ -226,7 +228,19 @@ def train_grpo(
             ).to(device)  # (N, T)
 
             with autocast_context(precision, device):
-                logps = completion_logps(policy, batch, chunk_size=config.logprob_chunk_size).float()  # (N, T)
+                if config.share_prompt:
+                    owner = [g for g, group in enumerate(batch_groups) for _ in group.completion_ids]
+                    logps = shared_prompt_logps(
+                        policy,
+                        [group.prompt_ids for group in batch_groups],
+                        completions,
+                        owner,
+                        pad_id=pad_id,
+                        chunk_size=config.logprob_chunk_size,
+                    )  # (N, T)
+                else:
+                    logps = completion_logps(policy, batch, chunk_size=config.logprob_chunk_size)  # (N, T)
+                logps = logps.float()
             if iteration == 0:
                 old_logps.append(logps.detach())
             old = old_logps[m]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import inspect
 import os
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
@@ -19,6 +20,16 @@ from safetensors.torch import load_file, save_file
 
 from training.data import SequenceBatch, collate_sequences, sequence_key
 from training.models import is_lora, reference_mode
+
+
+def _cache_keyword() -> str:
+    # transformers 5 renamed the models' `past_key_values` argument to `cache`.
+    from transformers.models.llama.modeling_llama import LlamaModel
+
+    return "cache" if "cache" in inspect.signature(LlamaModel.forward).parameters else "past_key_values"
+
+
+_CACHE_KWARG = _cache_keyword()
 
 
 def backbone_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -71,6 +82,67 @@ def completion_logps(model: torch.nn.Module, batch: SequenceBatch, *, chunk_size
 
     out = torch.zeros(n, int(lengths.max()), device=device, dtype=token_logps.dtype)
     return out.index_put((rows, offset), token_logps)
+
+
+def shared_prompt_logps(
+    model: torch.nn.Module,
+    prompts: Sequence[list[int]],
+    completions: Sequence[list[int]],
+    owner: Sequence[int],
+    *,
+    pad_id: int,
+    chunk_size: int = 2048,
+) -> torch.Tensor:
+    """Like ``completion_logps``, but each prompt runs through the model once.
+
+    ``owner[i]`` is the index in ``prompts`` of completion i's prompt. The G prompts
+    are left-padded and run first; their key/value cache is gathered to the N
+    completions (gradients flow back through it) and the right-padded completions run
+    on top. Chosen and rejected (or the K completions of a group) thus share one prompt
+    pass, forward and backward. Positions are explicit, so padding does not shift them.
+
+    Returns:
+        (N, Tc) per-token completion log-probs, zero past each completion's length.
+    """
+    backbone, head = backbone_and_head(model)
+    device = next(model.parameters()).device
+    g, p = len(prompts), max(map(len, prompts))
+    prompt_ids = torch.full((g, p), pad_id, dtype=torch.long)
+    prompt_mask = torch.zeros((g, p), dtype=torch.long)
+    for i, ids in enumerate(prompts):
+        prompt_ids[i, p - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+        prompt_mask[i, p - len(ids) :] = 1
+    prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
+    prompt_positions = (prompt_mask.cumsum(1) - 1).clamp(min=0)  # (G, P)
+    out = backbone(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=prompt_positions, use_cache=True)
+    cache = out.past_key_values
+    index = torch.tensor(list(owner), dtype=torch.long, device=device)  # (N,)
+    cache.reorder_cache(index)  # (G, ...) -> (N, ...)
+
+    n, c = len(completions), max(map(len, completions))
+    completion_ids = torch.full((n, c), pad_id, dtype=torch.long)
+    for i, ids in enumerate(completions):
+        completion_ids[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+    completion_ids = completion_ids.to(device)
+    lengths = torch.tensor([len(ids) for ids in completions], device=device)  # (N,)
+    own_mask = (torch.arange(c, device=device).unsqueeze(0) < lengths.unsqueeze(1)).long()  # (N, C)
+    positions = prompt_mask.sum(1)[index].unsqueeze(1) + torch.arange(c, device=device).unsqueeze(0)  # (N, C)
+    hidden = backbone(
+        input_ids=completion_ids,
+        attention_mask=torch.cat([prompt_mask[index], own_mask], dim=1),  # (N, P + C)
+        position_ids=positions,
+        use_cache=True,
+        **{_CACHE_KWARG: cache},
+    ).last_hidden_state  # (N, C, H)
+    # Token j of a completion is predicted from position j-1; token 0 from the prompt's last position.
+    predicting = torch.cat([out.last_hidden_state[:, -1][index].unsqueeze(1), hidden[:, :-1]], dim=1)  # (N, C, H)
+
+    rows = torch.repeat_interleave(torch.arange(n, device=device), lengths)  # (M,)
+    starts = torch.cumsum(lengths, 0) - lengths
+    offset = torch.arange(rows.shape[0], device=device) - starts[rows]  # (M,)
+    token_logps = token_logps_chunked(predicting[rows, offset], head, completion_ids[rows, offset], chunk_size)
+    result = torch.zeros(n, c, device=device, dtype=token_logps.dtype)
+    return result.index_put((rows, offset), token_logps)
 
 
 def sequence_logps(model: torch.nn.Module, batch: SequenceBatch, *, chunk_size: int = 2048) -> torch.Tensor:

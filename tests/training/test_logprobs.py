@@ -1,7 +1,13 @@
 import torch
 
 from training.data import collate_sequences, sequence_key
-from training.logprobs import ReferenceCache, completion_logps, reference_logps, sequence_logps
+from training.logprobs import (
+    ReferenceCache,
+    completion_logps,
+    reference_logps,
+    sequence_logps,
+    shared_prompt_logps,
+)
 from training.models import LoraSettings, apply_lora, load_model
 
 PROMPTS = [[1, 40, 41, 42, 43], [1, 50], [1, 60, 61]]
@@ -64,3 +70,25 @@ def test_reference_cache_round_trip_and_reuse(tmp_path, tiny_model_dir):
         torch.testing.assert_close(second[key], value)
     assert second[sequence_key(*extra)].shape == (2,)
     assert ReferenceCache(tmp_path, "another-model").get(sequence_key(*extra)) is None
+
+
+def test_shared_prompt_pass_matches_whole_sequences_with_gradients(tiny_model_dir):
+    model, _ = load_model(str(tiny_model_dir))
+    model = apply_lora(model, LoraSettings(r=2, alpha=4))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.3)
+    owner = [0, 1, 2, 0, 2]  # prompts of different lengths, one used twice, in any order
+    completions = [*COMPLETIONS, [72, 73, 2], [84, 2]]
+    whole = completion_logps(model, collate_sequences([PROMPTS[o] for o in owner], completions, pad_id=2))
+    whole.sum().backward()
+    expected_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+
+    shared = shared_prompt_logps(model, PROMPTS, completions, owner, pad_id=2)
+    torch.testing.assert_close(shared, whole, atol=1e-5, rtol=1e-5)
+    shared.sum().backward()
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            torch.testing.assert_close(param.grad, expected_grads[name], atol=1e-5, rtol=1e-4)

@@ -1,6 +1,6 @@
 """Export speed: ranking judgements -> `dpo` JSONL through the command and through the API.
 
-Usage: python benchmarks/export_speed.py [--judgements 1000000] [--small 250000] [--keep DIR]
+Usage: python benchmarks/export_speed.py [--judgements 1000000] [--small 250000] [--keep DIR [--reuse]]
 
 For each size (the small one shows whether memory grows with the data) it builds a fresh
 SQLite database with the production settings (WAL, immediate transactions) in a temporary
@@ -239,15 +239,20 @@ def figures(rows: int, seconds: float, cpu: float, peak: int) -> dict:
     }
 
 
-def measure(judgements: int, base: Path) -> dict:
+def measure(judgements: int, base: Path, *, reuse: bool) -> dict:
     data_dir = base / f"n{judgements}"
-    shutil.rmtree(data_dir, ignore_errors=True)
-    data_dir.mkdir(parents=True)
+    marker = data_dir / "generated.json"
     env = {**os.environ, "RANKWISE_DATA_DIR": str(data_dir), "DEBUG": "0", "ALLOWED_HOSTS": "localhost"}
     python = sys.executable
-    subprocess.run([python, "manage.py", "migrate", "-v", "0"], env=env, cwd=ROOT, check=True)
-    _, _, _, generated = timed([python, __file__, "_generate", str(data_dir), str(judgements)], env)
-    counts = json.loads(generated)
+    if reuse and marker.exists():
+        counts = json.loads(marker.read_text())
+    else:
+        shutil.rmtree(data_dir, ignore_errors=True)
+        data_dir.mkdir(parents=True)
+        subprocess.run([python, "manage.py", "migrate", "-v", "0"], env=env, cwd=ROOT, check=True)
+        _, _, _, generated = timed([python, __file__, "_generate", str(data_dir), str(judgements)], env)
+        counts = json.loads(generated)
+        marker.write_text(generated)
     database_mib = sum(f.stat().st_size for f in data_dir.glob("rankwise.sqlite3*")) / 2**20
 
     out = data_dir / "command.jsonl"
@@ -330,13 +335,14 @@ def main() -> None:
     parser.add_argument("--judgements", type=int, default=1_000_000)
     parser.add_argument("--small", type=int, default=250_000, help="a second, smaller size to compare memory with")
     parser.add_argument("--keep", type=Path, help="keep the databases and exports in this directory")
+    parser.add_argument("--reuse", action="store_true", help="with --keep: reuse the databases an earlier run built")
     parser.add_argument("--no-write", action="store_true", help="print the figures, leave RESULTS.md alone")
     args = parser.parse_args()
     base = args.keep or Path(tempfile.mkdtemp(prefix="rankwise-export-bench-"))
     try:
         results = []
         for size in (args.small, args.judgements):
-            result = measure(size, base)
+            result = measure(size, base, reuse=args.reuse)
             print(json.dumps(result), flush=True)
             results.append(result)
         if not args.no_write:

@@ -89,7 +89,7 @@ def api_world(db, settings, monkeypatch):
 
 
 @api.parametrize()
-@settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=15, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 def test_api_keeps_to_its_schema(case, api_world):
     # Authenticate with the token; drop the session cookie schemathesis generates for the cookie scheme.
     case.cookies = {}
@@ -99,6 +99,10 @@ def test_api_keeps_to_its_schema(case, api_world):
     if case.operation.label == "POST /api/v1/projects/{slug}/prompts/":
         # A record's rules (ends with a user turn, ids unique in the project) are beyond JSON Schema: a
         # schema-valid record may be refused, with its problems listed in the documented 400.
+        excluded.append(positive_data_acceptance)
+    if case.operation.label == "POST /api/v1/projects/{slug}/judgements/":
+        # A judgement must answer a task leased to the caller and name exactly that task's completions,
+        # which JSON Schema cannot say: a schema-valid body may be refused with the documented 400.
         excluded.append(positive_data_acceptance)
     if case.operation.label == "POST /api/v1/projects/{slug}/training-runs/":
         # Hyperparameter rules (ranges, combinations, known names per algorithm, an algorithm that fits the

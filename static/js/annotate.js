@@ -206,6 +206,24 @@
     bump("count-left", -1);
   });
 
+  function failed(event) {
+    const form = event.detail.elt.closest && event.detail.elt.closest("form.task");
+    if (!form || !outbox.contains(form)) return;
+    const box = document.createElement("div");
+    box.className = "notice error";
+    const text = document.createElement("p");
+    const status = event.detail.xhr && event.detail.xhr.status;
+    text.textContent =
+      "Your last answer was not saved (" +
+      (status ? "the server answered " + status : "no connection") +
+      "). Reload the page to continue; if you were logged out, log in again.";
+    box.appendChild(text);
+    notice.replaceChildren(box);
+  }
+
+  document.body.addEventListener("htmx:responseError", failed);
+  document.body.addEventListener("htmx:sendError", failed);
+
   document.body.addEventListener("rankwise:rejected", function () {
     if (!prefetchedForm()) fetchPrefetch();
   });

@@ -226,3 +226,13 @@ def test_hostile_completions_are_shown_as_text_and_run_nothing(live_server, page
     assert dialogs == []
     assert page.evaluate("window.pwned") is None
     assert not [url for url in requests if "/evil-hx" in url]
+
+
+def test_an_answer_the_server_refuses_is_reported_not_lost_silently(live_server, page):
+    project = make_project(mode="pairwise", prompts=1, k=3)
+    log_in(page, live_server, project)
+    page.context.clear_cookies()  # logged out and without a CSRF cookie: the post is refused
+    page.keyboard.press("1")
+    page.keyboard.press("Enter")
+    expect(page.locator("#notice")).to_contain_text("Your last answer was not saved (the server answered 403)")
+    assert not PairwiseJudgement.objects.exists()

@@ -108,7 +108,7 @@ class RunCheckpoint:
         if state.get("fingerprint") != self.fingerprint:
             return 0
         load_trainable_state_dict(model, load_file(self.dir / "weights.safetensors"))
-        optimizer.load_state_dict(torch.load(self.dir / "optimizer.pt", weights_only=True))
+        optimizer.load_state_dict(_optimizer_state_load(self.dir, state["optimizer"]))
         scheduler.load_state_dict(state["scheduler"])
         return int(state["step"])
 
@@ -122,12 +122,41 @@ class RunCheckpoint:
         weights = {k: v.detach().contiguous() for k, v in trainable_state_dict(model).items()}
         with atomic_directory(self.dir) as tmp:
             save_file(_untie(weights), tmp / "weights.safetensors")
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-            state = {"fingerprint": self.fingerprint, "step": step, "scheduler": scheduler.state_dict()}
+            state = {
+                "fingerprint": self.fingerprint,
+                "step": step,
+                "scheduler": scheduler.state_dict(),
+                "optimizer": _optimizer_state_save(optimizer, tmp),
+            }
             (tmp / "state.json").write_text(json.dumps(state))
 
     def discard(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _optimizer_state_save(optimizer: torch.optim.Optimizer, folder: Path) -> dict[str, Any]:
+    """Write the optimizer's tensors with safetensors (no pickle); return the rest as JSON-able data."""
+    state_dict = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for index, values in state_dict["state"].items():
+        for name, value in values.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{index}.{name}"] = value.detach().contiguous()
+            else:
+                scalars.setdefault(str(index), {})[name] = value
+    save_file(tensors, folder / "optimizer.safetensors")
+    return {"param_groups": state_dict["param_groups"], "scalars": scalars}
+
+
+def _optimizer_state_load(folder: Path, saved: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for key, tensor in load_file(folder / "optimizer.safetensors").items():
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = tensor
+    for index, values in saved["scalars"].items():
+        state.setdefault(int(index), {}).update(values)
+    return {"state": state, "param_groups": saved["param_groups"]}
 
 
 def _untie(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -147,7 +176,7 @@ def preference_metrics(
     ref_chosen: torch.Tensor,
     ref_rejected: torch.Tensor,
     beta: float,
-) -> dict[str, float]:
+) -> dict[str, float | None]:
     """Held-out preference accuracy and mean margin of the implicit reward ``β·(log π − log π_ref)``.
 
     A pair counts when the chosen side's implicit reward is higher; an exact tie (the
@@ -155,12 +184,14 @@ def preference_metrics(
     pairs whose chosen completion is simply more likely under the policy.
     """
     margin = beta * ((policy_chosen - ref_chosen) - (policy_rejected - ref_rejected))  # (B,)
+    if len(margin) == 0:  # None rather than NaN: metrics are stored as JSON
+        return {"accuracy": None, "margin": None, "logp_accuracy": None, "pairs": 0}
     accuracy = (margin > 0).float() + 0.5 * (margin == 0).float()
     logp_accuracy = (policy_chosen > policy_rejected).float()
     return {
-        "accuracy": float(accuracy.mean()) if len(margin) else float("nan"),
-        "margin": float(margin.mean()) if len(margin) else float("nan"),
-        "logp_accuracy": float(logp_accuracy.mean()) if len(margin) else float("nan"),
+        "accuracy": float(accuracy.mean()),
+        "margin": float(margin.mean()),
+        "logp_accuracy": float(logp_accuracy.mean()),
         "pairs": len(margin),
     }
 
@@ -174,7 +205,7 @@ def evaluate_pairs(
     pad_id: int,
     batch_size: int,
     precision: str,
-) -> dict[str, float]:
+) -> dict[str, float | None]:
     """Preference metrics on held-out pairs; ``model=None`` scores the reference itself (before training)."""
     ref_chosen = torch.tensor([float(ref[sequence_key(p.prompt_ids, p.chosen_ids)].sum()) for p in pairs])
     ref_rejected = torch.tensor([float(ref[sequence_key(p.prompt_ids, p.rejected_ids)].sum()) for p in pairs])

@@ -81,8 +81,7 @@ def generate_completions(
             for i, text in zip(batch_rows, texts, strict=True):
                 outputs[i].append(text.strip())
             if progress is not None:
-                done = batch_rows[-1] + 1 if len(outputs[batch_rows[-1]]) == k else batch_rows[-1]
-                progress(done, len(prompts))
+                progress(sum(len(o) == k for o in outputs), len(prompts))
     finally:
         tokenizer.padding_side = padding_side
         model.train(was_training)

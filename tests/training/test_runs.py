@@ -1,0 +1,55 @@
+import json
+
+import pytest
+import torch
+
+from training.runs import lr_factor, preference_metrics, resolve_precision, step_plan
+
+
+def test_preference_metrics_by_hand():
+    m = preference_metrics(
+        policy_chosen=torch.tensor([-1.0, -2.0, -3.0, -1.0]),
+        policy_rejected=torch.tensor([-2.0, -1.0, -3.0, -1.5]),
+        ref_chosen=torch.tensor([-1.5, -1.0, -3.0, -1.0]),
+        ref_rejected=torch.tensor([-1.5, -1.5, -3.0, -1.0]),
+        beta=0.1,
+    )
+    # margins: 0.1·(0.5 + 0.5), 0.1·(-1 - 0.5), 0, 0.1·(0 + 0.5)
+    assert m["accuracy"] == pytest.approx((1 + 0 + 0.5 + 1) / 4)
+    assert m["margin"] == pytest.approx((0.1 - 0.15 + 0 + 0.05) / 4, abs=1e-7)
+    assert m["logp_accuracy"] == pytest.approx(2 / 4)
+    assert m["pairs"] == 4
+
+
+def test_no_held_out_pairs_gives_json_safe_metrics():
+    empty = torch.zeros(0)
+    m = preference_metrics(empty, empty, empty, empty, beta=0.1)
+    assert m == {"accuracy": None, "margin": None, "logp_accuracy": None, "pairs": 0}
+    json.loads(json.dumps(m, allow_nan=False))
+
+
+@pytest.mark.parametrize(
+    ("schedule", "expected"),
+    [
+        ("constant", [0.5, 1.0, 1.0, 1.0, 1.0]),
+        ("linear", [0.5, 1.0, 0.75, 0.5, 0.25]),
+        ("cosine", [0.5, 1.0, 0.8535534, 0.5, 0.1464466]),
+    ],
+)
+def test_lr_factor_warms_up_then_follows_the_schedule(schedule, expected):
+    factor = lr_factor(schedule, warmup_steps=1, total_steps=5)
+    assert [factor(s) for s in range(5)] == pytest.approx(expected)
+
+
+def test_precision_auto_and_explicit():
+    assert resolve_precision("fp32", torch.device("cpu")) == "fp32"
+    assert resolve_precision("bf16", torch.device("cpu")) == "bf16"
+    assert resolve_precision("auto", torch.device("cpu")) in ("bf16", "fp32")
+
+
+def test_step_plan_covers_every_epoch_in_a_fixed_order():
+    plan = step_plan([5, 3, 9, 1, 7, 2, 8], batch_size=2, accumulation=2, epochs=2, seed=4)
+    micro = [idx for step in plan for idx in step]
+    assert sorted(i for idx in micro for i in idx) == sorted(list(range(7)) * 2)
+    assert plan == step_plan([5, 3, 9, 1, 7, 2, 8], batch_size=2, accumulation=2, epochs=2, seed=4)
+    assert len(plan) == 4  # 4 micro-batches per epoch, 2 per step

@@ -2,7 +2,7 @@
 
     python benchmarks/dpo_vs_trl.py [--model var/models/SmolLM2-135M-Instruct] [--pairs 32]
 
-Needs trl and datasets (in the `dev` extra). Runs, one after the other, each in a fresh
+Needs the `bench` extra (trl, datasets; `dev` includes it). Runs, one after the other, each in a fresh
 Python process whose whole wall time is measured (imports, model load, tokenization,
 reference log-probs, training, saving):
 

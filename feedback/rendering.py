@@ -7,9 +7,11 @@ or hx-* attribute survives whatever the input.
 
 import functools
 import html
+import re
 
 import nh3
 from markdown_it import MarkdownIt
+from markdown_it.common.utils import escapeHtml
 from pygments import highlight
 from pygments.formatters import HtmlFormatter
 from pygments.lexer import Lexer
@@ -55,10 +57,30 @@ _markdown = MarkdownIt("commonmark", {"html": False, "linkify": False, "highligh
 )
 
 
+# A line Markdown leaves as it is: it starts with a letter, ends without a space and holds
+# no character that any Markdown construct needs (no *, `, [, <, &, \, |, ~, # and so on;
+# \w admits _, which the caller rules out for the whole text).
+_PROSE_LINE = re.compile(r"[^\W\d_][\w .,;:?!'\"()%/-]*(?<! )")
+
+
+def _prose_to_html(text: str) -> str | None:
+    """The HTML Markdown makes of plain prose (paragraphs split by one blank line), or None for anything else.
+
+    Most completions are plain prose; this skips the Markdown parser for them.
+    """
+    if "_" in text:
+        return None
+    blocks = text.split("\n\n")
+    if all(_PROSE_LINE.fullmatch(line) for block in blocks for line in block.split("\n")):
+        return "".join(f"<p>{escapeHtml(block)}</p>\n" for block in blocks)
+    return None
+
+
 def markdown_to_safe_html(text: str) -> str:
     """Render Markdown to HTML that is safe to mark safe in a template."""
+    rendered = _prose_to_html(text)
     return nh3.clean(
-        _markdown.render(text),
+        _markdown.render(text) if rendered is None else rendered,
         tags=ALLOWED_TAGS,
         attributes=ALLOWED_ATTRIBUTES,
         url_schemes=ALLOWED_URL_SCHEMES,

@@ -28,14 +28,18 @@ class Command(BaseCommand):
             raise CommandError(f"{file}: no such file")
         show_progress = sys.stdout.isatty()
         try:
-            with file.open("rb") as binary, transaction.atomic():
+            with (
+                file.open("rb") as binary,
+                tqdm(desc="writing", unit=" prompts", disable=not show_progress) as written,
+                transaction.atomic(),
+            ):
                 target, created = project_get_or_create(slug=project, mode=mode, k=k)
                 lines = tqdm(binary, desc="reading", unit=" lines", disable=not show_progress)
                 if suffix == ".csv":
                     text = (raw.decode("utf-8") for raw in lines)
-                    result = prompts_import_csv(project=target, lines=text)
+                    result = prompts_import_csv(project=target, lines=text, progress=written.update)
                 else:
-                    result = prompts_import_jsonl(project=target, lines=lines)
+                    result = prompts_import_jsonl(project=target, lines=lines, progress=written.update)
         except PromptImportError as error:
             more = f"\n  ... and {error.more} more" if error.more else ""
             problems = "\n  ".join(str(p) for p in error.problems)

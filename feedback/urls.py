@@ -11,6 +11,7 @@ urlpatterns = [
     path("projects/<slug:slug>/export/", exports.export_page, name="export"),
     path("projects/<slug:slug>/training/", training.training_page, name="training"),
     path("projects/<slug:slug>/training/history/", training.training_history, name="training-history"),
+    path("projects/<slug:slug>/training/watch/", training.training_watch, name="training-watch"),
     path("projects/<slug:slug>/training/retrain/", training.training_retrain, name="training-retrain"),
     path("projects/<slug:slug>/training/settings/", training.training_settings, name="training-settings"),
     path("projects/<slug:slug>/training/runs/<int:run_id>/", training.training_run_live, name="training-run-live"),

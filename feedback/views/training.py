@@ -4,7 +4,9 @@ Every member of the project may look; only its managers and staff start, cancel,
 change the settings. Each button is a plain form post that redirects back to the page, and with
 htmx the same post answers with the page's `main` partial. While a run is queued or running its
 panel polls itself every two seconds; the poll that sees the run end tells the page (an
-HX-Trigger event) to refresh the run and version tables.
+HX-Trigger event) to refresh the run and version tables. While none goes, the page asks every
+ten seconds whether a run was started elsewhere (the schedule, the admin, the API or the
+command) and shows it when one was.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.contrib.auth.models import User
 from django.core.exceptions import PermissionDenied
-from django.http import Http404, HttpRequest, HttpResponse
+from django.http import Http404, HttpRequest, HttpResponse, HttpResponseBadRequest
 from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
@@ -197,6 +199,19 @@ def training_history(request: TrainingRequest, slug: str) -> HttpResponse:
     project, manages = _project_for_member(request, slug)
     context = _page_context(project, manages, selected=request.GET.get("run", ""))
     return render(request, "training.html#history", context)
+
+
+@login_required
+@require_GET
+def training_watch(request: TrainingRequest, slug: str) -> HttpResponse:
+    """Polled while no run goes: the runs part of the page once a run newer than `after` exists, else 204."""
+    project, manages = _project_for_member(request, slug)
+    after = request.GET.get("after", "")
+    if not after.isdigit():
+        return HttpResponseBadRequest("after: expected the id of the newest run shown, a whole number")
+    if not project.training_runs.filter(pk__gt=int(after)).exists():
+        return HttpResponse(status=204)
+    return render(request, "training.html#runs", _page_context(project, manages))
 
 
 @login_required

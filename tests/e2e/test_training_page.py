@@ -15,7 +15,7 @@ from feedback.models import ModelVersion, Project, TrainingRun
 from feedback.services import training_runs
 from feedback.services.training_runs import training_run_execute
 from tests.conftest import PASSWORD
-from tests.factories import MembershipFactory, ProjectFactory, UserFactory
+from tests.factories import MembershipFactory, ProjectFactory, TrainingRunFactory, UserFactory
 from tests.feedback.export_helpers import compare, make_prompt
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
@@ -115,3 +115,21 @@ def test_retrain_watch_the_run_then_promote(live_server, page, artifacts, worker
 
     page.screenshot(path=str(artifacts / "training.png"), full_page=True)
     assert violations == []
+
+
+def test_a_scheduled_run_shows_up_on_an_open_page(live_server, page):
+    project = ProjectFactory(slug="sched", name="Dogs")
+    UserFactory(username="boss", is_staff=True)
+    page.goto(f"{live_server.url}/login/")
+    page.fill("#id_username", "boss")
+    page.fill("#id_password", PASSWORD)
+    page.click("button[type=submit]")
+    page.goto(f"{live_server.url}/projects/sched/training/")
+    expect(page.get_by_text("No training runs yet.")).to_be_visible()
+
+    run = TrainingRunFactory(project=project, trigger=TrainingRun.Trigger.SCHEDULE)  # as the periodic task would
+    expect(page.locator("#run-status")).to_have_text("queued", timeout=15_000)
+    expect(page.locator(f"#run-row-{run.pk}")).to_contain_text("Schedule")
+
+    TrainingRun.objects.filter(pk=run.pk).update(status=TrainingRun.Status.CANCELLED)
+    expect(page.locator("#run-status")).to_have_text("cancelled")

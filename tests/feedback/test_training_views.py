@@ -142,6 +142,48 @@ def test_the_live_panel_polls_only_while_the_run_goes(client, project, member):
     assert history.lstrip().startswith('<div id="history"') and f"#{run.pk}</a>" in history and "succeeded" in history
 
 
+WATCHING = 'hx-trigger="every 10s"'
+
+
+def test_a_run_started_elsewhere_appears_without_a_reload(client, project, member):
+    ended = TrainingRunFactory(project=project, status=TrainingRun.Status.SUCCEEDED)
+    client.force_login(member)
+    page = client.get("/projects/loop/training/").content.decode()
+    assert WATCHING in page and f"/projects/loop/training/watch/?after={ended.pk}" in page
+
+    nothing_new = client.get(f"/projects/loop/training/watch/?after={ended.pk}", **HTMX)
+    assert nothing_new.status_code == 204 and nothing_new.content == b""
+
+    started = running_run(project, trigger=TrainingRun.Trigger.SCHEDULE)
+    shown = client.get(f"/projects/loop/training/watch/?after={ended.pk}", **HTMX).content.decode()
+    assert shown.lstrip().startswith('<div id="runs">')
+    assert f"Run #{started.pk}" in shown and "Schedule" in shown
+    assert POLLING in shown  # the new run's panel goes live
+    assert WATCHING not in shown  # no watching while a run goes
+
+
+def test_the_watch_is_off_while_a_run_goes_and_back_when_it_ends(client, project, member):
+    run = running_run(project)
+    client.force_login(member)
+    assert WATCHING not in client.get("/projects/loop/training/").content.decode()
+    TrainingRun.objects.filter(pk=run.pk).update(status=TrainingRun.Status.CANCELLED)
+    history = client.get(f"/projects/loop/training/history/?run={run.pk}", **HTMX).content.decode()
+    assert WATCHING in history and f"?after={run.pk}" in history
+
+
+@pytest.mark.parametrize("after", ["", "abc", "-1", "1.5"])
+def test_the_watch_refuses_a_bad_after(client, project, member, after):
+    client.force_login(member)
+    response = client.get(f"/projects/loop/training/watch/?after={after}", **HTMX)
+    assert response.status_code == 400 and b"after: expected the id of the newest run shown" in response.content
+
+
+def test_only_members_may_watch(client, project):
+    assert client.get("/projects/loop/training/watch/?after=0").status_code == 302
+    client.force_login(MembershipFactory(project=ProjectFactory()).user)
+    assert client.get("/projects/loop/training/watch/?after=0").status_code == 404
+
+
 def test_retrain_now_as_a_plain_post_queues_a_run(client, judged, manager, queued, django_capture_on_commit_callbacks):
     client.force_login(manager)
 

@@ -14,6 +14,11 @@ def _generation_lock_name(project_id: int) -> str:
     return f"generation-project-{project_id}"
 
 
+def generation_running(project_id: int) -> bool:
+    """Whether a worker is writing completions for the project now."""
+    return HUEY.is_locked(_generation_lock_name(project_id))
+
+
 @db_task()
 def generate_completions_task(
     project_id: int, prompt_limit: int | None = None, k: int | None = None, mix_previous: bool = False

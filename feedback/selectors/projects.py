@@ -13,3 +13,13 @@ def project_list_for_user(*, user: AbstractBaseUser | AnonymousUser) -> QuerySet
         prompt_count=Count("prompts", distinct=True),
         completion_count=Count("prompts__completions", distinct=True),
     ).order_by("name")
+
+
+def generation_progress(*, project: Project) -> dict[str, int] | None:
+    """While the worker writes completions for the project: how many of its prompts have their K; else None."""
+    from feedback.tasks import generation_running
+
+    if not generation_running(project.pk):
+        return None
+    ready = project.prompts.annotate(n=Count("completions")).filter(n__gte=project.completions_per_prompt)
+    return {"ready": ready.count(), "prompts": project.prompts.count()}

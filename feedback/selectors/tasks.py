@@ -85,12 +85,10 @@ def task_lease_current(*, project: Project, annotator: User, exclude_ids: Collec
 
     A lease past its expiry still counts while its row exists: nobody has taken its slot yet.
     """
-    return (
-        Assignment.objects.filter(project=project, annotator=annotator, state=Assignment.State.LEASED)
-        .exclude(pk__in=list(exclude_ids))
-        .order_by("created_at", "pk")
-        .first()
-    )
+    leases = Assignment.objects.filter(project=project, annotator=annotator, state=Assignment.State.LEASED)
+    if exclude_ids:  # most callers exclude nothing, and an empty exclude() still costs time to build
+        leases = leases.exclude(pk__in=list(exclude_ids))
+    return leases.order_by("created_at", "pk").first()
 
 
 def _first_completions(*, prompt_ids: list[int], k: int) -> dict[int, list[int]]:
@@ -186,14 +184,11 @@ def task_candidates_for_annotator(*, project: Project, annotator: User, now: dat
 
 def task_for_assignment(*, assignment: Assignment) -> Task:
     """What the annotator sees for a lease: the conversation and the completions in display order."""
-    completions = Completion.objects.in_bulk(assignment.display_order)
+    by_id = Completion.objects.select_related("prompt").in_bulk(assignment.display_order)
+    completions = [by_id[pk] for pk in assignment.display_order]
     kind = Project.Mode.PAIRWISE if assignment.completion_a_id else Project.Mode.RANKING
-    return Task(
-        assignment=assignment,
-        kind=kind,
-        messages=assignment.prompt.messages,
-        completions=[completions[pk] for pk in assignment.display_order],
-    )
+    # the completions belong to the lease's prompt: one query brings both
+    return Task(assignment=assignment, kind=kind, messages=completions[0].prompt.messages, completions=completions)
 
 
 def judgements_left(*, project: Project) -> int:

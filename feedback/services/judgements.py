@@ -151,9 +151,8 @@ def judgement_submit(
     ``ranking`` is a list of groups of completion ids, best first; tied completions share a
     group and a rank (1 for the first group, 2 for the next, ...).
     """
-    repeat = _repeat_of(project=project, client_uuid=client_uuid, annotator=annotator, task_id=task_id)
-    if repeat is not None:
-        return repeat
+    # A repeated client UUID is not looked up here: its task is already done, so it fails validation
+    # (or, racing, the insert) below, and both of those paths return the first judgement.
     rationale = rationale.strip()
     errors = _validate_fields(
         project=project,

@@ -41,6 +41,13 @@ def submit(client, project, body):
     return client.post(reverse("api:project-judgements", args=[project.slug]), body, format="json")
 
 
+def judgement_body(task: dict) -> dict:
+    body = {"task_id": task["task_id"], "client_uuid": str(uuid.uuid4()), "kind": task["kind"]}
+    if task["kind"] == "ranking":
+        return body | {"ranking": [[c["id"]] for c in task["completions"]]}
+    return body | {"choice": "a"}
+
+
 def test_next_task_returns_the_task_as_designed():
     project = make_project(mode="pairwise", k=2, prompts=1)
     prompt = project.prompts.get()
@@ -232,3 +239,18 @@ def test_token_auth_works_and_session_posts_need_csrf():
     body = {"task_id": second["task_id"], "client_uuid": str(uuid.uuid4()), "kind": "pairwise", "choice": "a"}
     assert submit(session, project, body).status_code == 403
     assert PairwiseJudgement.objects.count() == 1
+
+
+@pytest.mark.parametrize("mode", ["pairwise", "ranking"])
+def test_next_task_and_submit_take_a_few_queries_whatever_the_queue_holds(mode, django_assert_max_num_queries):
+    project = make_project(mode=mode, prompts=12, overlap=2)
+    clients = [member(project) for _ in range(3)]
+    for client in clients:  # some leases and judgements already in the queue
+        submit(client, project, judgement_body(next_task(client, project).json()))
+    client = clients[0]
+    # project, membership, own lease, the queue (3), the lease's insert in a transaction (3), the task
+    with django_assert_max_num_queries(10):
+        task = next_task(client, project).json()
+    # project, membership, the task, then its lease, the judgement (and ranks), the count in a transaction
+    with django_assert_max_num_queries(9):
+        assert submit(client, project, judgement_body(task)).status_code == 201

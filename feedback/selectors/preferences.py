@@ -32,9 +32,11 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
+from functools import lru_cache
 from itertools import groupby
 from operator import itemgetter
 from typing import Any, Literal
@@ -99,7 +101,8 @@ class PreferenceExportOptions:
 class _Ranking:
     judgement_id: int
     annotator_id: int
-    entries: list[tuple[int, int]] = field(default_factory=list)  # (completion id, rank), best first
+    ids: list[int]  # completion ids, best first
+    ranks: list[int]  # their ranks
     rationale: str = ""
     time_ms: int | None = None
     created_at: datetime | None = None
@@ -155,24 +158,25 @@ def rewards_from_ranks(*, ranks: list[int]) -> list[float]:
     return [(k - place) / (k - 1) for place in places_from_ranks(ranks=ranks)]
 
 
-def ranking_pairs(*, ranks: list[int], mode: PairMode) -> list[tuple[int, int]]:
+@lru_cache(maxsize=4096)  # rankings repeat a handful of shapes (K completions, the odd tie)
+def ranking_pairs(*, ranks: tuple[int, ...], mode: PairMode) -> tuple[tuple[int, int], ...]:
     """Index pairs (better, worse) that one ranking sorted best first yields under a pair mode."""
     n = len(ranks)
     if mode == "all":
-        return [(i, j) for i in range(n) for j in range(i + 1, n) if ranks[i] < ranks[j]]
+        return tuple((i, j) for i in range(n) for j in range(i + 1, n) if ranks[i] < ranks[j])
     levels = sorted(set(ranks))
     by_level: dict[int, list[int]] = {}
     for index, rank in enumerate(ranks):
         by_level.setdefault(rank, []).append(index)
     if mode == "best_vs_rest":
         best = by_level[levels[0]]
-        return [(b, i) for b in best for level in levels[1:] for i in by_level[level]]
-    return [
+        return tuple((b, i) for b in best for level in levels[1:] for i in by_level[level])
+    return tuple(
         (u, w)
         for upper, lower in zip(levels, levels[1:], strict=False)
         for u in by_level[upper]
         for w in by_level[lower]
-    ]
+    )
 
 
 def _grouped(rows: Iterable[tuple[Any, ...]]) -> Iterator[tuple[int, list[tuple[Any, ...]]]]:
@@ -212,7 +216,10 @@ def _streams(
     project: Project, options: PreferenceExportOptions
 ) -> tuple[QuerySet, QuerySet, QuerySet | None, QuerySet | None]:
     prompts = Prompt.objects.filter(project=project).order_by("id").values_list("id", "messages")
-    written = Completion.objects.filter(prompt__project=project)
+    # Rows are picked by their prompt rather than by project: the database then walks the prompt index in
+    # prompt order and sorts little (the texts not at all) instead of sorting a whole project's rows up front.
+    project_prompts = Prompt.objects.filter(project=project).values("id")
+    written = Completion.objects.filter(prompt_id__in=project_prompts)
     if options.model_version_ids is not None:
         written = written.filter(model_version_id__in=list(options.model_version_ids))
     completions = written.order_by("prompt_id", "id").values_list("prompt_id", "id", "text")
@@ -224,7 +231,7 @@ def _streams(
         if raw:
             pairwise_fields += ["strength", "rationale", "time_ms", "created_at"]
         pairwise = (
-            PairwiseJudgement.objects.filter(project=project, **_judgement_filters(options, ""))
+            PairwiseJudgement.objects.filter(prompt_id__in=project_prompts, **_judgement_filters(options, ""))
             .order_by("prompt_id", "id")
             .values_list(*pairwise_fields)
         )
@@ -232,7 +239,9 @@ def _streams(
     if raw:
         ranked_fields += ["judgement__rationale", "judgement__time_ms", "judgement__created_at"]
     ranked = (
-        RankedCompletion.objects.filter(judgement__project=project, **_judgement_filters(options, "judgement__"))
+        RankedCompletion.objects.filter(
+            judgement__prompt_id__in=project_prompts, **_judgement_filters(options, "judgement__")
+        )
         .order_by("judgement__prompt_id", "judgement_id", "rank", "position")
         .values_list(*ranked_fields)
     )
@@ -248,28 +257,30 @@ def _prompt_groups(
     pairwise_rows = _Cursor(pairwise.iterator(chunk_size=size) if pairwise is not None else None)
     ranked_rows = _Cursor(ranked.iterator(chunk_size=size) if ranked is not None else None)
     for prompt_id, messages in prompts.iterator(chunk_size=size):
-        texts = {row[1]: row[2] for row in completion_rows.take(prompt_id)}
+        written = completion_rows.take(prompt_id)
         judged_pairs = pairwise_rows.take(prompt_id)
         ranked_entries = ranked_rows.take(prompt_id)
         if on_prompt is not None:
             on_prompt(1)
-        if not prompt_in_split(prompt_id=prompt_id, options=options):
+        if not (judged_pairs or ranked_entries) or not prompt_in_split(prompt_id=prompt_id, options=options):
             continue
+        texts = {row[1]: row[2] for row in written}
         rankings: list[_Ranking] = []
         for row in ranked_entries:
             if not rankings or rankings[-1].judgement_id != row[1]:
-                rankings.append(_Ranking(judgement_id=row[1], annotator_id=row[2]))
+                ranking = _Ranking(judgement_id=row[1], annotator_id=row[2], ids=[], ranks=[])
                 if len(row) > 5:
-                    rankings[-1].rationale, rankings[-1].time_ms, rankings[-1].created_at = row[5:8]
+                    ranking.rationale, ranking.time_ms, ranking.created_at = row[5:8]
+                rankings.append(ranking)
             if row[3] in texts:
-                rankings[-1].entries.append((row[3], row[4]))
-        yield _PromptGroup(
-            prompt_id=prompt_id,
-            messages=messages,
-            texts=texts,
-            pairwise=[row for row in judged_pairs if row[3] in texts and row[4] in texts],
-            rankings=[r for r in rankings if len(r.entries) >= 2],
-        )
+                ranking.ids.append(row[3])
+                ranking.ranks.append(row[4])
+        kept_pairs = [row for row in judged_pairs if row[3] in texts and row[4] in texts]
+        kept_rankings = [r for r in rankings if len(r.ids) >= 2]
+        if kept_pairs or kept_rankings:
+            yield _PromptGroup(
+                prompt_id=prompt_id, messages=messages, texts=texts, pairwise=kept_pairs, rankings=kept_rankings
+            )
 
 
 def _shapers(options: PreferenceExportOptions) -> tuple[Callable[[list[dict[str, str]]], Any], Callable[[str], Any]]:
@@ -279,19 +290,19 @@ def _shapers(options: PreferenceExportOptions) -> tuple[Callable[[list[dict[str,
 
 
 def _dpo_rows(group: _PromptGroup, options: PreferenceExportOptions, prompt: Any, answer: Callable) -> Iterator[dict]:
-    wins: dict[tuple[int, int], int] = {}  # (winner id, loser id) -> votes
-    for _, _, _, left, right, choice, *_ in group.pairwise:
-        if choice == PairwiseJudgement.Choice.A:
-            wins[left, right] = wins.get((left, right), 0) + 1
-        elif choice == PairwiseJudgement.Choice.B:
-            wins[right, left] = wins.get((right, left), 0) + 1
+    votes = [  # (winner id, loser id), one per vote
+        (left, right) if choice == PairwiseJudgement.Choice.A else (right, left)
+        for _, _, _, left, right, choice, *_ in group.pairwise
+        if choice in (PairwiseJudgement.Choice.A, PairwiseJudgement.Choice.B)
+    ]
     for ranking in group.rankings:
-        ids = [cid for cid, _ in ranking.entries]
-        for better, worse in ranking_pairs(ranks=[rank for _, rank in ranking.entries], mode=options.pairs):
-            key = (ids[better], ids[worse])
-            wins[key] = wins.get(key, 0) + 1
+        ids = ranking.ids
+        votes += [
+            (ids[better], ids[worse]) for better, worse in ranking_pairs(ranks=tuple(ranking.ranks), mode=options.pairs)
+        ]
+    wins = Counter(votes)
 
-    shaped: dict[int, Any] = {}
+    shaped = {cid: answer(text) for cid, text in group.texts.items()}
     for low, high in sorted({(a, b) if a < b else (b, a) for a, b in wins}):
         for_low, for_high = wins.get((low, high), 0), wins.get((high, low), 0)
         if for_low == for_high:
@@ -301,9 +312,6 @@ def _dpo_rows(group: _PromptGroup, options: PreferenceExportOptions, prompt: Any
         if agreement < options.min_agreement:
             continue
         chosen, rejected = (low, high) if for_low > for_high else (high, low)
-        for cid in (chosen, rejected):
-            if cid not in shaped:
-                shaped[cid] = answer(group.texts[cid])
         yield {
             "prompt": prompt,
             "chosen": shaped[chosen],
@@ -321,9 +329,8 @@ def _grpo_rows(group: _PromptGroup, prompt: Any, answer: Callable) -> Iterator[d
     # completion id -> [sum of places, sum of rewards, annotators who ranked it]
     totals: dict[int, list[float]] = {}
     for ranking in group.rankings:
-        ranks = [rank for _, rank in ranking.entries]
-        k = len(ranks)
-        for (cid, _), place in zip(ranking.entries, places_from_ranks(ranks=ranks), strict=True):
+        k = len(ranking.ranks)
+        for cid, place in zip(ranking.ids, places_from_ranks(ranks=ranking.ranks), strict=True):
             sums = totals.setdefault(cid, [0.0, 0.0, 0])
             sums[0] += place
             sums[1] += (k - place) / (k - 1)
@@ -365,7 +372,7 @@ def _judgement_rows(
             "time_ms": time_ms,
         }
     for ranking in group.rankings:
-        ids = [cid for cid, _ in ranking.entries]
+        ids = ranking.ids
         yield {
             "kind": "ranking",
             "judgement_id": ranking.judgement_id,
@@ -377,7 +384,7 @@ def _judgement_rows(
             "completions": [answer(group.texts[cid]) for cid in ids],
             "choice": None,
             "strength": None,
-            "ranks": [rank for _, rank in ranking.entries],
+            "ranks": ranking.ranks,
             "rationale": ranking.rationale,
             "time_ms": ranking.time_ms,
         }
@@ -396,8 +403,6 @@ def preference_rows(
     """
     shape_prompt, answer = _shapers(options)
     for group in _prompt_groups(project, options, on_prompt):
-        if not group.pairwise and not group.rankings:
-            continue
         prompt = shape_prompt(group.messages)
         if options.format == "dpo":
             yield from _dpo_rows(group, options, prompt, answer)

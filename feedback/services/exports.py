@@ -16,6 +16,8 @@ import tempfile
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime
+from functools import lru_cache
+from itertools import chain, islice
 from pathlib import Path
 from typing import IO, Any
 
@@ -92,50 +94,48 @@ def export_schema(*, options: PreferenceExportOptions) -> pa.Schema:
 DPO_KEYS = ("prompt", "chosen", "rejected", "prompt_id", "chosen_id", "rejected_id", "votes", "agreement", "weight")
 
 
-def _dpo_line_encoder(encode: Callable[[Any], str]) -> Callable[[dict[str, Any]], str]:
+# json writes a float as its repr, which is slow to work out; agreements take a few values over and over.
+_number_text = lru_cache(maxsize=4096, typed=True)(repr)
+
+
+def _dpo_lines(rows: Iterable[dict[str, Any]], encode: Callable[[Any], str]) -> Iterator[str]:
     """dpo rows formatted directly, the same text as `encode(row)` in a fraction of the time.
 
-    Every pair of a prompt shares the prompt object and each completion object, so those are
-    encoded once and looked up by identity (holding the object, so an id is never reused);
-    the numbers are written as json writes them (repr).
+    Rows come prompt by prompt, and within a prompt a completion id always has the same text,
+    so the prompt is encoded once per prompt and each completion once per prompt; the numbers
+    are written as json writes them (str of an int, repr of a float).
     """
-    cache: dict[int, tuple[Any, str]] = {}
-
-    def cached(value: Any) -> str:
-        hit = cache.get(id(value))
-        if hit is None or hit[0] is not value:
-            if len(cache) > 4096:
-                cache.clear()
-            hit = cache[id(value)] = (value, encode(value))
-        return hit[1]
-
-    def line(row: dict[str, Any]) -> str:
-        return (
-            f'{{"prompt": {cached(row["prompt"])}, "chosen": {cached(row["chosen"])}, '
-            f'"rejected": {cached(row["rejected"])}, "prompt_id": {row["prompt_id"]}, '
-            f'"chosen_id": {row["chosen_id"]}, "rejected_id": {row["rejected_id"]}, "votes": {row["votes"]}, '
-            f'"agreement": {row["agreement"]!r}, "weight": {row["weight"]!r}}}'
+    prompt_id, head = None, ""
+    encoded: dict[int, str] = {}  # completion id -> its encoded text, for the current prompt
+    for row in rows:
+        if row["prompt_id"] != prompt_id:
+            prompt_id = row["prompt_id"]
+            head = f'{{"prompt": {encode(row["prompt"])}, "chosen": '
+            encoded = {}
+        chosen_id, rejected_id = row["chosen_id"], row["rejected_id"]
+        if chosen_id not in encoded:
+            encoded[chosen_id] = encode(row["chosen"])
+        if rejected_id not in encoded:
+            encoded[rejected_id] = encode(row["rejected"])
+        yield (
+            f'{head}{encoded[chosen_id]}, "rejected": {encoded[rejected_id]}, "prompt_id": {prompt_id}, '
+            f'"chosen_id": {chosen_id}, "rejected_id": {rejected_id}, "votes": {row["votes"]}, '
+            f'"agreement": {_number_text(row["agreement"])}, "weight": {_number_text(row["weight"])}}}'
         )
-
-    return line
 
 
 def export_jsonl_chunks(*, rows: Iterable[dict[str, Any]]) -> Iterator[str]:
     """JSONL text in chunks of about a thousand lines, for a file or a streamed response."""
     encode = json.JSONEncoder(ensure_ascii=False, separators=(", ", ": ")).encode
-    line: Callable[[dict[str, Any]], str] = encode
-    lines: list[str] = []
-    for row in rows:
-        if not lines and line is encode and tuple(row) == DPO_KEYS:
-            line = _dpo_line_encoder(encode)
-        lines.append(line(row))
-        if len(lines) >= JSONL_LINES_PER_CHUNK:
-            lines.append("")
-            yield "\n".join(lines)
-            lines = []
-    if lines:
-        lines.append("")
-        yield "\n".join(lines)
+    rows = iter(rows)
+    first = next(rows, None)
+    if first is None:
+        return
+    rows = chain([first], rows)
+    lines = _dpo_lines(rows, encode) if tuple(first) == DPO_KEYS else map(encode, rows)
+    while chunk := list(islice(lines, JSONL_LINES_PER_CHUNK)):
+        chunk.append("")
+        yield "\n".join(chunk)
 
 
 def export_write_jsonl(*, rows: Iterable[dict[str, Any]], stream: IO[str]) -> int:

@@ -43,11 +43,11 @@ def test_places_share_the_mean_of_tied_places():
 
 
 def test_ranking_pairs_per_mode_never_pair_tied_completions():
-    ranks = [1, 2, 2, 3]
+    ranks = (1, 2, 2, 3)
     assert sorted(ranking_pairs(ranks=ranks, mode="all")) == [(0, 1), (0, 2), (0, 3), (1, 3), (2, 3)]
     assert sorted(ranking_pairs(ranks=ranks, mode="best_vs_rest")) == [(0, 1), (0, 2), (0, 3)]
     assert sorted(ranking_pairs(ranks=ranks, mode="adjacent")) == [(0, 1), (0, 2), (1, 3), (2, 3)]
-    assert sorted(ranking_pairs(ranks=[1, 1, 2], mode="best_vs_rest")) == [(0, 2), (1, 2)]
+    assert sorted(ranking_pairs(ranks=(1, 1, 2), mode="best_vs_rest")) == [(0, 2), (1, 2)]
 
 
 @pytest.fixture

@@ -92,7 +92,8 @@ class Command(BaseCommand):
         show_progress = self.stdout.isatty()
         with tqdm(total=project.prompts.count(), unit="prompt", disable=not show_progress, file=sys.stderr) as progress:
             try:
-                rows = export_write_file(project=project, options=options, path=out, on_prompt=progress.update)
+                on_prompt = progress.update if show_progress else None
+                rows = export_write_file(project=project, options=options, path=out, on_prompt=on_prompt)
             except ExportError as error:
                 raise CommandError(str(error)) from None
             except OSError as error:

@@ -192,7 +192,12 @@ def task_for_assignment(*, assignment: Assignment) -> Task:
 
 
 def judgements_left(*, project: Project) -> int:
-    """Judgements the project still wants on the items its completions make now."""
+    """Judgements the project still wants on the items its completions make now.
+
+    A prompt never wants more than the capacity of K completions, so only prompts counted below
+    it are read: the cost follows the open part of the queue, not the whole project.
+    """
+    capacity = project.overlap * items_per_prompt(project=project, completions=project.completions_per_prompt)
     completions = Subquery(
         Completion.objects.filter(prompt=OuterRef("pk"))
         .order_by()
@@ -208,7 +213,7 @@ def judgements_left(*, project: Project) -> int:
     else:
         items = F("n") * (F("n") - 1) / 2
     left = (
-        Prompt.objects.filter(project=project)
+        Prompt.objects.filter(project=project, judgement_count__lt=capacity)
         .annotate(n=n)
         .annotate(wanted=items * project.overlap)
         .aggregate(left=Sum(Greatest(F("wanted") - F("judgement_count"), Value(0))))["left"]

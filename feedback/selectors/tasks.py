@@ -195,29 +195,29 @@ def judgements_left(*, project: Project) -> int:
     """Judgements the project still wants on the items its completions make now.
 
     A prompt never wants more than the capacity of K completions, so only prompts counted below
-    it are read: the cost follows the open part of the queue, not the whole project.
+    it are read: the cost follows the open part of the queue, not the whole project. Each prompt's
+    items are worked out inside one correlated subquery, as the pairwise formula names the
+    completion count twice and SQLite would otherwise count the completions twice.
     """
     capacity = project.overlap * items_per_prompt(project=project, completions=project.completions_per_prompt)
-    completions = Subquery(
-        Completion.objects.filter(prompt=OuterRef("pk"))
-        .order_by()
-        .values("prompt")
-        .annotate(n=Count("pk"))
-        .values("n")[:1],
-        output_field=IntegerField(),
-    )
-    n = Least(Coalesce(completions, Value(0)), Value(project.completions_per_prompt))
     items: Case | CombinedExpression
     if project.mode == Project.Mode.RANKING:
         items = Case(When(n__gte=2, then=Value(1)), default=Value(0), output_field=IntegerField())
     else:
         items = F("n") * (F("n") - 1) / 2
-    left = (
-        Prompt.objects.filter(project=project, judgement_count__lt=capacity)
-        .annotate(n=n)
-        .annotate(wanted=items * project.overlap)
-        .aggregate(left=Sum(Greatest(F("wanted") - F("judgement_count"), Value(0))))["left"]
+    items_of_prompt = Subquery(
+        Completion.objects.filter(prompt=OuterRef("pk"))
+        .order_by()
+        .values("prompt")
+        .annotate(n=Least(Count("pk"), Value(project.completions_per_prompt)))
+        .annotate(items=items)
+        .values("items")[:1],
+        output_field=IntegerField(),
     )
+    wanted = Coalesce(items_of_prompt, Value(0)) * project.overlap
+    left = Prompt.objects.filter(project=project, judgement_count__lt=capacity).aggregate(
+        left=Sum(Greatest(wanted - F("judgement_count"), Value(0)))
+    )["left"]
     return left or 0
 
 

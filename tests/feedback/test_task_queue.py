@@ -8,7 +8,7 @@ from django.db import connection
 from django.utils import timezone
 
 from feedback.models import Assignment, PairwiseJudgement, Project, Prompt, RankingJudgement
-from feedback.selectors.tasks import task_for_assignment, task_progress
+from feedback.selectors.tasks import judgements_left, task_for_assignment, task_progress
 from feedback.services.assignments import assignment_lease_next, assignment_lease_renew, assignment_skip
 from feedback.services.judgements import judgement_submit
 from tests.factories import CompletionFactory, ProjectFactory, PromptFactory, UserFactory
@@ -195,6 +195,15 @@ def test_progress_counts_mine_everyones_and_whats_left():
     judge(project, other, assignment_lease_next(project=project, annotator=other))
     progress = task_progress(project=project, annotator=me)
     assert (progress.judged_by_me, progress.judged_total, progress.left) == (2, 3, 9)
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(("mode", "left"), [("pairwise", 6 + 0 + 1 + 0), ("ranking", 2 + 0 + 1 + 0)])
+def test_whats_left_counts_the_first_k_completions_and_never_goes_below_zero(mode, left):
+    project = ProjectFactory(mode=mode, completions_per_prompt=3, overlap=2)
+    for completions, judged in [(5, 0), (1, 0), (2, 1), (3, 7)]:  # only 3 of the 5 count; 1 makes no item
+        CompletionFactory.create_batch(completions, prompt=PromptFactory(project=project, judgement_count=judged))
+    assert judgements_left(project=project) == left
 
 
 def _annotate_concurrently(project_id: int, annotator_ids: list[int], barrier: threading.Barrier, errors: list):

@@ -1,6 +1,6 @@
 """Export speed: ranking judgements -> `dpo` JSONL through the command and through the API.
 
-Usage: python benchmarks/export_speed.py [--judgements 1000000] [--small 250000] [--keep DIR [--reuse]]
+Usage: python benchmarks/export_speed.py [--judgements 1000000] [--small 250000] [--keep DIR [--reuse]] [--phases]
 
 For each size (the small one shows whether memory grows with the data) it builds a fresh
 SQLite database with the production settings (WAL, immediate transactions) in a temporary
@@ -17,7 +17,12 @@ wait4) belongs to that export alone:
    (middleware, token auth, DRF, the streaming response; no socket), writing the body to a file.
 
 Rows/s is the number of JSONL rows over the wall time of the whole process, start-up
-included. The figures go to benchmarks/RESULTS.md under "## Export speed".
+included, and over its CPU time (user + system), which other work on a shared machine
+disturbs less. The load average and a CPU calibration (the CPU time of sum(range(1000)))
+are recorded with the figures. With --phases it also splits the CPU time of one in-process
+export of the small database into reading and grouping the rows by prompt, deriving the
+pairs and building the rows, and writing the JSONL lines (to /dev/null).
+The figures go to benchmarks/RESULTS.md under "## Export speed".
 """
 
 from __future__ import annotations
@@ -215,6 +220,45 @@ def serve_api(data_dir: Path, out: Path) -> None:
         raise SystemExit(f"API answered {status[0]}: {out.read_text()[:500]}")
 
 
+def phases(data_dir: Path) -> dict:
+    """CPU seconds of the dpo export's stages in this process, each pass adding one stage to the one before."""
+    _django(data_dir)
+    from feedback.models import Project
+    from feedback.selectors.preferences import PreferenceExportOptions, _prompt_groups, preference_rows
+    from feedback.services.exports import export_write_jsonl
+
+    project = Project.objects.get(slug="bench")
+    options = PreferenceExportOptions(format="dpo")
+    seconds = []
+    with open(os.devnull, "w", encoding="utf-8") as devnull:
+        for run in (
+            lambda: sum(1 for _ in _prompt_groups(project, options, None)),
+            lambda: sum(1 for _ in preference_rows(project=project, options=options)),
+            lambda: export_write_jsonl(rows=preference_rows(project=project, options=options), stream=devnull),
+        ):
+            started = time.process_time()
+            count = run()
+            seconds.append(time.process_time() - started)
+    return {
+        "rows": count,
+        "reading_and_grouping": round(seconds[0], 1),
+        "deriving_pairs_and_rows": round(seconds[1] - seconds[0], 1),
+        "writing_jsonl": round(seconds[2] - seconds[1], 1),
+        "total": round(seconds[2], 1),
+    }
+
+
+def machine() -> dict:
+    """Load averages and the CPU time of sum(range(1000)) in microseconds, to compare runs and machines."""
+    started = time.process_time()
+    for _ in range(10_000):
+        sum(range(1000))
+    return {
+        "load": [round(x, 1) for x in os.getloadavg()],
+        "sum_range_us": round((time.process_time() - started) * 100, 1),
+    }
+
+
 def timed(command: list[str], env: dict) -> tuple[float, float, int, str]:
     """Wall seconds, CPU seconds (user + system), peak resident memory in MiB and stdout of a child process."""
     started = time.perf_counter()
@@ -255,6 +299,7 @@ def measure(judgements: int, base: Path, *, reuse: bool) -> dict:
         marker.write_text(generated)
     database_mib = sum(f.stat().st_size for f in data_dir.glob("rankwise.sqlite3*")) / 2**20
 
+    before = machine()
     out = data_dir / "command.jsonl"
     seconds, cpu, peak, stdout = timed(
         [python, "manage.py", "export_preferences", "bench", "--format", "dpo", "--out", str(out)], env
@@ -274,6 +319,7 @@ def measure(judgements: int, base: Path, *, reuse: bool) -> dict:
     )
     return {
         "judgements": counts["judgements"],
+        "machine": [before, machine()],
         "counts": counts,
         "database_mib": round(database_mib),
         "jsonl_mib": round(out.stat().st_size / 2**20),
@@ -284,12 +330,12 @@ def measure(judgements: int, base: Path, *, reuse: bool) -> dict:
     }
 
 
-def write_results(results: list[dict]) -> None:
+def write_results(results: list[dict], stages: dict | None) -> None:
     lines = [
         SECTION,
         "",
-        f"`python benchmarks/export_speed.py` on {platform.machine()}, {os.cpu_count()} CPUs shared with three "
-        f"other engineers' test runs while measured, Python {platform.python_version()}, SQLite "
+        f"`python benchmarks/export_speed.py` on {platform.machine()}, {os.cpu_count()} CPUs shared with other "
+        f"people's work while measured (load below), Python {platform.python_version()}, SQLite "
         f"{__import__('sqlite3').sqlite_version}, {time.strftime('%Y-%m-%d')}.",
         "",
         f"Data: one ranking project, K = {K}, {ANNOTATORS} annotators rank every prompt in a random order "
@@ -300,32 +346,51 @@ def write_results(results: list[dict]) -> None:
         "user + system time, which the other work on the machine disturbs less. Peak is the process's maximum "
         "resident set (ru_maxrss); the same command on an empty project peaks at the baseline shown.",
         "",
-        "| judgements | prompts | dpo rows | JSONL | way | wall | rows/s (wall) | rows/s (CPU) | peak RSS |",
-        "|---:|---:|---:|---:|---|---:|---:|---:|---:|",
+        "| judgements | prompts | dpo rows | JSONL | way | wall | CPU | rows/s (wall) | rows/s (CPU) | peak RSS |",
+        "|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         for way in ("command", "api"):
             f = r[way]
             lines.append(
                 f"| {r['judgements']:,} | {r['counts']['prompts']:,} | {f['rows']:,} | {r['jsonl_mib']} MiB | {way} "
-                f"| {f['seconds']} s | {f['rows_per_s']:,} | {f['rows_per_cpu_s']:,} | {f['peak_mib']} MiB |"
+                f"| {f['seconds']} s | {f['cpu_seconds']} s | {f['rows_per_s']:,} | {f['rows_per_cpu_s']:,} "
+                f"| {f['peak_mib']} MiB |"
             )
+    lines.append("")
+    for r in results:
+        before, after = r["machine"]
+        lines.append(
+            f"Machine during the {r['judgements']:,}-judgement exports: load average (1, 5, 15 min) "
+            f"{', '.join(map(str, before['load']))} before and {', '.join(map(str, after['load']))} after; "
+            f"`sum(range(1000))` took {before['sum_range_us']} and {after['sum_range_us']} µs of CPU time."
+        )
     same = all(r["identical"] for r in results)
     best = max(r[way]["rows_per_s"] for r in results for way in ("command", "api"))
+    best_cpu = max(r[way]["rows_per_cpu_s"] for r in results for way in ("command", "api"))
     growth = max(r[way]["peak_mib"] for r in results for way in ("command", "api")) - min(
         r[way]["peak_mib"] for r in results for way in ("command", "api")
     )
     lines += [
         "",
         f"Goal, at least 100,000 rows/s with memory flat in the number of rows: the speed is "
-        f"{'met' if best >= 100_000 else 'not met'} here (best {best:,} rows/s of wall time); memory is flat "
-        f"(peaks within {growth} MiB of each other from {results[0]['judgements']:,} to "
-        f"{results[-1]['judgements']:,} judgements).",
+        f"{'met' if best >= 100_000 else 'not met'} here (best {best:,} rows/s of wall time, {best_cpu:,} rows/s "
+        f"of CPU time); memory is flat (peaks within {growth} MiB of each other from "
+        f"{results[0]['judgements']:,} to {results[-1]['judgements']:,} judgements).",
         "",
         f"Baseline peak (the command on an empty project): {results[0]['baseline_peak_mib']} MiB. "
         f"The command's file and the API's body are {'byte-identical' if same else 'NOT identical'} at every size.",
         "",
     ]
+    if stages is not None:
+        lines += [
+            f"Where the time goes (the {results[0]['judgements']:,}-judgement database, CPU seconds in one process, "
+            f"export to /dev/null, no start-up): reading and grouping the rows by prompt "
+            f"{stages['reading_and_grouping']} s, deriving the pairs and building the rows "
+            f"{stages['deriving_pairs_and_rows']} s, writing the JSONL lines {stages['writing_jsonl']} s; "
+            f"{stages['total']} s for {stages['rows']:,} rows.",
+            "",
+        ]
     section = "\n".join(lines)
     text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
     pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
@@ -340,11 +405,15 @@ def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "_api":
         serve_api(Path(sys.argv[2]), Path(sys.argv[3]))
         return
+    if len(sys.argv) > 1 and sys.argv[1] == "_phases":
+        print(json.dumps(phases(Path(sys.argv[2]))))
+        return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--judgements", type=int, default=1_000_000)
     parser.add_argument("--small", type=int, default=250_000, help="a second, smaller size to compare memory with")
     parser.add_argument("--keep", type=Path, help="keep the databases and exports in this directory")
     parser.add_argument("--reuse", action="store_true", help="with --keep: reuse the databases an earlier run built")
+    parser.add_argument("--phases", action="store_true", help="also split the small export's CPU time into stages")
     parser.add_argument("--no-write", action="store_true", help="print the figures, leave RESULTS.md alone")
     args = parser.parse_args()
     base = args.keep or Path(tempfile.mkdtemp(prefix="rankwise-export-bench-"))
@@ -354,8 +423,14 @@ def main() -> None:
             result = measure(size, base, reuse=args.reuse)
             print(json.dumps(result), flush=True)
             results.append(result)
+        stages = None
+        if args.phases:
+            env = {**os.environ, "DEBUG": "0", "ALLOWED_HOSTS": "localhost"}
+            _, _, _, stdout = timed([sys.executable, __file__, "_phases", str(base / f"n{args.small}")], env)
+            stages = json.loads(stdout)
+            print(json.dumps(stages), flush=True)
         if not args.no_write:
-            write_results(results)
+            write_results(results, stages)
     finally:
         if args.keep is None:
             shutil.rmtree(base, ignore_errors=True)

@@ -22,7 +22,7 @@ from tests.factories import (
     PromptFactory,
     UserFactory,
 )
-from tests.feedback.export_helpers import compare, fast_password_hashing, make_prompt, rank
+from tests.feedback.export_helpers import bulk_rankings, compare, fast_password_hashing, make_prompt, rank
 
 pytestmark = pytest.mark.django_db
 
@@ -202,12 +202,38 @@ def test_manager_gets_the_same_stream_as_staff(project):
     assert rows == list(preference_rows(project=project, options=PreferenceExportOptions(format="grpo")))
 
 
-@pytest.mark.parametrize("conversational", [False, True])
-def test_jsonl_lines_are_exactly_what_json_writes(project, conversational):
-    options = PreferenceExportOptions(format="dpo", conversational=conversational)
-    rows = list(preference_rows(project=project, options=options))
+AWKWARD_TEXTS = [
+    'quote " and \\ backslash',
+    "line\nbreak\ttab\r",
+    "control \x01\x1f del \x7f",
+    "ünï ✓ 中文 😀 𝄞",
+    "a\u2028b",
+    "",
+]
+
+
+@pytest.mark.parametrize("options", [*VARIANTS, {"format": "dpo", "pairs": "best_vs_rest"}], ids=str)
+def test_jsonl_lines_are_exactly_what_json_writes(project, options):
+    prompt = PromptFactory(project=project, messages=[{"role": "user", "content": '\\ " ✓ \x00?'}])
+    awkward = [CompletionFactory(prompt=prompt, text=text) for text in AWKWARD_TEXTS]
+    rank(UserFactory(), prompt, [[c] for c in awkward])
+    rank(UserFactory(), prompt, [awkward[3:], awkward[:3]])
+    rows = list(preference_rows(project=project, options=PreferenceExportOptions(**options)))
+    if "split" not in options:
+        assert prompt.pk in {row["prompt_id"] for row in rows}
     text = "".join(export_jsonl_chunks(rows=rows))
     assert text == "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+
+
+def test_jsonl_chunks_end_on_whole_lines():
+    project = ProjectFactory()
+    bulk_rankings(project, prompts=200, annotators=[UserFactory(), UserFactory()])
+    rows = list(preference_rows(project=project, options=PreferenceExportOptions()))
+    chunks = list(export_jsonl_chunks(rows=rows))
+    assert len(rows) == 1200 and len(chunks) == 2
+    assert all(chunk.endswith("\n") for chunk in chunks)
+    assert "".join(chunks) == "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    assert list(export_jsonl_chunks(rows=[])) == []
 
 
 def test_an_exported_file_has_the_permissions_of_a_new_file(project, tmp_path):

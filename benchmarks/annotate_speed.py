@@ -317,10 +317,13 @@ def judgement_body(task: dict) -> dict:
     return body
 
 
-def in_process(*, slug: str, annotator_ids: list[int], calls: int) -> dict[str, list[float]]:
-    """Full Django request handling without a network: the server-side time of each call."""
+def in_process(*, slug: str, annotator_ids: list[int], calls: int) -> tuple[dict[str, list[float]], dict[str, int]]:
+    """Full Django request handling without a network: the server-side time of each call, and the
+    most SQL statements one call took (counted on the warm-up calls, so counting costs the timings nothing)."""
     from django.contrib.auth import get_user_model
+    from django.db import connection
     from django.test import Client
+    from django.test.utils import CaptureQueriesContext
 
     users = get_user_model().objects.in_bulk(annotator_ids)
     clients = []
@@ -331,9 +334,14 @@ def in_process(*, slug: str, annotator_ids: list[int], calls: int) -> dict[str, 
     next_url = f"/api/v1/projects/{slug}/next-task/"
     submit_url = f"/api/v1/projects/{slug}/judgements/"
     timings: dict[str, list[float]] = {"next-task": [], "submit": [], "next-task cpu": [], "submit cpu": []}
-    for client in clients:  # warm up: first requests import modules and fill caches
-        task = client.get(next_url).json()
-        client.post(submit_url, judgement_body(task), content_type="application/json")
+    queries = {"next-task": 0, "submit": 0}
+    for client in clients:  # warm up (first requests import modules and fill caches) and count queries
+        with CaptureQueriesContext(connection) as captured:
+            task = client.get(next_url).json()
+        queries["next-task"] = max(queries["next-task"], len(captured))
+        with CaptureQueriesContext(connection) as captured:
+            client.post(submit_url, judgement_body(task), content_type="application/json")
+        queries["submit"] = max(queries["submit"], len(captured))
     for i in range(calls):
         client = clients[i % len(clients)]
         start, cpu = time.perf_counter(), time.thread_time()
@@ -347,7 +355,7 @@ def in_process(*, slug: str, annotator_ids: list[int], calls: int) -> dict[str, 
         timings["submit"].append((time.perf_counter() - start) * 1000)
         timings["submit cpu"].append((time.thread_time() - cpu) * 1000)
         assert response.status_code == 201, (response.status_code, response.content)
-    return timings
+    return timings, queries
 
 
 def free_port() -> int:
@@ -504,14 +512,15 @@ def main() -> None:
         "caller waits; CPU is this thread's CPU time in the call, the part that does not depend on what else "
         "the machine runs:",
         "",
-        "| project | next-task (wall) | submit (wall) | next-task (CPU) | submit (CPU) |",
-        "|---|---|---|---|---|",
+        "| project | next-task (wall) | submit (wall) | next-task (CPU) | submit (CPU) | SQL statements per call |",
+        "|---|---|---|---|---|---|",
     ]
     for mode, slug in seeded["slugs"].items():
-        timings = in_process(slug=slug, annotator_ids=in_process_ids, calls=args.calls)
+        timings, queries = in_process(slug=slug, annotator_ids=in_process_ids, calls=args.calls)
         lines.append(
             f"| {mode} | {summary(timings['next-task'])} | {summary(timings['submit'])} | "
-            f"{summary(timings['next-task cpu'])} | {summary(timings['submit cpu'])} |"
+            f"{summary(timings['next-task cpu'])} | {summary(timings['submit cpu'])} | "
+            f"next-task {queries['next-task']}, submit {queries['submit']} |"
         )
         print(lines[-1], flush=True)
 

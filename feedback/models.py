@@ -44,9 +44,7 @@ class Project(models.Model):
         help_text="A Hugging Face model directory or id; empty for the default model.",
     )
     training_algorithm = models.CharField(max_length=16, choices=Algorithm.choices, default=Algorithm.DPO)
-    training_config = models.JSONField(
-        default=dict, blank=True, help_text="Hyperparameters for training runs."
-    )
+    training_config = models.JSONField(default=dict, blank=True, help_text="Hyperparameters for training runs.")
     auto_train = models.BooleanField(default=False)
     auto_train_threshold = models.PositiveIntegerField(default=200, validators=[MinValueValidator(1)])
     auto_promote = models.BooleanField(default=False)
@@ -121,9 +119,7 @@ class Prompt(models.Model):
 class ModelVersion(models.Model):
     project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="model_versions")
     name = models.CharField(max_length=100)
-    parent = models.ForeignKey(
-        "self", null=True, blank=True, on_delete=models.SET_NULL, related_name="children"
-    )
+    parent = models.ForeignKey("self", null=True, blank=True, on_delete=models.SET_NULL, related_name="children")
     weights_path = models.CharField(max_length=500, help_text="A model directory under the data dir.")
     produced_by_run = models.OneToOneField(
         "TrainingRun", null=True, blank=True, on_delete=models.SET_NULL, related_name="produced_version"
@@ -150,9 +146,7 @@ class Completion(models.Model):
 
     prompt = models.ForeignKey(Prompt, on_delete=models.CASCADE, related_name="completions")
     text = models.TextField()
-    html = models.TextField(
-        help_text="Sanitized HTML rendered from the text when the completion was created."
-    )
+    html = models.TextField(help_text="Sanitized HTML rendered from the text when the completion was created.")
     model_version = models.ForeignKey(
         ModelVersion, null=True, blank=True, on_delete=models.SET_NULL, related_name="completions"
     )
@@ -191,16 +185,10 @@ class Assignment(models.Model):
         SKIPPED = "skipped"
 
     project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="assignments")
-    annotator = models.ForeignKey(
-        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="assignments"
-    )
+    annotator = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="assignments")
     prompt = models.ForeignKey(Prompt, on_delete=models.CASCADE, related_name="assignments")
-    completion_a = models.ForeignKey(
-        Completion, null=True, blank=True, on_delete=models.CASCADE, related_name="+"
-    )
-    completion_b = models.ForeignKey(
-        Completion, null=True, blank=True, on_delete=models.CASCADE, related_name="+"
-    )
+    completion_a = models.ForeignKey(Completion, null=True, blank=True, on_delete=models.CASCADE, related_name="+")
+    completion_b = models.ForeignKey(Completion, null=True, blank=True, on_delete=models.CASCADE, related_name="+")
     item_key = models.CharField(max_length=64, help_text="'p<prompt id>' or 'c<low id>-<high id>'.")
     slot = models.PositiveSmallIntegerField(null=True, blank=True)
     display_order = models.JSONField(help_text="Completion ids in the order shown.")
@@ -213,15 +201,10 @@ class Assignment(models.Model):
     class Meta:
         constraints = [
             models.UniqueConstraint(fields=["item_key", "slot"], name="one_lease_per_item_slot"),
-            models.UniqueConstraint(
-                fields=["annotator", "item_key"], name="one_assignment_per_annotator_item"
-            ),
+            models.UniqueConstraint(fields=["annotator", "item_key"], name="one_assignment_per_annotator_item"),
+            models.CheckConstraint(condition=Q(state__in=["leased", "done", "skipped"]), name="assignment_state_valid"),
             models.CheckConstraint(
-                condition=Q(state__in=["leased", "done", "skipped"]), name="assignment_state_valid"
-            ),
-            models.CheckConstraint(
-                condition=Q(state="skipped", slot__isnull=True)
-                | (~Q(state="skipped") & Q(slot__isnull=False)),
+                condition=Q(state="skipped", slot__isnull=True) | (~Q(state="skipped") & Q(slot__isnull=False)),
                 name="assignment_slot_held_unless_skipped",
             ),
         ]
@@ -264,18 +247,10 @@ class PairwiseJudgement(models.Model):
     class Meta:
         ordering = ["id"]
         constraints = [
-            models.UniqueConstraint(
-                fields=["annotator", "item_key"], name="one_pairwise_judgement_per_annotator_item"
-            ),
-            models.CheckConstraint(
-                condition=Q(choice__in=["a", "b", "tie", "both_bad"]), name="pairwise_choice_valid"
-            ),
-            models.CheckConstraint(
-                condition=Q(strength__in=["", "slight", "clear"]), name="pairwise_strength_valid"
-            ),
-            models.CheckConstraint(
-                condition=~Q(left=models.F("right")), name="pairwise_two_different_completions"
-            ),
+            models.UniqueConstraint(fields=["annotator", "item_key"], name="one_pairwise_judgement_per_annotator_item"),
+            models.CheckConstraint(condition=Q(choice__in=["a", "b", "tie", "both_bad"]), name="pairwise_choice_valid"),
+            models.CheckConstraint(condition=Q(strength__in=["", "slight", "clear"]), name="pairwise_strength_valid"),
+            models.CheckConstraint(condition=~Q(left=models.F("right")), name="pairwise_two_different_completions"),
         ]
 
     def __str__(self) -> str:
@@ -297,9 +272,7 @@ class RankingJudgement(models.Model):
     class Meta:
         ordering = ["id"]
         constraints = [
-            models.UniqueConstraint(
-                fields=["annotator", "prompt"], name="one_ranking_judgement_per_annotator_prompt"
-            ),
+            models.UniqueConstraint(fields=["annotator", "prompt"], name="one_ranking_judgement_per_annotator_prompt"),
         ]
 
     def __str__(self) -> str:
@@ -315,9 +288,7 @@ class RankedCompletion(models.Model):
     class Meta:
         ordering = ["judgement_id", "rank", "position"]
         constraints = [
-            models.UniqueConstraint(
-                fields=["judgement", "completion"], name="one_rank_per_completion_per_judgement"
-            ),
+            models.UniqueConstraint(fields=["judgement", "completion"], name="one_rank_per_completion_per_judgement"),
             models.CheckConstraint(condition=Q(rank__gte=1), name="rank_at_least_1"),
         ]
 
@@ -350,9 +321,7 @@ class TrainingRun(models.Model):
     status = models.CharField(max_length=10, choices=Status.choices, default=Status.QUEUED)
     step = models.PositiveIntegerField(default=0)
     total_steps = models.PositiveIntegerField(default=0)
-    metrics = models.JSONField(
-        default=list, blank=True, help_text="[{step, loss, ...}, ...] as the run goes."
-    )
+    metrics = models.JSONField(default=list, blank=True, help_text="[{step, loss, ...}, ...] as the run goes.")
     error = models.TextField(blank=True)
     data_counts = models.JSONField(default=dict, blank=True)
     data_hash = models.CharField(max_length=64, blank=True)
@@ -381,9 +350,7 @@ class TrainingRun(models.Model):
                 condition=Q(status__in=["queued", "running", "succeeded", "failed", "cancelled"]),
                 name="training_run_status_valid",
             ),
-            models.CheckConstraint(
-                condition=Q(algorithm__in=["dpo", "grpo"]), name="training_run_algorithm_valid"
-            ),
+            models.CheckConstraint(condition=Q(algorithm__in=["dpo", "grpo"]), name="training_run_algorithm_valid"),
         ]
 
     def __str__(self) -> str:

@@ -1,7 +1,10 @@
-from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
-from django.db.models import Count, QuerySet
+from typing import Any
 
-from feedback.models import Project
+from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
+from django.db.models import Count, IntegerField, OuterRef, QuerySet, Subquery
+from django.db.models.functions import Coalesce
+
+from feedback.models import Completion, Project, Prompt
 
 
 def project_list_for_user(*, user: AbstractBaseUser | AnonymousUser) -> QuerySet[Project]:
@@ -10,9 +13,15 @@ def project_list_for_user(*, user: AbstractBaseUser | AnonymousUser) -> QuerySet
         return Project.objects.none()
     projects = Project.objects.all() if user.is_staff else Project.objects.filter(memberships__user=user)
     return projects.annotate(
-        prompt_count=Count("prompts", distinct=True),
-        completion_count=Count("prompts__completions", distinct=True),
+        prompt_count=_count_per_project(Prompt.objects.all(), "project"),
+        completion_count=_count_per_project(Completion.objects.all(), "prompt__project"),
     ).order_by("name")
+
+
+def _count_per_project(rows: QuerySet[Any], project_field: str) -> Coalesce:
+    """The number of `rows` of each project, as a subquery (a join with DISTINCT counts would multiply the rows)."""
+    counted = rows.filter(**{project_field: OuterRef("pk")}).order_by().values(project_field).annotate(n=Count("*"))
+    return Coalesce(Subquery(counted.values("n"), output_field=IntegerField()), 0)
 
 
 def generation_progress(*, project: Project) -> dict[str, int] | None:

@@ -1,9 +1,11 @@
 """One turn of the closed loop with the default model, timed by stage.
 
 200 pairwise judgements -> training run (DPO, LoRA, project defaults) -> model version ->
-promotion -> 20 prompts x 4 new completions from the new version. Then 20 more judgements
-(10% new data) and a second run over all of it, to show the reference log-prob cache at
-work: only the new pairs need a reference forward pass.
+promotion -> 20 prompts x 4 new completions from the new version. Before the promotion,
+20 more judgements (10% new data) and a second run over all of it show the reference
+log-prob cache at work: with the same reference model, only the new pairs need a reference
+forward pass. (A run after a promotion starts from the new version, which is then its
+reference, so its reference log-probs are all new.)
 
 Usage: python benchmarks/loop_speed.py [--pairs 200] [--generate 20]
 Runs in a temporary data dir with its own SQLite database; needs the default model
@@ -54,9 +56,10 @@ def add_judgements(project, annotator, start: int, count: int) -> None:
     for i in range(start, start + count):
         question = f"{QUESTIONS[i % len(QUESTIONS)]} (case {i})"
         prompt = Prompt.objects.create(project=project, messages=[{"role": "user", "content": question}])
-        good, bad = (
+        # K = 4 completions a prompt, as in the project; one pair of them is judged
+        good, bad, *_ = (
             Completion.objects.create(prompt=prompt, text=t, html=markdown_to_safe_html(t), source_model="bench")
-            for t in (GOOD.format(q=question), BAD)
+            for t in (GOOD.format(q=question), BAD, BAD + " Sorry.", "Maybe.")
         )
         left, right = (good, bad) if i % 2 else (bad, good)
         PairwiseJudgement.objects.create(
@@ -114,16 +117,19 @@ def main() -> None:
         snapshot, run = timed_run(project)
         version = run.produced_version
         metrics = version.metrics
+
+        # The next periodic run before anything is promoted: same reference model, so the
+        # reference log-probs of the pairs seen before come from the cache.
+        add_judgements(project, annotator, args.pairs, args.pairs // 10)
+        snapshot2, second = timed_run(project)
+        m2 = second.produced_version.metrics
+
         model_version_promote(version=version, generate=False)
         for i in range(args.generate):
             Prompt.objects.create(project=project, messages=[{"role": "user", "content": f"{QUESTIONS[i % 8]} ({i})"}])
         started = time.perf_counter()
         generated = completions_generate(project=project, k=4)
         generation = time.perf_counter() - started
-
-        add_judgements(project, annotator, args.pairs, args.pairs // 10)
-        snapshot2, second = timed_run(project)
-        m2 = second.produced_version.metrics
 
         def line(name: str, seconds: float) -> str:
             return f"| {name} | {seconds:.1f} s |"

@@ -1,3 +1,4 @@
+import os
 from pathlib import Path
 
 import pytest
@@ -5,6 +6,7 @@ import pytest
 from tests.factories import UserFactory
 
 PASSWORD = "correct horse battery staple"
+REAL_MODEL_DIR = Path(__file__).resolve().parents[1] / "var/models/SmolLM2-135M-Instruct"
 
 
 @pytest.fixture(autouse=True)
@@ -49,3 +51,12 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     from tests.tiny_model import make_tiny_model_dir
 
     return make_tiny_model_dir(tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture
+def real_model_dir() -> Path:
+    """The default model as `make test` fetches it (or RANKWISE_BASE_MODEL)."""
+    path = Path(os.environ.get("RANKWISE_BASE_MODEL", REAL_MODEL_DIR))
+    if not (path / "config.json").is_file():
+        pytest.skip(f"the default model is not at {path} (run `python manage.py fetch_default_model`)")
+    return path

@@ -155,6 +155,7 @@ def train_dpo(
         batch_size=2 * config.eval_batch_size,
         precision=precision,
         chunk_size=config.logprob_chunk_size,
+        share_prompt=config.share_prompt,
     )
     ref_seconds = time.perf_counter() - ref_started
     ref_chosen = torch.tensor([float(ref[sequence_key(p.prompt_ids, p.chosen_ids)].sum()) for p in pairs])  # (P,)

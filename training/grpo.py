@@ -177,6 +177,7 @@ def train_grpo(
         batch_size=2 * config.eval_batch_size,
         precision=precision,
         chunk_size=config.logprob_chunk_size,
+        share_prompt=config.share_prompt,
     )
     ref_seconds = time.perf_counter() - ref_started
 

@@ -220,41 +220,74 @@ def reference_logps(
     batch_size: int,
     precision: str,
     chunk_size: int = 2048,
+    share_prompt: bool = True,
     on_batch: Callable[[int, int], None] | None = None,
 ) -> tuple[dict[str, torch.Tensor], int]:
     """Per-token reference log-probs for each (prompt, completion), from the cache or computed.
 
-    Returns the log-probs by ``sequence_key`` and how many sequences were computed
-    (the rest came from the cache). New entries are flushed to disk.
+    With ``share_prompt`` the completions still to compute are grouped by prompt and each
+    prompt runs once for all of them (as the training step does); ``batch_size`` counts
+    completions. Returns the log-probs by ``sequence_key`` and how many sequences were
+    computed (the rest came from the cache). New entries are flushed to disk.
     """
-    keys = [sequence_key(p, c) for p, c in sequences]
     out: dict[str, torch.Tensor] = {}
-    todo: dict[str, tuple[list[int], list[int]]] = {}
-    for key, seq in zip(keys, sequences, strict=True):
+    by_prompt: dict[tuple[int, ...], dict[str, list[int]]] = {}  # prompt -> {key: completion}
+    for prompt, completion in sequences:
+        key = sequence_key(prompt, completion)
         cached = cache.get(key)
         if cached is not None:
             out[key] = cached
         else:
-            todo[key] = seq
-    items = sorted(todo.items(), key=lambda kv: len(kv[1][0]) + len(kv[1][1]))
+            by_prompt.setdefault(tuple(prompt), {})[key] = completion
+    groups = sorted(by_prompt.items(), key=lambda g: len(g[0]) + max(map(len, g[1].values())))
+    if not share_prompt:  # one group per sequence
+        groups = [(prompt, {key: c}) for prompt, todo in groups for key, c in todo.items()]
+        groups.sort(key=lambda g: len(g[0]) + len(next(iter(g[1].values()))))
+    total = sum(len(todo) for _, todo in groups)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
+    done = 0
     try:
         with reference_mode(model), autocast_context(precision, device):
-            for start in range(0, len(items), batch_size):
-                chunk = items[start : start + batch_size]
-                batch = collate_sequences([s[0] for _, s in chunk], [s[1] for _, s in chunk], pad_id)
-                logps = completion_logps(model, batch, chunk_size=chunk_size)  # (n, Tc)
-                for row, (key, (_, completion)) in enumerate(chunk):
+            for batch in _batches_of_completions(groups, batch_size):
+                prompts = [list(prompt) for prompt, _ in batch]
+                keys = [key for _, todo in batch for key in todo]
+                completions = [c for _, todo in batch for c in todo.values()]
+                if share_prompt:
+                    owner = [g for g, (_, todo) in enumerate(batch) for _ in todo]
+                    logps = shared_prompt_logps(
+                        model, prompts, completions, owner, pad_id=pad_id, chunk_size=chunk_size
+                    )  # (n, Tc)
+                else:
+                    collated = collate_sequences(prompts, completions, pad_id)
+                    logps = completion_logps(model, collated, chunk_size=chunk_size)  # (n, Tc)
+                for row, (key, completion) in enumerate(zip(keys, completions, strict=True)):
                     cache.put(key, logps[row, : len(completion)])
                     out[key] = cache.get(key)  # type: ignore[assignment]
+                done += len(keys)
                 if on_batch is not None:
-                    on_batch(min(start + batch_size, len(items)), len(items))
+                    on_batch(done, total)
     finally:
         model.train(was_training)
     cache.flush()
-    return out, len(items)
+    return out, total
+
+
+def _batches_of_completions(
+    groups: list[tuple[tuple[int, ...], dict[str, list[int]]]], batch_size: int
+) -> Iterator[list[tuple[tuple[int, ...], dict[str, list[int]]]]]:
+    """Consecutive prompt groups, about ``batch_size`` completions a batch (a group is never split)."""
+    batch: list[tuple[tuple[int, ...], dict[str, list[int]]]] = []
+    size = 0
+    for group in groups:
+        if batch and size + len(group[1]) > batch_size:
+            yield batch
+            batch, size = [], 0
+        batch.append(group)
+        size += len(group[1])
+    if batch:
+        yield batch
 
 
 @contextlib.contextmanager

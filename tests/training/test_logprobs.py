@@ -92,3 +92,28 @@ def test_shared_prompt_pass_matches_whole_sequences_with_gradients(tiny_model_di
     for name, param in model.named_parameters():
         if param.requires_grad:
             torch.testing.assert_close(param.grad, expected_grads[name], atol=1e-5, rtol=1e-4)
+
+
+def test_reference_pass_shares_each_prompt_and_gives_the_per_sequence_numbers(tiny_model_dir):
+    model, _ = load_model(str(tiny_model_dir))
+    # Two completions per prompt, as DPO pairs have; batches of 3 completions never split a prompt's group.
+    sequences = [(p, c) for p in PROMPTS for c in COMPLETIONS[:2]]
+    seen: list[tuple[int, int]] = []
+    shared, computed = reference_logps(
+        model,
+        sequences,
+        ReferenceCache(None, "fp"),
+        pad_id=2,
+        batch_size=3,
+        precision="fp32",
+        on_batch=lambda done, total: seen.append((done, total)),
+    )
+    assert computed == 6 and seen == [(2, 6), (4, 6), (6, 6)]
+    alone, _ = reference_logps(
+        model, sequences, ReferenceCache(None, "fp"), pad_id=2, batch_size=3, precision="fp32", share_prompt=False
+    )
+    expected = completion_logps(model, collate_sequences(*zip(*sequences, strict=True), pad_id=2))
+    for row, (prompt, completion) in enumerate(sequences):
+        key = sequence_key(prompt, completion)
+        torch.testing.assert_close(shared[key], expected[row, : len(completion)], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(alone[key], expected[row, : len(completion)], atol=1e-5, rtol=1e-5)

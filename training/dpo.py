@@ -27,7 +27,7 @@ from training.logprobs import (
     shared_prompt_logps,
 )
 from training.losses import DPO_LOSS_TYPES, dpo_loss
-from training.models import LoraSettings, apply_lora, load_model, save_model_dir
+from training.models import LoraSettings, apply_lora, load_model, save_model_dir, tune_for_training
 from training.runs import (
     ProgressCallback,
     RunCheckpoint,
@@ -141,6 +141,7 @@ def train_dpo(
 
     if config.lora:
         policy = apply_lora(policy, LoraSettings(config.lora_r, config.lora_alpha, config.lora_dropout))
+    tune_for_training(policy, precision=precision, bf16_frozen_base=config.lora and not config.merge_lora)
 
     # Reference log-probs: once, no grad, from the cache when this reference already saw the sequence.
     ref_started = time.perf_counter()

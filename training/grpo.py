@@ -49,7 +49,7 @@ from training.logprobs import (
     shared_prompt_logps,
 )
 from training.losses import GRPO_LOSS_TYPES, group_advantages, grpo_loss
-from training.models import LoraSettings, apply_lora, load_model, save_model_dir
+from training.models import LoraSettings, apply_lora, load_model, save_model_dir, tune_for_training
 from training.runs import (
     ProgressCallback,
     RunCheckpoint,
@@ -163,6 +163,7 @@ def train_grpo(
 
     if config.lora:
         policy = apply_lora(policy, LoraSettings(config.lora_r, config.lora_alpha, config.lora_dropout))
+    tune_for_training(policy, precision=precision, bf16_frozen_base=config.lora and not config.merge_lora)
 
     ref_started = time.perf_counter()
     fingerprint = model_fingerprint(model, precision)

@@ -192,6 +192,26 @@ def apply_lora(model: PreTrainedModel, settings: LoraSettings) -> PreTrainedMode
         return get_peft_model(model, config)
 
 
+def tune_for_training(model: torch.nn.Module, *, precision: str, bf16_frozen_base: bool) -> None:
+    """Make a training step faster without changing what it computes.
+
+    On the CPU the eager attention's backward is faster than SDPA's at these sequence lengths (a
+    LoRA step of SmolLM2-135M on four pairs: about 3.5 s against 4.6 s with bf16). With bf16
+    autocast and ``bf16_frozen_base``, frozen linear weights are stored in bf16, the values autocast
+    would cast them to at every use; the embedding (tied to the output layer) and the norms stay
+    in float32. Only for a base that is never saved (LoRA adapters saved on their own).
+    """
+    base = model.get_base_model() if is_lora(model) else model  # type: ignore[operator]
+    if next(model.parameters()).device.type == "cpu":
+        base.set_attn_implementation("eager")
+    if precision != "bf16" or not bf16_frozen_base:
+        return
+    embedding = base.get_input_embeddings().weight
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear) and not module.weight.requires_grad and module.weight is not embedding:
+            module.weight.data = module.weight.data.to(torch.bfloat16)
+
+
 def is_lora(model: torch.nn.Module) -> bool:
     from peft import PeftModel
 

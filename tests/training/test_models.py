@@ -160,6 +160,7 @@ def test_tuning_for_training_keeps_the_numbers_and_the_adapters_trainable(tiny_m
     assert {d for n, d in dtypes.items() if n.endswith("base_layer.weight")} == {torch.bfloat16}
     assert {d for n, d in dtypes.items() if "lora_" in n or "embed" in n or "norm" in n} == {torch.float32}
     assert model.get_base_model().config._attn_implementation == "eager"
+    assert not any(getattr(m, "cast_input_dtype_enabled", False) for m in model.modules())
     with autocast_context("bf16", cpu):
         after = sequence_logps(model, batch).float()
     torch.testing.assert_close(after, before, atol=0.05, rtol=0.01)  # bf16 rounding of the attention only

@@ -27,12 +27,13 @@ from training.logprobs import (
     shared_prompt_logps,
 )
 from training.losses import DPO_LOSS_TYPES, dpo_loss
-from training.models import LoraSettings, apply_lora, load_model, save_model_dir, tune_for_training
+from training.models import LoraSettings, apply_lora, load_model, tune_for_training
 from training.runs import (
     ProgressCallback,
     RunCheckpoint,
     TrainResult,
     evaluate_pairs,
+    finish_run,
     lr_factor,
     make_optimizer,
     resolve_precision,
@@ -273,21 +274,16 @@ def train_dpo(
         "eval_before": before,
         "last_step": last,
     }
-    if cancelled:
-        checkpoint.discard()
-        metrics["seconds"] = time.perf_counter() - started
-        return TrainResult(out_dir=out_dir, metrics=metrics, cancelled=True)
-
-    metrics["eval_after"] = evaluate_pairs(policy, eval_pairs, ref, precision=precision, **eval_kwargs)
-    metrics["seconds"] = time.perf_counter() - started
-    save_model_dir(
-        policy,
-        tokenizer,
-        out_dir,
+    return finish_run(
+        algorithm="dpo",
+        config=config,
+        policy=policy,
+        tokenizer=tokenizer,
         base_model=model,
-        config={"algorithm": "dpo", "base_model": model, **asdict(config)},
+        out_dir=out_dir,
         metrics=metrics,
-        merge_lora=config.merge_lora,
+        checkpoint=checkpoint,
+        cancelled=cancelled,
+        evaluate_after=lambda: evaluate_pairs(policy, eval_pairs, ref, precision=precision, **eval_kwargs),
+        started=started,
     )
-    checkpoint.discard()
-    return TrainResult(out_dir=out_dir, metrics=metrics, cancelled=False)

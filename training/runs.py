@@ -6,8 +6,9 @@ import hashlib
 import json
 import math
 import shutil
+import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from training.data import PairExample, collate_pairs, length_sorted_batches, sequence_key
 from training.logprobs import autocast_context, evaluation, sequence_logps
-from training.models import atomic_directory, load_trainable_state_dict, trainable_state_dict
+from training.models import atomic_directory, load_trainable_state_dict, save_model_dir, trainable_state_dict
 
 ProgressCallback = Callable[[int, int, dict[str, float]], None]
 
@@ -224,3 +225,37 @@ def evaluate_pairs(
             policy_chosen[idx] = logps[: len(idx)]
             policy_rejected[idx] = logps[len(idx) :]
     return preference_metrics(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta)
+
+
+def finish_run(
+    *,
+    algorithm: str,
+    config: Any,
+    policy: torch.nn.Module,
+    tokenizer: Any,
+    base_model: str,
+    out_dir: Path,
+    metrics: dict[str, Any],
+    checkpoint: RunCheckpoint,
+    cancelled: bool,
+    evaluate_after: Callable[[], dict[str, Any]],
+    started: float,
+) -> TrainResult:
+    """End a run: a cancelled one writes no model directory; a finished one is scored on the
+    held-out pairs and saved with its config and metrics. Either way its checkpoint goes."""
+    if cancelled:
+        metrics["seconds"] = time.perf_counter() - started
+    else:
+        metrics["eval_after"] = evaluate_after()
+        metrics["seconds"] = time.perf_counter() - started
+        save_model_dir(
+            policy,  # type: ignore[arg-type]
+            tokenizer,
+            out_dir,
+            base_model=base_model,
+            config={"algorithm": algorithm, "base_model": base_model, **asdict(config)},
+            metrics=metrics,
+            merge_lora=config.merge_lora,
+        )
+    checkpoint.discard()
+    return TrainResult(out_dir=out_dir, metrics=metrics, cancelled=cancelled)

@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
             default=defaults.precision,
             help="auto: bf16 autocast where the hardware is fast at it, else fp32 (default: %(default)s)",
         )
-        if name == "dpo":
+        if isinstance(defaults, DPOConfig):
             p.add_argument(
                 "--no-weights", dest="use_weights", action="store_false", help="ignore the pairs' `weight` field"
             )

@@ -359,7 +359,7 @@ def length_sorted_batches(
     rng = random.Random(seed)
     rng.shuffle(indices)
     window = batch_size * 16
-    batches = []
+    batches: list[list[int]] = []
     for start in range(0, len(indices), window):
         chunk = sorted(indices[start : start + window], key=lambda i: lengths[i])
         batches.extend(chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size))

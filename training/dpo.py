@@ -120,6 +120,7 @@ def train_dpo(
     started = time.perf_counter()
     out_dir = Path(out_dir)
     torch.manual_seed(config.seed)
+    policy: torch.nn.Module
     policy, tokenizer = load_model(model)
     pad_id = int(tokenizer.pad_token_id)  # type: ignore[arg-type]
     device = next(policy.parameters()).device
@@ -163,7 +164,7 @@ def train_dpo(
     ref_chosen = torch.tensor([float(ref[sequence_key(p.prompt_ids, p.chosen_ids)].sum()) for p in pairs])  # (P,)
     ref_rejected = torch.tensor([float(ref[sequence_key(p.prompt_ids, p.rejected_ids)].sum()) for p in pairs])
 
-    eval_kwargs = {"beta": config.beta, "pad_id": pad_id, "batch_size": config.eval_batch_size}
+    eval_kwargs: dict[str, Any] = {"beta": config.beta, "pad_id": pad_id, "batch_size": config.eval_batch_size}
     before = evaluate_pairs(None, eval_pairs, ref, precision=precision, **eval_kwargs)
 
     lengths = [len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs]
@@ -232,7 +233,7 @@ def train_dpo(
             sums["logps_rejected"] += float(logps[b:].detach().sum())
         if config.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-        lr = scheduler.get_last_lr()[0]
+        lr = float(scheduler.get_last_lr()[0])
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)

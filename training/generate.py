@@ -6,7 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import GenerationMixin, PreTrainedModel, PreTrainedTokenizerBase
 
 
 @dataclass
@@ -48,6 +48,7 @@ def generate_completions(
     if sampling.seed is not None:
         torch.manual_seed(sampling.seed)
 
+    assert isinstance(model, GenerationMixin)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device

@@ -145,6 +145,7 @@ def train_grpo(
     started = time.perf_counter()
     out_dir = Path(out_dir)
     torch.manual_seed(config.seed)
+    policy: torch.nn.Module
     policy, tokenizer = load_model(model)
     pad_id = int(tokenizer.pad_token_id)  # type: ignore[arg-type]
     device = next(policy.parameters()).device
@@ -183,7 +184,7 @@ def train_grpo(
     )
     ref_seconds = time.perf_counter() - ref_started
 
-    eval_kwargs = {"beta": config.eval_beta, "pad_id": pad_id, "batch_size": config.eval_batch_size}
+    eval_kwargs: dict[str, Any] = {"beta": config.eval_beta, "pad_id": pad_id, "batch_size": config.eval_batch_size}
     before = evaluate_pairs(None, eval_pairs, ref, precision=precision, **eval_kwargs)
 
     lengths = [len(g.prompt_ids) * len(g.completion_ids) + sum(map(len, g.completion_ids)) for g in groups]
@@ -275,7 +276,7 @@ def train_grpo(
                 sums["sequences"] += advantages.shape[0]
         if config.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-        lr = scheduler.get_last_lr()[0]
+        lr = float(scheduler.get_last_lr()[0])
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)

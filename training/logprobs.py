@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+from transformers import PreTrainedModel
 
 from training.data import SequenceBatch, collate_sequences, sequence_key
 from training.models import is_lora, reference_mode
@@ -34,7 +35,8 @@ _CACHE_KWARG = _cache_keyword()
 
 def backbone_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
     """The transformer body (returns hidden states) and the output projection of a causal LM."""
-    base = model.get_base_model() if is_lora(model) else model  # type: ignore[operator]
+    base = model.get_base_model() if is_lora(model) else model
+    assert isinstance(base, PreTrainedModel)
     return base.base_model, base.get_output_embeddings()
 
 

@@ -16,10 +16,13 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+if TYPE_CHECKING:
+    from peft import PeftModel
 
 # ChatML, as SmolLM2 ships it; used when a converted GGUF carries no template.
 CHATML_TEMPLATE = (
@@ -175,7 +178,7 @@ class LoraSettings:
     target_modules: str | list[str] = "all-linear"  # which linear layers get adapters (lm_head excluded)
 
 
-def apply_lora(model: PreTrainedModel, settings: LoraSettings) -> PreTrainedModel:
+def apply_lora(model: PreTrainedModel, settings: LoraSettings) -> PeftModel:
     """Wrap ``model`` with fresh LoRA adapters; the base weights are frozen."""
     from peft import LoraConfig, get_peft_model
 
@@ -203,14 +206,15 @@ def tune_for_training(model: torch.nn.Module, *, precision: str, bf16_frozen_bas
     bf16 autocast the adapters also take their input as it comes, instead of casting it to
     float32 first only for autocast to cast it back.
     """
-    base = model.get_base_model() if is_lora(model) else model  # type: ignore[operator]
+    base = model.get_base_model() if is_lora(model) else model
+    assert isinstance(base, PreTrainedModel)
     if next(model.parameters()).device.type == "cpu":
         base.set_attn_implementation("eager")
     if precision != "bf16":
         return
     for module in model.modules():
         if hasattr(module, "cast_input_dtype_enabled"):  # a peft adapter layer
-            module.cast_input_dtype_enabled = False
+            module.cast_input_dtype_enabled = False  # type: ignore[assignment]
     if not bf16_frozen_base:
         return
     embedding = base.get_input_embeddings().weight
@@ -219,7 +223,7 @@ def tune_for_training(model: torch.nn.Module, *, precision: str, bf16_frozen_bas
             module.weight.data = module.weight.data.to(torch.bfloat16)
 
 
-def is_lora(model: torch.nn.Module) -> bool:
+def is_lora(model: torch.nn.Module) -> TypeGuard[PeftModel]:
     from peft import PeftModel
 
     return isinstance(model, PeftModel)
@@ -229,7 +233,7 @@ def is_lora(model: torch.nn.Module) -> bool:
 def reference_mode(model: torch.nn.Module) -> Iterator[None]:
     """Run the frozen reference: the base with its adapters disabled (LoRA), else the model as it is."""
     if is_lora(model):
-        with model.disable_adapter():  # type: ignore[operator]
+        with model.disable_adapter():
             yield
     else:
         yield
@@ -275,8 +279,8 @@ def save_model_dir(
                 merged = _merged_copy(model)
                 merged.save_pretrained(tmp, safe_serialization=True)
             else:
-                model.peft_config["default"].base_model_name_or_path = _absolute_if_local(base_model)  # type: ignore[index]
-                model.save_pretrained(tmp, safe_serialization=True)  # type: ignore[operator]
+                model.peft_config["default"].base_model_name_or_path = _absolute_if_local(base_model)
+                model.save_pretrained(str(tmp), safe_serialization=True)
         else:
             model.save_pretrained(tmp, safe_serialization=True)  # type: ignore[operator]
         tokenizer.save_pretrained(tmp)
@@ -285,10 +289,10 @@ def save_model_dir(
     return Path(out_dir)
 
 
-def _merged_copy(model: torch.nn.Module) -> PreTrainedModel:
+def _merged_copy(model: PeftModel) -> PreTrainedModel:
     import copy
 
-    return copy.deepcopy(model).merge_and_unload()  # type: ignore[operator]
+    return copy.deepcopy(model).merge_and_unload()
 
 
 def _absolute_if_local(name_or_path: str) -> str:

@@ -1,13 +1,13 @@
 from typing import Any
 
-from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
+from django.contrib.auth.models import AnonymousUser, User
 from django.db.models import Count, IntegerField, OuterRef, QuerySet, Subquery
 from django.db.models.functions import Coalesce
 
 from feedback.models import Completion, Project, Prompt
 
 
-def project_list_for_user(*, user: AbstractBaseUser | AnonymousUser) -> QuerySet[Project]:
+def project_list_for_user(*, user: User | AnonymousUser) -> QuerySet[Project]:
     """Projects the user may see: every project for staff, their memberships otherwise."""
     if not user.is_authenticated:
         return Project.objects.none()

@@ -15,9 +15,10 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, BinaryIO
 
 from django.db import connection, transaction
+from django.db.models import Field
 from django.utils import timezone
 
 from feedback.models import Completion, Project, Prompt
@@ -197,10 +198,12 @@ def _insert_completions(rows: list[tuple[int, str, str, str]]) -> None:
     meta = Completion._meta
     created_at = meta.get_field("created_at").get_db_prep_save(timezone.now(), connection)
     params = meta.get_field("generation_params").get_db_prep_save({}, connection)
-    columns = ", ".join(
-        connection.ops.quote_name(meta.get_field(name).column)
-        for name in ("prompt", "text", "html", "source_model", "generation_params", "created_at")
-    )
+    quoted = []
+    for name in ("prompt", "text", "html", "source_model", "generation_params", "created_at"):
+        model_field = meta.get_field(name)
+        assert isinstance(model_field, Field) and model_field.column is not None
+        quoted.append(connection.ops.quote_name(model_field.column))
+    columns = ", ".join(quoted)
     with connection.cursor() as cursor:
         cursor.executemany(
             f"INSERT INTO {connection.ops.quote_name(meta.db_table)} ({columns}) VALUES (%s, %s, %s, %s, %s, %s)",
@@ -291,6 +294,6 @@ def prompts_import_csv(
     return _write(project, _validated(project, _csv_records(lines)), progress)
 
 
-def text_lines(binary: io.BufferedIOBase) -> io.TextIOWrapper:
+def text_lines(binary: BinaryIO) -> io.TextIOWrapper:
     """Decode an uploaded or opened binary file as UTF-8 text lines (CSV needs universal newlines)."""
     return io.TextIOWrapper(binary, encoding="utf-8", newline="")

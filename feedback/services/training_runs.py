@@ -13,20 +13,23 @@ import math
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, fields
+from dataclasses import asdict, fields, replace
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from django.conf import settings
-from django.contrib.auth.models import AbstractBaseUser
+from django.contrib.auth.models import User
 from django.db import IntegrityError, transaction
 from django.db.models import Q
 from django.utils import timezone
 
 from feedback.models import ModelVersion, PairwiseJudgement, Project, RankingJudgement, TrainingRun
 from feedback.selectors.models import model_for_generation
-from feedback.selectors.preferences import PreferenceExportOptions, preference_rows
+from feedback.selectors.preferences import ExportFormat, PreferenceExportOptions, preference_rows
+
+if TYPE_CHECKING:
+    from training.runs import TrainResult
 
 HEARTBEAT_SECONDS = 20
 PROGRESS_EVERY_SECONDS = 2.0
@@ -85,7 +88,7 @@ def _typed_setting(algorithm: str, name: str, value: Any, default: Any) -> Any:
     return float(value) if kind is float else value
 
 
-def _algorithm_for(project: Project, algorithm: str | None) -> tuple[str, str]:
+def _algorithm_for(project: Project, algorithm: str | None) -> tuple[str, ExportFormat]:
     """(training algorithm, export format) for the project's data."""
     choice = algorithm or project.training_algorithm
     if choice in ("dpo", Project.Algorithm.DPO_FROM_RANKINGS):
@@ -101,10 +104,10 @@ def run_dir(run: TrainingRun) -> Path:
     return Path(settings.DATA_DIR) / "runs" / str(run.pk)
 
 
-def _snapshot(project: Project, export_format: str, test_fraction: float) -> tuple[list[dict], list[dict]]:
-    base = {"format": export_format, "test_fraction": test_fraction}
-    train = list(preference_rows(project=project, options=PreferenceExportOptions(**base, split="train")))
-    held_out = list(preference_rows(project=project, options=PreferenceExportOptions(**base, split="test")))
+def _snapshot(project: Project, export_format: ExportFormat, test_fraction: float) -> tuple[list[dict], list[dict]]:
+    base = PreferenceExportOptions(format=export_format, test_fraction=test_fraction)
+    train = list(preference_rows(project=project, options=replace(base, split="train")))
+    held_out = list(preference_rows(project=project, options=replace(base, split="test")))
     return train, held_out
 
 
@@ -120,7 +123,7 @@ def training_run_start(
     project: Project,
     algorithm: str | None = None,
     config: dict[str, Any] | None = None,
-    triggered_by: AbstractBaseUser | None = None,
+    triggered_by: User | None = None,
     trigger: str = TrainingRun.Trigger.MANUAL,
     test_fraction: float = 0.1,
 ) -> TrainingRun:
@@ -309,6 +312,7 @@ def _train(run: TrainingRun, out_dir: Path, on_progress: ProgressCallback | None
     model, _ = model_for_generation(project=run.project)
     config_class = _config_class(run.algorithm)
     config = config_class(**run.config)
+    train_function: Callable[..., TrainResult]
     if run.algorithm == TrainingRun.Algorithm.DPO:
         from training.dpo import train_dpo as train_function
     else:

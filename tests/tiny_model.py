@@ -7,6 +7,7 @@ It stands in for SmolLM2 in tests: same architecture family, a byte-level BPE to
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -81,3 +82,16 @@ def make_tiny_model_dir(path: Path, *, seed: int = 0) -> Path:
     model.save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)
     return path
+
+
+def tiny_lora_model(model_dir: Path, *, r: int, alpha: int, std: float) -> tuple[torch.nn.Module, Any]:
+    """The tiny model (and its tokenizer) with LoRA adapters whose B matrices are random, so they change its output."""
+    from training.models import LoraSettings, apply_lora, load_model
+
+    model, tokenizer = load_model(str(model_dir))
+    model = apply_lora(model, LoraSettings(r=r, alpha=alpha))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, std)
+    return model, tokenizer

@@ -1,5 +1,6 @@
 import torch
 
+from tests.tiny_model import tiny_lora_model
 from training.data import collate_sequences, sequence_key
 from training.logprobs import (
     ReferenceCache,
@@ -73,12 +74,7 @@ def test_reference_cache_round_trip_and_reuse(tmp_path, tiny_model_dir):
 
 
 def test_shared_prompt_pass_matches_whole_sequences_with_gradients(tiny_model_dir):
-    model, _ = load_model(str(tiny_model_dir))
-    model = apply_lora(model, LoraSettings(r=2, alpha=4))
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.3)
+    model, _ = tiny_lora_model(tiny_model_dir, r=2, alpha=4, std=0.3)
     owner = [0, 1, 2, 0, 2]  # prompts of different lengths, one used twice, in any order
     completions = [*COMPLETIONS, [72, 73, 2], [84, 2]]
     whole = completion_logps(model, collate_sequences([PROMPTS[o] for o in owner], completions, pad_id=2))

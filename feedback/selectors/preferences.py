@@ -262,19 +262,23 @@ def _prompt_groups(
         ranked_entries = ranked_rows.take(prompt_id)
         if on_prompt is not None:
             on_prompt(1)
-        if not (judged_pairs or ranked_entries) or not prompt_in_split(prompt_id=prompt_id, options=options):
+        if not (judged_pairs or ranked_entries):
+            continue
+        if options.split is not None and not prompt_in_split(prompt_id=prompt_id, options=options):
             continue
         texts = {row[1]: row[2] for row in written}
         rankings: list[_Ranking] = []
+        judgement_id = None
         for row in ranked_entries:
-            if not rankings or rankings[-1].judgement_id != row[1]:
-                ranking = _Ranking(judgement_id=row[1], annotator_id=row[2], ids=[], ranks=[])
-                if len(row) > 5:
-                    ranking.rationale, ranking.time_ms, ranking.created_at = row[5:8]
-                rankings.append(ranking)
+            if row[1] != judgement_id:
+                judgement_id = row[1]
+                ids: list[int] = []
+                ranks: list[int] = []
+                # row[5:8] is empty but for the judgements format: rationale, time_ms, created_at
+                rankings.append(_Ranking(judgement_id, row[2], ids, ranks, *row[5:8]))
             if row[3] in texts:
-                ranking.ids.append(row[3])
-                ranking.ranks.append(row[4])
+                ids.append(row[3])
+                ranks.append(row[4])
         kept_pairs = [row for row in judged_pairs if row[3] in texts and row[4] in texts]
         kept_rankings = [r for r in rankings if len(r.ids) >= 2]
         if kept_pairs or kept_rankings:
@@ -302,16 +306,17 @@ def _dpo_rows(group: _PromptGroup, options: PreferenceExportOptions, prompt: Any
         ]
     wins = Counter(votes)
 
-    shaped = {cid: answer(text) for cid, text in group.texts.items()}
+    # Strings go out as they are; only the conversational shape wraps each text.
+    shaped = {cid: answer(text) for cid, text in group.texts.items()} if options.conversational else group.texts
     for low, high in sorted({(a, b) if a < b else (b, a) for a, b in wins}):
         for_low, for_high = wins.get((low, high), 0), wins.get((high, low), 0)
         if for_low == for_high:
             continue
         total = for_low + for_high
-        agreement = max(for_low, for_high) / total
+        chosen, rejected, majority = (low, high, for_low) if for_low > for_high else (high, low, for_high)
+        agreement = majority / total
         if agreement < options.min_agreement:
             continue
-        chosen, rejected = (low, high) if for_low > for_high else (high, low)
         yield {
             "prompt": prompt,
             "chosen": shaped[chosen],

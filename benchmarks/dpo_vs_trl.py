@@ -173,10 +173,7 @@ def run_trl(model_path: str, data: list[dict], result_file: Path) -> None:
 
 
 def run_ours(model_path: str, data: list[dict], result_file: Path, mode: str, cache_dir: Path) -> None:
-    from training.data import sequence_key, tokenize_pairs
     from training.dpo import DPOConfig, train_dpo
-    from training.logprobs import ReferenceCache, model_fingerprint
-    from training.models import load_model
 
     if mode == "matched":
         config = DPOConfig(
@@ -211,16 +208,6 @@ def run_ours(model_path: str, data: list[dict], result_file: Path, mode: str, ca
         )
         train_seconds = time.perf_counter() - started
     m = result.metrics
-    _, tokenizer = load_model(model_path)
-    pairs = tokenize_pairs(data, tokenizer, max_length=MAX_LENGTH, max_prompt_length=MAX_PROMPT_LENGTH).examples
-    cache = ReferenceCache(cache_dir, model_fingerprint(model_path, m["precision"]))
-    ref_logps = [
-        (
-            float(cache.get(sequence_key(p.prompt_ids, p.chosen_ids)).sum()),  # type: ignore[union-attr]
-            float(cache.get(sequence_key(p.prompt_ids, p.rejected_ids)).sum()),  # type: ignore[union-attr]
-        )
-        for p in pairs
-    ]
     result_file.write_text(
         json.dumps(
             {
@@ -232,7 +219,6 @@ def run_ours(model_path: str, data: list[dict], result_file: Path, mode: str, ca
                 "reference_cached": m["reference_cached"],
                 "reference_seconds": m["reference_seconds"],
                 "loop_seconds": m["train_seconds"],
-                "ref_logps": ref_logps,
             }
         )
     )
@@ -264,6 +250,24 @@ def child(engine: str, model: str, data_file: Path, cache_dir: Path) -> dict:
     result = json.loads(result_file.read_text())
     result.update(wall_seconds=wall, cpu_seconds=cpu, load_before=load_before, load_after=load_average())
     return result
+
+
+def cached_reference_logps(model: str, data: list[dict], cache_dir: Path, precision: str) -> list[tuple[float, float]]:
+    """Per-pair (chosen, rejected) reference log-probs that a run of ours left in its cache, read after the run."""
+    from training.data import sequence_key, tokenize_pairs
+    from training.logprobs import ReferenceCache, model_fingerprint
+    from training.models import load_model
+
+    _, tokenizer = load_model(model)
+    pairs = tokenize_pairs(data, tokenizer, max_length=MAX_LENGTH, max_prompt_length=MAX_PROMPT_LENGTH).examples
+    cache = ReferenceCache(cache_dir, model_fingerprint(model, precision))
+    return [
+        (
+            float(cache.get(sequence_key(p.prompt_ids, p.chosen_ids)).sum()),  # type: ignore[union-attr]
+            float(cache.get(sequence_key(p.prompt_ids, p.rejected_ids)).sum()),  # type: ignore[union-attr]
+        )
+        for p in pairs
+    ]
 
 
 def count_tokens(model: str, data: list[dict]) -> int:
@@ -321,6 +325,9 @@ def main() -> None:
                 continue
             print(f"round {round_no + 1}: running {name} ...", flush=True)
             result = child(engine, args.model, data_file, cache)
+            if name == "ours-matched":  # outside the timed process: the comparison is not part of training
+                data = json.loads(data_file.read_text())
+                result["ref_logps"] = cached_reference_logps(args.model, data, cache, result["precision"])
             result["pairs"] = len(json.loads(data_file.read_text()))
             result["tokens"] = tokens[data_file]
             walls.setdefault(name, []).append(result["wall_seconds"])

@@ -35,6 +35,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = REPO / "var/models/SmolLM2-135M-Instruct"
@@ -252,13 +253,13 @@ def child(engine: str, model: str, data_file: Path, cache_dir: Path) -> dict:
     return result
 
 
-def cached_reference_logps(model: str, data: list[dict], cache_dir: Path, precision: str) -> list[tuple[float, float]]:
+def cached_reference_logps(
+    model: str, tokenizer: Any, data: list[dict], cache_dir: Path, precision: str
+) -> list[tuple[float, float]]:
     """Per-pair (chosen, rejected) reference log-probs that a run of ours left in its cache, read after the run."""
     from training.data import sequence_key, tokenize_pairs
     from training.logprobs import ReferenceCache, model_fingerprint
-    from training.models import load_model
 
-    _, tokenizer = load_model(model)
     pairs = tokenize_pairs(data, tokenizer, max_length=MAX_LENGTH, max_prompt_length=MAX_PROMPT_LENGTH).examples
     cache = ReferenceCache(cache_dir, model_fingerprint(model, precision))
     return [
@@ -270,12 +271,10 @@ def cached_reference_logps(model: str, data: list[dict], cache_dir: Path, precis
     ]
 
 
-def count_tokens(model: str, data: list[dict]) -> int:
+def count_tokens(tokenizer: Any, data: list[dict]) -> int:
     """Real tokens one epoch puts through the model: prompt + completion, for chosen and rejected."""
     from training.data import tokenize_pairs
-    from training.models import load_model
 
-    _, tokenizer = load_model(model)
     pairs = tokenize_pairs(data, tokenizer, max_length=MAX_LENGTH, max_prompt_length=MAX_PROMPT_LENGTH).examples
     return sum(2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
 
@@ -308,7 +307,10 @@ def main() -> None:
     first_file, second_file = work / "pairs.json", work / "pairs_plus_10pct.json"
     first_file.write_text(json.dumps(base))
     second_file.write_text(json.dumps(base + extra))
-    tokens = {first_file: count_tokens(args.model, base), second_file: count_tokens(args.model, base + extra)}
+    from training.models import load_model
+
+    _, tokenizer = load_model(args.model)
+    tokens = {first_file: count_tokens(tokenizer, base), second_file: count_tokens(tokenizer, base + extra)}
     print(f"{len(base)} pairs, {tokens[first_file] / (2 * len(base)):.0f} tokens a sequence on average", flush=True)
 
     results: dict[str, dict] = {}
@@ -324,11 +326,11 @@ def main() -> None:
             if args.only and name.removeprefix("ours-") not in args.only:
                 continue
             print(f"round {round_no + 1}: running {name} ...", flush=True)
+            data = json.loads(data_file.read_text())
             result = child(engine, args.model, data_file, cache)
             if name == "ours-matched":  # outside the timed process: the comparison is not part of training
-                data = json.loads(data_file.read_text())
-                result["ref_logps"] = cached_reference_logps(args.model, data, cache, result["precision"])
-            result["pairs"] = len(json.loads(data_file.read_text()))
+                result["ref_logps"] = cached_reference_logps(args.model, tokenizer, data, cache, result["precision"])
+            result["pairs"] = len(data)
             result["tokens"] = tokens[data_file]
             walls.setdefault(name, []).append(result["wall_seconds"])
             # On a shared machine the fastest round is the one least slowed by other work.

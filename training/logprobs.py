@@ -233,18 +233,16 @@ def reference_logps(
     computed (the rest came from the cache). New entries are flushed to disk.
     """
     out: dict[str, torch.Tensor] = {}
-    by_prompt: dict[tuple[int, ...], dict[str, list[int]]] = {}  # prompt -> {key: completion}
+    todo: dict[object, tuple[list[int], dict[str, list[int]]]] = {}  # group -> (prompt, {key: completion})
     for prompt, completion in sequences:
         key = sequence_key(prompt, completion)
         cached = cache.get(key)
         if cached is not None:
             out[key] = cached
         else:
-            by_prompt.setdefault(tuple(prompt), {})[key] = completion
-    groups = sorted(by_prompt.items(), key=lambda g: len(g[0]) + max(map(len, g[1].values())))
-    if not share_prompt:  # one group per sequence
-        groups = [(prompt, {key: c}) for prompt, todo in groups for key, c in todo.items()]
-        groups.sort(key=lambda g: len(g[0]) + len(next(iter(g[1].values()))))
+            group = tuple(prompt) if share_prompt else key  # without sharing, every sequence is its own group
+            todo.setdefault(group, (prompt, {}))[1][key] = completion
+    groups = sorted(todo.values(), key=lambda g: len(g[0]) + max(map(len, g[1].values())))
     total = sum(len(todo) for _, todo in groups)
     was_training = model.training
     model.eval()
@@ -253,7 +251,7 @@ def reference_logps(
     try:
         with reference_mode(model), autocast_context(precision, device):
             for batch in _batches_of_completions(groups, batch_size):
-                prompts = [list(prompt) for prompt, _ in batch]
+                prompts = [prompt for prompt, _ in batch]
                 keys = [key for _, todo in batch for key in todo]
                 completions = [c for _, todo in batch for c in todo.values()]
                 if share_prompt:
@@ -277,10 +275,10 @@ def reference_logps(
 
 
 def _batches_of_completions(
-    groups: list[tuple[tuple[int, ...], dict[str, list[int]]]], batch_size: int
-) -> Iterator[list[tuple[tuple[int, ...], dict[str, list[int]]]]]:
+    groups: list[tuple[list[int], dict[str, list[int]]]], batch_size: int
+) -> Iterator[list[tuple[list[int], dict[str, list[int]]]]]:
     """Consecutive prompt groups, about ``batch_size`` completions a batch (a group is never split)."""
-    batch: list[tuple[tuple[int, ...], dict[str, list[int]]]] = []
+    batch: list[tuple[list[int], dict[str, list[int]]]] = []
     size = 0
     for group in groups:
         if batch and size + len(group[1]) > batch_size:

@@ -234,6 +234,8 @@ def load_average() -> str:
 
 def child(engine: str, model: str, data_file: Path, cache_dir: Path) -> dict:
     """Run one engine in a fresh process; every engine gets the OpenMP wait policy `training` sets for itself."""
+    import training  # noqa: F401  (puts that policy in os.environ, which the child inherits)
+
     result_file = data_file.with_suffix(f".{engine}.json")
     load_before = load_average()
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -243,7 +245,6 @@ def child(engine: str, model: str, data_file: Path, cache_dir: Path) -> dict:
         + ["--result", str(result_file), "--cache-dir", str(cache_dir)],
         check=True,
         cwd=REPO,
-        env={**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")},
     )
     wall = time.perf_counter() - started
     after = resource.getrusage(resource.RUSAGE_CHILDREN)

@@ -12,16 +12,20 @@ build the data than to export it); the schema comes from the migrations.
 Then it times, each in its own process so that the peak resident memory (ru_maxrss from
 wait4) belongs to that export alone:
 
-1. `python manage.py export_preferences bench --format dpo --out FILE.jsonl`;
-2. `GET /api/v1/projects/bench/export/?format=dpo` through Django's WSGI handler in-process
+1. `python manage.py export_preferences bench --format dpo --out FILE.jsonl`, which shares the
+   work with forked helper processes, one per core (settings.EXPORT_WORKERS);
+2. the same command in one process (RANKWISE_EXPORT_WORKERS=1), for the ratio;
+3. `GET /api/v1/projects/bench/export/?format=dpo` through Django's WSGI handler in-process
    (middleware, token auth, DRF, the streaming response; no socket), writing the body to a file.
 
 Rows/s is the number of JSONL rows over the wall time of the whole process, start-up
-included, and over its CPU time (user + system), which other work on a shared machine
-disturbs less. The load average and a CPU calibration (the CPU time of sum(range(1000)))
-are recorded with the figures. With --phases it also splits the CPU time of one in-process
-export of the small database into reading and grouping the rows by prompt, deriving the
-pairs and building the rows, and writing the JSONL lines (to /dev/null).
+included, and over its CPU time (user + system, helpers included), which other work on a
+shared machine disturbs less. Peak memory is that of the largest of the export's processes
+(wait4 reports the maximum over a process and the children it reaped). The load average
+and a CPU calibration (the CPU time of sum(range(1000))) are recorded with the figures.
+With --phases it also splits the CPU time of one in-process export of the small database
+into reading and grouping the rows by prompt, deriving the pairs and building the rows,
+and writing the JSONL lines (to /dev/null).
 The figures go to benchmarks/RESULTS.md under "## Export speed".
 """
 
@@ -45,6 +49,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "RESULTS.md"
 SECTION = "## Export speed"
+WAYS = {"command": "command", "command_one_process": "command, one process", "api": "API"}
 K = 4
 ANNOTATORS = 3
 WORDS = [
@@ -220,21 +225,29 @@ def serve_api(data_dir: Path, out: Path) -> None:
         raise SystemExit(f"API answered {status[0]}: {out.read_text()[:500]}")
 
 
+def write_lines(chunks, stream) -> int:
+    count = 0
+    for chunk in chunks:
+        stream.write(chunk)
+        count += chunk.count("\n")
+    return count
+
+
 def phases(data_dir: Path) -> dict:
     """CPU seconds of the dpo export's stages in this process, each pass adding one stage to the one before."""
     _django(data_dir)
     from feedback.models import Project
     from feedback.selectors.preferences import PreferenceExportOptions, _prompt_groups, preference_rows
-    from feedback.services.exports import export_write_jsonl
+    from feedback.services.exports import export_jsonl_chunks
 
     project = Project.objects.get(slug="bench")
     options = PreferenceExportOptions(format="dpo")
     seconds = []
     with open(os.devnull, "w", encoding="utf-8") as devnull:
         for run in (
-            lambda: sum(1 for _ in _prompt_groups(project, options, None)),
+            lambda: sum(1 for _ in _prompt_groups(project, options, None, None)),
             lambda: sum(1 for _ in preference_rows(project=project, options=options)),
-            lambda: export_write_jsonl(rows=preference_rows(project=project, options=options), stream=devnull),
+            lambda: write_lines(export_jsonl_chunks(rows=preference_rows(project=project, options=options)), devnull),
         ):
             started = time.process_time()
             count = run()
@@ -307,11 +320,18 @@ def measure(judgements: int, base: Path, *, reuse: bool) -> dict:
     rows = int(re.match(r"(\d+) dpo rows", stdout).group(1))
     command = figures(rows, seconds, cpu, peak)
 
+    serial_out = data_dir / "command-one-process.jsonl"
+    seconds, cpu, peak, _ = timed(
+        [python, "manage.py", "export_preferences", "bench", "--format", "dpo", "--out", str(serial_out)],
+        {**env, "RANKWISE_EXPORT_WORKERS": "1"},
+    )
+    command_one_process = figures(rows, seconds, cpu, peak)
+
     api_out = data_dir / "api.jsonl"
     seconds, cpu, peak, _ = timed([python, __file__, "_api", str(data_dir), str(api_out)], env)
     api = figures(sum(1 for _ in api_out.open("rb")), seconds, cpu, peak)
     # Compared in chunks: a child forked while this process held both files would report their size as its peak.
-    same = filecmp.cmp(api_out, out, shallow=False)
+    same = filecmp.cmp(api_out, out, shallow=False) and filecmp.cmp(serial_out, out, shallow=False)
 
     empty = data_dir / "empty.jsonl"
     _, _, baseline, _ = timed(
@@ -324,6 +344,7 @@ def measure(judgements: int, base: Path, *, reuse: bool) -> dict:
         "database_mib": round(database_mib),
         "jsonl_mib": round(out.stat().st_size / 2**20),
         "command": command,
+        "command_one_process": command_one_process,
         "api": api,
         "identical": same,
         "baseline_peak_mib": baseline,
@@ -341,19 +362,23 @@ def write_results(results: list[dict], stages: dict | None) -> None:
         f"Data: one ranking project, K = {K}, {ANNOTATORS} annotators rank every prompt in a random order "
         "(one ranking in five has a tie), written straight into a fresh SQLite database (production settings). "
         "Export: `dpo`, all pairs, default options. Each export runs in its own process: the command as a user "
-        "runs it, and the API through Django's WSGI handler in-process (token auth, DRF, streaming response; no "
-        "socket). Wall rows/s counts the whole process, start-up included; CPU rows/s divides by the process's "
-        "user + system time, which the other work on the machine disturbs less. Peak is the process's maximum "
-        "resident set (ru_maxrss); the same command on an empty project peaks at the baseline shown.",
+        f"runs it (with its {os.cpu_count()} processes, one per core, forked helpers sharing the work), the same "
+        "command in one process (`RANKWISE_EXPORT_WORKERS=1`), and the API through Django's WSGI handler "
+        "in-process (token auth, DRF, streaming response; no socket; one process per core like the command). "
+        "Wall rows/s counts the whole process, start-up included; CPU rows/s divides by the user + system time of "
+        "the process and its helpers, which the other work on the machine disturbs less. Peak is the largest "
+        "maximum resident set (ru_maxrss) of the export's processes; the same command on an empty project peaks at "
+        "the baseline shown.",
         "",
         "| judgements | prompts | dpo rows | JSONL | way | wall | CPU | rows/s (wall) | rows/s (CPU) | peak RSS |",
         "|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|",
     ]
     for r in results:
-        for way in ("command", "api"):
+        for way in WAYS:
             f = r[way]
             lines.append(
-                f"| {r['judgements']:,} | {r['counts']['prompts']:,} | {f['rows']:,} | {r['jsonl_mib']} MiB | {way} "
+                f"| {r['judgements']:,} | {r['counts']['prompts']:,} | {f['rows']:,} | {r['jsonl_mib']} MiB "
+                f"| {WAYS[way]} "
                 f"| {f['seconds']} s | {f['cpu_seconds']} s | {f['rows_per_s']:,} | {f['rows_per_cpu_s']:,} "
                 f"| {f['peak_mib']} MiB |"
             )
@@ -368,16 +393,19 @@ def write_results(results: list[dict], stages: dict | None) -> None:
     same = all(r["identical"] for r in results)
     best = max(r[way]["rows_per_s"] for r in results for way in ("command", "api"))
     best_cpu = max(r[way]["rows_per_cpu_s"] for r in results for way in ("command", "api"))
-    growth = max(results[-1][way]["peak_mib"] - results[0][way]["peak_mib"] for way in ("command", "api"))
+    growth = max(results[-1][way]["peak_mib"] - results[0][way]["peak_mib"] for way in WAYS)
+    shared = ", ".join(f"{r['command']['rows_per_s'] / r['command_one_process']['rows_per_s']:.2f}x" for r in results)
     lines += [
         "",
         f"Goal, at least 100,000 rows/s with memory flat in the number of rows: the speed is "
         f"{'met' if best >= 100_000 else 'not met'} here (best {best:,} rows/s of wall time, {best_cpu:,} rows/s "
         f"of CPU time); memory grows by at most {growth} MiB of peak from {results[0]['judgements']:,} to "
-        f"{results[-1]['judgements']:,} judgements (the same way compared with itself).",
+        f"{results[-1]['judgements']:,} judgements (the same way compared with itself). Sharing the work between "
+        f"processes against one process, the command's wall rows/s at each size: {shared}.",
         "",
         f"Baseline peak (the command on an empty project): {results[0]['baseline_peak_mib']} MiB. "
-        f"The command's file and the API's body are {'byte-identical' if same else 'NOT identical'} at every size.",
+        f"The command's file (either way) and the API's body are {'byte-identical' if same else 'NOT identical'} "
+        "at every size.",
         "",
     ]
     if stages is not None:

@@ -23,6 +23,8 @@ DEFAULT_MODEL_DIR = DATA_DIR / "models" / "SmolLM2-135M-Instruct"
 BASE_MODEL = env.str("RANKWISE_BASE_MODEL", default=str(DEFAULT_MODEL_DIR))
 MODEL_VERSIONS_DIR = DATA_DIR / "versions"
 EXPORTS_DIR = DATA_DIR / "exports"
+# Processes that share a large JSONL export (feedback.services.exports.export_jsonl): one per core, at most four.
+EXPORT_WORKERS = env.int("RANKWISE_EXPORT_WORKERS", default=min(4, len(os.sched_getaffinity(0))))
 REFERENCE_CACHE_DIR = DATA_DIR / "reference-cache"
 
 INSTALLED_APPS = [

@@ -35,9 +35,8 @@ from feedback.selectors.preferences import (
     SPLITS,
     ExportOptionsError,
     PreferenceExportOptions,
-    preference_rows,
 )
-from feedback.services.exports import ExportJob, export_job_get, export_job_start, export_jsonl_chunks
+from feedback.services.exports import ExportJob, export_job_get, export_job_start, export_jsonl
 
 JSONL = "application/jsonl"
 PARQUET = "application/vnd.apache.parquet"
@@ -97,8 +96,8 @@ def export_options_from(data: dict[str, Any]) -> PreferenceExportOptions:
 
 
 def export_stream_response(*, project: Project, options: PreferenceExportOptions) -> StreamingHttpResponse:
-    rows = preference_rows(project=project, options=options)
-    response = StreamingHttpResponse((chunk.encode() for chunk in export_jsonl_chunks(rows=rows)), content_type=JSONL)
+    chunks = export_jsonl(project=project, options=options)
+    response = StreamingHttpResponse((chunk.encode() for chunk in chunks), content_type=JSONL)
     response["Content-Disposition"] = f'attachment; filename="{project.slug}-{options.format}.jsonl"'
     return response
 

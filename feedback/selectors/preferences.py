@@ -213,12 +213,15 @@ def _judgement_filters(options: PreferenceExportOptions, prefix: str) -> dict[st
 
 
 def _streams(
-    project: Project, options: PreferenceExportOptions
+    project: Project, options: PreferenceExportOptions, id_range: tuple[int, int] | None
 ) -> tuple[QuerySet, QuerySet, QuerySet | None, QuerySet | None]:
-    prompts = Prompt.objects.filter(project=project).order_by("id").values_list("id", "messages")
+    chosen_prompts = Prompt.objects.filter(project=project)
+    if id_range is not None:
+        chosen_prompts = chosen_prompts.filter(id__gte=id_range[0], id__lt=id_range[1])
+    prompts = chosen_prompts.order_by("id").values_list("id", "messages")
     # Rows are picked by their prompt rather than by project: the database then walks the prompt index in
     # prompt order and sorts little (the texts not at all) instead of sorting a whole project's rows up front.
-    project_prompts = Prompt.objects.filter(project=project).values("id")
+    project_prompts = chosen_prompts.values("id")
     written = Completion.objects.filter(prompt_id__in=project_prompts)
     if options.model_version_ids is not None:
         written = written.filter(model_version_id__in=list(options.model_version_ids))
@@ -249,9 +252,12 @@ def _streams(
 
 
 def _prompt_groups(
-    project: Project, options: PreferenceExportOptions, on_prompt: Callable[[int], None] | None
+    project: Project,
+    options: PreferenceExportOptions,
+    on_prompt: Callable[[int], None] | None,
+    id_range: tuple[int, int] | None,
 ) -> Iterator[_PromptGroup]:
-    prompts, completions, pairwise, ranked = _streams(project, options)
+    prompts, completions, pairwise, ranked = _streams(project, options, id_range)
     size = options.chunk_size
     completion_rows = _Cursor(completions.iterator(chunk_size=size))
     pairwise_rows = _Cursor(pairwise.iterator(chunk_size=size) if pairwise is not None else None)
@@ -400,14 +406,17 @@ def preference_rows(
     project: Project,
     options: PreferenceExportOptions,
     on_prompt: Callable[[int], None] | None = None,
+    id_range: tuple[int, int] | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Export rows for a project, prompt by prompt in id order, streamed from the database.
 
     ``on_prompt(1)`` is called once per prompt read (a progress hook; the total is the
-    project's prompt count).
+    project's prompt count). ``id_range=(first, end)`` reads only the prompts with
+    ``first <= id < end``: the rows of consecutive ranges, one after the other, are the
+    rows of the whole.
     """
     shape_prompt, answer = _shapers(options)
-    for group in _prompt_groups(project, options, on_prompt):
+    for group in _prompt_groups(project, options, on_prompt, id_range):
         prompt = shape_prompt(group.messages)
         if options.format == "dpo":
             yield from _dpo_rows(group, options, prompt, answer)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import multiprocessing
 import os
 import re
 import tempfile
@@ -18,21 +19,24 @@ from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime
 from functools import lru_cache
 from itertools import chain, islice
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 from django.conf import settings
-from django.db import transaction
+from django.db import connections, transaction
 from django.utils import timezone
 
-from feedback.models import Project
+from feedback.models import Project, Prompt
 from feedback.selectors.preferences import PreferenceExportOptions, preference_rows
 
 FILE_TYPES = ("jsonl", "parquet")
 JSONL_LINES_PER_CHUNK = 1000
 PARQUET_ROWS_PER_BATCH = 10_000
+SLICE_PROMPTS = 2000  # prompts an export process reads at a time when several share the work
 JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 
 # Read once at import (umask can only be read by setting it): export files get the usual
@@ -138,13 +142,96 @@ def export_jsonl_chunks(*, rows: Iterable[dict[str, Any]]) -> Iterator[str]:
         yield "\n".join(chunk)
 
 
-def export_write_jsonl(*, rows: Iterable[dict[str, Any]], stream: IO[str]) -> int:
-    """Write rows as JSONL; returns the row count (JSON escapes newlines, so one line is one row)."""
-    count = 0
-    for chunk in export_jsonl_chunks(rows=rows):
-        stream.write(chunk)
-        count += chunk.count("\n")
-    return count
+def export_jsonl(
+    *,
+    project: Project,
+    options: PreferenceExportOptions,
+    on_prompt: Callable[[int], None] | None = None,
+    workers: int | None = None,
+    slice_prompts: int | None = None,
+) -> Iterator[str]:
+    """A project's export as JSONL text in chunks, rows in prompt order, using several processes when it is large.
+
+    The prompts are cut, in id order, into slices of ``slice_prompts`` (default ``SLICE_PROMPTS``),
+    and slice i is exported by process i % ``workers`` (default ``settings.EXPORT_WORKERS``, one
+    per core), this process being the first. The others are forked, open their own database
+    connection and send each finished slice through a pipe that this process reads in turn:
+    the text is the same as from one process, and a helper holds at most one slice while it
+    waits to be read. One process does it all when there are fewer than two slices, or inside
+    a transaction (another process would not see its uncommitted rows).
+    """
+    workers = settings.EXPORT_WORKERS if workers is None else workers
+    size = SLICE_PROMPTS if slice_prompts is None else slice_prompts
+    slices = _prompt_slices(project=project, size=size) if workers > 1 and not _in_transaction() else []
+    if len(slices) < 2:
+        yield from export_jsonl_chunks(rows=preference_rows(project=project, options=options, on_prompt=on_prompt))
+        return
+    workers = min(workers, len(slices))
+    context = multiprocessing.get_context("fork")
+    connections.close_all()  # a forked process must open its own connection, not share this one's
+    helpers: list[tuple[BaseProcess, Connection]] = []
+    try:
+        for worker in range(1, workers):
+            receiver, sender = context.Pipe(duplex=False)
+            process = context.Process(
+                target=_export_slices, args=(project, options, slices[worker::workers], sender), daemon=True
+            )
+            process.start()
+            sender.close()
+            helpers.append((process, receiver))
+        for index, (first, end, prompts) in enumerate(slices):
+            if index % workers == 0:
+                rows = preference_rows(project=project, options=options, on_prompt=on_prompt, id_range=(first, end))
+                yield from export_jsonl_chunks(rows=rows)
+                continue
+            try:
+                kind, text = helpers[index % workers - 1][1].recv()
+            except EOFError:
+                raise ExportError("an export process stopped before it had written its part") from None
+            if kind == "error":
+                raise ExportError(f"an export process failed: {text}")
+            if on_prompt is not None:
+                on_prompt(prompts)
+            if text:
+                yield text
+    finally:
+        for helper, receiver in helpers:
+            receiver.close()
+            if helper.is_alive():
+                helper.terminate()
+            helper.join()
+
+
+def _in_transaction() -> bool:
+    return any(connection.in_atomic_block for connection in connections.all(initialized_only=True))
+
+
+def _prompt_slices(*, project: Project, size: int) -> list[tuple[int, int, int]]:
+    """(first id, end id, prompts) for consecutive slices of ``size`` prompts of a project, in id order."""
+    ids = Prompt.objects.filter(project=project).order_by("id").values_list("id", flat=True)
+    starts: list[int] = []
+    count, last = 0, 0
+    for index, prompt_id in enumerate(ids.iterator(chunk_size=10_000)):
+        if index % size == 0:
+            starts.append(prompt_id)
+        count, last = index + 1, prompt_id
+    ends = [*starts[1:], last + 1]
+    return [(first, end, min(size, count - i * size)) for i, (first, end) in enumerate(zip(starts, ends, strict=True))]
+
+
+def _export_slices(
+    project: Project, options: PreferenceExportOptions, slices: list[tuple[int, int, int]], sender: Connection
+) -> None:
+    """In a forked process: export each slice and send its text, or the error that stopped it."""
+    try:
+        for first, end, _ in slices:
+            rows = preference_rows(project=project, options=options, id_range=(first, end))
+            sender.send(("text", "".join(export_jsonl_chunks(rows=rows))))
+    except Exception as error:
+        sender.send(("error", f"{type(error).__name__}: {error}"))
+    finally:
+        sender.close()
+        connections.close_all()
 
 
 def export_write_parquet(*, rows: Iterable[dict[str, Any]], path: Path, options: PreferenceExportOptions) -> int:
@@ -189,14 +276,17 @@ def export_write_file(
         raise ExportError(f"{directory}: the directory is not writable")
     if path.is_dir():
         raise ExportError(f"{path}: is a directory")
-    rows = preference_rows(project=project, options=options, on_prompt=on_prompt)
     handle, temporary = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".part")
     try:
         if file_type == "jsonl":
+            count = 0
             with os.fdopen(handle, "w", encoding="utf-8") as stream:
-                count = export_write_jsonl(rows=rows, stream=stream)
+                for chunk in export_jsonl(project=project, options=options, on_prompt=on_prompt):
+                    stream.write(chunk)
+                    count += chunk.count("\n")  # JSON escapes newlines, so one line is one row
         else:
             os.close(handle)
+            rows = preference_rows(project=project, options=options, on_prompt=on_prompt)
             count = export_write_parquet(rows=rows, path=Path(temporary), options=options)
         os.chmod(temporary, 0o666 & ~_UMASK)
         os.replace(temporary, path)

@@ -215,6 +215,8 @@ def _prompt_slices(*, project: Project, size: int) -> list[tuple[int, int, int]]
         if index % size == 0:
             starts.append(prompt_id)
         count, last = index + 1, prompt_id
+    if not starts:
+        return []
     ends = [*starts[1:], last + 1]
     return [(first, end, min(size, count - i * size)) for i, (first, end) in enumerate(zip(starts, ends, strict=True))]
 

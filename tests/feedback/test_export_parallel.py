@@ -88,6 +88,12 @@ def test_slices_cover_every_prompt_once(project):
     assert all(end <= next_first for (_, end, _), (next_first, _, _) in zip(slices, slices[1:], strict=False))
 
 
+def test_a_project_without_prompts_exports_nothing():
+    empty = ProjectFactory(slug="empty")
+    assert exports._prompt_slices(project=empty, size=7) == []
+    assert list(export_jsonl(project=empty, options=PreferenceExportOptions(), workers=2, slice_prompts=7)) == []
+
+
 def test_command_and_api_share_the_work_with_the_same_result(project, settings, monkeypatch, tmp_path, staff_user):
     settings.EXPORT_WORKERS = 2
     monkeypatch.setattr(exports, "SLICE_PROMPTS", 9)

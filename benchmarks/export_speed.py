@@ -1,6 +1,7 @@
 """Export speed: ranking judgements -> `dpo` JSONL through the command and through the API.
 
-Usage: python benchmarks/export_speed.py [--judgements 1000000] [--small 250000] [--keep DIR [--reuse]] [--phases]
+Usage: python benchmarks/export_speed.py [--judgements 1000000] [--small 250000] [--rounds 1]
+                                         [--keep DIR [--reuse]] [--phases]
 
 For each size (the small one shows whether memory grows with the data) it builds a fresh
 SQLite database with the production settings (WAL, immediate transactions) in a temporary
@@ -10,7 +11,8 @@ The rows are written straight through the database cursor (the ORM would take lo
 build the data than to export it); the schema comes from the migrations.
 
 Then it times, each in its own process so that the peak resident memory (ru_maxrss from
-wait4) belongs to that export alone:
+wait4) belongs to that export alone, and each after reading the database files once (so
+that it finds them in the page cache) and a sync (so that the run before's file is on disk):
 
 1. `python manage.py export_preferences bench --format dpo --out FILE.jsonl`, which shares the
    work with forked helper processes, one per core (settings.EXPORT_WORKERS);
@@ -23,6 +25,8 @@ included, and over its CPU time (user + system, helpers included), which other w
 shared machine disturbs less. Peak memory is that of the largest of the export's processes
 (wait4 reports the maximum over a process and the children it reaped). The load average
 and a CPU calibration (the CPU time of sum(range(1000))) are recorded with the figures.
+With --rounds N the three ways run in turn N times; each way's fastest round is reported,
+with every round's wall time, and its highest peak.
 With --phases it also splits the CPU time of one in-process export of the small database
 into reading and grouping the rows by prompt, deriving the pairs and building the rows,
 and writing the JSONL lines (to /dev/null).
@@ -285,6 +289,16 @@ def timed(command: list[str], env: dict) -> tuple[float, float, int, str]:
     return seconds, usage.ru_utime + usage.ru_stime, usage.ru_maxrss // 1024, stdout
 
 
+def warm(data_dir: Path) -> None:
+    """Read the database files once, so that every timed export finds them in the page cache, and write out
+    what the run before left to disk, so that it does not slow the next one."""
+    os.sync()
+    for path in data_dir.glob("rankwise.sqlite3*"):
+        with path.open("rb") as stream:
+            while stream.read(1 << 24):
+                pass
+
+
 def figures(rows: int, seconds: float, cpu: float, peak: int) -> dict:
     return {
         "rows": rows,
@@ -296,7 +310,7 @@ def figures(rows: int, seconds: float, cpu: float, peak: int) -> dict:
     }
 
 
-def measure(judgements: int, base: Path, *, reuse: bool) -> dict:
+def measure(judgements: int, base: Path, *, reuse: bool, rounds: int) -> dict:
     data_dir = base / f"n{judgements}"
     marker = data_dir / "generated.json"
     env = {**os.environ, "RANKWISE_DATA_DIR": str(data_dir), "DEBUG": "0", "ALLOWED_HOSTS": "localhost"}
@@ -313,25 +327,23 @@ def measure(judgements: int, base: Path, *, reuse: bool) -> dict:
     database_mib = sum(f.stat().st_size for f in data_dir.glob("rankwise.sqlite3*")) / 2**20
 
     before = machine()
-    out = data_dir / "command.jsonl"
-    seconds, cpu, peak, stdout = timed(
-        [python, "manage.py", "export_preferences", "bench", "--format", "dpo", "--out", str(out)], env
-    )
-    rows = int(re.match(r"(\d+) dpo rows", stdout).group(1))
-    command = figures(rows, seconds, cpu, peak)
-
-    serial_out = data_dir / "command-one-process.jsonl"
-    seconds, cpu, peak, _ = timed(
-        [python, "manage.py", "export_preferences", "bench", "--format", "dpo", "--out", str(serial_out)],
-        {**env, "RANKWISE_EXPORT_WORKERS": "1"},
-    )
-    command_one_process = figures(rows, seconds, cpu, peak)
-
-    api_out = data_dir / "api.jsonl"
-    seconds, cpu, peak, _ = timed([python, __file__, "_api", str(data_dir), str(api_out)], env)
-    api = figures(sum(1 for _ in api_out.open("rb")), seconds, cpu, peak)
+    out, serial_out, api_out = (data_dir / name for name in ("command.jsonl", "one-process.jsonl", "api.jsonl"))
+    command = [python, "manage.py", "export_preferences", "bench", "--format", "dpo", "--out"]
+    ways = {
+        "command": ([*command, str(out)], env),
+        "command_one_process": ([*command, str(serial_out)], {**env, "RANKWISE_EXPORT_WORKERS": "1"}),
+        "api": ([python, __file__, "_api", str(data_dir), str(api_out)], env),
+    }
+    runs: dict[str, list[tuple[float, float, int, str]]] = {way: [] for way in ways}
+    for _ in range(rounds):
+        for way, (argv, way_env) in ways.items():
+            warm(data_dir)
+            runs[way].append(timed(argv, way_env))
+    rows = int(re.match(r"(\d+) dpo rows", runs["command"][0][3]).group(1))
     # Compared in chunks: a child forked while this process held both files would report their size as its peak.
     same = filecmp.cmp(api_out, out, shallow=False) and filecmp.cmp(serial_out, out, shallow=False)
+    fastest = {way: min(way_runs) for way, way_runs in runs.items()}
+    peaks = {way: max(run[2] for run in way_runs) for way, way_runs in runs.items()}
 
     empty = data_dir / "empty.jsonl"
     _, _, baseline, _ = timed(
@@ -343,9 +355,8 @@ def measure(judgements: int, base: Path, *, reuse: bool) -> dict:
         "counts": counts,
         "database_mib": round(database_mib),
         "jsonl_mib": round(out.stat().st_size / 2**20),
-        "command": command,
-        "command_one_process": command_one_process,
-        "api": api,
+        **{way: figures(rows, fastest[way][0], fastest[way][1], peaks[way]) for way in ways},
+        "wall_by_round": {way: [round(run[0], 1) for run in way_runs] for way, way_runs in runs.items()},
         "identical": same,
         "baseline_peak_mib": baseline,
     }
@@ -355,8 +366,8 @@ def write_results(results: list[dict], stages: dict | None) -> None:
     lines = [
         SECTION,
         "",
-        f"`python benchmarks/export_speed.py` on {platform.machine()}, {os.cpu_count()} CPUs shared with other "
-        f"people's work while measured (load below), Python {platform.python_version()}, SQLite "
+        f"`python benchmarks/export_speed.py` on {platform.machine()}, {os.cpu_count()} CPUs (the load while "
+        f"measured is below), Python {platform.python_version()}, SQLite "
         f"{__import__('sqlite3').sqlite_version}, {time.strftime('%Y-%m-%d')}.",
         "",
         f"Data: one ranking project, K = {K}, {ANNOTATORS} annotators rank every prompt in a random order "
@@ -385,10 +396,14 @@ def write_results(results: list[dict], stages: dict | None) -> None:
     lines.append("")
     for r in results:
         before, after = r["machine"]
+        by_round = "; ".join(
+            f"{WAYS[way]} {', '.join(f'{x} s' for x in seconds)}" for way, seconds in r["wall_by_round"].items()
+        )
         lines.append(
             f"- Machine during the {r['judgements']:,}-judgement exports: load average (1, 5, 15 min) "
             f"{', '.join(map(str, before['load']))} before and {', '.join(map(str, after['load']))} after; "
-            f"`sum(range(1000))` took {before['sum_range_us']} and {after['sum_range_us']} µs of CPU time."
+            f"`sum(range(1000))` took {before['sum_range_us']} and {after['sum_range_us']} µs of CPU time. "
+            f"Wall time by round: {by_round}."
         )
     same = all(r["identical"] for r in results)
     best = max(r[way]["rows_per_s"] for r in results for way in ("command", "api"))
@@ -439,6 +454,7 @@ def main() -> None:
     parser.add_argument("--small", type=int, default=250_000, help="a second, smaller size to compare memory with")
     parser.add_argument("--keep", type=Path, help="keep the databases and exports in this directory")
     parser.add_argument("--reuse", action="store_true", help="with --keep: reuse the databases an earlier run built")
+    parser.add_argument("--rounds", type=int, default=1, help="time each way this many times, keep the fastest")
     parser.add_argument("--phases", action="store_true", help="also split the small export's CPU time into stages")
     parser.add_argument("--no-write", action="store_true", help="print the figures, leave RESULTS.md alone")
     args = parser.parse_args()
@@ -446,7 +462,7 @@ def main() -> None:
     try:
         results = []
         for size in (args.small, args.judgements):
-            result = measure(size, base, reuse=args.reuse)
+            result = measure(size, base, reuse=args.reuse, rounds=args.rounds)
             print(json.dumps(result), flush=True)
             results.append(result)
         stages = None

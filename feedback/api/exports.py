@@ -96,8 +96,7 @@ def export_options_from(data: dict[str, Any]) -> PreferenceExportOptions:
 
 
 def export_stream_response(*, project: Project, options: PreferenceExportOptions) -> StreamingHttpResponse:
-    chunks = export_jsonl(project=project, options=options)
-    response = StreamingHttpResponse((chunk.encode() for chunk in chunks), content_type=JSONL)
+    response = StreamingHttpResponse(export_jsonl(project=project, options=options), content_type=JSONL)
     response["Content-Disposition"] = f'attachment; filename="{project.slug}-{options.format}.jsonl"'
     return response
 

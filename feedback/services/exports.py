@@ -37,6 +37,7 @@ FILE_TYPES = ("jsonl", "parquet")
 JSONL_LINES_PER_CHUNK = 1000
 PARQUET_ROWS_PER_BATCH = 10_000
 SLICE_PROMPTS = 2000  # prompts an export process reads at a time when several share the work
+_EXPORTED, _FAILED = b"+", b"!"  # the first byte of a helper's message: a slice's JSONL, or an error
 JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 
 # Read once at import (umask can only be read by setting it): export files get the usual
@@ -149,22 +150,23 @@ def export_jsonl(
     on_prompt: Callable[[int], None] | None = None,
     workers: int | None = None,
     slice_prompts: int | None = None,
-) -> Iterator[str]:
-    """A project's export as JSONL text in chunks, rows in prompt order, using several processes when it is large.
+) -> Iterator[bytes]:
+    """A project's export as UTF-8 JSONL in chunks, rows in prompt order, using several processes when it is large.
 
     The prompts are cut, in id order, into slices of ``slice_prompts`` (default ``SLICE_PROMPTS``),
     and slice i is exported by process i % ``workers`` (default ``settings.EXPORT_WORKERS``, one
     per core), this process being the first. The others are forked, open their own database
-    connection and send each finished slice through a pipe that this process reads in turn:
-    the text is the same as from one process, and a helper holds at most one slice while it
-    waits to be read. One process does it all when there are fewer than two slices, or inside
+    connection and send each finished slice, encoded, through a pipe that this process reads
+    in turn: the bytes are the same as from one process, and a helper holds at most one slice
+    while it waits to be read. One process does it all when there are fewer than two slices, or inside
     a transaction (another process would not see its uncommitted rows).
     """
     workers = settings.EXPORT_WORKERS if workers is None else workers
     size = SLICE_PROMPTS if slice_prompts is None else slice_prompts
     slices = _prompt_slices(project=project, size=size) if workers > 1 and not _in_transaction() else []
     if len(slices) < 2:
-        yield from export_jsonl_chunks(rows=preference_rows(project=project, options=options, on_prompt=on_prompt))
+        rows = preference_rows(project=project, options=options, on_prompt=on_prompt)
+        yield from (chunk.encode() for chunk in export_jsonl_chunks(rows=rows))
         return
     workers = min(workers, len(slices))
     context = multiprocessing.get_context("fork")
@@ -182,18 +184,18 @@ def export_jsonl(
         for index, (first, end, prompts) in enumerate(slices):
             if index % workers == 0:
                 rows = preference_rows(project=project, options=options, on_prompt=on_prompt, id_range=(first, end))
-                yield from export_jsonl_chunks(rows=rows)
+                yield from (chunk.encode() for chunk in export_jsonl_chunks(rows=rows))
                 continue
             try:
-                kind, text = helpers[index % workers - 1][1].recv()
+                message = helpers[index % workers - 1][1].recv_bytes()
             except EOFError:
                 raise ExportError("an export process stopped before it had written its part") from None
-            if kind == "error":
-                raise ExportError(f"an export process failed: {text}")
+            if message[:1] == _FAILED:
+                raise ExportError(f"an export process failed: {message[1:].decode()}")
             if on_prompt is not None:
                 on_prompt(prompts)
-            if text:
-                yield text
+            if len(message) > 1:
+                yield message[1:]
     finally:
         for helper, receiver in helpers:
             receiver.close()
@@ -224,13 +226,13 @@ def _prompt_slices(*, project: Project, size: int) -> list[tuple[int, int, int]]
 def _export_slices(
     project: Project, options: PreferenceExportOptions, slices: list[tuple[int, int, int]], sender: Connection
 ) -> None:
-    """In a forked process: export each slice and send its text, or the error that stopped it."""
+    """In a forked process: export each slice and send its JSONL, or the error that stopped it."""
     try:
         for first, end, _ in slices:
             rows = preference_rows(project=project, options=options, id_range=(first, end))
-            sender.send(("text", "".join(export_jsonl_chunks(rows=rows))))
+            sender.send_bytes(_EXPORTED + "".join(export_jsonl_chunks(rows=rows)).encode())
     except Exception as error:
-        sender.send(("error", f"{type(error).__name__}: {error}"))
+        sender.send_bytes(_FAILED + f"{type(error).__name__}: {error}".encode())
     finally:
         sender.close()
         connections.close_all()
@@ -282,10 +284,10 @@ def export_write_file(
     try:
         if file_type == "jsonl":
             count = 0
-            with os.fdopen(handle, "w", encoding="utf-8") as stream:
+            with os.fdopen(handle, "wb") as stream:
                 for chunk in export_jsonl(project=project, options=options, on_prompt=on_prompt):
                     stream.write(chunk)
-                    count += chunk.count("\n")  # JSON escapes newlines, so one line is one row
+                    count += chunk.count(b"\n")  # JSON escapes newlines, so one line is one row
         else:
             os.close(handle)
             rows = preference_rows(project=project, options=options, on_prompt=on_prompt)

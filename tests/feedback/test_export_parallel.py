@@ -39,8 +39,8 @@ def project():
     return project
 
 
-def one_process_text(project, options: PreferenceExportOptions) -> str:
-    return "".join(export_jsonl_chunks(rows=preference_rows(project=project, options=options)))
+def one_process_text(project, options: PreferenceExportOptions) -> bytes:
+    return "".join(export_jsonl_chunks(rows=preference_rows(project=project, options=options))).encode()
 
 
 @pytest.mark.parametrize(
@@ -56,7 +56,7 @@ def one_process_text(project, options: PreferenceExportOptions) -> str:
 def test_several_processes_write_the_text_of_one(project, options):
     options = PreferenceExportOptions(**options)
     progress: list[int] = []
-    text = "".join(
+    text = b"".join(
         export_jsonl(project=project, options=options, on_prompt=progress.append, workers=3, slice_prompts=7)
     )
     assert text
@@ -73,7 +73,7 @@ def test_inside_a_transaction_one_process_exports_alone(project):
     options = PreferenceExportOptions(format="dpo")
     progress: list[int] = []
     with transaction.atomic():
-        text = "".join(
+        text = b"".join(
             export_jsonl(project=project, options=options, on_prompt=progress.append, workers=3, slice_prompts=7)
         )
     assert text == one_process_text(project, options)
@@ -101,13 +101,13 @@ def test_command_and_api_share_the_work_with_the_same_result(project, settings, 
 
     out = tmp_path / "wide.jsonl"
     call_command("export_preferences", "wide", "--format", "dpo", "--out", str(out))
-    assert out.read_text(encoding="utf-8") == expected
+    assert out.read_bytes() == expected
 
     client = APIClient()
     client.force_login(staff_user)
     response = client.get("/api/v1/projects/wide/export/", {"format": "dpo"})
     assert response.status_code == 200
-    assert b"".join(response.streaming_content).decode() == expected
+    assert b"".join(response.streaming_content) == expected
     assert [json.loads(line)["prompt_id"] for line in expected.splitlines()] == sorted(
         json.loads(line)["prompt_id"] for line in expected.splitlines()
     )
@@ -124,7 +124,7 @@ def test_a_failing_helper_stops_the_export_with_its_error(project, monkeypatch):
 
     monkeypatch.setattr(exports, "preference_rows", rows)
     with pytest.raises(ExportError, match="an export process failed: RuntimeError: the disk is full"):
-        "".join(export_jsonl(project=project, options=PreferenceExportOptions(), workers=2, slice_prompts=7))
+        b"".join(export_jsonl(project=project, options=PreferenceExportOptions(), workers=2, slice_prompts=7))
     assert multiprocessing.active_children() == []
 
 
@@ -139,7 +139,7 @@ def test_a_helper_that_dies_is_reported(project, monkeypatch):
 
     monkeypatch.setattr(exports, "preference_rows", rows)
     with pytest.raises(ExportError, match="stopped before it had written its part"):
-        "".join(export_jsonl(project=project, options=PreferenceExportOptions(), workers=2, slice_prompts=7))
+        b"".join(export_jsonl(project=project, options=PreferenceExportOptions(), workers=2, slice_prompts=7))
     assert multiprocessing.active_children() == []
 
 

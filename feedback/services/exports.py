@@ -1,4 +1,5 @@
-"""Writing preference exports: JSONL streamed, Parquet in record batches, and background file jobs.
+"""Writing preference exports: JSONL streamed (shared between processes when large), Parquet in record
+batches, and background file jobs.
 
 A background job (a Parquet or JSONL file built by the worker) lives in its own directory
 under ``settings.EXPORTS_DIR`` named by a random id we generate; ``job.json`` holds its
@@ -158,8 +159,8 @@ def export_jsonl(
     per core), this process being the first. The others are forked, open their own database
     connection and send each finished slice, encoded, through a pipe that this process reads
     in turn: the bytes are the same as from one process, and a helper holds at most one slice
-    while it waits to be read. One process does it all when there are fewer than two slices, or inside
-    a transaction (another process would not see its uncommitted rows).
+    while it waits to be read. One process does it all when there are fewer than two slices,
+    or inside a transaction (another process would not see its uncommitted rows).
     """
     workers = settings.EXPORT_WORKERS if workers is None else workers
     size = SLICE_PROMPTS if slice_prompts is None else slice_prompts
@@ -198,10 +199,10 @@ def export_jsonl(
                 yield message[1:]
     finally:
         for helper, receiver in helpers:
-            receiver.close()
             if helper.is_alive():
-                helper.terminate()
+                helper.terminate()  # a reader that stopped early leaves helpers waiting to send
             helper.join()
+            receiver.close()
 
 
 def _in_transaction() -> bool:

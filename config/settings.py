@@ -24,7 +24,10 @@ BASE_MODEL = env.str("RANKWISE_BASE_MODEL", default=str(DEFAULT_MODEL_DIR))
 MODEL_VERSIONS_DIR = DATA_DIR / "versions"
 EXPORTS_DIR = DATA_DIR / "exports"
 # Processes that share a large JSONL export (feedback.services.exports.export_jsonl): one per core, at most four.
-EXPORT_WORKERS = env.int("RANKWISE_EXPORT_WORKERS", default=min(4, len(os.sched_getaffinity(0))))
+_export_workers = env.str("RANKWISE_EXPORT_WORKERS", default=str(min(4, len(os.sched_getaffinity(0)))))
+if not _export_workers.isdigit() or int(_export_workers) < 1:
+    raise ImproperlyConfigured(f"RANKWISE_EXPORT_WORKERS must be a whole number of at least 1, not {_export_workers!r}")
+EXPORT_WORKERS = int(_export_workers)
 REFERENCE_CACHE_DIR = DATA_DIR / "reference-cache"
 
 INSTALLED_APPS = [

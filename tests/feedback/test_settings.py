@@ -83,3 +83,18 @@ def test_deploy_checks_pass_for_production_settings(tmp_path):
         },
     )
     assert done.returncode == 0, done.stderr
+
+
+def test_export_workers_default_to_the_cores_and_a_wrong_value_is_named(tmp_path):
+    show = (
+        "import django, os; os.environ['DJANGO_SETTINGS_MODULE']='config.settings'; "
+        "from django.conf import settings; print(settings.EXPORT_WORKERS)"
+    )
+    base = {"SECRET_KEY": LONG_SECRET, "RANKWISE_DATA_DIR": str(tmp_path)}
+    default = run_python(show, **base)
+    assert default.stdout.strip() == str(min(4, len(os.sched_getaffinity(0))))
+    assert run_python(show, **base, RANKWISE_EXPORT_WORKERS="3").stdout.strip() == "3"
+    for wrong in ("0", "two", "-1"):
+        done = run_python(show, **base, RANKWISE_EXPORT_WORKERS=wrong)
+        assert done.returncode != 0
+        assert f"RANKWISE_EXPORT_WORKERS must be a whole number of at least 1, not {wrong!r}" in done.stderr

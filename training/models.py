@@ -204,7 +204,10 @@ def tune_for_training(model: torch.nn.Module, *, precision: str, bf16_frozen_bas
     would cast them to at every use; the embedding (tied to the output layer) and the norms stay
     in float32. Only for a base that is never saved (LoRA adapters saved on their own). Under
     bf16 autocast the adapters also take their input as it comes, instead of casting it to
-    float32 first only for autocast to cast it back.
+    float32 first only for autocast to cast it back, and linear layers that read the same float32
+    tensor (query, key and value; gate and up; their adapters) share one bf16 cast of it where
+    autocast would make one for each. The forward numbers are unchanged; the gradients of such a
+    tensor's users are summed in bf16 before the one cast back, as for any bf16 tensor used twice.
     """
     base = model.get_base_model() if is_lora(model) else model
     assert isinstance(base, PreTrainedModel)
@@ -212,15 +215,39 @@ def tune_for_training(model: torch.nn.Module, *, precision: str, bf16_frozen_bas
         base.set_attn_implementation("eager")
     if precision != "bf16":
         return
+    shared_cast = _SharedInputCast()
     for module in model.modules():
         if hasattr(module, "cast_input_dtype_enabled"):  # a peft adapter layer
             module.cast_input_dtype_enabled = False  # type: ignore[assignment]
+        if isinstance(module, torch.nn.Linear):
+            module.register_forward_pre_hook(shared_cast)
     if not bf16_frozen_base:
         return
     embedding = base.get_input_embeddings().weight
     for module in model.modules():
         if isinstance(module, torch.nn.Linear) and not module.weight.requires_grad and module.weight is not embedding:
             module.weight.data = module.weight.data.to(torch.bfloat16)
+
+
+class _SharedInputCast:
+    """A forward pre-hook for linear layers: under autocast, one cast per float32 input tensor.
+
+    It remembers the last float32 input it cast and hands the same cast to the next layer that
+    reads that very tensor (the layers of a block read their norm's output one after another).
+    """
+
+    def __init__(self) -> None:
+        self.source: torch.Tensor | None = None
+        self.cast: torch.Tensor | None = None
+
+    def __call__(self, module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+        x = args[0]
+        device = x.device.type
+        if x.dtype != torch.float32 or not torch.is_autocast_enabled(device):
+            return None
+        if x is not self.source:
+            self.source, self.cast = x, x.to(torch.get_autocast_dtype(device))
+        return (self.cast, *args[1:])
 
 
 def is_lora(model: torch.nn.Module) -> TypeGuard[PeftModel]:

@@ -8,6 +8,7 @@ from training.logprobs import (
     reference_logps,
     sequence_logps,
     shared_prompt_logps,
+    token_logps_chunked,
 )
 from training.models import LoraSettings, apply_lora, load_model
 
@@ -35,6 +36,50 @@ def test_completion_logps_match_a_full_log_softmax_for_any_chunk_size(tiny_model
             assert (got[i, len(row) :] == 0).all()
     sums = sequence_logps(model, batch)
     torch.testing.assert_close(sums, torch.stack([r.sum() for r in expected]), atol=1e-5, rtol=1e-5)
+
+
+def plain_token_logps(hidden, head, targets):
+    logits = head(hidden).float()
+    return logits.gather(1, targets.unsqueeze(1)).squeeze(1) - torch.logsumexp(logits, dim=-1)
+
+
+def test_the_output_projection_gives_the_plain_expressions_values_and_gradients():
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 50, bias=True)
+    hidden = torch.randn(37, 8)  # 37 rows: row blocks and chunks that do not divide evenly
+    targets = torch.randint(0, 50, (37,))
+    upstream = torch.randn(37)
+
+    def values_and_grads(fn):
+        head.zero_grad()
+        h = hidden.clone().requires_grad_()
+        out = fn(h)
+        (out * upstream).sum().backward()
+        return out.detach(), h.grad, head.weight.grad.clone(), head.bias.grad.clone()
+
+    expected = values_and_grads(lambda h: plain_token_logps(h, head, targets))
+    for chunk in (5, 4096):
+        got = values_and_grads(lambda h, chunk=chunk: token_logps_chunked(h, head, targets, chunk))
+        for g, e in zip(got, expected, strict=True):
+            torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5)
+
+
+def test_the_output_projection_under_bf16_autocast_matches_autocasts_own_numbers():
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 300, bias=False).requires_grad_(False)
+    hidden = torch.randn(40, 16)
+    targets = torch.randint(0, 300, (40,))
+    results = []
+    for fn in (lambda h: plain_token_logps(h, head, targets), lambda h: token_logps_chunked(h, head, targets, 2048)):
+        h = hidden.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = fn(h)
+        assert out.dtype == torch.float32
+        out.sum().backward()
+        results.append((out.detach(), h.grad))
+    (plain, plain_grad), (fused, fused_grad) = results
+    assert torch.equal(fused, plain)  # the same bf16 logits, reduced in float32 the same way
+    torch.testing.assert_close(fused_grad, plain_grad, atol=1e-2, rtol=1e-2)
 
 
 def test_padding_does_not_change_a_sequence_log_prob(tiny_model_dir):

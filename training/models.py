@@ -243,7 +243,7 @@ class _SharedInputCast(threading.local):
         self.cast: torch.Tensor | None = None
 
     def __reduce__(self) -> tuple[type, tuple[()]]:
-        return (_SharedInputCast, ())  # a copied model (merging, saving) starts with nothing remembered
+        return (_SharedInputCast, ())  # a copied model (as merging into a copy makes) starts with nothing remembered
 
     def __call__(self, module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
         x = args[0]

@@ -16,9 +16,9 @@ from rest_framework.response import Response
 from rest_framework.throttling import ScopedRateThrottle
 from rest_framework.views import APIView
 
-from feedback.api.permissions import project_for_member
 from feedback.api.serializers import FORBIDDEN, NOT_AUTHENTICATED, NOT_FOUND, THROTTLED, VALIDATION_ERROR
-from feedback.models import PairwiseJudgement, Project
+from feedback.models import Membership, PairwiseJudgement, Project
+from feedback.selectors.access import project_for_role
 from feedback.selectors.tasks import task_for_assignment
 from feedback.services.assignments import assignment_lease_next
 from feedback.services.judgements import RATIONALE_MAX, TIME_MS_MAX, judgement_submit
@@ -69,7 +69,7 @@ class NextTaskApi(APIView):
         },
     )
     def get(self, request: Request, slug: str) -> Response:
-        project = project_for_member(user=request.user, slug=slug)
+        project = project_for_role(user=request.user, slug=slug, role=Membership.Role.ANNOTATOR)
         assignment = assignment_lease_next(project=project, annotator=_annotator(request))
         if assignment is None:
             return Response(status=status.HTTP_204_NO_CONTENT)
@@ -135,7 +135,7 @@ class JudgementSubmitApi(APIView):
         },
     )
     def post(self, request: Request, slug: str) -> Response:
-        project = project_for_member(user=request.user, slug=slug)
+        project = project_for_role(user=request.user, slug=slug, role=Membership.Role.ANNOTATOR)
         serializer = self.InputSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
         data = serializer.validated_data

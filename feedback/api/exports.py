@@ -18,7 +18,6 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from feedback.api.permissions import membership_role, project_for_manager
 from feedback.api.serializers import (
     FORBIDDEN,
     MAX_ID,
@@ -28,7 +27,8 @@ from feedback.api.serializers import (
     ErrorSerializer,
     query_data,
 )
-from feedback.models import Project
+from feedback.models import Membership, Project
+from feedback.selectors.access import project_for_role, project_role_check
 from feedback.selectors.preferences import (
     FORMATS,
     PAIR_MODES,
@@ -161,7 +161,7 @@ class ExportApi(APIView):
         },
     )
     def get(self, request: Request, slug: str) -> Response | StreamingHttpResponse:
-        project = project_for_manager(user=request.user, slug=slug)
+        project = project_for_role(user=request.user, slug=slug, role=Membership.Role.MANAGER)
         params = self.InputSerializer(data=query_data(request, lists=("annotators", "model_versions")))
         params.is_valid(raise_exception=True)
         options = params.validated_data["options"]
@@ -175,9 +175,9 @@ class ExportApi(APIView):
 def _job_for_manager(request: Request, job_id: str) -> ExportJob:
     job = export_job_get(job_id=job_id)
     project = Project.objects.filter(pk=job.project_id).first() if job else None
-    if job is None or project is None or membership_role(user=request.user, project=project) is None:
+    if job is None or project is None:
         raise NotFound("No such export.")
-    project_for_manager(user=request.user, slug=project.slug)
+    project_role_check(user=request.user, project=project, role=Membership.Role.MANAGER, not_found="No such export.")
     return job
 
 

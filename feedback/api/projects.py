@@ -12,13 +12,11 @@ from django.db.models import Count, QuerySet
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema, inline_serializer
 from rest_framework import serializers, status
 from rest_framework.exceptions import NotFound, ParseError
-from rest_framework.parsers import JSONParser
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.throttling import ScopedRateThrottle
 from rest_framework.views import APIView
 
-from feedback.api.permissions import membership_role, project_for_manager, project_for_member
 from feedback.api.serializers import (
     FORBIDDEN,
     MAX_ID,
@@ -34,7 +32,9 @@ from feedback.api.serializers import (
     paginated,
     query_data,
 )
+from feedback.ids import id_from
 from feedback.models import Completion, Membership, ModelVersion, Project, Prompt
+from feedback.selectors.access import membership_role, project_for_role, project_role_check
 from feedback.selectors.projects import project_list_for_user
 from feedback.services.model_versions import model_version_promote
 from feedback.services.prompts import PromptImportError, prompts_import_records
@@ -120,7 +120,7 @@ class ProjectDetailApi(APIView):
         responses={200: OutputSerializer, **READ_ERRORS},
     )
     def get(self, request: Request, slug: str) -> Response:
-        project = project_for_member(user=request.user, slug=slug)
+        project = project_for_role(user=request.user, slug=slug, role=Membership.Role.ANNOTATOR)
         counted = project_list_for_user(user=request.user).get(pk=project.pk)
         data = _project_data(counted, membership_role(user=request.user, project=project))
         return Response(self.OutputSerializer({**data, "guidelines": counted.guidelines}).data)
@@ -133,7 +133,6 @@ class PromptsApi(APIView):
         return [ScopedRateThrottle()] if self.request.method == "POST" else []
 
     throttle_scope = "submit"
-    parser_classes = [JSONParser]
 
     class ListInputSerializer(serializers.Serializer):
         ordering = serializers.ChoiceField(choices=["id", "-id", "created_at", "-created_at"], default="id")
@@ -195,7 +194,7 @@ class PromptsApi(APIView):
         },
     )
     def get(self, request: Request, slug: str) -> Response:
-        project = project_for_member(user=request.user, slug=slug)
+        project = project_for_role(user=request.user, slug=slug, role=Membership.Role.ANNOTATOR)
         params = self.ListInputSerializer(data=query_data(request))
         params.is_valid(raise_exception=True)
         prompts = Prompt.objects.filter(project=project).annotate(completion_count=Count("completions"))
@@ -227,7 +226,7 @@ class PromptsApi(APIView):
         },
     )
     def post(self, request: Request, slug: str) -> Response:
-        project = project_for_manager(user=request.user, slug=slug)
+        project = project_for_role(user=request.user, slug=slug, role=Membership.Role.MANAGER)
         try:
             body = self.ImportInputSerializer(data=request.data)
         except ParseError as error:
@@ -290,7 +289,7 @@ class CompletionListApi(APIView):
         },
     )
     def get(self, request: Request, slug: str) -> Response:
-        project = project_for_member(user=request.user, slug=slug)
+        project = project_for_role(user=request.user, slug=slug, role=Membership.Role.ANNOTATOR)
         params = self.InputSerializer(data=query_data(request))
         params.is_valid(raise_exception=True)
         completions = Completion.objects.filter(prompt__project=project)
@@ -327,15 +326,13 @@ class ModelVersionListApi(APIView):
         },
     )
     def get(self, request: Request, slug: str) -> Response:
-        project = project_for_member(user=request.user, slug=slug)
+        project = project_for_role(user=request.user, slug=slug, role=Membership.Role.ANNOTATOR)
         versions = ModelVersion.objects.filter(project=project).order_by("-created_at", "-id")
         return _page(request, self, versions, self.OutputSerializer)
 
 
 class ModelVersionPromoteApi(APIView):
     """Make a version its project's active one; the worker then writes the next round of completions."""
-
-    parser_classes = [JSONParser]
 
     class InputSerializer(serializers.Serializer):
         generate = StrictBooleanField(
@@ -363,14 +360,13 @@ class ModelVersionPromoteApi(APIView):
         },
     )
     def post(self, request: Request, version_id: str) -> Response:
-        version = (
-            ModelVersion.objects.filter(pk=int(version_id)).select_related("project").first()
-            if version_id.isascii() and version_id.isdigit() and int(version_id) <= MAX_ID
-            else None
-        )
-        if version is None or membership_role(user=request.user, project=version.project) is None:
+        number = id_from(version_id)
+        version = ModelVersion.objects.filter(pk=number).select_related("project").first() if number else None
+        if version is None:
             raise NotFound("No such model version.")
-        project_for_manager(user=request.user, slug=version.project.slug)
+        project_role_check(
+            user=request.user, project=version.project, role=Membership.Role.MANAGER, not_found="No such model version."
+        )
         body = self.InputSerializer(data=request.data)
         body.is_valid(raise_exception=True)
         version = model_version_promote(version=version, generate=body.validated_data["generate"])

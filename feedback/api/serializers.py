@@ -11,8 +11,9 @@ from rest_framework.exceptions import NotFound
 from rest_framework.pagination import PageNumberPagination
 from rest_framework.request import Request
 
-# Ids are 64-bit database integers; a larger number must be a 400, not an overflow in the database driver.
-MAX_ID = 2**63 - 1
+from feedback.ids import MAX_ID, whole_number
+
+__all__ = ["MAX_ID"]  # the serializers' bound for ids, shared with the pages
 
 PAGE_PARAMETER = OpenApiParameter(
     "page", {"type": "integer", "minimum": 1}, OpenApiParameter.QUERY, description="1-based page number (50 a page)."
@@ -26,7 +27,8 @@ class StrictPageNumberPagination(PageNumberPagination):
         value = request.query_params.get(self.page_query_param)
         if value is None:
             return 1
-        if not (value.isascii() and value.isdigit()) or int(value) < 1:
+        number = whole_number(value)
+        if number is None or number < 1:
             raise NotFound("Invalid page.")
         return value
 

@@ -14,12 +14,10 @@ from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import serializers, status
 from rest_framework.exceptions import NotFound
-from rest_framework.parsers import JSONParser
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from feedback.api.permissions import membership_role, project_for_manager, project_for_member
 from feedback.api.serializers import (
     FORBIDDEN,
     MAX_ID,
@@ -31,7 +29,9 @@ from feedback.api.serializers import (
     StrictPageNumberPagination,
     paginated,
 )
-from feedback.models import Project, TrainingRun
+from feedback.ids import id_from
+from feedback.models import Membership, Project, TrainingRun
+from feedback.selectors.access import project_for_role, project_role_check
 from feedback.services.training_runs import TrainingRunError, training_run_cancel, training_run_start
 
 ACTIVE = (TrainingRun.Status.QUEUED, TrainingRun.Status.RUNNING)
@@ -74,19 +74,21 @@ class TrainingRunOutputSerializer(serializers.Serializer):
 
 def _id(value: str, what: str) -> int:
     """A path id as a number; anything that cannot be one is a 404, like an id that does not exist."""
-    if not (value.isascii() and value.isdigit()) or not 1 <= int(value) <= MAX_ID:
+    number = id_from(value)
+    if number is None:
         raise NotFound(f"No such {what}.")
-    return int(value)
+    return number
 
 
 def _runs() -> Any:
     return TrainingRun.objects.select_related("project", "triggered_by", "produced_version")
 
 
-def _run_for_member(request: Request, run_id: str) -> TrainingRun:
+def _run_for_role(request: Request, run_id: str, *, role: Membership.Role) -> TrainingRun:
     run = _runs().filter(pk=_id(run_id, "training run")).first()
-    if run is None or membership_role(user=request.user, project=run.project) is None:
+    if run is None:
         raise NotFound("No such training run.")
+    project_role_check(user=request.user, project=run.project, role=role, not_found="No such training run.")
     return run
 
 
@@ -110,8 +112,6 @@ RUN_NOT_FOUND = OpenApiResponse(ErrorSerializer, description="No such run (or no
 
 class TrainingRunListApi(APIView):
     """GET lists a project's runs, newest first; POST starts one (managers)."""
-
-    parser_classes = [JSONParser]
 
     class InputSerializer(serializers.Serializer):
         algorithm = serializers.ChoiceField(
@@ -138,7 +138,7 @@ class TrainingRunListApi(APIView):
         },
     )
     def get(self, request: Request, slug: str) -> Response:
-        project = project_for_member(user=request.user, slug=slug)
+        project = project_for_role(user=request.user, slug=slug, role=Membership.Role.ANNOTATOR)
         runs = _runs().filter(project=project).order_by("-created_at", "-id")
         paginator = StrictPageNumberPagination()
         page: list[TrainingRun] | None = paginator.paginate_queryset(runs, request, view=self)
@@ -165,7 +165,7 @@ class TrainingRunListApi(APIView):
         },
     )
     def post(self, request: Request, slug: str) -> Response:
-        project = project_for_manager(user=request.user, slug=slug)
+        project = project_for_role(user=request.user, slug=slug, role=Membership.Role.MANAGER)
         body = self.InputSerializer(data=request.data)
         body.is_valid(raise_exception=True)
         if (active := _has_active_run(project)) is not None:
@@ -193,7 +193,7 @@ class TrainingRunDetailApi(APIView):
         responses={200: TrainingRunOutputSerializer, 401: NOT_AUTHENTICATED, 403: FORBIDDEN, 404: RUN_NOT_FOUND},
     )
     def get(self, request: Request, run_id: str) -> Response:
-        return Response(_run_data(_run_for_member(request, run_id)))
+        return Response(_run_data(_run_for_role(request, run_id, role=Membership.Role.ANNOTATOR)))
 
 
 class TrainingRunCancelApi(APIView):
@@ -213,8 +213,7 @@ class TrainingRunCancelApi(APIView):
         },
     )
     def post(self, request: Request, run_id: str) -> Response:
-        run = _run_for_member(request, run_id)
-        project_for_manager(user=request.user, slug=run.project.slug)
+        run = _run_for_role(request, run_id, role=Membership.Role.MANAGER)
         try:
             training_run_cancel(run=run)
         except TrainingRunError as error:

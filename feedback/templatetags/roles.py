@@ -3,8 +3,8 @@
 from django import template
 from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
 
-from feedback.api.permissions import membership_role
-from feedback.models import Membership, Project
+from feedback.models import Project
+from feedback.selectors.access import user_manages_project
 
 register = template.Library()
 
@@ -12,4 +12,4 @@ register = template.Library()
 @register.filter
 def manages(user: AbstractBaseUser | AnonymousUser, project: Project) -> bool:
     """Whether the user is a manager of the project (staff manage every project)."""
-    return membership_role(user=user, project=project) == Membership.Role.MANAGER
+    return user_manages_project(user=user, project=project)

@@ -14,14 +14,15 @@ from typing import Any
 from django.contrib.auth.decorators import login_required
 from django.contrib.auth.models import User
 from django.core.exceptions import ValidationError
-from django.http import Http404, HttpRequest, HttpResponse
-from django.shortcuts import get_object_or_404, redirect, render
+from django.http import HttpRequest, HttpResponse, HttpResponseBadRequest
+from django.shortcuts import redirect, render
 from django.urls import reverse
 from django.views.decorators.http import require_GET, require_POST
 from django_htmx.middleware import HtmxDetails
 
-from feedback.api.permissions import membership_role
-from feedback.models import Assignment, Project
+from feedback.ids import whole_number
+from feedback.models import Assignment, Membership, Project
+from feedback.selectors.access import project_for_role
 from feedback.selectors.tasks import task_for_assignment, task_progress
 from feedback.services.assignments import assignment_lease_next, assignment_lease_renew, assignment_skip
 from feedback.services.judgements import judgement_submit
@@ -57,13 +58,6 @@ class AnnotatorRequest(HttpRequest):
 
     user: User
     htmx: HtmxDetails
-
-
-def _project_for_annotator(request: AnnotatorRequest, slug: str) -> Project:
-    project = get_object_or_404(Project, slug=slug)
-    if membership_role(user=request.user, project=project) is None:
-        raise Http404("No such project.")
-    return project
 
 
 def _task_context(assignment: Assignment | None) -> dict[str, Any] | None:
@@ -102,7 +96,7 @@ def _page(
 @login_required
 @require_GET
 def annotate(request: AnnotatorRequest, slug: str) -> HttpResponse:
-    project = _project_for_annotator(request, slug)
+    project = project_for_role(user=request.user, slug=slug, role=Membership.Role.ANNOTATOR)
     current = assignment_lease_next(project=project, annotator=request.user)
     return _page(request, project, current=current)
 
@@ -111,13 +105,16 @@ def annotate(request: AnnotatorRequest, slug: str) -> HttpResponse:
 @require_GET
 def annotate_next(request: AnnotatorRequest, slug: str) -> HttpResponse:
     """A task to prefetch, other than the one the page shows (``shown``)."""
-    project = _project_for_annotator(request, slug)
+    project = project_for_role(user=request.user, slug=slug, role=Membership.Role.ANNOTATOR)
     return _prefetched(request, project)
 
 
 def _prefetched(request: AnnotatorRequest, project: Project, *, event: str | None = None) -> HttpResponse:
     source = request.POST if request.method == "POST" else request.GET
-    shown = [int(value) for value in source.getlist("shown") if value.isdigit()]
+    numbers = [whole_number(value) for value in source.getlist("shown")]
+    shown = [number for number in numbers if number is not None]
+    if len(shown) < len(numbers):
+        return HttpResponseBadRequest("shown: expected the ids of the tasks on the page, whole numbers")
     # the page has just put the prefetched task on screen: its lease starts again from now
     assignment_lease_renew(project=project, annotator=request.user, task_ids=shown)
     assignment = assignment_lease_next(project=project, annotator=request.user, exclude_ids=shown)
@@ -151,7 +148,7 @@ def _error_dict(error: ValidationError) -> dict[str, list[str]]:
 @login_required
 @require_POST
 def annotate_submit(request: AnnotatorRequest, slug: str) -> HttpResponse:
-    project = _project_for_annotator(request, slug)
+    project = project_for_role(user=request.user, slug=slug, role=Membership.Role.ANNOTATOR)
     form = JudgementForm(request.POST)
     if not form.is_valid():
         errors = {
@@ -183,7 +180,7 @@ def annotate_submit(request: AnnotatorRequest, slug: str) -> HttpResponse:
 @login_required
 @require_POST
 def annotate_skip(request: AnnotatorRequest, slug: str) -> HttpResponse:
-    project = _project_for_annotator(request, slug)
+    project = project_for_role(user=request.user, slug=slug, role=Membership.Role.ANNOTATOR)
     form = SkipForm(request.POST)
     if not form.is_valid():
         return _rejected(request, project, None, {k: [str(m) for m in v] for k, v in form.errors.items()})

@@ -13,15 +13,14 @@ from urllib.parse import urlencode
 from django import forms
 from django.contrib.auth import get_user_model
 from django.contrib.auth.decorators import login_required
-from django.core.exceptions import PermissionDenied
-from django.http import Http404, HttpRequest, HttpResponse
+from django.http import HttpRequest, HttpResponse
 from django.shortcuts import redirect, render
 from django.urls import reverse
 from django.utils import timezone
 from django.views.decorators.http import require_http_methods
 
-from feedback.api.permissions import membership_role
 from feedback.models import Membership, ModelVersion, Project
+from feedback.selectors.access import project_for_role
 from feedback.selectors.preferences import FORMATS, PAIR_MODES, PreferenceExportOptions
 from feedback.services.exports import export_job_get, export_job_start
 
@@ -101,18 +100,6 @@ class ExportForm(forms.Form):
         return urlencode(params)
 
 
-def _managed_project(request: HttpRequest, slug: str) -> Project:
-    project = Project.objects.filter(slug=slug).first()
-    if project is None:
-        raise Http404("No such project.")
-    role = membership_role(user=request.user, project=project)
-    if role is None:
-        raise Http404("No such project.")
-    if role != Membership.Role.MANAGER:
-        raise PermissionDenied("Only the project's managers may export it.")
-    return project
-
-
 ACTIONS = ("link", "parquet", "jsonl")
 
 
@@ -120,7 +107,7 @@ ACTIONS = ("link", "parquet", "jsonl")
 @require_http_methods(["GET", "POST"])
 def export_page(request: HttpRequest, slug: str) -> HttpResponse:
     """GET shows the options (and a file job's status); POST makes a download link or starts a file job."""
-    project = _managed_project(request, slug)
+    project = project_for_role(user=request.user, slug=slug, role=Membership.Role.MANAGER)
     form = ExportForm(request.POST if request.method == "POST" else None, project=project)
     action = request.POST.get("action")
     context: dict[str, Any] = {"project": project, "form": form, "download_url": None, "job": None}

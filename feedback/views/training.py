@@ -18,15 +18,15 @@ from django import forms
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.contrib.auth.models import User
-from django.core.exceptions import PermissionDenied
-from django.http import Http404, HttpRequest, HttpResponse, HttpResponseBadRequest
+from django.http import HttpRequest, HttpResponse, HttpResponseBadRequest
 from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 from django_htmx.middleware import HtmxDetails
 
-from feedback.api.permissions import membership_role
+from feedback.ids import whole_number
 from feedback.models import Membership, ModelVersion, Project, TrainingRun
+from feedback.selectors.access import project_for_role, user_manages_project
 from feedback.services.model_versions import model_version_promote
 from feedback.services.training_runs import (
     TrainingRunError,
@@ -80,26 +80,6 @@ class TrainingSettingsForm(forms.ModelForm):
         return cleaned
 
 
-def _role(request: TrainingRequest, project: Project) -> str:
-    role = membership_role(user=request.user, project=project)
-    if role is None:
-        raise Http404("No such project.")
-    return role
-
-
-def _project_for_member(request: TrainingRequest, slug: str) -> tuple[Project, bool]:
-    """The project and whether the user manages it; 404 for non-members."""
-    project = get_object_or_404(Project, slug=slug)
-    return project, _role(request, project) == Membership.Role.MANAGER
-
-
-def _project_for_manager(request: TrainingRequest, slug: str) -> Project:
-    project, manages = _project_for_member(request, slug)
-    if not manages:
-        raise PermissionDenied("Only the project's managers may do this.")
-    return project
-
-
 def _duration(run: TrainingRun) -> float | None:
     if run.started_at is None:
         return None
@@ -150,11 +130,9 @@ def _page_context(
     """Everything the page shows; `selected` is the id of the run in the panel (default: the newest)."""
     runs = list(project.training_runs.select_related("triggered_by", "produced_version").order_by("-created_at")[:50])
     run = None
-    if selected.isdigit():
-        run = (
-            next((r for r in runs if r.pk == int(selected)), None)
-            or project.training_runs.filter(pk=int(selected)).first()
-        )
+    if (selected_id := whole_number(selected)) is not None:
+        listed = next((r for r in runs if r.pk == selected_id), None)
+        run = listed or project.training_runs.filter(pk=selected_id).first()
     if run is None and runs:
         run = runs[0]
     return {
@@ -168,6 +146,14 @@ def _page_context(
         "settings_form": settings_form or TrainingSettingsForm(instance=project),
         **_run_context(run),
     }
+
+
+def _bad_run_parameter(request: TrainingRequest) -> HttpResponse | None:
+    """A 400 when `?run=` names no run id (empty means the newest)."""
+    run = request.GET.get("run", "")
+    if run and whole_number(run) is None:
+        return HttpResponseBadRequest("run: expected the id of a run, a whole number")
+    return None
 
 
 def _page_url(project: Project, run: TrainingRun | None = None) -> str:
@@ -188,7 +174,10 @@ def _after_action(request: TrainingRequest, project: Project, run: TrainingRun |
 @login_required
 @require_GET
 def training_page(request: TrainingRequest, slug: str) -> HttpResponse:
-    project, manages = _project_for_member(request, slug)
+    project = project_for_role(user=request.user, slug=slug, role=Membership.Role.ANNOTATOR)
+    manages = user_manages_project(user=request.user, project=project)
+    if (bad := _bad_run_parameter(request)) is not None:
+        return bad
     return render(request, "training.html", _page_context(project, manages, selected=request.GET.get("run", "")))
 
 
@@ -196,7 +185,10 @@ def training_page(request: TrainingRequest, slug: str) -> HttpResponse:
 @require_GET
 def training_history(request: TrainingRequest, slug: str) -> HttpResponse:
     """The runs and versions tables, refreshed when a run ends."""
-    project, manages = _project_for_member(request, slug)
+    project = project_for_role(user=request.user, slug=slug, role=Membership.Role.ANNOTATOR)
+    manages = user_manages_project(user=request.user, project=project)
+    if (bad := _bad_run_parameter(request)) is not None:
+        return bad
     context = _page_context(project, manages, selected=request.GET.get("run", ""))
     return render(request, "training.html#history", context)
 
@@ -205,11 +197,12 @@ def training_history(request: TrainingRequest, slug: str) -> HttpResponse:
 @require_GET
 def training_watch(request: TrainingRequest, slug: str) -> HttpResponse:
     """Polled while no run goes: the runs part of the page once a run newer than `after` exists, else 204."""
-    project, manages = _project_for_member(request, slug)
-    after = request.GET.get("after", "")
-    if not after.isdigit():
+    project = project_for_role(user=request.user, slug=slug, role=Membership.Role.ANNOTATOR)
+    manages = user_manages_project(user=request.user, project=project)
+    after = whole_number(request.GET.get("after", ""))
+    if after is None:
         return HttpResponseBadRequest("after: expected the id of the newest run shown, a whole number")
-    if not project.training_runs.filter(pk__gt=int(after)).exists():
+    if not project.training_runs.filter(pk__gt=after).exists():
         return HttpResponse(status=204)
     return render(request, "training.html#runs", _page_context(project, manages))
 
@@ -218,7 +211,8 @@ def training_watch(request: TrainingRequest, slug: str) -> HttpResponse:
 @require_GET
 def training_run_live(request: TrainingRequest, slug: str, run_id: int) -> HttpResponse:
     """A run's live panel (progress, status, error, metrics for the charts); polled while the run goes."""
-    project, manages = _project_for_member(request, slug)
+    project = project_for_role(user=request.user, slug=slug, role=Membership.Role.ANNOTATOR)
+    manages = user_manages_project(user=request.user, project=project)
     run = get_object_or_404(TrainingRun, pk=run_id, project=project)
     context = {"project": project, "manages": manages, **_run_context(run)}
     response = render(request, "training.html#run_live", context)
@@ -230,7 +224,7 @@ def training_run_live(request: TrainingRequest, slug: str, run_id: int) -> HttpR
 @login_required
 @require_POST
 def training_retrain(request: TrainingRequest, slug: str) -> HttpResponse:
-    project = _project_for_manager(request, slug)
+    project = project_for_role(user=request.user, slug=slug, role=Membership.Role.MANAGER)
     form = RetrainForm(request.POST)
     if not form.is_valid():
         messages.error(request, f"Could not start a run: {form.errors.as_text()}")
@@ -252,7 +246,7 @@ def training_retrain(request: TrainingRequest, slug: str) -> HttpResponse:
 @login_required
 @require_POST
 def training_run_cancel_view(request: TrainingRequest, slug: str, run_id: int) -> HttpResponse:
-    project = _project_for_manager(request, slug)
+    project = project_for_role(user=request.user, slug=slug, role=Membership.Role.MANAGER)
     run = get_object_or_404(TrainingRun, pk=run_id, project=project)
     try:
         run = training_run_cancel(run=run)
@@ -269,7 +263,7 @@ def training_run_cancel_view(request: TrainingRequest, slug: str, run_id: int) -
 @login_required
 @require_POST
 def training_version_promote(request: TrainingRequest, slug: str, version_id: int) -> HttpResponse:
-    project = _project_for_manager(request, slug)
+    project = project_for_role(user=request.user, slug=slug, role=Membership.Role.MANAGER)
     version = get_object_or_404(ModelVersion, pk=version_id, project=project)
     version = model_version_promote(version=version)
     messages.success(request, f"{version.name} is now the active version; it writes the next completions.")
@@ -279,7 +273,7 @@ def training_version_promote(request: TrainingRequest, slug: str, version_id: in
 @login_required
 @require_http_methods(["POST"])
 def training_settings(request: TrainingRequest, slug: str) -> HttpResponse:
-    project = _project_for_manager(request, slug)
+    project = project_for_role(user=request.user, slug=slug, role=Membership.Role.MANAGER)
     form = TrainingSettingsForm(request.POST, instance=project)
     if not form.is_valid():
         messages.error(request, "The training settings were not saved; see the errors below.")

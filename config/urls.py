@@ -4,10 +4,14 @@ from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView
 
 from feedback.api.docs import api_docs
+from feedback.views.auth import AdminLoginForm, login
+
+# The admin's login counts failed attempts like the site's.
+admin.site.login_form = AdminLoginForm
 
 urlpatterns = [
     path("admin/", admin.site.urls),
-    path("login/", auth_views.LoginView.as_view(), name="login"),
+    path("login/", login, name="login"),
     path("logout/", auth_views.LogoutView.as_view(), name="logout"),
     path("api/v1/", include("feedback.api.urls")),
     path("api/schema/", SpectacularAPIView.as_view(), name="api-schema"),

@@ -63,8 +63,8 @@ def client_for(user) -> APIClient:
     return client
 
 
-READ = {"anonymous": 403, "annotator": 200, "outsider": 404, "manager": 200, "staff": 200}
-MANAGE = {"anonymous": 403, "annotator": 403, "outsider": 404, "manager": 200, "staff": 200}
+READ = {"anonymous": 401, "annotator": 200, "outsider": 404, "manager": 200, "staff": 200}
+MANAGE = {"anonymous": 401, "annotator": 403, "outsider": 404, "manager": 200, "staff": 200}
 
 
 @pytest.mark.parametrize("who", list(READ))
@@ -87,7 +87,7 @@ def test_read_permissions(world, who, url, expected):
 def test_project_list_shows_only_your_projects(world, who):
     response = client_for(world["users"][who]).get("/api/v1/projects/")
     if who == "anonymous":
-        assert response.status_code == 403
+        assert response.status_code == 401 and response["WWW-Authenticate"] == "Token"
         return
     slugs = {p["slug"]: p["role"] for p in response.json()["results"]}
     expected = {
@@ -103,7 +103,7 @@ def test_project_list_shows_only_your_projects(world, who):
 def test_prompt_import_permissions(world, who):
     body = {"records": [{"prompt": "Fresh question?", "completions": ["One.", "Two."]}]}
     response = client_for(world["users"][who]).post("/api/v1/projects/alpha/prompts/", body, format="json")
-    expected = {"anonymous": 403, "annotator": 403, "outsider": 404, "manager": 201, "staff": 201}[who]
+    expected = {"anonymous": 401, "annotator": 403, "outsider": 404, "manager": 201, "staff": 201}[who]
     assert response.status_code == expected
     imported = Prompt.objects.filter(messages__0__content="Fresh question?").count()
     assert imported == (1 if expected == 201 else 0)
@@ -280,7 +280,9 @@ def test_token_auth_works(world):
     token = Token.objects.create(user=world["users"]["annotator"])
     client = APIClient()
     assert client.get("/api/v1/projects/alpha/", HTTP_AUTHORIZATION=f"Token {token.key}").status_code == 200
-    assert client.get("/api/v1/projects/alpha/", HTTP_AUTHORIZATION="Token wrong").status_code in (401, 403)
+    refused = client.get("/api/v1/projects/alpha/", HTTP_AUTHORIZATION="Token wrong")
+    assert refused.status_code == 401 and refused["WWW-Authenticate"] == "Token"
+    assert refused.json() == {"detail": "Invalid token."}
 
 
 def test_api_docs_page_uses_local_assets_and_no_inline_script(client):

@@ -57,7 +57,7 @@ def manager_api(users):
 
 # who: (list, start, read a run, cancel a run)
 MATRIX = {
-    "anonymous": (403, 403, 403, 403),
+    "anonymous": (401, 401, 401, 401),
     "annotator": (200, 403, 200, 403),
     "other annotator": (404, 404, 404, 404),
     "other manager": (404, 404, 404, 404),

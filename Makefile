@@ -4,8 +4,10 @@ VENV := .venv
 PY := $(VENV)/bin/python
 HOST ?= 127.0.0.1
 PORT ?= 8000
+WORKERS ?= 2
+NEW_SECRET = $$($(PYTHON) -c 'import secrets; print(secrets.token_urlsafe(50))')
 
-.PHONY: run test setup lint
+.PHONY: run serve test setup lint
 
 # The CPU build of torch goes in first so that installing the project never pulls a CUDA build.
 $(VENV)/.installed: pyproject.toml
@@ -15,12 +17,14 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $@
 
+setup: $(VENV)/.installed
+
+# Only `make run` writes this, for local development; `make serve` and `make test` never read it.
 .env:
-	printf 'DEBUG=1\nSECRET_KEY=%s\n' "$$($(PYTHON) -c 'import secrets; print(secrets.token_urlsafe(50))')" > $@
+	printf 'DEBUG=1\nSECRET_KEY=%s\n' "$(NEW_SECRET)" > $@
+	@echo "Wrote .env for local development (DEBUG=1 and a new SECRET_KEY). Delete it before running this checkout in production."
 
-setup: $(VENV)/.installed .env
-
-run: setup
+run: setup .env
 	$(PY) manage.py migrate --noinput
 	$(PY) manage.py fetch_default_model
 	$(PY) manage.py seed_demo
@@ -29,9 +33,26 @@ run: setup
 	trap 'kill $$worker 2>/dev/null; sleep 2; kill -9 $$worker 2>/dev/null' INT TERM EXIT; \
 	$(PY) manage.py runserver $(HOST):$(PORT)
 
+# Production: settings from the environment only (DEBUG off, no .env), then gunicorn and the worker.
+serve: export DEBUG = 0
+serve: export RANKWISE_ENV_FILE = /dev/null
+serve: setup
+	@test -n "$$SECRET_KEY" || { echo "make serve: SECRET_KEY is not set; export a long random one, e.g. SECRET_KEY=$(NEW_SECRET)" >&2; exit 2; }
+	@test -n "$$ALLOWED_HOSTS" || { echo "make serve: ALLOWED_HOSTS is not set; export the host names this site answers to, e.g. ALLOWED_HOSTS=rankwise.example.com" >&2; exit 2; }
+	$(PY) manage.py migrate --noinput
+	$(PY) manage.py collectstatic --noinput
+	$(PY) manage.py check --deploy --fail-level ERROR
+	@echo "Rankwise is serving on $(HOST):$(PORT) with $(WORKERS) gunicorn workers (Ctrl-C stops them and the worker)"
+	@$(PY) manage.py run_huey --flush-locks & worker=$$!; \
+	trap 'kill $$worker 2>/dev/null; sleep 2; kill -9 $$worker 2>/dev/null' INT TERM EXIT; \
+	$(VENV)/bin/gunicorn config.wsgi --bind $(HOST):$(PORT) --workers $(WORKERS)
+
+# The suite's settings come from here, never from a .env: a throwaway key, and DEBUG for plain static files.
+test: export DEBUG = 1
+test: export RANKWISE_ENV_FILE = /dev/null
 test: setup
-	$(PY) manage.py fetch_default_model
-	$(PY) -m pytest
+	SECRET_KEY=$(NEW_SECRET) $(PY) manage.py fetch_default_model
+	SECRET_KEY=$(NEW_SECRET) $(PY) -m pytest
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -22,3 +22,7 @@ class Command(BaseCommand):
         self.stdout.write(("Seeded" if seed.created else "Found") + f" the demo project '{project.slug}'. Logins:")
         for name, password in seed.credentials.items():
             self.stdout.write(f"  {name:<6} {password}")
+        for name in seed.existing_users:
+            self.stdout.write(
+                f"  {name:<6} is an account that existed before the demo: left as it is, with no demo password."
+            )

@@ -16,7 +16,7 @@ from rest_framework.response import Response
 from rest_framework.throttling import ScopedRateThrottle
 from rest_framework.views import APIView
 
-from feedback.api.serializers import FORBIDDEN, NOT_AUTHENTICATED, NOT_FOUND, THROTTLED, VALIDATION_ERROR
+from feedback.api.serializers import CSRF_FAILED, NOT_AUTHENTICATED, NOT_FOUND, THROTTLED, VALIDATION_ERROR
 from feedback.models import Membership, PairwiseJudgement, Project
 from feedback.selectors.access import project_for_role
 from feedback.selectors.tasks import task_for_assignment
@@ -64,7 +64,6 @@ class NextTaskApi(APIView):
             200: OutputSerializer,
             204: OpenApiResponse(description="Nothing is left for you in this project."),
             401: NOT_AUTHENTICATED,
-            403: FORBIDDEN,
             404: NOT_FOUND,
         },
     )
@@ -129,7 +128,7 @@ class JudgementSubmitApi(APIView):
             200: OpenApiResponse(OutputSerializer, description="A repeated client_uuid: the first judgement."),
             400: VALIDATION_ERROR,
             401: NOT_AUTHENTICATED,
-            403: FORBIDDEN,
+            403: CSRF_FAILED,
             404: NOT_FOUND,
             429: THROTTLED,
         },

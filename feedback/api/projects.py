@@ -93,7 +93,6 @@ class ProjectListApi(APIView):
         responses={
             200: paginated(OutputSerializer(many=True), name="PaginatedProjectList"),
             401: NOT_AUTHENTICATED,
-            403: FORBIDDEN,
             404: OpenApiResponse(ErrorSerializer, description="No such page."),
         },
     )

@@ -62,12 +62,24 @@ def paginated(item: serializers.Serializer, *, name: str) -> serializers.Seriali
 VALIDATION_ERROR = OpenApiResponse(
     OpenApiTypes.OBJECT, description="Invalid input: each field names its problems ({field: [message, ...]})."
 )
-NOT_AUTHENTICATED = OpenApiResponse(ErrorSerializer, description="Not authenticated.")
-FORBIDDEN = OpenApiResponse(ErrorSerializer, description="Not logged in, or the role in this project is too low.")
+NOT_AUTHENTICATED = OpenApiResponse(
+    ErrorSerializer,
+    description="No credentials, or a wrong token (the answer carries `WWW-Authenticate: Token`); send "
+    "`Authorization: Token <key>` or sign in.",
+)
+FORBIDDEN = OpenApiResponse(
+    ErrorSerializer,
+    description="Your role in this project is too low (managers only), or a signed-in session sent a write "
+    "without its CSRF token.",
+)
+CSRF_FAILED = OpenApiResponse(
+    ErrorSerializer, description="A signed-in session sent this write without its CSRF token (token callers never)."
+)
 NOT_FOUND = OpenApiResponse(ErrorSerializer, description="No such project (or not one of yours), or no such page.")
 THROTTLED = OpenApiResponse(ErrorSerializer, description="Too many requests; retry after the Retry-After header.")
 
-READ_ERRORS = {401: NOT_AUTHENTICATED, 403: FORBIDDEN, 404: NOT_FOUND}
+# What any member may read: only callers who are not signed in (401) and non-members (404) are refused.
+READ_ERRORS = {401: NOT_AUTHENTICATED, 404: NOT_FOUND}
 
 
 def query_data(request: Request, *, lists: tuple[str, ...] = ()) -> dict[str, Any]:

@@ -190,7 +190,7 @@ class TrainingRunDetailApi(APIView):
         operation_id="training_runs_retrieve",
         summary="One training run: status, progress, metrics, config and error",
         parameters=[RUN_ID_PARAMETER],
-        responses={200: TrainingRunOutputSerializer, 401: NOT_AUTHENTICATED, 403: FORBIDDEN, 404: RUN_NOT_FOUND},
+        responses={200: TrainingRunOutputSerializer, 401: NOT_AUTHENTICATED, 404: RUN_NOT_FOUND},
     )
     def get(self, request: Request, run_id: str) -> Response:
         return Response(_run_data(_run_for_role(request, run_id, role=Membership.Role.ANNOTATOR)))

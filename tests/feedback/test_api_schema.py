@@ -59,7 +59,8 @@ def test_schema_is_valid_openapi_and_documents_every_operation():
     for path, operations in SCHEMA["paths"].items():
         for method, operation in operations.items():
             assert operation["responses"], f"{method} {path} documents no responses"
-            assert {"401", "403"} <= set(operation["responses"]), f"{method} {path}: auth errors undocumented"
+            assert "401" in operation["responses"], f"{method} {path}: the anonymous caller's 401 is undocumented"
+    # Which operations answer 403 and 404, and to whom, is checked against the API in test_permission_matrix.py.
 
 
 @pytest.fixture

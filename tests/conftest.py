@@ -21,6 +21,13 @@ def _data_dir(settings, tmp_path: Path) -> Path:
 
 
 @pytest.fixture(autouse=True)
+def _own_cache(settings, tmp_path: Path) -> None:
+    """Every test counts rate limits and failed logins in a cache of its own (files, as in production)."""
+    backend = "django.core.cache.backends.filebased.FileBasedCache"
+    settings.CACHES = {"default": {"BACKEND": backend, "LOCATION": str(tmp_path / "cache")}}
+
+
+@pytest.fixture(autouse=True)
 def _fast_password_hashing(settings) -> None:
     settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 

@@ -45,7 +45,8 @@ def login_lock_check(*, username: str, address: str) -> None:
     if until is not None and until > time.time():
         minutes = max(1, round((until - time.time()) / 60))
         raise ValidationError(
-            f"Too many failed logins for this account from your address. Try again in {minutes} minutes.",
+            f"Too many failed logins for this account from your address. Try again in {minutes} "
+            f"minute{'' if minutes == 1 else 's'}.",
             code="locked",
         )
 

@@ -20,7 +20,7 @@ from django.urls import reverse
 from django.views.decorators.http import require_GET, require_POST
 from django_htmx.middleware import HtmxDetails
 
-from feedback.ids import whole_number
+from feedback.ids import id_from
 from feedback.models import Assignment, Membership, Project
 from feedback.selectors.access import project_for_role
 from feedback.selectors.tasks import task_for_assignment, task_progress
@@ -111,7 +111,7 @@ def annotate_next(request: AnnotatorRequest, slug: str) -> HttpResponse:
 
 def _prefetched(request: AnnotatorRequest, project: Project, *, event: str | None = None) -> HttpResponse:
     source = request.POST if request.method == "POST" else request.GET
-    numbers = [whole_number(value) for value in source.getlist("shown")]
+    numbers = [id_from(value) for value in source.getlist("shown")]
     shown = [number for number in numbers if number is not None]
     if len(shown) < len(numbers):
         return HttpResponseBadRequest("shown: expected the ids of the tasks on the page, whole numbers")

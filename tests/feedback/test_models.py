@@ -4,6 +4,7 @@ import pytest
 from django.db import IntegrityError, transaction
 
 from feedback.models import Project, TrainingRun
+from tests.conftest import PASSWORD
 from tests.factories import (
     AssignmentFactory,
     CompletionFactory,
@@ -97,4 +98,9 @@ def test_unique_external_ids_per_project_but_blank_ones_repeat():
     with pytest.raises(IntegrityError), transaction.atomic():
         PromptFactory(project=project, external_id="q-1")
     PromptFactory(external_id="q-1")
-    assert UserFactory()  # factories give a usable user
+
+
+def test_a_factory_user_can_log_in_with_the_factory_password(client):
+    user = UserFactory()
+    assert client.login(username=user.username, password=PASSWORD) is True
+    assert client.get("/").status_code == 200

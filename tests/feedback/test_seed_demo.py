@@ -1,4 +1,6 @@
 import json
+import os
+import stat
 
 import pytest
 from django.contrib.auth import authenticate
@@ -6,6 +8,9 @@ from django.core.management import call_command
 
 from feedback.management.commands import seed_demo
 from feedback.models import Membership, Project
+from feedback.services import demo
+from tests.conftest import PASSWORD
+from tests.factories import UserFactory
 
 pytestmark = pytest.mark.django_db
 
@@ -36,3 +41,42 @@ def test_the_demo_is_seeded_once_with_logins_that_work(settings, monkeypatch, ca
     assert Project.objects.count() == 1 and project.prompts.count() == 62
     assert "Found the demo project" in capsys.readouterr().out
     assert authenticate(username="alice", password=credentials["alice"]) is not None
+
+
+def test_an_existing_account_with_a_demo_name_is_left_as_it_is(settings, monkeypatch, capsys):
+    monkeypatch.setattr(seed_demo, "generate_completions_task", lambda project_id: None)
+    alice = UserFactory(username="alice", is_staff=True)
+    password_hash = alice.password
+    call_command("seed_demo")
+    out = capsys.readouterr().out
+
+    alice.refresh_from_db()
+    assert (alice.password, alice.is_staff, alice.is_superuser) == (password_hash, True, False)
+    assert authenticate(username="alice", password=PASSWORD) == alice
+    assert not Membership.objects.filter(user=alice).exists()
+    credentials = json.loads((settings.DATA_DIR / "demo-credentials.json").read_text())
+    assert set(credentials) == {"admin", "bob"}
+    assert "alice  is an account that existed before the demo: left as it is, with no demo password." in out
+    assert authenticate(username="bob", password=credentials["bob"]) is not None
+
+
+def test_the_credentials_file_is_private_from_its_first_byte(settings, monkeypatch):
+    monkeypatch.setattr(seed_demo, "generate_completions_task", lambda project_id: None)
+    path = settings.DATA_DIR / "demo-credentials.json"
+    path.write_text("{}")
+    path.chmod(0o644)  # an earlier, readable file is replaced, not reused
+    modes_while_written = []
+    real_dump = demo.json.dump
+
+    def dump(data, file):
+        modes_while_written.append(stat.S_IMODE(os.fstat(file.fileno()).st_mode))
+        real_dump(data, file)
+
+    monkeypatch.setattr(demo.json, "dump", dump)
+    previous = os.umask(0)
+    try:
+        demo.demo_seed()
+    finally:
+        os.umask(previous)
+    assert modes_while_written == [0o600]
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600

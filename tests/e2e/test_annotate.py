@@ -166,8 +166,16 @@ def test_enter_without_a_choice_submits_nothing_and_a_narrow_screen_stacks_the_p
     project = make_project(mode="pairwise", prompts=1, k=2)
     log_in(page, live_server, project)
     task = shown_task_id(page)
+    posts = []
+    page.on("request", lambda request: posts.append(request.url) if request.method == "POST" else None)
+    page.evaluate(
+        """() => document.querySelector("#current input[name=choice]")
+            .addEventListener("invalid", () => { window.choiceMissing = true; })"""
+    )
     page.keyboard.press("Enter")
-    page.wait_for_timeout(300)
+    # Instead of posting, the page asks for a choice (the radio's validity check) and stops there.
+    page.wait_for_function("() => window.choiceMissing === true")
+    assert posts == []
     assert shown_task_id(page) == task and not PairwiseJudgement.objects.exists()
     page.set_viewport_size({"width": 420, "height": 900})
     a, b = page.locator("#current .completion").all()
@@ -214,8 +222,15 @@ def test_hostile_completions_are_shown_as_text_and_run_nothing(live_server, page
     dialogs, requests = [], []
     page.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.dismiss()))
     page.on("request", lambda request: requests.append(request.url))
+    page.add_init_script(
+        "window.violations = []; document.addEventListener('securitypolicyviolation',"
+        " (event) => window.violations.push(event.effectiveDirective));"
+    )
     log_in(page, live_server, project)
-    page.wait_for_timeout(500)
+    # What happens instead of the smuggled script and handler running: the CSP refuses each of them. By then
+    # the page has loaded (the broken image's error comes after htmx has processed the page).
+    page.wait_for_function("() => window.violations.length >= 2")
+    assert sorted(set(page.evaluate("window.violations"))) == ["script-src-attr", "script-src-elem"]
 
     body = page.locator("#current")
     expect(body).to_contain_text("<script>window.pwned = 1; alert('script')</script>")

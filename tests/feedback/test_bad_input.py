@@ -102,3 +102,19 @@ def test_huge_numbers_in_pages_are_no_such_thing(member_client, url, status):
 def test_huge_ids_in_api_urls_are_a_404(world, url):
     response = world["client"].post(url, {}, format="json")
     assert response.status_code == 404
+
+
+@pytest.mark.parametrize(
+    ("url", "status", "field"),
+    [
+        (f"/api/v1/projects/alpha/completions/?prompt={HUGE}", 400, "prompt"),
+        (f"/api/v1/projects/alpha/completions/?model_version={HUGE}", 400, "model_version"),
+        (f"/api/v1/projects/alpha/export/?annotators={HUGE}", 400, "annotators"),
+        (f"/api/v1/projects/alpha/prompts/?page={HUGE}", 404, "detail"),
+        (f"/api/v1/training-runs/{HUGE}/", 404, "detail"),
+        ("/api/v1/projects/alpha/prompts/?page=²", 404, "detail"),
+    ],
+)
+def test_huge_numbers_in_api_queries_are_refused_by_name(world, url, status, field):
+    response = world["client"].get(url)
+    assert response.status_code == status and field in response.json()

@@ -25,7 +25,7 @@ MODEL_VERSIONS_DIR = DATA_DIR / "versions"
 EXPORTS_DIR = DATA_DIR / "exports"
 # Processes that share a large JSONL export (feedback.services.exports.export_jsonl): one per core, at most four.
 _export_workers = env.str("RANKWISE_EXPORT_WORKERS", default=str(min(4, len(os.sched_getaffinity(0)))))
-if not _export_workers.isdigit() or int(_export_workers) < 1:
+if not (_export_workers.isascii() and _export_workers.isdigit()) or int(_export_workers) < 1:
     raise ImproperlyConfigured(f"RANKWISE_EXPORT_WORKERS must be a whole number of at least 1, not {_export_workers!r}")
 EXPORT_WORKERS = int(_export_workers)
 REFERENCE_CACHE_DIR = DATA_DIR / "reference-cache"

@@ -151,3 +151,18 @@ def test_a_debug_env_file_is_only_written_by_make_run(tmp_path):
     writes_env = "> .env"
     assert writes_env in plans["run"]
     assert writes_env not in plans["test"] and writes_env not in plans["serve"]
+
+
+def test_export_workers_default_to_the_cores_and_a_wrong_value_is_named(tmp_path):
+    show = (
+        "import django, os; os.environ['DJANGO_SETTINGS_MODULE']='config.settings'; "
+        "from django.conf import settings; print(settings.EXPORT_WORKERS)"
+    )
+    base = {"SECRET_KEY": LONG_SECRET, "RANKWISE_DATA_DIR": str(tmp_path)}
+    default = run_python(show, **base)
+    assert default.stdout.strip() == str(min(4, len(os.sched_getaffinity(0))))
+    assert run_python(show, **base, RANKWISE_EXPORT_WORKERS="3").stdout.strip() == "3"
+    for wrong in ("0", "two", "-1", "²"):
+        done = run_python(show, **base, RANKWISE_EXPORT_WORKERS=wrong)
+        assert done.returncode != 0
+        assert f"RANKWISE_EXPORT_WORKERS must be a whole number of at least 1, not {wrong!r}" in done.stderr

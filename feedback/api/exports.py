@@ -20,13 +20,13 @@ from rest_framework.views import APIView
 
 from feedback.api.serializers import (
     FORBIDDEN,
-    MAX_ID,
     NOT_AUTHENTICATED,
     READ_ERRORS,
     VALIDATION_ERROR,
     ErrorSerializer,
     query_data,
 )
+from feedback.ids import MAX_ID
 from feedback.models import Membership, Project
 from feedback.selectors.access import project_for_role, project_role_check
 from feedback.selectors.preferences import (

@@ -19,7 +19,6 @@ from rest_framework.views import APIView
 
 from feedback.api.serializers import (
     FORBIDDEN,
-    MAX_ID,
     NOT_AUTHENTICATED,
     NOT_FOUND,
     PAGE_PARAMETER,
@@ -32,7 +31,7 @@ from feedback.api.serializers import (
     paginated,
     query_data,
 )
-from feedback.ids import id_from
+from feedback.ids import MAX_ID, id_from
 from feedback.models import Completion, Membership, ModelVersion, Project, Prompt
 from feedback.selectors.access import membership_role, project_for_role, project_role_check
 from feedback.selectors.projects import project_list_for_user

@@ -11,9 +11,7 @@ from rest_framework.exceptions import NotFound
 from rest_framework.pagination import PageNumberPagination
 from rest_framework.request import Request
 
-from feedback.ids import MAX_ID, whole_number
-
-__all__ = ["MAX_ID"]  # the serializers' bound for ids, shared with the pages
+from feedback.ids import whole_number
 
 PAGE_PARAMETER = OpenApiParameter(
     "page", {"type": "integer", "minimum": 1}, OpenApiParameter.QUERY, description="1-based page number (50 a page)."

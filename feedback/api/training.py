@@ -20,7 +20,6 @@ from rest_framework.views import APIView
 
 from feedback.api.serializers import (
     FORBIDDEN,
-    MAX_ID,
     NOT_AUTHENTICATED,
     NOT_FOUND,
     PAGE_PARAMETER,
@@ -29,7 +28,7 @@ from feedback.api.serializers import (
     StrictPageNumberPagination,
     paginated,
 )
-from feedback.ids import id_from
+from feedback.ids import MAX_ID, id_from
 from feedback.models import Membership, Project, TrainingRun
 from feedback.selectors.access import project_for_role, project_role_check
 from feedback.services.training_runs import TrainingRunError, training_run_cancel, training_run_start

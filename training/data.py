@@ -19,8 +19,8 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -192,7 +192,6 @@ class TokenizedData:
     dropped_long_prompt: int = 0  # prompt alone longer than max_prompt_length
     dropped_equal_rewards: int = 0  # groups with nothing to learn from (all rewards equal)
     truncated: int = 0  # examples with at least one completion cut to fit max_length
-    notes: list[str] = field(default_factory=list)
 
 
 def encode_prompt(tokenizer: PreTrainedTokenizerBase, messages: Messages) -> list[int]:
@@ -374,8 +373,3 @@ def sequence_key(prompt_ids: list[int], completion_ids: list[int]) -> str:
     h.update(b"|")
     h.update(torch.tensor(completion_ids, dtype=torch.int64).numpy().tobytes())
     return h.hexdigest()
-
-
-def iter_chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]

@@ -1,4 +1,7 @@
-"""Load base models (HF directory, hub id, GGUF), attach LoRA, write atomic checkpoints.
+"""Load base models (an HF directory or hub id), convert a GGUF file once, attach LoRA, write atomic checkpoints.
+
+``load_model`` reads safetensors model directories only; a GGUF file is turned into one by
+``convert_gguf`` (``fetch_default_model`` does this once for the default model).
 
 Every model directory this module writes is built under a temporary name next to its
 final place and renamed when complete, so a crash or a cancelled run never leaves a

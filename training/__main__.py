@@ -4,45 +4,24 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from training.config import DPOConfig, GRPOConfig, TrainConfig, add_config_arguments, config_options
 from training.data import DataFormatError, read_records, split_by_prompt
-from training.dpo import DPOConfig, train_dpo
-from training.grpo import GRPOConfig, train_grpo
-from training.losses import DPO_LOSS_TYPES, GRPO_LOSS_TYPES
+from training.dpo import train_dpo
+from training.grpo import train_grpo
 from training.models import ModelLoadError
 
-# (flag, config field, type, help) shared by both algorithms.
-COMMON_OPTIONS: list[tuple[str, str, type, str]] = [
-    ("--epochs", "epochs", int, "passes over the training data"),
-    ("--lr", "learning_rate", float, "peak AdamW learning rate"),
-    ("--weight-decay", "weight_decay", float, "AdamW decoupled weight decay"),
-    ("--warmup-ratio", "warmup_ratio", float, "share of steps with a linear learning-rate warmup"),
-    ("--batch-size", "batch_size", int, "examples per forward pass (DPO: pairs, GRPO: groups)"),
-    ("--grad-accum", "gradient_accumulation", int, "forward passes per optimizer step"),
-    ("--max-grad-norm", "max_grad_norm", float, "gradient clipping by global norm; 0 disables"),
-    ("--max-length", "max_length", int, "prompt + completion tokens; completions are cut to fit"),
-    ("--max-prompt-length", "max_prompt_length", int, "examples whose prompt alone is longer are dropped"),
-    ("--lora-r", "lora_r", int, "LoRA rank"),
-    ("--lora-alpha", "lora_alpha", int, "LoRA scaling numerator (updates scaled by alpha / r)"),
-    ("--lora-dropout", "lora_dropout", float, "dropout on the LoRA input"),
-    ("--eval-batch-size", "eval_batch_size", int, "pairs per forward pass for the reference and evaluation"),
-    ("--save-every", "save_every", int, "optimizer steps between resumable checkpoints; 0 disables"),
-    ("--seed", "seed", int, "seed for batch order and adapter initialisation"),
-]
-DPO_OPTIONS: list[tuple[str, str, type, str]] = [
-    ("--beta", "beta", float, "DPO β: strength of the implicit KL constraint to the reference"),
-    ("--label-smoothing", "label_smoothing", float, "assumed share of flipped labels (sigmoid and robust losses)"),
-]
-GRPO_OPTIONS: list[tuple[str, str, type, str]] = [
-    ("--beta", "beta", float, "weight of the KL penalty to the reference; 0 disables it"),
-    ("--epsilon", "epsilon", float, "lower clip range of the probability ratio"),
-    ("--epsilon-high", "epsilon_high", float, "upper clip range (default: same as --epsilon)"),
-    ("--num-iterations", "num_iterations", int, "optimizer steps per batch of groups (μ)"),
-    ("--eval-beta", "eval_beta", float, "β of the implicit reward in held-out metrics"),
-]
+if TYPE_CHECKING:
+    from training.runs import TrainResult
+
+ALGORITHMS: dict[str, tuple[type[TrainConfig], Callable[..., TrainResult], str]] = {
+    "dpo": (DPOConfig, train_dpo, "DPO on preference pairs (the `dpo` export)"),
+    "grpo": (GRPOConfig, train_grpo, "offline GRPO on ranked groups (the `grpo` export)"),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,12 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m training",
         description="Train a causal language model on human preferences with DPO or GRPO.",
     )
-    sub = parser.add_subparsers(dest="algorithm", required=True, metavar="dpo|grpo")
-    for name, config_cls, options, loss_types, summary in (
-        ("dpo", DPOConfig, DPO_OPTIONS, DPO_LOSS_TYPES, "DPO on preference pairs (the `dpo` export)"),
-        ("grpo", GRPOConfig, GRPO_OPTIONS, GRPO_LOSS_TYPES, "offline GRPO on ranked groups (the `grpo` export)"),
-    ):
-        defaults = config_cls()
+    sub = parser.add_subparsers(dest="algorithm", required=True, metavar="|".join(ALGORITHMS))
+    for name, (config_class, _, summary) in ALGORITHMS.items():
         p = sub.add_parser(name, help=summary, description=summary)
         p.add_argument("--data", type=Path, required=True, help="training examples, .jsonl or .parquet")
         p.add_argument("--model", required=True, help="base model: a Hugging Face model directory or hub id")
@@ -69,58 +44,14 @@ def build_parser() -> argparse.ArgumentParser:
         )
         p.add_argument("--cache-dir", type=Path, help="directory for cached reference log-probs")
         p.add_argument("--no-resume", action="store_true", help="start over even if a checkpoint of this run exists")
-        mode = p.add_mutually_exclusive_group()
-        mode.add_argument(
-            "--lora", dest="lora", action="store_true", default=True, help="train LoRA adapters (default)"
-        )
-        mode.add_argument("--full", dest="lora", action="store_false", help="full fine-tuning")
-        p.add_argument("--merge-lora", action="store_true", help="save merged full weights instead of the adapter")
-        p.add_argument(
-            "--loss-type", choices=loss_types, default=defaults.loss_type, help="loss (default: %(default)s)"
-        )
-        p.add_argument(
-            "--scheduler",
-            dest="lr_scheduler",
-            choices=("cosine", "linear", "constant"),
-            default=defaults.lr_scheduler,
-            help="learning-rate schedule after warmup (default: %(default)s)",
-        )
-        p.add_argument(
-            "--precision",
-            choices=("auto", "bf16", "fp32"),
-            default=defaults.precision,
-            help="auto: bf16 autocast where the hardware is fast at it, else fp32 (default: %(default)s)",
-        )
-        if isinstance(defaults, DPOConfig):
-            p.add_argument(
-                "--no-weights", dest="use_weights", action="store_false", help="ignore the pairs' `weight` field"
-            )
-        else:
-            p.add_argument(
-                "--advantage-scale",
-                choices=("group", "none"),
-                default=defaults.advantage_scale,
-                help="divide advantages by the group's reward std (group) or only centre them (default: %(default)s)",
-            )
-        for flag, field_name, type_, help_text in COMMON_OPTIONS + options:
-            default = getattr(defaults, field_name)
-            p.add_argument(flag, dest=field_name, type=type_, default=default, help=f"{help_text} (default: {default})")
-        p.add_argument(
-            "--no-share-prompt",
-            dest="share_prompt",
-            action="store_false",
-            help="run prompt + completion as whole sequences instead of sharing one prompt pass per example",
-        )
+        add_config_arguments(p, config_options(config_class), show_defaults=True)
         p.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 
 
-def config_from_args(args: argparse.Namespace) -> DPOConfig | GRPOConfig:
-    config_cls = DPOConfig if args.algorithm == "dpo" else GRPOConfig
-    values: dict[str, Any] = {f.name: getattr(args, f.name) for f in fields(config_cls) if hasattr(args, f.name)}
-    values["lora"] = args.lora
-    values["merge_lora"] = args.merge_lora
-    return config_cls(**values)
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    config_class = ALGORITHMS[args.algorithm][0]
+    return config_class(**{f.name: getattr(args, f.name) for f in fields(config_class)})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -164,10 +95,10 @@ def main(argv: list[str] | None = None) -> int:
         bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_second']:.0f}", refresh=False)
         bar.refresh()
 
-    train = train_dpo if args.algorithm == "dpo" else train_grpo
+    train = ALGORITHMS[args.algorithm][1]
     try:
         result = train(
-            config,  # type: ignore[arg-type]
+            config,
             train_examples=train_records,
             eval_examples=eval_records,
             model=args.model,

@@ -11,89 +11,28 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from training.config import DPOConfig
 from training.data import collate_pairs, sequence_key, tokenize_pairs
 from training.logprobs import (
-    ReferenceCache,
     autocast_context,
-    model_fingerprint,
-    reference_logps,
     sequence_logps,
     shared_prompt_logps,
 )
-from training.losses import DPO_LOSS_TYPES, dpo_loss
-from training.models import LoraSettings, apply_lora, load_model, tune_for_training
+from training.losses import dpo_loss
 from training.runs import (
     ProgressCallback,
-    RunCheckpoint,
     TrainResult,
     evaluate_pairs,
     finish_run,
-    lr_factor,
-    make_optimizer,
-    resolve_precision,
-    run_fingerprint,
+    load_policy,
+    start_optimization,
     step_plan,
 )
-
-
-@dataclass
-class DPOConfig:
-    beta: float = 0.1  # strength of the implicit KL constraint; higher stays closer to the reference
-    loss_type: str = "sigmoid"  # sigmoid | ipo | hinge | robust
-    label_smoothing: float = 0.0  # assumed share of flipped labels (sigmoid: cDPO, robust: rDPO)
-    use_weights: bool = True  # multiply each pair's loss by its `weight` (annotator agreement)
-    learning_rate: float = 5e-5  # peak AdamW learning rate (LoRA; use ~5e-7..5e-6 for full fine-tuning)
-    weight_decay: float = 0.0  # AdamW decoupled weight decay
-    warmup_ratio: float = 0.1  # share of steps with a linear learning-rate warmup
-    lr_scheduler: str = "cosine"  # cosine | linear | constant, after warmup
-    epochs: int = 1  # passes over the training pairs
-    batch_size: int = 4  # pairs per forward pass (2x sequences: chosen and rejected)
-    gradient_accumulation: int = 1  # forward passes per optimizer step
-    max_grad_norm: float = 1.0  # gradient clipping by global norm; 0 disables
-    max_length: int = 512  # prompt + completion tokens; completions are cut to fit
-    max_prompt_length: int = 256  # pairs whose prompt alone is longer are dropped
-    lora: bool = True  # train LoRA adapters (reference = base with adapters off); False: full fine-tuning
-    lora_r: int = 16  # LoRA rank
-    lora_alpha: int = 32  # LoRA scaling numerator (updates scaled by alpha / r)
-    lora_dropout: float = 0.0  # dropout on the LoRA input
-    merge_lora: bool = False  # save merged full weights instead of the adapter
-    precision: str = "auto"  # auto | bf16 | fp32; auto uses bf16 autocast where the hardware is fast at it
-    eval_batch_size: int = 8  # pairs per forward pass when scoring held-out pairs and the reference
-    logprob_chunk_size: int = 2048  # completion positions per chunk of the output projection
-    share_prompt: bool = True  # run each prompt once for chosen and rejected (shared KV cache)
-    save_every: int = 50  # optimizer steps between resumable checkpoints; 0 disables
-    seed: int = 0  # seeds batch order and adapter initialisation
-
-    def validate(self) -> None:
-        """Raise ValueError for values or combinations that make no sense."""
-        if self.loss_type not in DPO_LOSS_TYPES:
-            raise ValueError(f"loss_type must be one of {', '.join(DPO_LOSS_TYPES)}, not {self.loss_type!r}")
-        if self.beta <= 0:
-            raise ValueError("beta must be positive")
-        if not 0 <= self.label_smoothing < 0.5:
-            raise ValueError("label_smoothing must be in [0, 0.5)")
-        if self.label_smoothing and self.loss_type not in ("sigmoid", "robust"):
-            raise ValueError(f"label_smoothing has no effect with loss_type {self.loss_type!r}")
-        if self.lr_scheduler not in ("cosine", "linear", "constant"):
-            raise ValueError("lr_scheduler must be cosine, linear or constant")
-        if self.precision not in ("auto", "bf16", "fp32"):
-            raise ValueError("precision must be auto, bf16 or fp32")
-        if min(self.epochs, self.batch_size, self.gradient_accumulation, self.eval_batch_size) < 1:
-            raise ValueError("epochs, batch sizes and gradient_accumulation must be at least 1")
-        if self.learning_rate <= 0:
-            raise ValueError("learning_rate must be positive")
-        if not 0 < self.max_prompt_length < self.max_length:
-            raise ValueError("max_prompt_length must be positive and smaller than max_length")
-        if self.merge_lora and not self.lora:
-            raise ValueError("merge_lora needs lora")
-        if not 0 <= self.warmup_ratio < 1:
-            raise ValueError("warmup_ratio must be in [0, 1)")
 
 
 def train_dpo(
@@ -119,19 +58,12 @@ def train_dpo(
     config.validate()
     started = time.perf_counter()
     out_dir = Path(out_dir)
-    torch.manual_seed(config.seed)
-    policy: torch.nn.Module
-    policy, tokenizer = load_model(model)
-    pad_id = int(tokenizer.pad_token_id)  # type: ignore[arg-type]
-    device = next(policy.parameters()).device
-    precision = resolve_precision(config.precision, device)
+    setup = load_policy(config, model)
+    policy, pad_id, device, precision = setup.model, setup.pad_id, setup.device, setup.precision
 
-    train = tokenize_pairs(
-        train_examples, tokenizer, max_length=config.max_length, max_prompt_length=config.max_prompt_length
-    )
-    held = tokenize_pairs(
-        eval_examples, tokenizer, max_length=config.max_length, max_prompt_length=config.max_prompt_length
-    )
+    lengths_kw: dict[str, Any] = {"max_length": config.max_length, "max_prompt_length": config.max_prompt_length}
+    train = tokenize_pairs(train_examples, setup.tokenizer, **lengths_kw)
+    held = tokenize_pairs(eval_examples, setup.tokenizer, **lengths_kw)
     train_prompts = {p.prompt_key for p in train.examples}
     eval_pairs = [p for p in held.examples if p.prompt_key not in train_prompts]
     if not train.examples:
@@ -141,26 +73,8 @@ def train_dpo(
         )
     pairs = train.examples
 
-    if config.lora:
-        policy = apply_lora(policy, LoraSettings(config.lora_r, config.lora_alpha, config.lora_dropout))
-    tune_for_training(policy, precision=precision, bf16_frozen_base=config.lora and not config.merge_lora)
-
-    # Reference log-probs: once, no grad, from the cache when this reference already saw the sequence.
-    ref_started = time.perf_counter()
-    fingerprint = model_fingerprint(model, precision)
-    cache = ReferenceCache(cache_dir, fingerprint)
     sequences = [(p.prompt_ids, c) for p in [*pairs, *eval_pairs] for c in (p.chosen_ids, p.rejected_ids)]
-    ref, ref_computed = reference_logps(
-        policy,
-        sequences,
-        cache,
-        pad_id=pad_id,
-        batch_size=2 * config.eval_batch_size,
-        precision=precision,
-        chunk_size=config.logprob_chunk_size,
-        share_prompt=config.share_prompt,
-    )
-    ref_seconds = time.perf_counter() - ref_started
+    ref, ref_computed, ref_seconds = setup.reference(config, sequences, cache_dir)
     ref_chosen = torch.tensor([float(ref[sequence_key(p.prompt_ids, p.chosen_ids)].sum()) for p in pairs])  # (P,)
     ref_rejected = torch.tensor([float(ref[sequence_key(p.prompt_ids, p.rejected_ids)].sum()) for p in pairs])
 
@@ -170,15 +84,14 @@ def train_dpo(
     lengths = [len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs]
     plan = step_plan(lengths, config.batch_size, config.gradient_accumulation, config.epochs, config.seed)
     total_steps = len(plan)
-    optimizer, params = make_optimizer(policy, lr=config.learning_rate, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_factor(config.lr_scheduler, int(config.warmup_ratio * total_steps), total_steps)
+    optimizer, params, scheduler, checkpoint, start_step = start_optimization(
+        config,
+        setup,
+        total_steps=total_steps,
+        out_dir=out_dir,
+        data_keys=[sequence_key(p.prompt_ids, p.chosen_ids) for p in pairs],
+        resume=resume,
     )
-    checkpoint = RunCheckpoint(
-        out_dir,
-        run_fingerprint(asdict(config), fingerprint, [sequence_key(p.prompt_ids, p.chosen_ids) for p in pairs]),
-    )
-    start_step = checkpoint.load(policy, optimizer, scheduler) if resume else 0
 
     policy.train()
     cancelled = False
@@ -279,7 +192,7 @@ def train_dpo(
         algorithm="dpo",
         config=config,
         policy=policy,
-        tokenizer=tokenizer,
+        tokenizer=setup.tokenizer,
         base_model=model,
         out_dir=out_dir,
         metrics=metrics,

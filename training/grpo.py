@@ -31,96 +31,30 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from training.config import GRPOConfig
 from training.data import GroupExample, collate_sequences, pairs_from_groups, sequence_key, tokenize_groups
 from training.logprobs import (
-    ReferenceCache,
     autocast_context,
     completion_logps,
     completion_mask,
-    model_fingerprint,
     padded_from_keys,
-    reference_logps,
     shared_prompt_logps,
 )
-from training.losses import GRPO_LOSS_TYPES, group_advantages, grpo_loss
-from training.models import LoraSettings, apply_lora, load_model, tune_for_training
+from training.losses import group_advantages, grpo_loss
 from training.runs import (
     ProgressCallback,
-    RunCheckpoint,
     TrainResult,
     evaluate_pairs,
     finish_run,
-    lr_factor,
-    make_optimizer,
-    resolve_precision,
-    run_fingerprint,
+    load_policy,
+    start_optimization,
     step_plan,
 )
-
-
-@dataclass
-class GRPOConfig:
-    beta: float = 0.04  # weight of the k3 KL penalty to the frozen reference; 0 disables it
-    epsilon: float = 0.2  # lower clip range of the probability ratio
-    epsilon_high: float | None = None  # upper clip range (DAPO clip-higher); None: same as epsilon
-    loss_type: str = "grpo"  # grpo | dapo | dr_grpo: how per-token losses are averaged
-    advantage_scale: str = "group"  # group: divide by the group's reward std; none: only centre (Dr. GRPO)
-    num_iterations: int = 2  # optimizer steps per batch of groups (μ); >1 makes clipping matter
-    learning_rate: float = 5e-5  # peak AdamW learning rate (LoRA; use ~1e-6 for full fine-tuning)
-    weight_decay: float = 0.0  # AdamW decoupled weight decay
-    warmup_ratio: float = 0.1  # share of steps with a linear learning-rate warmup
-    lr_scheduler: str = "cosine"  # cosine | linear | constant, after warmup
-    epochs: int = 1  # passes over the groups
-    batch_size: int = 2  # groups per forward pass (all K completions of each group together)
-    gradient_accumulation: int = 1  # forward passes per optimizer step
-    max_grad_norm: float = 1.0  # gradient clipping by global norm; 0 disables
-    max_length: int = 512  # prompt + completion tokens; completions are cut to fit
-    max_prompt_length: int = 256  # groups whose prompt alone is longer are dropped
-    lora: bool = True  # train LoRA adapters; False: full fine-tuning
-    lora_r: int = 16  # LoRA rank
-    lora_alpha: int = 32  # LoRA scaling numerator (updates scaled by alpha / r)
-    lora_dropout: float = 0.0  # dropout on the LoRA input
-    merge_lora: bool = False  # save merged full weights instead of the adapter
-    precision: str = "auto"  # auto | bf16 | fp32; auto uses bf16 autocast where the hardware is fast at it
-    eval_beta: float = 0.1  # β of the implicit reward in held-out metrics (comparable with DPO runs)
-    eval_batch_size: int = 8  # pairs per forward pass when scoring held-out pairs and the reference
-    logprob_chunk_size: int = 2048  # completion positions per chunk of the output projection
-    share_prompt: bool = True  # run each prompt once for all K completions of its group (shared KV cache)
-    save_every: int = 50  # optimizer steps between resumable checkpoints (at batch boundaries); 0 disables
-    seed: int = 0  # seeds batch order and adapter initialisation
-
-    def validate(self) -> None:
-        """Raise ValueError for values or combinations that make no sense."""
-        if self.loss_type not in GRPO_LOSS_TYPES:
-            raise ValueError(f"loss_type must be one of {', '.join(GRPO_LOSS_TYPES)}, not {self.loss_type!r}")
-        if self.advantage_scale not in ("group", "none"):
-            raise ValueError("advantage_scale must be group or none")
-        if self.beta < 0:
-            raise ValueError("beta must not be negative")
-        if not 0 < self.epsilon < 1 or (self.epsilon_high is not None and self.epsilon_high <= 0):
-            raise ValueError("epsilon must be in (0, 1) and epsilon_high positive")
-        if self.num_iterations < 1:
-            raise ValueError("num_iterations must be at least 1")
-        if self.lr_scheduler not in ("cosine", "linear", "constant"):
-            raise ValueError("lr_scheduler must be cosine, linear or constant")
-        if self.precision not in ("auto", "bf16", "fp32"):
-            raise ValueError("precision must be auto, bf16 or fp32")
-        if min(self.epochs, self.batch_size, self.gradient_accumulation, self.eval_batch_size) < 1:
-            raise ValueError("epochs, batch sizes and gradient_accumulation must be at least 1")
-        if self.learning_rate <= 0 or self.eval_beta <= 0:
-            raise ValueError("learning_rate and eval_beta must be positive")
-        if not 0 < self.max_prompt_length < self.max_length:
-            raise ValueError("max_prompt_length must be positive and smaller than max_length")
-        if self.merge_lora and not self.lora:
-            raise ValueError("merge_lora needs lora")
-        if not 0 <= self.warmup_ratio < 1:
-            raise ValueError("warmup_ratio must be in [0, 1)")
 
 
 def train_grpo(
@@ -144,16 +78,12 @@ def train_grpo(
     config.validate()
     started = time.perf_counter()
     out_dir = Path(out_dir)
-    torch.manual_seed(config.seed)
-    policy: torch.nn.Module
-    policy, tokenizer = load_model(model)
-    pad_id = int(tokenizer.pad_token_id)  # type: ignore[arg-type]
-    device = next(policy.parameters()).device
-    precision = resolve_precision(config.precision, device)
+    setup = load_policy(config, model)
+    policy, pad_id, device, precision = setup.model, setup.pad_id, setup.device, setup.precision
 
-    lengths_kw = {"max_length": config.max_length, "max_prompt_length": config.max_prompt_length}
-    train = tokenize_groups(train_examples, tokenizer, **lengths_kw)
-    held = tokenize_groups(eval_examples, tokenizer, **lengths_kw)
+    lengths_kw: dict[str, Any] = {"max_length": config.max_length, "max_prompt_length": config.max_prompt_length}
+    train = tokenize_groups(train_examples, setup.tokenizer, **lengths_kw)
+    held = tokenize_groups(eval_examples, setup.tokenizer, **lengths_kw)
     groups: list[GroupExample] = train.examples
     if not groups:
         raise ValueError(
@@ -163,26 +93,9 @@ def train_grpo(
     train_prompts = {g.prompt_key for g in groups}
     eval_pairs = pairs_from_groups([g for g in held.examples if g.prompt_key not in train_prompts])
 
-    if config.lora:
-        policy = apply_lora(policy, LoraSettings(config.lora_r, config.lora_alpha, config.lora_dropout))
-    tune_for_training(policy, precision=precision, bf16_frozen_base=config.lora and not config.merge_lora)
-
-    ref_started = time.perf_counter()
-    fingerprint = model_fingerprint(model, precision)
-    cache = ReferenceCache(cache_dir, fingerprint)
     sequences = [(g.prompt_ids, c) for g in groups for c in g.completion_ids]
     sequences += [(p.prompt_ids, c) for p in eval_pairs for c in (p.chosen_ids, p.rejected_ids)]
-    ref, ref_computed = reference_logps(
-        policy,
-        sequences,
-        cache,
-        pad_id=pad_id,
-        batch_size=2 * config.eval_batch_size,
-        precision=precision,
-        chunk_size=config.logprob_chunk_size,
-        share_prompt=config.share_prompt,
-    )
-    ref_seconds = time.perf_counter() - ref_started
+    ref, ref_computed, ref_seconds = setup.reference(config, sequences, cache_dir)
 
     eval_kwargs: dict[str, Any] = {"beta": config.eval_beta, "pad_id": pad_id, "batch_size": config.eval_batch_size}
     before = evaluate_pairs(None, eval_pairs, ref, precision=precision, **eval_kwargs)
@@ -190,14 +103,14 @@ def train_grpo(
     lengths = [len(g.prompt_ids) * len(g.completion_ids) + sum(map(len, g.completion_ids)) for g in groups]
     plan = step_plan(lengths, config.batch_size, config.gradient_accumulation, config.epochs, config.seed)
     total_steps = len(plan) * config.num_iterations
-    optimizer, params = make_optimizer(policy, lr=config.learning_rate, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_factor(config.lr_scheduler, int(config.warmup_ratio * total_steps), total_steps)
+    optimizer, params, scheduler, checkpoint, start_step = start_optimization(
+        config,
+        setup,
+        total_steps=total_steps,
+        out_dir=out_dir,
+        data_keys=[sequence_key(*s) for s in sequences],
+        resume=resume,
     )
-    checkpoint = RunCheckpoint(
-        out_dir, run_fingerprint(asdict(config), fingerprint, [sequence_key(*s) for s in sequences])
-    )
-    start_step = checkpoint.load(policy, optimizer, scheduler) if resume else 0
 
     policy.train()
     cancelled = False
@@ -323,7 +236,7 @@ def train_grpo(
         algorithm="grpo",
         config=config,
         policy=policy,
-        tokenizer=tokenizer,
+        tokenizer=setup.tokenizer,
         base_model=model,
         out_dir=out_dir,
         metrics=metrics,

@@ -9,8 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
-GRPO_LOSS_TYPES = ("grpo", "dapo", "dr_grpo")
+from training.config import DPO_LOSS_TYPES, GRPO_LOSS_TYPES
 
 
 def dpo_loss(

@@ -1,4 +1,9 @@
-"""What the DPO and GRPO loops share: results, precision, schedules, resumable checkpoints, evaluation."""
+"""What the algorithms' loops share: the setup of a run, precision, schedules, resumable checkpoints, evaluation.
+
+A loop reads: ``policy = load_policy(...)`` (seed, model, device, precision, LoRA), tokenize its
+own examples, ``policy.reference(...)`` (the cached reference pass), plan its steps,
+``start_optimization(...)`` (optimizer, schedule, checkpoint resume), its own step, ``finish_run``.
+"""
 
 from __future__ import annotations
 
@@ -10,14 +15,31 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from training.config import TrainConfig
 from training.data import PairExample, collate_pairs, length_sorted_batches, sequence_key
-from training.logprobs import autocast_context, evaluation, sequence_logps
-from training.models import atomic_directory, load_trainable_state_dict, save_model_dir, trainable_state_dict
+from training.logprobs import (
+    ReferenceCache,
+    autocast_context,
+    evaluation,
+    model_fingerprint,
+    reference_logps,
+    sequence_logps,
+)
+from training.models import (
+    LoraSettings,
+    apply_lora,
+    atomic_directory,
+    load_model,
+    load_trainable_state_dict,
+    save_model_dir,
+    trainable_state_dict,
+    tune_for_training,
+)
 
 ProgressCallback = Callable[[int, int, dict[str, float]], None]
 
@@ -27,6 +49,89 @@ class TrainResult:
     out_dir: Path  # the finished model directory (not created when cancelled)
     metrics: dict[str, Any] = field(default_factory=dict)  # eval before/after, steps, seconds, counts
     cancelled: bool = False
+
+
+@dataclass
+class Policy:
+    """The model a run trains, ready for its first step, and what its loop needs to know about it."""
+
+    model: torch.nn.Module
+    tokenizer: Any
+    pad_id: int
+    device: torch.device
+    precision: str  # resolved: bf16 or fp32
+    fingerprint: str  # identity of the reference (the base model at this precision)
+
+    def reference(
+        self, config: TrainConfig, sequences: Sequence[tuple[list[int], list[int]]], cache_dir: Path | None
+    ) -> tuple[dict[str, torch.Tensor], int, float]:
+        """Reference log-probs of each (prompt, completion): once, no grad, from the cache where this reference
+        already saw the sequence. Returns (per-token log-probs by sequence key, how many were computed, seconds)."""
+        started = time.perf_counter()
+        ref, computed = reference_logps(
+            self.model,
+            sequences,
+            ReferenceCache(cache_dir, self.fingerprint),
+            pad_id=self.pad_id,
+            batch_size=2 * config.eval_batch_size,
+            precision=self.precision,
+            chunk_size=config.logprob_chunk_size,
+            share_prompt=config.share_prompt,
+        )
+        return ref, computed, time.perf_counter() - started
+
+
+def load_policy(config: TrainConfig, model: str) -> Policy:
+    """Seed, load the base model, pick the precision for its device, attach LoRA adapters and tune for training.
+
+    With LoRA the reference is the same model with its adapters off, so no second copy is loaded.
+    """
+    torch.manual_seed(config.seed)
+    policy: torch.nn.Module
+    policy, tokenizer = load_model(model)
+    device = next(policy.parameters()).device
+    precision = resolve_precision(config.precision, device)
+    if config.lora:
+        policy = apply_lora(policy, LoraSettings(config.lora_r, config.lora_alpha, config.lora_dropout))
+    tune_for_training(policy, precision=precision, bf16_frozen_base=config.lora and not config.merge_lora)
+    return Policy(
+        model=policy,
+        tokenizer=tokenizer,
+        pad_id=int(tokenizer.pad_token_id),  # type: ignore[arg-type]
+        device=device,
+        precision=precision,
+        fingerprint=model_fingerprint(model, precision),
+    )
+
+
+class Optimization(NamedTuple):
+    optimizer: torch.optim.Optimizer
+    params: list[torch.nn.Parameter]  # the trainable ones, for gradient clipping
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    checkpoint: RunCheckpoint
+    start_step: int  # 0, or the step a checkpoint of this same run reached
+
+
+def start_optimization(
+    config: TrainConfig,
+    policy: Policy,
+    *,
+    total_steps: int,
+    out_dir: Path,
+    data_keys: Sequence[str],
+    resume: bool,
+) -> Optimization:
+    """AdamW with warmup and the configured schedule, resumed from this run's checkpoint when there is one.
+
+    A checkpoint belongs to one run: the same config, reference and training data (``data_keys``).
+    """
+    optimizer, params = make_optimizer(policy.model, lr=config.learning_rate, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_factor(config.lr_scheduler, int(config.warmup_ratio * total_steps), total_steps)
+    )
+    checkpoint = RunCheckpoint(out_dir, run_fingerprint(asdict(config), policy.fingerprint, data_keys))
+    start_step = checkpoint.load(policy.model, optimizer, scheduler) if resume else 0
+    return Optimization(optimizer, params, scheduler, checkpoint, start_step)
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:

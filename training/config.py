@@ -208,8 +208,8 @@ def _check_type(name: str, value: Any, hint: Any) -> None:
             raise ValueError(f"{name} must be a number, not {_shown(value)}")
         if (_is_int(value) and abs(value) > LARGEST_INT) or not math.isfinite(value):
             raise ValueError(f"{name} must be a finite number, not {_shown(value)}")
-    elif not isinstance(value, kind):
-        raise ValueError(f"{name} must be a {kind.__name__}, not {_shown(value)}")
+    elif kind is str and not isinstance(value, str):
+        raise ValueError(f"{name} must be a string, not {_shown(value)}")
 
 
 def _shown(value: Any) -> str:

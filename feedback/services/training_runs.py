@@ -8,12 +8,13 @@ and its counts and content hash are kept on the run row.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import math
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, fields, replace
+from dataclasses import asdict, dataclass, replace
 from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,6 +28,7 @@ from django.utils import timezone
 from feedback.models import ModelVersion, PairwiseJudgement, Project, RankingJudgement, TrainingRun
 from feedback.selectors.models import model_for_generation
 from feedback.selectors.preferences import ExportFormat, PreferenceExportOptions, preference_rows
+from training.config import DPOConfig, GRPOConfig, TrainConfig, config_from_mapping
 
 if TYPE_CHECKING:
     from training.runs import TrainResult
@@ -35,69 +37,78 @@ HEARTBEAT_SECONDS = 20
 PROGRESS_EVERY_SECONDS = 2.0
 # Each model version is a standalone model directory, so the next run can start from it.
 WEB_DEFAULTS: dict[str, Any] = {"merge_lora": True}
+# Config fields this installation caps, and the setting that says how far.
+LIMITS = {
+    "epochs": "RANKWISE_MAX_TRAINING_EPOCHS",
+    "batch_size": "RANKWISE_MAX_TRAINING_BATCH_SIZE",
+    "eval_batch_size": "RANKWISE_MAX_TRAINING_BATCH_SIZE",
+}
 
 
 class TrainingRunError(Exception):
     """A run that cannot be started, cancelled or finished; the message says why."""
 
 
-def _config_class(algorithm: str) -> type:
-    if algorithm == TrainingRun.Algorithm.DPO:
-        from training.dpo import DPOConfig
+@dataclass(frozen=True)
+class Algorithm:
+    """How the app trains with one algorithm: its config, the export its data comes as, and its loop."""
 
-        return DPOConfig
-    if algorithm == TrainingRun.Algorithm.GRPO:
-        from training.grpo import GRPOConfig
+    config_class: type[TrainConfig]
+    export_format: ExportFormat
+    train: str  # "module:function"; imported only when a run executes, so the web process never loads torch
+    modes: tuple[str, ...]  # project modes whose judgements it trains on
+    data: str  # what it trains on, for the message when there is none
 
-        return GRPOConfig
-    raise TrainingRunError(f"algorithm must be dpo or grpo, not '{algorithm}'")
+    def train_function(self) -> Callable[..., TrainResult]:
+        module, name = self.train.split(":")
+        return getattr(importlib.import_module(module), name)  # type: ignore[no-any-return]
+
+
+ALGORITHMS: dict[str, Algorithm] = {
+    TrainingRun.Algorithm.DPO: Algorithm(
+        DPOConfig, "dpo", "training.dpo:train_dpo", (Project.Mode.PAIRWISE, Project.Mode.RANKING), "pairs"
+    ),
+    TrainingRun.Algorithm.GRPO: Algorithm(
+        GRPOConfig, "grpo", "training.grpo:train_grpo", (Project.Mode.RANKING,), "ranked groups with different rewards"
+    ),
+}
+
+
+def training_algorithm(*, choice: str) -> str:
+    """The algorithm a project's or a request's choice trains with ("dpo_rankings": DPO on pairs from rankings)."""
+    name = TrainingRun.Algorithm.DPO if choice == Project.Algorithm.DPO_FROM_RANKINGS else choice
+    if name not in ALGORITHMS:
+        raise TrainingRunError(f"algorithm must be one of {', '.join(ALGORITHMS)}, not '{choice}'")
+    return name
 
 
 def training_config_build(*, algorithm: str, values: dict[str, Any]) -> dict[str, Any]:
-    """A complete, validated config for the algorithm from the given values and the defaults."""
-    config_class = _config_class(algorithm)
-    known = {f.name for f in fields(config_class)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise TrainingRunError(f"unknown {algorithm} setting '{unknown[0]}'; known: {', '.join(sorted(known))}")
-    defaults = config_class()
-    typed: dict[str, Any] = {}
-    for name, value in {**WEB_DEFAULTS, **values}.items():
-        typed[name] = _typed_setting(algorithm, name, value, getattr(defaults, name))
+    """A complete, validated config for the algorithm from the given values and the defaults.
+
+    The one check of a config from the app (form, API, command, schedule): types and values as the
+    training library sees them, then this installation's limits.
+    """
+    name = training_algorithm(choice=algorithm)
     try:
-        config = config_class(**typed)
-        config.validate()
+        config = config_from_mapping(ALGORITHMS[name].config_class, {**WEB_DEFAULTS, **values})
     except ValueError as error:
-        raise TrainingRunError(f"{algorithm} settings: {error}") from None
+        raise TrainingRunError(f"{name} settings: {error}") from None
+    for field, setting in LIMITS.items():
+        limit = getattr(settings, setting)
+        if getattr(config, field) > limit:
+            raise TrainingRunError(f"{name} settings: {field} must be at most {limit} ({setting})")
     return asdict(config)
 
 
-def _typed_setting(algorithm: str, name: str, value: Any, default: Any) -> Any:
-    """The value as the type of the setting's default; a clear error when it is not one."""
-    kind = type(default)
-    if kind is bool:
-        ok = isinstance(value, bool)
-    elif kind is int:
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif kind is float:
-        ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-    else:
-        ok = default is None or isinstance(value, kind)
-    if not ok:
-        raise TrainingRunError(f"{algorithm} settings: {name} must be a {kind.__name__}, not {value!r}")
-    return float(value) if kind is float else value
-
-
-def _algorithm_for(project: Project, algorithm: str | None) -> tuple[str, ExportFormat]:
-    """(training algorithm, export format) for the project's data."""
-    choice = algorithm or project.training_algorithm
-    if choice in ("dpo", Project.Algorithm.DPO_FROM_RANKINGS):
-        return TrainingRun.Algorithm.DPO, "dpo"
-    if choice == "grpo":
-        if project.mode != Project.Mode.RANKING:
-            raise TrainingRunError("GRPO trains on ranked groups; this project collects pairwise judgements")
-        return TrainingRun.Algorithm.GRPO, "grpo"
-    raise TrainingRunError(f"algorithm must be dpo or grpo, not '{choice}'")
+def _algorithm_for(project: Project, algorithm: str | None) -> tuple[str, Algorithm]:
+    """The algorithm a run of the project trains with, checked against the project's data."""
+    name = training_algorithm(choice=algorithm or project.training_algorithm)
+    entry = ALGORITHMS[name]
+    if project.mode not in entry.modes:
+        raise TrainingRunError(
+            f"{name.upper()} trains on {entry.data}; this project collects {project.mode} judgements"
+        )
+    return name, entry
 
 
 def run_dir(run: TrainingRun) -> Path:
@@ -126,26 +137,33 @@ def training_run_start(
     triggered_by: User | None = None,
     trigger: str = TrainingRun.Trigger.MANUAL,
     test_fraction: float = 0.1,
+    enqueue: bool = True,
 ) -> TrainingRun:
-    """Snapshot the project's judgements and queue a run; at most one is queued or running per project."""
-    algorithm, export_format = _algorithm_for(project, algorithm)
+    """Snapshot the project's judgements and queue a run; at most one is queued or running per project.
+
+    ``enqueue=False`` leaves the run for the caller to execute itself (``train --sync``), so no
+    worker can take it too.
+    """
+    algorithm, entry = _algorithm_for(project, algorithm)
     full_config = training_config_build(algorithm=algorithm, values={**project.training_config, **(config or {})})
+    try:
+        _, parent = model_for_generation(project=project)
+    except ValueError as error:  # a version's weights path outside the versions folder: never read
+        raise TrainingRunError(str(error)) from None
     if TrainingRun.objects.filter(project=project, status__in=["queued", "running"]).exists():
         raise TrainingRunError(f"a training run of {project.slug} is already queued or running")
-    train, held_out = _snapshot(project, export_format, test_fraction)
+    train, held_out = _snapshot(project, entry.export_format, test_fraction)
     if not train:
-        unit = "pairs" if export_format == "dpo" else "ranked groups with different rewards"
-        raise TrainingRunError(f"no {unit} to train on yet: collect more judgements first")
+        raise TrainingRunError(f"no {entry.data} to train on yet: collect more judgements first")
     from feedback.tasks import training_run_task
 
-    _, parent = model_for_generation(project=project)
     try:
         with transaction.atomic():
             run = TrainingRun.objects.create(
                 project=project,
                 algorithm=algorithm,
                 config=full_config,
-                data_counts={"train": len(train), "held_out": len(held_out), "format": export_format},
+                data_counts={"train": len(train), "held_out": len(held_out), "format": entry.export_format},
                 data_hash=_content_hash(train + held_out),
                 parent_version=parent,
                 triggered_by=triggered_by if triggered_by and triggered_by.is_authenticated else None,
@@ -156,7 +174,8 @@ def training_run_start(
             for name, rows in (("train.jsonl", train), ("held_out.jsonl", held_out)):
                 with (folder / name).open("w") as out:
                     out.writelines(json.dumps(row) + "\n" for row in rows)
-            transaction.on_commit(lambda: training_run_task(run.pk))
+            if enqueue:
+                transaction.on_commit(lambda: training_run_task(run.pk))
     except IntegrityError:
         raise TrainingRunError(f"a training run of {project.slug} is already queued or running") from None
     return run
@@ -310,15 +329,10 @@ def _train(run: TrainingRun, out_dir: Path, on_progress: ProgressCallback | None
     folder = run_dir(run)
     train, held_out = _read_rows(folder / "train.jsonl"), _read_rows(folder / "held_out.jsonl")
     model, _ = model_for_generation(project=run.project)
-    config_class = _config_class(run.algorithm)
-    config = config_class(**run.config)
-    train_function: Callable[..., TrainResult]
-    if run.algorithm == TrainingRun.Algorithm.DPO:
-        from training.dpo import train_dpo as train_function
-    else:
-        from training.grpo import train_grpo as train_function
+    algorithm = ALGORITHMS[run.algorithm]
+    config = algorithm.config_class(**run.config)
     with _Heartbeat(run.pk):
-        return train_function(
+        return algorithm.train_function()(
             config,
             train_examples=train,
             eval_examples=held_out,

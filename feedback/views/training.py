@@ -70,9 +70,8 @@ class TrainingSettingsForm(forms.ModelForm):
             cleaned["training_config"] = {}
         config, choice = cleaned.get("training_config"), cleaned.get("training_algorithm")
         if isinstance(config, dict) and choice:
-            algorithm = TrainingRun.Algorithm.GRPO if choice == Project.Algorithm.GRPO else TrainingRun.Algorithm.DPO
             try:
-                training_config_build(algorithm=algorithm, values=config)
+                training_config_build(algorithm=choice, values=config)
             except TrainingRunError as error:
                 self.add_error("training_config", str(error))
         elif config is not None and not isinstance(config, dict):

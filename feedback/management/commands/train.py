@@ -1,3 +1,4 @@
+import argparse
 import json
 import sys
 from typing import Any
@@ -6,18 +7,26 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from tqdm import tqdm
 
 from feedback.models import Project, TrainingRun
-from feedback.services.training_runs import TrainingRunError, training_run_execute, training_run_start
+from feedback.services.training_runs import (
+    ALGORITHMS,
+    TrainingRunError,
+    training_run_execute,
+    training_run_start,
+)
+from training.config import add_config_arguments, config_options
 
-# Options shared with `python -m training`, mapped to config fields.
-OPTIONS = {
-    "lr": ("learning_rate", float),
-    "epochs": ("epochs", int),
-    "beta": ("beta", float),
-    "batch_size": ("batch_size", int),
-    "max_length": ("max_length", int),
-    "loss_type": ("loss_type", str),
-    "seed": ("seed", int),
-}
+# The same options as `python -m training`, with their help, from the algorithms' configs.
+CONFIG_OPTIONS = config_options(*(algorithm.config_class for algorithm in ALGORITHMS.values()))
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"not JSON ({error})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object of setting names and values")
+    return value
 
 
 class Command(BaseCommand):
@@ -25,37 +34,27 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("project", help="project slug")
-        parser.add_argument("--algorithm", choices=["dpo", "grpo"], help="default: the project's setting")
-        parser.add_argument("--sync", action="store_true", help="train here and wait, with a progress bar")
-        parser.add_argument("--lr", type=float, help="peak learning rate")
-        parser.add_argument("--epochs", type=int, help="passes over the training data")
-        parser.add_argument("--beta", type=float, help="KL strength (DPO beta, GRPO KL coefficient)")
-        parser.add_argument("--batch-size", type=int, help="examples per forward pass")
-        parser.add_argument("--max-length", type=int, help="prompt + completion tokens")
-        parser.add_argument("--loss-type", help="dpo: sigmoid|ipo|hinge|robust; grpo: grpo|dapo|dr_grpo")
-        parser.add_argument("--seed", type=int, help="random seed")
-        lora = parser.add_mutually_exclusive_group()
-        lora.add_argument("--lora", dest="lora", action="store_true", default=None, help="train LoRA adapters")
-        lora.add_argument("--full", dest="lora", action="store_false", help="full fine-tuning")
+        parser.add_argument("--algorithm", choices=list(ALGORITHMS), help="default: the project's setting")
         parser.add_argument(
-            "--config", type=json.loads, default={}, help="more settings as JSON, e.g. '{\"warmup_ratio\": 0}'"
+            "--sync", action="store_true", help="train here and wait, with a progress bar (never queued for a worker)"
+        )
+        add_config_arguments(parser, CONFIG_OPTIONS, show_defaults=False)
+        parser.add_argument(
+            "--config", type=_json_object, default={}, help="more settings as JSON, e.g. '{\"warmup_ratio\": 0}'"
         )
 
     def handle(self, *args: Any, project: str, algorithm: str | None, sync: bool, **options: Any) -> None:
         target = Project.objects.filter(slug=project).first()
         if target is None:
             raise CommandError(f"no project '{project}'")
-        config = dict(options["config"]) if isinstance(options["config"], dict) else None
-        if config is None:
-            raise CommandError("--config must be a JSON object")
-        for option, (name, _) in OPTIONS.items():
-            if options.get(option) is not None:
-                config[name] = options[option]
-        if options.get("lora") is not None:
-            config["lora"] = options["lora"]
+        given = {o.name: options[o.name] for o in CONFIG_OPTIONS if options.get(o.name) is not None}
         try:
             run = training_run_start(
-                project=target, algorithm=algorithm, config=config, trigger=TrainingRun.Trigger.COMMAND
+                project=target,
+                algorithm=algorithm,
+                config={**options["config"], **given},
+                trigger=TrainingRun.Trigger.COMMAND,
+                enqueue=not sync,
             )
         except TrainingRunError as error:
             raise CommandError(str(error)) from None

@@ -169,7 +169,9 @@ def config_from_mapping(config_class: type[Config], values: Mapping[str, Any]) -
     known = {f.name for f in fields(config_class)}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise ValueError(f"unknown setting '{unknown[0]}'; known: {', '.join(sorted(known))}")
+        raise ValueError(
+            f"unknown {_algorithm(config_class)} setting '{unknown[0]}'; known: {', '.join(sorted(known))}"
+        )
     hints = get_type_hints(config_class)
     typed: dict[str, Any] = {}
     for name, value in values.items():

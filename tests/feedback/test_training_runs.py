@@ -11,6 +11,8 @@ import pytest
 from django.core.management import CommandError, call_command
 from django.db import connection
 from django.utils import timezone
+from huey.contrib.djhuey import HUEY
+from rest_framework.test import APIClient
 
 from feedback.models import Completion, ModelVersion, TrainingRun
 from feedback.services import training_runs
@@ -19,6 +21,7 @@ from feedback.services.judgements import judgement_submit
 from feedback.services.model_versions import model_version_promote
 from feedback.services.training_runs import (
     TrainingRunError,
+    training_config_build,
     training_run_cancel,
     training_run_execute,
     training_run_start,
@@ -135,9 +138,9 @@ def test_a_failing_run_is_failed_with_its_message_and_the_active_version_is_unto
     ("kwargs", "message"),
     [
         ({"config": {"beta": -1}}, "beta must be positive"),
-        ({"config": {"learning_rate": "fast"}}, "learning_rate must be a float"),
+        ({"config": {"learning_rate": "fast"}}, "learning_rate must be a number, not 'fast'"),
         ({"config": {"betta": 0.1}}, "unknown dpo setting 'betta'"),
-        ({"algorithm": "ppo"}, "algorithm must be dpo or grpo"),
+        ({"algorithm": "ppo"}, "algorithm must be one of dpo, grpo, not 'ppo'"),
         ({"algorithm": "grpo"}, "GRPO trains on ranked groups"),
     ],
 )
@@ -208,6 +211,7 @@ def test_train_command_sync_and_its_errors(project, capsys):
     judge_everything(project, UserFactory())
     call_command("train", "loop", "--algorithm", "dpo", "--sync", "--epochs", "1", "--lr", "0.001")
     out = capsys.readouterr().out
+    assert "Queued" not in out
     assert "succeeded: model version v1" in out and "held-out preference accuracy" in out
     run = TrainingRun.objects.get()
     assert run.trigger == "command" and run.config["learning_rate"] == 0.001
@@ -217,6 +221,191 @@ def test_train_command_sync_and_its_errors(project, capsys):
         call_command("train", "loop", "--beta", "0")
     with pytest.raises(CommandError, match="must be a JSON object"):
         call_command("train", "loop", "--config", "[1]")
+    assert TrainingRun.objects.count() == 1
+
+
+def test_train_sync_never_puts_the_run_on_the_queue(project, monkeypatch, capsys):
+    """A worker that took a queued copy of the run would train it a second time."""
+    judge_everything(project, UserFactory(), prompts=4)
+    monkeypatch.setattr(HUEY, "_immediate", False)  # keep huey's in-memory storage, but queue instead of running
+    assert HUEY.pending_count() == 0
+
+    call_command("train", "loop", "--sync")
+
+    assert HUEY.pending_count() == 0
+    assert TrainingRun.objects.get().status == "succeeded"
+    call_command("train", "loop")  # without --sync the run is queued for a worker
+    assert HUEY.pending_count() == 1
+
+
+# (setting, value, the error): wrong types and sizes in a config, each named by its field.
+WRONG_VALUES = [
+    ("beta", "x", "beta must be a number, not 'x'"),
+    ("beta", [0.1], "beta must be a number, not [0.1]"),
+    ("beta", {"value": 0.1}, "beta must be a number, not {'value': 0.1}"),
+    ("beta", None, "beta must be a number, not None"),
+    ("beta", float("nan"), "beta must be a finite number, not nan"),
+    ("beta", True, "beta must be a number, not True"),
+    ("beta", 10**400, "beta must be a finite number, not a number that large"),
+    ("epochs", 10**30, "epochs is too large (at most 9223372036854775807)"),
+    ("epochs", 2.5, "epochs must be a whole number, not 2.5"),
+    ("lora", "yes", "lora must be true or false, not 'yes'"),
+    ("loss_type", ["ipo"], "loss_type must be a string, not ['ipo']"),
+    ("max_length", None, "max_length must be a whole number, not None"),
+    ("epochs", 10**9, "epochs must be at most 100 (RANKWISE_MAX_TRAINING_EPOCHS)"),
+    ("batch_size", 513, "batch_size must be at most 512 (RANKWISE_MAX_TRAINING_BATCH_SIZE)"),
+    ("eval_batch_size", 1000, "eval_batch_size must be at most 512 (RANKWISE_MAX_TRAINING_BATCH_SIZE)"),
+]
+
+
+@pytest.mark.parametrize(("name", "value", "message"), WRONG_VALUES)
+def test_a_wrong_setting_is_named_by_the_service(name, value, message):
+    with pytest.raises(TrainingRunError) as error:
+        training_config_build(algorithm="dpo", values={name: value})
+    assert str(error.value) == f"dpo settings: {message}"
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("x", "grpo settings: epsilon_high must be a number, not 'x'"),
+        ([0.3], "grpo settings: epsilon_high must be a number, not [0.3]"),
+        (float("inf"), "grpo settings: epsilon_high must be a finite number, not inf"),
+    ],
+)
+def test_grpo_epsilon_high_takes_a_number_or_null(value, message):
+    assert training_config_build(algorithm="grpo", values={"epsilon_high": None})["epsilon_high"] is None
+    assert training_config_build(algorithm="grpo", values={"epsilon_high": 1})["epsilon_high"] == 1.0
+    with pytest.raises(TrainingRunError) as error:
+        training_config_build(algorithm="grpo", values={"epsilon_high": value})
+    assert str(error.value) == message
+
+
+def test_the_training_limits_follow_their_settings(settings):
+    settings.RANKWISE_MAX_TRAINING_EPOCHS = 3
+    settings.RANKWISE_MAX_TRAINING_BATCH_SIZE = 8
+    assert training_config_build(algorithm="dpo", values={"epochs": 3, "batch_size": 8})["epochs"] == 3
+    with pytest.raises(TrainingRunError, match=r"epochs must be at most 3 \(RANKWISE_MAX_TRAINING_EPOCHS\)"):
+        training_config_build(algorithm="dpo", values={"epochs": 4})
+    with pytest.raises(TrainingRunError, match=r"batch_size must be at most 8 \(RANKWISE_MAX_TRAINING_BATCH_SIZE\)"):
+        training_config_build(algorithm="grpo", values={"batch_size": 9})
+
+
+def test_max_prompt_length_left_out_follows_max_length():
+    assert training_config_build(algorithm="dpo", values={"max_length": 256})["max_prompt_length"] == 128
+    assert training_config_build(algorithm="dpo", values={})["max_prompt_length"] == 256
+
+
+API_CASES = [case for case in WRONG_VALUES if case[0] != "beta" or isinstance(case[1], str | list | dict | bool)]
+
+
+@pytest.mark.parametrize(("name", "value", "message"), API_CASES)
+def test_the_api_answers_400_naming_the_setting_and_starts_nothing(project, name, value, message):
+    judge_everything(project, UserFactory(), prompts=2)
+    api = APIClient()
+    api.force_authenticate(UserFactory(is_staff=True))
+
+    response = api.post("/api/v1/projects/loop/training-runs/", {"config": {name: value}}, format="json")
+
+    assert response.status_code == 400
+    assert response.json() == {"detail": f"dpo settings: {message}"}
+    assert not TrainingRun.objects.exists()
+
+
+@pytest.mark.parametrize(
+    ("algorithm", "config", "message"),
+    [
+        ("dpo", '{"beta": "x"}', "dpo settings: beta must be a number, not &#x27;x&#x27;"),
+        ("dpo", '{"beta": NaN}', "dpo settings: beta must be a finite number, not nan"),
+        ("dpo", '{"epochs": 1000000000}', "dpo settings: epochs must be at most 100 (RANKWISE_MAX_TRAINING_EPOCHS)"),
+        ("grpo", '{"epsilon_high": "x"}', "grpo settings: epsilon_high must be a number, not &#x27;x&#x27;"),
+        ("grpo", '{"epsilon_high": [1]}', "grpo settings: epsilon_high must be a number, not [1]"),
+        ("dpo_rankings", '{"lora": 1}', "dpo settings: lora must be true or false, not 1"),
+    ],
+)
+def test_the_settings_form_names_the_setting_and_saves_nothing(client, project, algorithm, config, message):
+    manager = UserFactory()
+    MembershipFactory(user=manager, project=project, role="manager")
+    client.force_login(manager)
+    data = {"auto_train_threshold": "25", "training_algorithm": algorithm, "training_config": config}
+
+    response = client.post("/projects/loop/training/settings/", data)
+
+    assert response.status_code == 400 and message in response.content.decode()
+    project.refresh_from_db()
+    assert project.training_config == SMALL and project.training_algorithm == "dpo"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--config", '{"beta": NaN}'], "dpo settings: beta must be a finite number, not nan"),
+        (["--config", '{"beta": [1]}'], "dpo settings: beta must be a number, not [1]"),
+        (["--config", '{"epochs": 1e400}'], "dpo settings: epochs must be a whole number, not inf"),
+        (["--epochs", "1000000000"], "dpo settings: epochs must be at most 100 (RANKWISE_MAX_TRAINING_EPOCHS)"),
+        (["--batch-size", "100000"], "dpo settings: batch_size must be at most 512 (RANKWISE_MAX_TRAINING_BATCH_SIZE)"),
+        (["--lr", "nan"], "dpo settings: learning_rate must be a finite number, not nan"),
+        (["--config", "{nope"], "argument --config: not JSON"),
+        (["--epochs", "two"], "argument --epochs: invalid int value: 'two'"),
+    ],
+)
+def test_the_train_command_names_the_setting_and_starts_nothing(project, args, message):
+    judge_everything(project, UserFactory(), prompts=2)
+    with pytest.raises(CommandError) as error:
+        call_command("train", "loop", *args)
+    assert message in str(error.value)
+    assert not TrainingRun.objects.exists()
+
+
+@pytest.mark.parametrize("weights_path", ["/etc", "../../x", "loop/../../../etc"])
+def test_a_version_whose_weights_lie_outside_the_data_dir_refuses_the_run(project, weights_path):
+    judge_everything(project, UserFactory(), prompts=2)
+    ModelVersion.objects.create(project=project, name="v0", weights_path=weights_path, is_active=True)
+
+    with pytest.raises(TrainingRunError) as error:
+        training_run_start(project=project)
+
+    assert str(error.value).startswith("model version loop/v0 points outside ")
+    assert not TrainingRun.objects.exists()
+    assert not (training_runs.settings.DATA_DIR / "runs").exists()
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        (
+            "RANKWISE_MAX_TRAINING_EPOCHS",
+            "0",
+            "RANKWISE_MAX_TRAINING_EPOCHS must be a whole number of at least 1, not '0'",
+        ),
+        (
+            "RANKWISE_MAX_TRAINING_BATCH_SIZE",
+            "lots",
+            "RANKWISE_MAX_TRAINING_BATCH_SIZE must be a whole number of at least 1, not 'lots'",
+        ),
+        (
+            "RANKWISE_MAX_TRAINING_EPOCHS",
+            "²",
+            "RANKWISE_MAX_TRAINING_EPOCHS must be a whole number of at least 1, not '²'",
+        ),
+    ],
+)
+def test_a_wrong_training_limit_stops_start_up_naming_it(tmp_path, name, value, message):
+    show = (
+        "import django; django.setup(); from django.conf import settings; print(settings.RANKWISE_MAX_TRAINING_EPOCHS)"
+    )
+    env = {
+        **{k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL")},
+        "DJANGO_SETTINGS_MODULE": "config.settings",
+        "SECRET_KEY": "k3Y-" * 16,
+        "RANKWISE_DATA_DIR": str(tmp_path),
+    }
+    default = subprocess.run([sys.executable, "-c", show], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert default.stdout.strip() == "100"
+    wrong = subprocess.run(
+        [sys.executable, "-c", show], cwd=ROOT, env={**env, name: value}, capture_output=True, text=True
+    )
+    assert wrong.returncode != 0 and message in wrong.stderr
 
 
 def wait_for(condition, *, seconds, what):

@@ -132,7 +132,8 @@ def summary(metrics: dict[str, Any], out_dir: Path) -> str:
     if before.get("pairs"):
         lines.append(
             f"held-out accuracy ({before['pairs']} pairs): {before['accuracy']:.3f} -> {after['accuracy']:.3f}; "
-            f"margin {before['margin']:.4f} -> {after['margin']:.4f}"
+            f"margin {before['margin']:.4f} -> {after['margin']:.4f}; "
+            f"chosen answer more likely {before['logp_accuracy']:.3f} -> {after['logp_accuracy']:.3f}"
         )
     else:
         lines.append("held-out accuracy: no held-out pairs")

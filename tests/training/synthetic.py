@@ -57,5 +57,22 @@ def ranked_groups(n_topics: int = len(TOPICS)) -> list[dict]:
     ]
 
 
+def less_likely_pairs() -> list[dict]:
+    """Pairs whose chosen answer the tiny base model finds less likely than the rejected one (same length)."""
+    return [
+        {"prompt": ask.format(topic), "chosen": f"{topic} are good.", "rejected": f"{topic} are fine."}
+        for topic in TOPICS
+        for ask in ASKS
+    ]
+
+
+def less_likely_groups() -> list[dict]:
+    """The same preference as ranked groups of two."""
+    return [
+        {"prompt": p["prompt"], "completions": [p["rejected"], p["chosen"]], "ranks": [[2, 1]]}
+        for p in less_likely_pairs()
+    ]
+
+
 def split(records: list[dict]) -> tuple[list[dict], list[dict]]:
     return split_by_prompt(records, 0.25, seed=0)

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -41,10 +42,35 @@ def test_lr_factor_warms_up_then_follows_the_schedule(schedule, expected):
     assert [factor(s) for s in range(5)] == pytest.approx(expected)
 
 
-def test_precision_auto_and_explicit():
+def test_precision_explicit_is_kept():
     assert resolve_precision("fp32", torch.device("cpu")) == "fp32"
     assert resolve_precision("bf16", torch.device("cpu")) == "bf16"
-    assert resolve_precision("auto", torch.device("cpu")) in ("bf16", "fp32")
+
+
+@pytest.mark.parametrize(
+    ("cpuinfo", "expected"),
+    [
+        ("processor : 0\nflags : fpu sse2 avx2 avx512f avx512_bf16 amx_tile\n", "bf16"),
+        ("processor : 0\nflags : fpu sse2 avx2 amx_bf16\n", "bf16"),
+        ("processor : 0\nflags : fpu sse2 avx2 avx512f avx512_vnni\n", "fp32"),  # bf16 would be emulated: slow
+    ],
+)
+def test_precision_auto_on_the_cpu_follows_its_bf16_units(monkeypatch, cpuinfo, expected):
+    real_read_text = Path.read_text
+
+    def read_text(path, *args, **kwargs):
+        return cpuinfo if str(path) == "/proc/cpuinfo" else real_read_text(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", read_text)
+    assert resolve_precision("auto", torch.device("cpu")) == expected
+
+
+def test_precision_auto_without_cpuinfo_is_fp32(monkeypatch):
+    def unreadable(path, *args, **kwargs):
+        raise FileNotFoundError(path)
+
+    monkeypatch.setattr(Path, "read_text", unreadable)
+    assert resolve_precision("auto", torch.device("cpu")) == "fp32"
 
 
 def test_step_plan_covers_every_epoch_in_a_fixed_order():

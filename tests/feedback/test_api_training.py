@@ -133,7 +133,7 @@ def test_the_list_is_paginated_newest_first(project, manager_api):
         ({"algorithm": "ppo"}, "algorithm", "is not a valid choice"),
         ({"config": [1, 2]}, "config", "Expected a dictionary"),
         ({"config": {"beta": -1}}, "detail", "beta must be positive"),
-        ({"config": {"learning_rate": "fast"}}, "detail", "learning_rate must be a float"),
+        ({"config": {"learning_rate": "fast"}}, "detail", "learning_rate must be a number, not 'fast'"),
         ({"config": {"betta": 0.1}}, "detail", "unknown dpo setting 'betta'"),
         ({"algorithm": "grpo"}, "detail", "GRPO trains on ranked groups"),
     ],

@@ -113,6 +113,9 @@ def test_a_model_that_cannot_be_loaded_is_a_clear_error(tmp_path, capsys):
         (["--loss-type", "hinge", "--label-smoothing", "0.1"], "label_smoothing has no effect"),
         (["--eval-data", "x.jsonl", "--eval-fraction", "0.2"], "cannot be used together"),
         (["--max-prompt-length", "600"], "max_prompt_length must be"),
+        (["--beta", "nan"], "beta must be a finite number, not nan"),
+        (["--lr", "inf"], "learning_rate must be a finite number, not inf"),
+        (["--max-length", "1"], "max_prompt_length must be positive and smaller than max_length"),
     ],
 )
 def test_options_that_make_no_sense_together(tmp_path, capsys, args, message):

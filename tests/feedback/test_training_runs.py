@@ -424,6 +424,7 @@ def test_a_worker_killed_mid_run_leaves_no_run_stuck_and_the_next_run_succeeds(p
         "DATABASE_URL": f"sqlite:///{connection.settings_dict['NAME']}",
         "RANKWISE_DATA_DIR": str(settings.DATA_DIR),
         "RANKWISE_TRAINING_RUN_STALE_SECONDS": "2",
+        "RANKWISE_MAX_TRAINING_EPOCHS": "500",  # a run long enough to be killed in the middle
     }
 
     def manage(*args):

@@ -90,10 +90,9 @@ class TrainConfig:
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative")
         for f in fields(self):
-            if f.metadata["choices"] and getattr(self, f.name) not in f.metadata["choices"]:
-                raise ValueError(
-                    f"{f.name} must be one of {', '.join(f.metadata['choices'])}, not {getattr(self, f.name)!r}"
-                )
+            choices, value = f.metadata["choices"], getattr(self, f.name)
+            if choices and value not in choices:
+                raise ValueError(f"{f.name} must be one of {', '.join(choices)}, not {_shown(value)}")
         if self.learning_rate <= 0:
             raise ValueError("learning_rate must be positive")
         if self.lora_alpha <= 0:
@@ -164,7 +163,7 @@ Config = TypeVar("Config", bound=TrainConfig)
 def config_from_mapping(config_class: type[Config], values: Mapping[str, Any]) -> Config:
     """A validated config from untyped values; ValueError names an unknown setting or the field of a bad value.
 
-    Whole numbers are taken where a float goes (JSON writes 1.0 as 1) and stored as floats.
+    A whole number is taken where a float goes (people write 1 for 1.0) and stored as a float.
     """
     known = {f.name for f in fields(config_class)}
     unknown = sorted(set(values) - known)

@@ -466,3 +466,15 @@ def test_a_worker_killed_mid_run_leaves_no_run_stuck_and_the_next_run_succeeds(p
     assert next_run.status == "succeeded", next_run.error + (settings.DATA_DIR / "worker.log").read_text()
     assert "worker stopped" in TrainingRun.objects.get(pk=run.pk).error
     assert not ModelVersion.objects.filter(produced_by_run=run).exists()
+
+
+def test_a_version_moved_outside_the_data_dir_after_the_start_fails_the_run_unread(project):
+    judge_everything(project, UserFactory(), prompts=2)
+    run = training_run_start(project=project, enqueue=False)
+    ModelVersion.objects.create(project=project, name="v0", weights_path="/etc", is_active=True)
+
+    done = training_run_execute(run_id=run.pk)
+
+    assert done.status == "failed"
+    assert done.error.startswith("ValueError: model version loop/v0 points outside ")
+    assert not ModelVersion.objects.filter(produced_by_run=run).exists()

@@ -30,6 +30,23 @@ if not (_export_workers.isascii() and _export_workers.isdigit()) or int(_export_
 EXPORT_WORKERS = int(_export_workers)
 REFERENCE_CACHE_DIR = DATA_DIR / "reference-cache"
 
+
+def _limit(name: str, default: int) -> int:
+    """A RANKWISE_MAX_* setting: a whole number of at least 1, or start-up stops naming it."""
+    value = env.str(name, default=str(default))
+    if not (value.isascii() and value.isdigit()) or int(value) < 1:
+        raise ImproperlyConfigured(f"{name} must be a whole number of at least 1, not {value!r}")
+    return int(value)
+
+
+# Limits on imported prompts (feedback.services.prompts), high enough that a team rarely raises them.
+# The model name is stored in Completion.source_model; feedback.apps refuses a limit above that column's length.
+RANKWISE_MAX_PROMPT_CHARS = _limit("RANKWISE_MAX_PROMPT_CHARS", 100_000)  # all of a prompt's messages together
+RANKWISE_MAX_COMPLETION_CHARS = _limit("RANKWISE_MAX_COMPLETION_CHARS", 100_000)
+RANKWISE_MAX_COMPLETIONS = _limit("RANKWISE_MAX_COMPLETIONS", 64)  # on one imported record
+RANKWISE_MAX_MODEL_NAME_CHARS = _limit("RANKWISE_MAX_MODEL_NAME_CHARS", 300)
+RANKWISE_MAX_UPLOAD_BYTES = _limit("RANKWISE_MAX_UPLOAD_BYTES", 50 * 1024 * 1024)  # a prompt import's body
+
 INSTALLED_APPS = [
     "django.contrib.admin",
     "django.contrib.auth",

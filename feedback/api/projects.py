@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from django.conf import settings
 from django.db.models import Count, QuerySet
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema, inline_serializer
 from rest_framework import serializers, status
@@ -220,11 +221,33 @@ class PromptsApi(APIView):
             401: NOT_AUTHENTICATED,
             403: FORBIDDEN,
             404: NOT_FOUND,
+            413: OpenApiResponse(
+                inline_serializer(
+                    name="PromptImportTooLarge",
+                    fields={
+                        "detail": serializers.CharField(),
+                        "problems": ImportProblemSerializer(many=True),
+                    },
+                ),
+                description="Nothing was imported: the body is larger than RANKWISE_MAX_UPLOAD_BYTES.",
+            ),
             429: THROTTLED,
         },
     )
     def post(self, request: Request, slug: str) -> Response:
         project = project_for_role(user=request.user, slug=slug, role=Membership.Role.MANAGER)
+        limit = settings.RANKWISE_MAX_UPLOAD_BYTES
+        length = request.META.get("CONTENT_LENGTH") or "0"
+        # Decided from the header, before any of the body is read (DRF's JSON parser has no size limit).
+        if length.isascii() and length.isdigit() and (len(length) > len(str(limit)) or int(length) > limit):
+            message = f"the body is larger than {limit:,} bytes (RANKWISE_MAX_UPLOAD_BYTES)"
+            return Response(
+                {
+                    "detail": f"Nothing was imported: {message}; send the records in smaller parts.",
+                    "problems": [{"line": 0, "field": "body", "message": message}],
+                },
+                status=status.HTTP_413_REQUEST_ENTITY_TOO_LARGE,
+            )
         try:
             body = self.ImportInputSerializer(data=request.data)
         except ParseError as error:

@@ -7,16 +7,18 @@ nothing and every problem names its line (or item) and field.
 from __future__ import annotations
 
 import csv
-import io
 import json
+import math
 import multiprocessing
 import os
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO
+from typing import Any
 
+from django.conf import settings
 from django.db import connection, transaction
 from django.db.models import Field
 from django.utils import timezone
@@ -28,6 +30,10 @@ ROLES = ("system", "user", "assistant")
 MAX_PROBLEMS = 50
 BATCH_SIZE = 2000
 PARALLEL_RENDER_FROM = 20_000  # completions; below this, starting worker processes costs more than it saves
+MAX_ID_CHARS = Prompt._meta.get_field("external_id").max_length
+# Metadata is labels, not documents; the database's JSON check (SQLite's json_valid) refuses
+# nesting beyond 1,000 levels, and a walk that deep costs more than labels ever need.
+MAX_METADATA_DEPTH = 32
 
 
 @dataclass(frozen=True)
@@ -70,8 +76,26 @@ class _Invalid(Exception):
         self.message = message
 
 
+def _check_text(value: str, where: str, *, limit: int | None = None, setting: str = "") -> None:
+    """Refuse text the pages could not show or the database could not store, and text over its limit."""
+    if limit is not None and len(value) > limit:
+        raise _Invalid(where, f"is {len(value):,} characters long; at most {limit:,} are allowed ({setting})")
+    if "\x00" in value:
+        raise _Invalid(where, f"holds a NUL character (\\u0000) at character {value.index(chr(0)) + 1}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise _Invalid(
+            where,
+            f"holds a lone surrogate (\\u{ord(value[error.start]):04x}) at character {error.start + 1}, "
+            "which is not valid Unicode text",
+        ) from None
+
+
 def _validate_messages(value: Any) -> list[dict[str, str]]:
+    limit = settings.RANKWISE_MAX_PROMPT_CHARS
     if isinstance(value, str):
+        _check_text(value, "prompt", limit=limit, setting="RANKWISE_MAX_PROMPT_CHARS")
         if not value.strip():
             raise _Invalid("prompt", "is empty")
         return [{"role": "user", "content": value}]
@@ -80,15 +104,27 @@ def _validate_messages(value: Any) -> list[dict[str, str]]:
     if not value:
         raise _Invalid("prompt", "has no messages")
     messages = []
+    total = 0
     for i, message in enumerate(value):
         where = f"prompt[{i}]"
         if not isinstance(message, dict):
             raise _Invalid(where, "must be an object with 'role' and 'content'")
         role, content = message.get("role"), message.get("content")
-        if role not in ROLES:
-            raise _Invalid(f"{where}.role", f"must be one of {', '.join(ROLES)}, not {role!r}")
+        if not isinstance(role, str) or role not in ROLES:
+            # repr() escapes what a page cannot show; only a short piece of a string is echoed
+            got = (
+                repr(role[:40]) if isinstance(role, str) else "missing" if role is None else f"a {type(role).__name__}"
+            )
+            raise _Invalid(f"{where}.role", f"must be one of {', '.join(ROLES)}; it is {got}")
         if not isinstance(content, str):
             raise _Invalid(f"{where}.content", "must be a string")
+        total += len(content)
+        if total > limit:
+            raise _Invalid(
+                "prompt",
+                f"has more than {limit:,} characters in its messages (RANKWISE_MAX_PROMPT_CHARS)",
+            )
+        _check_text(content, f"{where}.content")
         if not content.strip():
             raise _Invalid(f"{where}.content", "is empty")
         messages.append({"role": role, "content": content})
@@ -103,14 +139,64 @@ def _validate_completion(value: Any, index: int) -> tuple[str, str]:
         text, model = value.get("text"), value.get("model", "")
         if not isinstance(model, str):
             raise _Invalid(f"{where}.model", "must be a string")
+        _check_text(
+            model,
+            f"{where}.model",
+            limit=settings.RANKWISE_MAX_MODEL_NAME_CHARS,
+            setting="RANKWISE_MAX_MODEL_NAME_CHARS",
+        )
         where = f"{where}.text"
     else:
         text, model = value, ""
     if not isinstance(text, str):
         raise _Invalid(where, "must be a string or an object with 'text'")
+    _check_text(text, where, limit=settings.RANKWISE_MAX_COMPLETION_CHARS, setting="RANKWISE_MAX_COMPLETION_CHARS")
     if not text.strip():
         raise _Invalid(where, "is empty")
     return text, model
+
+
+def _validate_external_id(value: Any) -> str:
+    if isinstance(value, int) and not isinstance(value, bool):
+        # Checked before str(): Python refuses to convert an integer of more than 4,300 digits.
+        if not -(10**MAX_ID_CHARS) < value < 10**MAX_ID_CHARS:
+            raise _Invalid("id", f"is a number too long for an id; ids have at most {MAX_ID_CHARS} characters")
+        value = str(value)
+    if not isinstance(value, str) or len(value) > MAX_ID_CHARS:
+        raise _Invalid("id", f"must be a string of at most {MAX_ID_CHARS} characters")
+    _check_text(value, "id")
+    return value
+
+
+def _validate_metadata(metadata: dict[str, Any]) -> None:
+    """Every key and value a JSON column holds and every page can show, walked without recursion."""
+    pending: list[tuple[str, Any, int]] = [("metadata", metadata, 1)]
+    while pending:
+        where, value, depth = pending.pop()
+        if isinstance(value, str):
+            _check_text(value, where)
+        elif isinstance(value, float):
+            if not math.isfinite(value):
+                raise _Invalid(where, f"must be a finite number, not {value}")
+        elif isinstance(value, int) and not isinstance(value, bool):
+            # Three bits a digit undercounts (log2(10) = 3.32), so whatever passes converts to text when stored.
+            if value.bit_length() > sys.get_int_max_str_digits() * 3:
+                raise _Invalid(where, "is a number too large to store")
+        elif isinstance(value, dict | list):
+            if depth > MAX_METADATA_DEPTH:
+                raise _Invalid(where, f"is nested more than {MAX_METADATA_DEPTH} levels deep")
+            if isinstance(value, dict):
+                for key, item in value.items():
+                    if not isinstance(key, str):
+                        raise _Invalid(where, f"has a key that is not a string (a {type(key).__name__})")
+                    _check_text(key, f"{where} key {key[:40]!r}")
+                    pending.append((f"{where}.{key}", item, depth + 1))
+            else:
+                pending.extend((f"{where}[{i}]", item, depth + 1) for i, item in enumerate(value))
+        elif value is not None and not isinstance(value, bool):
+            raise _Invalid(
+                where, f"must be JSON (a string, number, true/false, null, list or object), not {type(value).__name__}"
+            )
 
 
 def _validate_record(record: Any) -> _ValidRecord:
@@ -120,19 +206,24 @@ def _validate_record(record: Any) -> _ValidRecord:
         raise _Invalid("prompt", "is missing")
     unknown = set(record) - {"prompt", "completions", "id", "metadata"}
     if unknown:
-        raise _Invalid(sorted(unknown)[0], "is not a known field (prompt, completions, id, metadata)")
+        name = sorted(str(key) for key in unknown)[0]
+        _check_text(name, "")
+        raise _Invalid(name[:100], "is not a known field (prompt, completions, id, metadata)")
     messages = _validate_messages(record["prompt"])
     completions = record.get("completions") or []
     if not isinstance(completions, list):
         raise _Invalid("completions", "must be a list")
-    external_id = record.get("id", "")
-    if isinstance(external_id, int) and not isinstance(external_id, bool):
-        external_id = str(external_id)
-    if not isinstance(external_id, str) or len(external_id) > 200:
-        raise _Invalid("id", "must be a string of at most 200 characters")
+    most = settings.RANKWISE_MAX_COMPLETIONS
+    if len(completions) > most:
+        raise _Invalid(
+            "completions",
+            f"has {len(completions):,} completions; at most {most:,} are allowed (RANKWISE_MAX_COMPLETIONS)",
+        )
+    external_id = _validate_external_id(record.get("id", ""))
     metadata = record.get("metadata") or {}
     if not isinstance(metadata, dict):
         raise _Invalid("metadata", "must be an object")
+    _validate_metadata(metadata)
     return _ValidRecord(
         messages=messages,
         external_id=external_id,
@@ -243,6 +334,17 @@ def prompts_import_records(
     return _write(project, _validated(project, enumerate(records, start=1)), progress)
 
 
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _parse_int(digits: str) -> int:
+    # Python converts at most this many digits to an int; its own error names a setting of Python's.
+    if len(digits.lstrip("-")) > sys.get_int_max_str_digits():
+        raise ValueError(f"a number of {len(digits):,} digits is longer than the {sys.get_int_max_str_digits():,} read")
+    return int(digits)
+
+
 def _jsonl_records(lines: Iterable[str | bytes]) -> Iterator[tuple[int, Any]]:
     for number, raw in enumerate(lines, start=1):
         try:
@@ -253,9 +355,13 @@ def _jsonl_records(lines: Iterable[str | bytes]) -> Iterator[tuple[int, Any]]:
         if not text.strip():
             continue
         try:
-            yield number, json.loads(text)
+            yield number, json.loads(text, parse_constant=_refuse_constant, parse_int=_parse_int)
         except json.JSONDecodeError as error:
             yield number, _Invalid("", f"is not valid JSON ({error.msg} at column {error.colno})")
+        except ValueError as error:  # from the two hooks above
+            yield number, _Invalid("", f"is not valid JSON ({error})")
+        except RecursionError:
+            yield number, _Invalid("", "is nested too deeply to read")
 
 
 def prompts_import_jsonl(
@@ -267,13 +373,24 @@ def prompts_import_jsonl(
 
 def _csv_records(lines: Iterable[str]) -> Iterator[tuple[int, Any]]:
     reader = csv.DictReader(lines)
-    columns = reader.fieldnames or []
+    try:
+        columns = reader.fieldnames or []
+    except csv.Error as error:
+        yield 1, _Invalid("", f"is not valid CSV ({error})")
+        return
     if "prompt" not in columns:
         yield 1, _Invalid("prompt", "the header has no 'prompt' column")
         return
     completion_columns = [c for c in columns if c.startswith("completion")]
     others = [c for c in columns if c not in completion_columns and c not in ("prompt", "id")]
-    for row in reader:
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as error:  # e.g. a cell over the csv module's field size limit; the next row still reads
+            yield reader.line_num, _Invalid("", f"is not valid CSV ({error})")
+            continue
         line = reader.line_num
         if None in row:
             yield line, _Invalid("", "has more cells than the header has columns")
@@ -292,8 +409,3 @@ def prompts_import_csv(
 ) -> ImportResult:
     """Import CSV: a `prompt` column, optional `id`, `completion_*` columns; other columns become metadata."""
     return _write(project, _validated(project, _csv_records(lines)), progress)
-
-
-def text_lines(binary: BinaryIO) -> io.TextIOWrapper:
-    """Decode an uploaded or opened binary file as UTF-8 text lines (CSV needs universal newlines)."""
-    return io.TextIOWrapper(binary, encoding="utf-8", newline="")

@@ -389,7 +389,8 @@ def _csv_records(lines: Iterable[str]) -> Iterator[tuple[int, Any]]:
         except StopIteration:
             return
         except csv.Error as error:  # e.g. a cell over the csv module's field size limit; the next row still reads
-            yield reader.line_num, _Invalid("", f"is not valid CSV ({error})")
+            # The DictReader counts only the rows it returned; its csv.reader has counted the bad one too.
+            yield reader.reader.line_num, _Invalid("", f"is not valid CSV ({error})")
             continue
         line = reader.line_num
         if None in row:

@@ -9,8 +9,13 @@ from django.core.management import CommandError, call_command
 
 from feedback.models import Completion, Project, Prompt
 from feedback.rendering import markdown_to_safe_html
-from feedback.services.prompts import PromptImportError, prompts_import_jsonl, prompts_import_records
-from tests.factories import ProjectFactory, PromptFactory
+from feedback.services.prompts import (
+    PromptImportError,
+    prompts_import_csv,
+    prompts_import_jsonl,
+    prompts_import_records,
+)
+from tests.factories import ProjectFactory, PromptFactory, UserFactory
 
 pytestmark = pytest.mark.django_db
 ROOT = Path(__file__).resolve().parents[2]
@@ -182,3 +187,108 @@ def test_large_imports_render_in_worker_processes_with_the_same_result(monkeypat
     assert result.completions == 60
     for completion in Completion.objects.all():
         assert completion.html == markdown_to_safe_html(completion.text)
+
+
+SURROGATE = "\ud800"
+# (record, field) for every place a string can stand in a record.
+SURROGATE_RECORDS = [
+    ({"prompt": f"a{SURROGATE}b"}, "prompt"),
+    ({"prompt": [{"role": "user", "content": f"hi {SURROGATE}"}]}, "prompt[0].content"),
+    ({"prompt": "q", "completions": ["fine", SURROGATE]}, "completions[1]"),
+    ({"prompt": "q", "completions": [{"text": f"x{SURROGATE}"}]}, "completions[0].text"),
+    ({"prompt": "q", "completions": [{"text": "x", "model": f"m{SURROGATE}"}]}, "completions[0].model"),
+    ({"prompt": "q", "id": f"q-{SURROGATE}"}, "id"),
+    ({"prompt": "q", "metadata": {"topic": SURROGATE}}, "metadata.topic"),
+    ({"prompt": "q", "metadata": {"tags": ["ok", {"deep": SURROGATE}]}}, "metadata.tags[1].deep"),
+    ({"prompt": "q", "metadata": {SURROGATE: "value"}}, "metadata key '\\ud800'"),
+]
+
+
+@pytest.mark.parametrize(("record", "where"), SURROGATE_RECORDS)
+def test_a_lone_surrogate_anywhere_is_refused_by_the_command_with_line_and_field(tmp_path, record, where):
+    # json.dumps escapes it (\ud800), which is valid JSON; decoded, it is not valid Unicode text.
+    file = write_jsonl(tmp_path / "bad.jsonl", {"prompt": "fine"}, record)
+    with pytest.raises(CommandError) as raised:
+        call_command("import_prompts", "fresh", str(file))
+    assert f"line 2, field '{where}': holds a lone surrogate (\\ud800)" in str(raised.value)
+    assert not Project.objects.filter(slug="fresh").exists()
+    assert Prompt.objects.count() == 0 and Completion.objects.count() == 0
+
+
+@pytest.mark.parametrize(("record", "where"), SURROGATE_RECORDS)
+def test_a_lone_surrogate_anywhere_is_refused_by_the_api(client, record, where):
+    project = ProjectFactory(slug="api-import")
+    manager = UserFactory(is_staff=True)
+    client.force_login(manager)
+    # The test client cannot encode a lone surrogate; the body is the escaped JSON a program would send.
+    body = json.dumps({"records": [{"prompt": "fine"}, record]})
+    response = client.post(f"/api/v1/projects/{project.slug}/prompts/", body, content_type="application/json")
+    assert response.status_code == 400
+    [problem] = response.json()["problems"]
+    assert (problem["line"], problem["field"]) == (2, where)
+    assert problem["message"].startswith("holds a lone surrogate (\\ud800) at character ")
+    assert Prompt.objects.count() == 0
+
+
+def test_a_lone_surrogate_in_csv_text_and_a_nul_are_refused():
+    project = ProjectFactory()
+    lines = ["prompt,completion_1,topic\n", f"ok,fine,{SURROGATE}\n", "q\x00,a,b\n"]
+    with pytest.raises(PromptImportError) as raised:
+        prompts_import_csv(project=project, lines=lines)
+    assert [str(p) for p in raised.value.problems] == [
+        "line 2, field 'metadata.topic': holds a lone surrogate (\\ud800) at character 1, "
+        "which is not valid Unicode text",
+        "line 3, field 'prompt': holds a NUL character (\\u0000) at character 2",
+    ]
+    assert Prompt.objects.count() == 0
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ('{"prompt": "q", "metadata": {"score": NaN}}', "line 2: is not valid JSON (NaN is not a JSON number)"),
+        ('{"prompt": "q", "metadata": {"score": -Infinity}}', "line 2: is not valid JSON (-Infinity is not a JSON"),
+        (
+            '{"prompt": "q", "metadata": {"score": 1e400}}',
+            "line 2, field 'metadata.score': must be a finite number, not inf",
+        ),
+        (
+            '{"prompt": "q", "id": ' + "9" * 5000 + "}",
+            "line 2: is not valid JSON (a number of 5,000 digits is longer than the 4,300 read)",
+        ),
+        (
+            '{"prompt": "q", "id": ' + str(10**400) + "}",
+            "line 2, field 'id': is a number too long for an id; ids have at most 200 characters",
+        ),
+        ('{"prompt": "q", "metadata": ' + "[" * 100_000 + "]" * 100_000 + "}", "line 2: is nested too deeply"),
+        (
+            '{"prompt": "q", "metadata": {"a": ' + "[" * 40 + "]" * 40 + "}}",
+            "field 'metadata.a" + "[0]" * 31 + "': is nested more than 32 levels deep",
+        ),
+    ],
+)
+def test_numbers_and_nesting_json_cannot_store_are_line_errors_not_tracebacks(tmp_path, line, message):
+    file = write_jsonl(tmp_path / "bad.jsonl", {"prompt": "fine"}, line)
+    with pytest.raises(CommandError) as raised:
+        call_command("import_prompts", "fresh", str(file))
+    assert message in str(raised.value)
+    assert Prompt.objects.count() == 0
+
+
+def test_a_csv_cell_too_long_for_the_csv_reader_names_its_line_and_the_rest_is_still_read():
+    lines = ["prompt,notes\n", "one,ok\n", 'two,"' + "x" * 200_000 + '"\n', "three,\n"]
+    with pytest.raises(PromptImportError) as raised:
+        prompts_import_csv(project=ProjectFactory(), lines=lines)
+    assert [str(p) for p in raised.value.problems] == [
+        "line 3: is not valid CSV (field larger than field limit (131072))"
+    ]
+
+
+def test_a_record_from_python_with_a_huge_integer_id_or_a_set_is_refused():
+    records = [{"prompt": "q", "id": 10**5000}, {"prompt": "q", "metadata": {"tags": {"a"}}}]
+    with pytest.raises(PromptImportError) as raised:
+        prompts_import_records(project=ProjectFactory(), records=records)
+    assert [(p.line, p.field, p.message) for p in raised.value.problems] == [
+        (1, "id", "is a number too long for an id; ids have at most 200 characters"),
+        (2, "metadata.tags", "must be JSON (a string, number, true/false, null, list or object), not set"),
+    ]

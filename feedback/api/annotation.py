@@ -31,6 +31,10 @@ def _annotator(request: Request) -> User:
     return request.user
 
 
+def _one_of(values: list[str]) -> str:
+    return f"Not a valid choice; use one of {', '.join(values)}."
+
+
 class TaskMessageSerializer(serializers.Serializer):
     role = serializers.CharField()
     content = serializers.CharField()
@@ -82,9 +86,22 @@ class JudgementSubmitApi(APIView):
     class InputSerializer(serializers.Serializer):
         task_id = serializers.IntegerField(min_value=1)
         client_uuid = serializers.UUIDField(help_text="Made by the client once per judgement; a retry sends it again.")
-        kind = serializers.ChoiceField(choices=Project.Mode.choices)
-        choice = serializers.ChoiceField(choices=PairwiseJudgement.Choice.choices, required=False)
-        strength = serializers.ChoiceField(choices=PairwiseJudgement.Strength.choices, required=False, allow_blank=True)
+        # The choice errors name the valid values instead of echoing the input, which may not be encodable
+        # (a lone surrogate) and would turn the 400 into a 500 when rendered.
+        kind = serializers.ChoiceField(
+            choices=Project.Mode.choices, error_messages={"invalid_choice": _one_of(Project.Mode.values)}
+        )
+        choice = serializers.ChoiceField(
+            choices=PairwiseJudgement.Choice.choices,
+            required=False,
+            error_messages={"invalid_choice": _one_of(PairwiseJudgement.Choice.values)},
+        )
+        strength = serializers.ChoiceField(
+            choices=PairwiseJudgement.Strength.choices,
+            required=False,
+            allow_blank=True,
+            error_messages={"invalid_choice": _one_of(PairwiseJudgement.Strength.values)},
+        )
         ranking = serializers.ListField(
             child=serializers.ListField(child=serializers.IntegerField(), allow_empty=False),
             required=False,

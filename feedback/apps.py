@@ -1,6 +1,7 @@
 from django.apps import AppConfig
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
+from django.db.models import CharField
 
 
 class FeedbackConfig(AppConfig):
@@ -12,8 +13,10 @@ class FeedbackConfig(AppConfig):
         from feedback import checks  # noqa: F401  (registers the deploy checks)
 
         # A longer limit would let a model name pass the import's check and then fail to save.
-        column = self.get_model("Completion")._meta.get_field("source_model").max_length
-        if column is not None and column < settings.RANKWISE_MAX_MODEL_NAME_CHARS:
+        source_model = self.get_model("Completion")._meta.get_field("source_model")
+        assert isinstance(source_model, CharField) and source_model.max_length is not None
+        column = source_model.max_length
+        if column < settings.RANKWISE_MAX_MODEL_NAME_CHARS:
             raise ImproperlyConfigured(
                 f"RANKWISE_MAX_MODEL_NAME_CHARS must be at most {column} (the length of Completion.source_model), "
                 f"not {settings.RANKWISE_MAX_MODEL_NAME_CHARS}"

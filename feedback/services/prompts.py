@@ -20,7 +20,7 @@ from typing import Any
 
 from django.conf import settings
 from django.db import connection, transaction
-from django.db.models import Field
+from django.db.models import CharField, Field
 from django.utils import timezone
 
 from feedback.models import Completion, Project, Prompt
@@ -30,7 +30,14 @@ ROLES = ("system", "user", "assistant")
 MAX_PROBLEMS = 50
 BATCH_SIZE = 2000
 PARALLEL_RENDER_FROM = 20_000  # completions; below this, starting worker processes costs more than it saves
-MAX_ID_CHARS = Prompt._meta.get_field("external_id").max_length
+
+
+def _column_length(field: Any) -> int:
+    assert isinstance(field, CharField) and field.max_length is not None
+    return field.max_length
+
+
+MAX_ID_CHARS = _column_length(Prompt._meta.get_field("external_id"))
 # Metadata is labels, not documents; the database's JSON check (SQLite's json_valid) refuses
 # nesting beyond 1,000 levels, and a walk that deep costs more than labels ever need.
 MAX_METADATA_DEPTH = 32

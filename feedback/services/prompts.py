@@ -214,7 +214,7 @@ def _validate_record(record: Any) -> _ValidRecord:
     unknown = set(record) - {"prompt", "completions", "id", "metadata"}
     if unknown:
         name = sorted(str(key) for key in unknown)[0]
-        _check_text(name, "")
+        _check_text(name, "field name")
         raise _Invalid(name[:100], "is not a known field (prompt, completions, id, metadata)")
     messages = _validate_messages(record["prompt"])
     completions = record.get("completions") or []
@@ -348,7 +348,8 @@ def _refuse_constant(name: str) -> Any:
 def _parse_int(digits: str) -> int:
     # Python converts at most this many digits to an int; its own error names a setting of Python's.
     if len(digits.lstrip("-")) > sys.get_int_max_str_digits():
-        raise ValueError(f"a number of {len(digits):,} digits is longer than the {sys.get_int_max_str_digits():,} read")
+        most = sys.get_int_max_str_digits()
+        raise ValueError(f"a number has {len(digits.lstrip('-')):,} digits; at most {most:,} are read")
     return int(digits)
 
 

@@ -201,6 +201,7 @@ SURROGATE_RECORDS = [
     ({"prompt": "q", "metadata": {"topic": SURROGATE}}, "metadata.topic"),
     ({"prompt": "q", "metadata": {"tags": ["ok", {"deep": SURROGATE}]}}, "metadata.tags[1].deep"),
     ({"prompt": "q", "metadata": {SURROGATE: "value"}}, "metadata key '\\ud800'"),
+    ({"prompt": "q", f"extra{SURROGATE}": 1}, "field name"),
 ]
 
 
@@ -254,7 +255,7 @@ def test_a_lone_surrogate_in_csv_text_and_a_nul_are_refused():
         ),
         (
             '{"prompt": "q", "id": ' + "9" * 5000 + "}",
-            "line 2: is not valid JSON (a number of 5,000 digits is longer than the 4,300 read)",
+            "line 2: is not valid JSON (a number has 5,000 digits; at most 4,300 are read)",
         ),
         (
             '{"prompt": "q", "id": ' + str(10**400) + "}",
@@ -292,3 +293,20 @@ def test_a_record_from_python_with_a_huge_integer_id_or_a_set_is_refused():
         (1, "id", "is a number too long for an id; ids have at most 200 characters"),
         (2, "metadata.tags", "must be JSON (a string, number, true/false, null, list or object), not set"),
     ]
+
+
+@pytest.mark.parametrize(
+    "value", ["NaN", "-Infinity", "1e400", "9" * 5000], ids=["nan", "infinity", "overflow", "5000-digits"]
+)
+def test_the_api_refuses_numbers_json_cannot_hold(client, value):
+    project = ProjectFactory(slug="api-numbers")
+    client.force_login(UserFactory(is_staff=True))
+    body = '{"records": [{"prompt": "q", "metadata": {"score": ' + value + "}}]}"
+    response = client.post(f"/api/v1/projects/{project.slug}/prompts/", body, content_type="application/json")
+    assert response.status_code == 400
+    [problem] = response.json()["problems"]
+    if value == "1e400":  # valid JSON that Python reads as inf, which the body's JSON field refuses
+        assert problem == {"line": 0, "field": "records.0", "message": "Value must be valid JSON."}
+    else:
+        assert (problem["line"], problem["field"]) == (0, "body")
+    assert Prompt.objects.count() == 0

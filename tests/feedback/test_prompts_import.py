@@ -163,7 +163,13 @@ def test_csv_without_a_prompt_column_and_non_utf8_input(tmp_path):
 
 
 def test_the_command_exits_non_zero_without_a_traceback(tmp_path):
-    file = write_jsonl(tmp_path / "bad.jsonl", {"prompt": "q", "completions": [""]})
+    file = write_jsonl(
+        tmp_path / "bad.jsonl",
+        {"prompt": "q", "completions": [""]},
+        '{"prompt": "q", "metadata": {"score": NaN}}',
+        {"prompt": "\ud800"},
+        '{"prompt": "q", "id": ' + "1" * 5000 + "}",
+    )
     env = {**os.environ, "RANKWISE_DATA_DIR": str(tmp_path / "data")}
     subprocess.run([sys.executable, "manage.py", "migrate", "-v0"], cwd=ROOT, env=env, check=True)
     done = subprocess.run(
@@ -175,6 +181,9 @@ def test_the_command_exits_non_zero_without_a_traceback(tmp_path):
     )
     assert done.returncode != 0
     assert "line 1, field 'completions[0]': is empty" in done.stderr
+    assert "line 2: is not valid JSON (NaN is not a JSON number)" in done.stderr
+    assert "line 3, field 'prompt': holds a lone surrogate" in done.stderr
+    assert "line 4: is not valid JSON (a number has 5,000 digits" in done.stderr
     assert "Traceback" not in done.stderr
 
 

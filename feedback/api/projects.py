@@ -13,11 +13,13 @@ from django.db.models import Count, QuerySet
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema, inline_serializer
 from rest_framework import serializers, status
 from rest_framework.exceptions import NotFound, ParseError
+from rest_framework.parsers import BaseParser
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.throttling import ScopedRateThrottle
 from rest_framework.views import APIView
 
+from feedback.api.parsers import BoundedJSONParser
 from feedback.api.serializers import (
     FORBIDDEN,
     NOT_AUTHENTICATED,
@@ -125,6 +127,20 @@ class ProjectDetailApi(APIView):
         return Response(self.OutputSerializer({**data, "guidelines": counted.guidelines}).data)
 
 
+class ImportJSONParser(BaseParser):
+    """The API's JSON parser, fed from the request's stream rather than from request.body.
+
+    DRF hands a JSONParser request.body, which Django refuses over DATA_UPLOAD_MAX_MEMORY_SIZE
+    (2.5 MB, for every request) with a bare 400 page; an import has its own limit,
+    RANKWISE_MAX_UPLOAD_BYTES, which the view checks from Content-Length before the body is read.
+    """
+
+    media_type = "application/json"
+
+    def parse(self, stream: Any, media_type: str | None = None, parser_context: Any = None) -> Any:
+        return BoundedJSONParser().parse(stream, media_type, parser_context)
+
+
 class PromptsApi(APIView):
     """GET lists a project's prompts; POST imports prompts (and completions) all or nothing."""
 
@@ -132,6 +148,7 @@ class PromptsApi(APIView):
         return [ScopedRateThrottle()] if self.request.method == "POST" else []
 
     throttle_scope = "submit"
+    parser_classes = [ImportJSONParser]
 
     class ListInputSerializer(serializers.Serializer):
         ordering = serializers.ChoiceField(choices=["id", "-id", "created_at", "-created_at"], default="id")
@@ -238,7 +255,7 @@ class PromptsApi(APIView):
         project = project_for_role(user=request.user, slug=slug, role=Membership.Role.MANAGER)
         limit = settings.RANKWISE_MAX_UPLOAD_BYTES
         length = request.META.get("CONTENT_LENGTH") or "0"
-        # Decided from the header, before any of the body is read (DRF's JSON parser has no size limit).
+        # Decided from the header, before any of the body is read.
         if length.isascii() and length.isdigit() and (len(length) > len(str(limit)) or int(length) > limit):
             message = f"the body is larger than {limit:,} bytes (RANKWISE_MAX_UPLOAD_BYTES)"
             return Response(

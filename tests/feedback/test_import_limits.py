@@ -89,6 +89,18 @@ def test_an_api_body_over_the_upload_limit_is_413_before_it_is_read(client, sett
     assert Prompt.objects.count() == 1
 
 
+def test_an_api_import_larger_than_djangos_request_body_limit_is_read(client, settings):
+    # 40 prompts of 90,000 characters: 3.6 MB, over Django's 2.5 MB DATA_UPLOAD_MAX_MEMORY_SIZE.
+    project = ProjectFactory(slug="big-upload")
+    client.force_login(UserFactory(is_staff=True))
+    body = json.dumps({"records": [{"prompt": f"{i} " + "q" * 90_000} for i in range(40)]})
+    assert len(body) > settings.DATA_UPLOAD_MAX_MEMORY_SIZE
+    response = client.post(f"/api/v1/projects/{project.slug}/prompts/", body, content_type="application/json")
+    assert response.status_code == 201
+    assert response.json() == {"prompts": 40, "completions": 0}
+    assert project.prompts.count() == 40
+
+
 def test_a_model_name_limit_beyond_its_column_stops_start_up(settings):
     settings.RANKWISE_MAX_MODEL_NAME_CHARS = 301
     with pytest.raises(
@@ -100,34 +112,39 @@ def test_a_model_name_limit_beyond_its_column_stops_start_up(settings):
     apps.get_app_config("feedback").ready()
 
 
-LIMITS = [
-    ("RANKWISE_MAX_PROMPT_CHARS", 100_000),
-    ("RANKWISE_MAX_COMPLETION_CHARS", 100_000),
-    ("RANKWISE_MAX_COMPLETIONS", 64),
-    ("RANKWISE_MAX_MODEL_NAME_CHARS", 300),
-    ("RANKWISE_MAX_UPLOAD_BYTES", 50 * 1024 * 1024),
-]
+LIMITS = {
+    "RANKWISE_MAX_PROMPT_CHARS": 100_000,
+    "RANKWISE_MAX_COMPLETION_CHARS": 100_000,
+    "RANKWISE_MAX_COMPLETIONS": 64,
+    "RANKWISE_MAX_MODEL_NAME_CHARS": 300,
+    "RANKWISE_MAX_UPLOAD_BYTES": 50 * 1024 * 1024,
+}
 SETUP = (
     "import django, os; os.environ['DJANGO_SETTINGS_MODULE']='config.settings'; django.setup(); "
-    "from django.conf import settings; print(settings.{name})"
+    "from django.conf import settings; print(*(getattr(settings, n) for n in {names}))"
 )
 
 
-@pytest.mark.parametrize(("name", "default"), LIMITS)
-def test_each_limit_has_a_default_an_override_and_a_named_error(tmp_path, name, default):
+def test_the_limits_have_defaults_and_overrides(tmp_path):
     base = {"SECRET_KEY": LONG_SECRET, "RANKWISE_DATA_DIR": str(tmp_path)}
-    show = SETUP.format(name=name)
-    assert run_python(show, **base).stdout.strip() == str(default)
-    assert run_python(show, **base, **{name: "20"}).stdout.strip() == "20"
-    for wrong in ("0", "ten", "-5", "²", "1e6"):
-        done = run_python(show, **base, **{name: wrong})
-        assert done.returncode != 0
-        assert f"ImproperlyConfigured: {name} must be a whole number of at least 1, not {wrong!r}" in done.stderr
+    show = SETUP.format(names=list(LIMITS))
+    assert run_python(show, **base).stdout.split() == [str(v) for v in LIMITS.values()]
+    assert run_python(show, **base, **dict.fromkeys(LIMITS, "20")).stdout.split() == ["20"] * len(LIMITS)
+
+
+# One process a limit, each with a different kind of wrong value.
+@pytest.mark.parametrize(("name", "wrong"), list(zip(LIMITS, ["0", "ten", "-5", "²", "1e6"], strict=True)))
+def test_a_wrong_limit_stops_start_up_naming_it(tmp_path, name, wrong):
+    done = run_python(
+        SETUP.format(names=[name]), SECRET_KEY=LONG_SECRET, RANKWISE_DATA_DIR=str(tmp_path), **{name: wrong}
+    )
+    assert done.returncode != 0
+    assert f"ImproperlyConfigured: {name} must be a whole number of at least 1, not {wrong!r}" in done.stderr
 
 
 def test_a_model_name_limit_over_the_column_is_refused_when_the_app_starts(tmp_path):
     done = run_python(
-        SETUP.format(name="RANKWISE_MAX_MODEL_NAME_CHARS"),
+        SETUP.format(names=["RANKWISE_MAX_MODEL_NAME_CHARS"]),
         SECRET_KEY=LONG_SECRET,
         RANKWISE_DATA_DIR=str(tmp_path),
         RANKWISE_MAX_MODEL_NAME_CHARS="1000",

@@ -32,7 +32,7 @@ pytestmark = pytest.mark.django_db
 FUZZ = settings(
     max_examples=100,
     deadline=None,
-    # The database fixture is shared by the examples of one test; each example counts rows itself.
+    # The fixtures are shared by the examples of one test; each example runs in a rolled-back transaction.
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 
@@ -123,23 +123,19 @@ def counts() -> tuple[int, int]:
 def outcome(import_, **kwargs) -> None:
     """Run one import: it succeeds and adds what it says, or it refuses with problems and adds nothing."""
     with rolled_back():
-        _import_outcome(import_, **kwargs)
-
-
-def _import_outcome(import_, **kwargs) -> None:
-    before = counts()
-    try:
-        result = import_(**kwargs)
-    except PromptImportError as error:
-        assert error.problems and all(isinstance(p.line, int) and p.message for p in error.problems)
-        # A problem is shown on a page and sent as JSON: it never echoes text that cannot be encoded.
-        str(error).encode("utf-8")
-        assert counts() == before
-        event("refused")
-    else:
-        assert counts() == (before[0] + result.prompts, before[1] + result.completions)
-        assert result.prompts >= 1
-        event("imported")
+        before = counts()
+        try:
+            result = import_(**kwargs)
+        except PromptImportError as error:
+            assert error.problems and all(isinstance(p.line, int) and p.message for p in error.problems)
+            # A problem is shown on a page and sent as JSON: it never echoes text that cannot be encoded.
+            str(error).encode("utf-8")
+            assert counts() == before
+            event("refused")
+        else:
+            assert counts() == (before[0] + result.prompts, before[1] + result.completions)
+            assert result.prompts >= 1
+            event("imported")
 
 
 @pytest.fixture

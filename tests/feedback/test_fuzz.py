@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from rest_framework.test import APIClient
 
+from feedback.api.parsers import TOO_DEEP
 from feedback.models import Assignment, Completion, PairwiseJudgement, Prompt, RankedCompletion, RankingJudgement
 from feedback.services.assignments import assignment_lease_next
 from feedback.services.prompts import (
@@ -345,24 +346,17 @@ def test_an_import_nested_5000_deep_is_a_400(staff_client, project):
     body = '{"records": ' + "[" * 5000 + "]" * 5000 + "}"
     response = staff_client.post(f"/api/v1/projects/{project.slug}/prompts/", body, content_type="application/json")
     assert response.status_code == 400
-    assert response.json()["problems"] == [
-        {"line": 0, "field": "body", "message": "JSON parse error - nested too deeply"}
-    ]
+    assert response.json()["problems"] == [{"line": 0, "field": "body", "message": TOO_DEEP}]
     assert Prompt.objects.count() == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=RecursionError,
-    reason="DRF's JSON parser lets RecursionError through (issue 11 item 7, 'JSON nested 5,000 deep on any API "
-    "POST', fixed in the API's parser); drop this mark when that fix lands",
-)
 @pytest.mark.parametrize("mode", ["pairwise"])
 def test_a_judgement_nested_5000_deep_is_a_400(world):
     body = '{"ranking": ' + "[" * 5000 + "]" * 5000 + "}"
     url = f"/api/v1/projects/{world['project'].slug}/judgements/"
     response = world["client"].post(url, body, content_type="application/json")
     assert response.status_code == 400
+    assert response.json() == {"detail": TOO_DEEP}
     assert judgement_rows() == (0, 0, 0, 0)
 
 

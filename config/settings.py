@@ -213,17 +213,10 @@ CSRF_TRUSTED_ORIGINS = env.list("CSRF_TRUSTED_ORIGINS", default=[])
 TRAINING_SCHEDULE_MINUTES = env.int("RANKWISE_TRAINING_SCHEDULE_MINUTES", default=5)
 
 
-def _training_limit(name: str, default: int) -> int:
-    value = env.str(name, default=str(default))
-    if not (value.isascii() and value.isdigit()) or int(value) < 1:
-        raise ImproperlyConfigured(f"{name} must be a whole number of at least 1, not {value!r}")
-    return int(value)
-
-
 # Upper limits of a training config (feedback.services.training_runs), high enough that a team rarely raises them:
 # the epochs of a run, and its batch sizes (examples per training and per evaluation forward pass).
-RANKWISE_MAX_TRAINING_EPOCHS = _training_limit("RANKWISE_MAX_TRAINING_EPOCHS", 100)
-RANKWISE_MAX_TRAINING_BATCH_SIZE = _training_limit("RANKWISE_MAX_TRAINING_BATCH_SIZE", 512)
+RANKWISE_MAX_TRAINING_EPOCHS = _limit("RANKWISE_MAX_TRAINING_EPOCHS", 100)
+RANKWISE_MAX_TRAINING_BATCH_SIZE = _limit("RANKWISE_MAX_TRAINING_BATCH_SIZE", 512)
 # When a project's queue wants fewer judgements than this, the worker writes the next round of
 # completions for this many prompts that lack them.
 GENERATION_LOW_WATER = env.int("RANKWISE_GENERATION_LOW_WATER", default=20)

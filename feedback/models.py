@@ -11,6 +11,10 @@ from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
 from django.db.models import Q
 
+COMPLETIONS_PER_PROMPT_MAX = 16  # the largest K a project may have
+# The task on an annotator's screen and the one prefetched behind it.
+LEASES_PER_ANNOTATOR = 2
+
 
 class Project(models.Model):
     class Mode(models.TextChoices):
@@ -27,7 +31,7 @@ class Project(models.Model):
     guidelines = models.TextField(blank=True, help_text="Markdown shown to annotators.")
     mode = models.CharField(max_length=16, choices=Mode.choices, default=Mode.RANKING)
     completions_per_prompt = models.PositiveSmallIntegerField(
-        default=4, validators=[MinValueValidator(2), MaxValueValidator(16)], help_text="K"
+        default=4, validators=[MinValueValidator(2), MaxValueValidator(COMPLETIONS_PER_PROMPT_MAX)], help_text="K"
     )
     overlap = models.PositiveSmallIntegerField(
         default=1,
@@ -142,8 +146,6 @@ class ModelVersion(models.Model):
 
 
 class Completion(models.Model):
-    HUMAN = "human"
-
     prompt = models.ForeignKey(Prompt, on_delete=models.CASCADE, related_name="completions")
     text = models.TextField()
     html = models.TextField(help_text="Sanitized HTML rendered from the text when the completion was created.")
@@ -177,6 +179,12 @@ class Assignment(models.Model):
     judgement holds one, so the unique (item_key, slot) constraint caps judgements per item
     at the overlap whatever the concurrency. Expired leases are deleted to free their slot;
     a skip keeps the row (the item is never served to that annotator again) but drops the slot.
+
+    An annotator holds at most ``LEASES_PER_ANNOTATOR`` unfinished leases per project (the task
+    on screen and the one prefetched behind it): each takes one of their ``annotator_slot``
+    places under a unique constraint, and gives it back when judged or skipped. A constraint
+    rather than a count read before the insert, so it holds for concurrent requests on SQLite
+    and PostgreSQL alike.
     """
 
     class State(models.TextChoices):
@@ -191,6 +199,9 @@ class Assignment(models.Model):
     completion_b = models.ForeignKey(Completion, null=True, blank=True, on_delete=models.CASCADE, related_name="+")
     item_key = models.CharField(max_length=64, help_text="'p<prompt id>' or 'c<low id>-<high id>'.")
     slot = models.PositiveSmallIntegerField(null=True, blank=True)
+    annotator_slot = models.PositiveSmallIntegerField(
+        null=True, blank=True, help_text="Which of the annotator's lease places it holds while unfinished."
+    )
     display_order = models.JSONField(help_text="Completion ids in the order shown.")
     state = models.CharField(max_length=8, choices=State.choices, default=State.LEASED)
     skip_reason = models.CharField(max_length=500, blank=True)
@@ -207,6 +218,14 @@ class Assignment(models.Model):
                 condition=Q(state="skipped", slot__isnull=True) | (~Q(state="skipped") & Q(slot__isnull=False)),
                 name="assignment_slot_held_unless_skipped",
             ),
+            models.UniqueConstraint(
+                fields=["project", "annotator", "annotator_slot"], name="at_most_two_leases_per_annotator_project"
+            ),
+            models.CheckConstraint(
+                condition=Q(state="leased", annotator_slot__in=list(range(LEASES_PER_ANNOTATOR)))
+                | (~Q(state="leased") & Q(annotator_slot__isnull=True)),
+                name="assignment_annotator_slot_held_while_leased",
+            ),
         ]
         indexes = [
             models.Index(fields=["project", "state", "expires_at"]),
@@ -217,7 +236,27 @@ class Assignment(models.Model):
         return f"{self.item_key} to {self.annotator} ({self.state})"
 
 
-class PairwiseJudgement(models.Model):
+class Judgement(models.Model):
+    """What every human judgement records, whatever its kind: who judged which lease of which prompt, and how.
+
+    A field every kind of judgement has belongs here, once; the concrete kinds add what they judged.
+    """
+
+    project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="%(class)ss")
+    annotator = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="+")
+    assignment = models.OneToOneField(Assignment, null=True, on_delete=models.SET_NULL, related_name="%(class)s")
+    prompt = models.ForeignKey(Prompt, on_delete=models.CASCADE, related_name="%(class)ss")
+    rationale = models.TextField(blank=True)
+    time_ms = models.PositiveIntegerField(null=True, blank=True)
+    client_uuid = models.UUIDField(unique=True)
+    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+
+    class Meta:
+        abstract = True
+        ordering = ["id"]
+
+
+class PairwiseJudgement(Judgement):
     class Choice(models.TextChoices):
         A = "a", "A is better"
         B = "b", "B is better"
@@ -228,24 +267,13 @@ class PairwiseJudgement(models.Model):
         SLIGHT = "slight"
         CLEAR = "clear"
 
-    project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="pairwise_judgements")
-    annotator = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="+")
-    assignment = models.OneToOneField(
-        Assignment, null=True, on_delete=models.SET_NULL, related_name="pairwise_judgement"
-    )
-    prompt = models.ForeignKey(Prompt, on_delete=models.CASCADE, related_name="pairwise_judgements")
     left = models.ForeignKey(Completion, on_delete=models.CASCADE, related_name="+", help_text="Shown as A.")
     right = models.ForeignKey(Completion, on_delete=models.CASCADE, related_name="+", help_text="Shown as B.")
     item_key = models.CharField(max_length=64)
     choice = models.CharField(max_length=8, choices=Choice.choices)
     strength = models.CharField(max_length=8, choices=Strength.choices, blank=True)
-    rationale = models.TextField(blank=True)
-    time_ms = models.PositiveIntegerField(null=True, blank=True)
-    client_uuid = models.UUIDField(unique=True)
-    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
 
-    class Meta:
-        ordering = ["id"]
+    class Meta(Judgement.Meta):
         constraints = [
             models.UniqueConstraint(fields=["annotator", "item_key"], name="one_pairwise_judgement_per_annotator_item"),
             models.CheckConstraint(condition=Q(choice__in=["a", "b", "tie", "both_bad"]), name="pairwise_choice_valid"),
@@ -257,20 +285,8 @@ class PairwiseJudgement(models.Model):
         return f"{self.annotator}: {self.choice} on {self.item_key}"
 
 
-class RankingJudgement(models.Model):
-    project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="ranking_judgements")
-    annotator = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="+")
-    assignment = models.OneToOneField(
-        Assignment, null=True, on_delete=models.SET_NULL, related_name="ranking_judgement"
-    )
-    prompt = models.ForeignKey(Prompt, on_delete=models.CASCADE, related_name="ranking_judgements")
-    rationale = models.TextField(blank=True)
-    time_ms = models.PositiveIntegerField(null=True, blank=True)
-    client_uuid = models.UUIDField(unique=True)
-    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
-
-    class Meta:
-        ordering = ["id"]
+class RankingJudgement(Judgement):
+    class Meta(Judgement.Meta):
         constraints = [
             models.UniqueConstraint(fields=["annotator", "prompt"], name="one_ranking_judgement_per_annotator_prompt"),
         ]

@@ -17,11 +17,10 @@ from rest_framework.throttling import ScopedRateThrottle
 from rest_framework.views import APIView
 
 from feedback.api.serializers import CSRF_FAILED, NOT_AUTHENTICATED, NOT_FOUND, THROTTLED, VALIDATION_ERROR
-from feedback.models import Membership, PairwiseJudgement, Project
+from feedback.models import COMPLETIONS_PER_PROMPT_MAX, Membership, PairwiseJudgement, Project
 from feedback.selectors.access import project_for_role
-from feedback.selectors.tasks import task_for_assignment
 from feedback.services.assignments import assignment_lease_next
-from feedback.services.judgements import RATIONALE_MAX, TIME_MS_MAX, judgement_submit
+from feedback.services.judgements import RATIONALE_MAX, TIME_MS_MAX, JudgementSubmission, judgement_submit
 
 
 def _annotator(request: Request) -> User:
@@ -73,10 +72,10 @@ class NextTaskApi(APIView):
     )
     def get(self, request: Request, slug: str) -> Response:
         project = project_for_role(user=request.user, slug=slug, role=Membership.Role.ANNOTATOR)
-        assignment = assignment_lease_next(project=project, annotator=_annotator(request))
-        if assignment is None:
+        task = assignment_lease_next(project=project, annotator=_annotator(request))
+        if task is None:
             return Response(status=status.HTTP_204_NO_CONTENT)
-        return Response(self.OutputSerializer(task_for_assignment(assignment=assignment)).data)
+        return Response(self.OutputSerializer(task).data)
 
 
 class JudgementSubmitApi(APIView):
@@ -103,9 +102,12 @@ class JudgementSubmitApi(APIView):
             error_messages={"invalid_choice": _one_of(PairwiseJudgement.Strength.values)},
         )
         ranking = serializers.ListField(
-            child=serializers.ListField(child=serializers.IntegerField(), allow_empty=False),
+            child=serializers.ListField(
+                child=serializers.IntegerField(), allow_empty=False, max_length=COMPLETIONS_PER_PROMPT_MAX
+            ),
             required=False,
             allow_empty=False,
+            max_length=COMPLETIONS_PER_PROMPT_MAX,
             help_text="Groups of completion ids, best first; completions in one group are tied.",
         )
         rationale = serializers.CharField(required=False, allow_blank=True, max_length=RATIONALE_MAX)
@@ -154,20 +156,9 @@ class JudgementSubmitApi(APIView):
         project = project_for_role(user=request.user, slug=slug, role=Membership.Role.ANNOTATOR)
         serializer = self.InputSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
-        data = serializer.validated_data
+        submission = JudgementSubmission(**serializer.validated_data)
         try:
-            result = judgement_submit(
-                project=project,
-                annotator=_annotator(request),
-                task_id=data["task_id"],
-                client_uuid=data["client_uuid"],
-                kind=data["kind"],
-                choice=data.get("choice", ""),
-                strength=data.get("strength", ""),
-                ranking=data.get("ranking"),
-                rationale=data.get("rationale", ""),
-                time_ms=data.get("time_ms"),
-            )
+            result = judgement_submit(project=project, annotator=_annotator(request), submission=submission)
         except DjangoValidationError as error:
             raise ValidationError(error.message_dict) from None
         body = self.OutputSerializer(result.judgement).data

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import random
 from collections import defaultdict
-from collections.abc import Collection, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from itertools import combinations
@@ -80,15 +80,13 @@ class TaskProgress:
     left: int
 
 
-def task_lease_current(*, project: Project, annotator: User, exclude_ids: Collection[int] = ()) -> Assignment | None:
-    """The annotator's oldest unfinished lease in the project, so abandoned work is resumed first.
+def task_leases_held(*, project: Project, annotator: User) -> list[Assignment]:
+    """The annotator's unfinished leases in the project, oldest first (at most LEASES_PER_ANNOTATOR).
 
     A lease past its expiry still counts while its row exists: nobody has taken its slot yet.
     """
     leases = Assignment.objects.filter(project=project, annotator=annotator, state=Assignment.State.LEASED)
-    if exclude_ids:  # most callers exclude nothing, and an empty exclude() still costs time to build
-        leases = leases.exclude(pk__in=list(exclude_ids))
-    return leases.order_by("created_at", "pk").first()
+    return list(leases.order_by("created_at", "pk"))
 
 
 def _first_completions(*, prompt_ids: list[int], k: int) -> dict[int, list[int]]:
@@ -160,7 +158,8 @@ def task_candidates_for_annotator(*, project: Project, annotator: User, now: dat
         batch = list(page.values_list("pk", "judgement_count")[:batch_size])
         if not batch:
             return
-        cursor = batch[-1]
+        last_id, last_count = batch[-1]
+        cursor = (last_count, last_id)
         prompt_ids = [pk for pk, _ in batch]
         completions = _first_completions(prompt_ids=prompt_ids, k=project.completions_per_prompt)
         rows_by_item: dict[str, list[dict[str, Any]]] = defaultdict(list)
@@ -182,13 +181,58 @@ def task_candidates_for_annotator(*, project: Project, annotator: User, now: dat
         batch_size = min(batch_size * 2, MAX_BATCH)
 
 
+class TaskUnrenderable(Exception):
+    """A lease whose stored prompt or completions no page or API answer can show; the message says why."""
+
+
+def _text_problem(value: object, where: str) -> str | None:
+    if not isinstance(value, str):
+        return f"{where} is not text"
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as error:  # a lone surrogate: valid in JSON and in Python, not in UTF-8
+        return f"{where} holds a lone surrogate (\\u{ord(value[error.start]):04x}) at character {error.start + 1}"
+    return None
+
+
+def _messages_problem(messages: object) -> str | None:
+    if not isinstance(messages, list) or not messages:
+        return "the prompt's messages are not a list of turns"
+    for number, message in enumerate(messages, start=1):
+        if not isinstance(message, dict):
+            return f"message {number} of the prompt is not a role and a content"
+        for key in ("role", "content"):
+            problem = _text_problem(message.get(key), f"the {key} of message {number} of the prompt")
+            if problem:
+                return problem
+    return None
+
+
 def task_for_assignment(*, assignment: Assignment) -> Task:
-    """What the annotator sees for a lease: the conversation and the completions in display order."""
+    """What the annotator sees for a lease: the conversation and the completions in display order.
+
+    Raises TaskUnrenderable when the stored rows cannot be sent as text (a lone surrogate, messages
+    that are not turns of role and content, a completion deleted since the lease was taken), so that
+    the caller can skip the task instead of failing on every request for it.
+    """
     by_id = Completion.objects.select_related("prompt").in_bulk(assignment.display_order)
+    missing = [pk for pk in assignment.display_order if pk not in by_id]
+    if missing:
+        raise TaskUnrenderable(f"completion {missing[0]} of the task no longer exists")
     completions = [by_id[pk] for pk in assignment.display_order]
-    kind = Project.Mode.PAIRWISE if assignment.completion_a_id else Project.Mode.RANKING
     # the completions belong to the lease's prompt: one query brings both
-    return Task(assignment=assignment, kind=kind, messages=completions[0].prompt.messages, completions=completions)
+    messages = completions[0].prompt.messages
+    problem = _messages_problem(messages)
+    for completion in completions:
+        problem = (
+            problem
+            or _text_problem(completion.text, f"the text of completion {completion.pk}")
+            or _text_problem(completion.html, f"the HTML of completion {completion.pk}")
+        )
+    if problem:
+        raise TaskUnrenderable(problem)
+    kind = Project.Mode.PAIRWISE if assignment.completion_a_id else Project.Mode.RANKING
+    return Task(assignment=assignment, kind=kind, messages=messages, completions=completions)
 
 
 def judgements_left(*, project: Project) -> int:

@@ -9,7 +9,8 @@ it on the prompt. A repeated client UUID returns the first judgement and writes 
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, replace
 
 from django.contrib.auth.models import User
 from django.core.exceptions import ValidationError
@@ -19,6 +20,7 @@ from django.utils import timezone
 
 from feedback.models import (
     Assignment,
+    Judgement,
     PairwiseJudgement,
     Project,
     Prompt,
@@ -29,11 +31,24 @@ from feedback.models import (
 RATIONALE_MAX = 5000
 TIME_MS_MAX = 24 * 60 * 60 * 1000
 
-Judgement = PairwiseJudgement | RankingJudgement
-
 
 @dataclass(frozen=True)
 class JudgementSubmission:
+    """What an annotator sends for one task. The annotate form's and the API's fields have these names,
+    so each caller builds it from its parsed data in one step."""
+
+    task_id: int
+    client_uuid: uuid.UUID
+    kind: str
+    choice: str = ""
+    strength: str = ""
+    ranking: list[list[int]] | None = None  # groups of completion ids, best first; a group's completions are tied
+    rationale: str = ""
+    time_ms: int | None = None
+
+
+@dataclass(frozen=True)
+class SubmittedJudgement:
     judgement: Judgement
     created: bool
     ranking: list[list[int]] | None = None  # a ranking judgement's groups, best first
@@ -57,49 +72,48 @@ def judgement_ranking(*, judgement: RankingJudgement) -> list[list[int]]:
     return [groups[rank] for rank in sorted(groups)]
 
 
-def _validate_fields(
-    *,
-    project: Project,
-    kind: str,
-    choice: str,
-    strength: str,
-    ranking: list[list[int]] | None,
-    rationale: str,
-    time_ms: int | None,
-) -> dict[str, str]:
+def _validate_fields(*, project: Project, submission: JudgementSubmission) -> dict[str, str]:
     errors: dict[str, str] = {}
-    if kind != project.mode:
+    if submission.kind != project.mode:
         errors["kind"] = f"This project is in {project.mode} mode; send kind '{project.mode}'."
         return errors
-    if kind == Project.Mode.PAIRWISE:
+    choice, strength = submission.choice, submission.strength
+    if submission.kind == Project.Mode.PAIRWISE:
         if not choice:
             errors["choice"] = "Choose A better, B better, tie or both bad."
         elif choice not in PairwiseJudgement.Choice.values:
             errors["choice"] = f"'{choice}' is not a choice; use one of {', '.join(PairwiseJudgement.Choice.values)}."
         if strength and strength not in PairwiseJudgement.Strength.values:
             errors["strength"] = f"'{strength}' is not a strength; use slight or clear, or leave it out."
-        if ranking:
+        if submission.ranking:
             errors["ranking"] = "A pairwise judgement has a choice, not a ranking."
     else:
-        if not ranking:
+        if not submission.ranking:
             errors["ranking"] = "Rank the completions: a list of groups of completion ids, best first."
         if choice or strength:
             errors["choice"] = "A ranking judgement has a ranking, not a choice or strength."
-    if len(rationale) > RATIONALE_MAX:
+    if len(submission.rationale) > RATIONALE_MAX:
         errors["rationale"] = f"Keep the rationale under {RATIONALE_MAX} characters."
-    if time_ms is not None and not 0 <= time_ms <= TIME_MS_MAX:
+    if submission.time_ms is not None and not 0 <= submission.time_ms <= TIME_MS_MAX:
         errors["time_ms"] = "The time on task must be between 0 and 24 hours, in milliseconds."
     return errors
 
 
 def _validate_ranking(*, ranking: list[list[int]], assignment: Assignment) -> str | None:
-    flat = [completion_id for group in ranking for completion_id in group]
+    # Sizes first, so a ranking far longer than the task is refused before any work on its ids.
+    size = len(assignment.display_order)
+    if len(ranking) > size:
+        return f"The ranking has {len(ranking)} groups; this task has {size} completions."
+    named = sum(len(group) for group in ranking)
+    if named > size:
+        return f"The ranking names {named} completions; this task has {size}."
     if any(not group for group in ranking):
         return "A group in the ranking is empty."
-    expected = set(assignment.display_order)
-    repeated = sorted({c for c in flat if flat.count(c) > 1})
+    flat = [completion_id for group in ranking for completion_id in group]
+    repeated = sorted(completion_id for completion_id, times in Counter(flat).items() if times > 1)
     if repeated:
         return f"Each completion is ranked once; {', '.join(map(str, repeated))} appear more than once."
+    expected = set(assignment.display_order)
     unknown = sorted(set(flat) - expected)
     if unknown:
         return f"Completions {', '.join(map(str, unknown))} are not part of this task."
@@ -121,59 +135,37 @@ def _validate_task(*, assignment: Assignment | None, annotator: User) -> str | N
     return None
 
 
-def _repeat_of(
-    *, project: Project, client_uuid: uuid.UUID, annotator: User, task_id: int
-) -> JudgementSubmission | None:
-    existing = judgement_find(project=project, client_uuid=client_uuid)
+def _repeat_of(*, project: Project, annotator: User, submission: JudgementSubmission) -> SubmittedJudgement | None:
+    existing = judgement_find(project=project, client_uuid=submission.client_uuid)
     if existing is None:
         return None
-    if existing.annotator_id != annotator.pk or existing.assignment_id != task_id:
+    if existing.annotator_id != annotator.pk or existing.assignment_id != submission.task_id:
         raise ValidationError({"client_uuid": "This client UUID was already used for another judgement."})
     ranking = judgement_ranking(judgement=existing) if isinstance(existing, RankingJudgement) else None
-    return JudgementSubmission(judgement=existing, created=False, ranking=ranking)
+    return SubmittedJudgement(judgement=existing, created=False, ranking=ranking)
 
 
-def judgement_submit(
-    *,
-    project: Project,
-    annotator: User,
-    task_id: int,
-    client_uuid: uuid.UUID,
-    kind: str,
-    choice: str = "",
-    strength: str = "",
-    ranking: list[list[int]] | None = None,
-    rationale: str = "",
-    time_ms: int | None = None,
-) -> JudgementSubmission:
+def judgement_submit(*, project: Project, annotator: User, submission: JudgementSubmission) -> SubmittedJudgement:
     """Record the annotator's judgement on the task leased to them.
 
-    ``ranking`` is a list of groups of completion ids, best first; tied completions share a
-    group and a rank (1 for the first group, 2 for the next, ...).
+    A ranking's groups get ranks 1 for the first group, 2 for the next, ...; tied completions
+    share a group and a rank.
     """
     # A repeated client UUID is not looked up here: its task is already done, so it fails validation
     # (or, racing, the insert) below, and both of those paths return the first judgement.
-    rationale = rationale.strip()
-    errors = _validate_fields(
-        project=project,
-        kind=kind,
-        choice=choice,
-        strength=strength,
-        ranking=ranking,
-        rationale=rationale,
-        time_ms=time_ms,
-    )
-    assignment = Assignment.objects.filter(pk=task_id, project=project).first()
+    submission = replace(submission, rationale=submission.rationale.strip())
+    errors = _validate_fields(project=project, submission=submission)
+    assignment = Assignment.objects.filter(pk=submission.task_id, project=project).first()
     task_error = _validate_task(assignment=assignment, annotator=annotator)
     if task_error:
         errors["task_id"] = task_error
-    elif assignment is not None and kind == project.mode == Project.Mode.RANKING and ranking:
-        ranking_error = _validate_ranking(ranking=ranking, assignment=assignment)
+    elif assignment is not None and submission.ranking and submission.kind == project.mode == Project.Mode.RANKING:
+        ranking_error = _validate_ranking(ranking=submission.ranking, assignment=assignment)
         if ranking_error:
             errors["ranking"] = ranking_error
     if errors:
         # the same submission may have been stored between the first look and now (a double click)
-        repeat = _repeat_of(project=project, client_uuid=client_uuid, annotator=annotator, task_id=task_id)
+        repeat = _repeat_of(project=project, annotator=annotator, submission=submission)
         if repeat is not None:
             return repeat
         raise ValidationError(errors)
@@ -181,76 +173,54 @@ def judgement_submit(
 
     try:
         with transaction.atomic():
-            judgement = _write(
-                project=project,
-                annotator=annotator,
-                assignment=assignment,
-                client_uuid=client_uuid,
-                choice=choice,
-                strength=strength,
-                ranking=ranking,
-                rationale=rationale,
-                time_ms=time_ms,
-            )
+            judgement = _write(project=project, annotator=annotator, assignment=assignment, submission=submission)
     except (IntegrityError, _LostRace):
         # Someone (most often this annotator's own double click) got there first.
-        repeat = _repeat_of(project=project, client_uuid=client_uuid, annotator=annotator, task_id=task_id)
+        repeat = _repeat_of(project=project, annotator=annotator, submission=submission)
         if repeat is not None:
             return repeat
-        fresh = Assignment.objects.filter(pk=task_id, project=project).first()
+        fresh = Assignment.objects.filter(pk=submission.task_id, project=project).first()
         raise ValidationError(
             {"task_id": _validate_task(assignment=fresh, annotator=annotator) or "This task changed; try again."}
         ) from None
-    return JudgementSubmission(
-        judgement=judgement, created=True, ranking=ranking if isinstance(judgement, RankingJudgement) else None
-    )
+    ranking = submission.ranking if isinstance(judgement, RankingJudgement) else None
+    return SubmittedJudgement(judgement=judgement, created=True, ranking=ranking)
 
 
-def _write(
-    *,
-    project: Project,
-    annotator: User,
-    assignment: Assignment,
-    client_uuid: uuid.UUID,
-    choice: str,
-    strength: str,
-    ranking: list[list[int]] | None,
-    rationale: str,
-    time_ms: int | None,
-) -> Judgement:
+def _write(*, project: Project, annotator: User, assignment: Assignment, submission: JudgementSubmission) -> Judgement:
     now = timezone.now()
     finished = Assignment.objects.filter(pk=assignment.pk, annotator=annotator, state=Assignment.State.LEASED).update(
-        state=Assignment.State.DONE, finished_at=now
+        state=Assignment.State.DONE, annotator_slot=None, finished_at=now
     )
     if not finished:
         raise _LostRace
-    common = {
+    shared = {  # the fields of feedback.models.Judgement
         "project": project,
         "annotator": annotator,
         "assignment": assignment,
         "prompt_id": assignment.prompt_id,
-        "rationale": rationale,
-        "time_ms": time_ms,
-        "client_uuid": client_uuid,
+        "rationale": submission.rationale,
+        "time_ms": submission.time_ms,
+        "client_uuid": submission.client_uuid,
     }
     judgement: Judgement
     if project.mode == Project.Mode.PAIRWISE:
         left, right = assignment.display_order
         judgement = PairwiseJudgement.objects.create(
-            **common,
+            **shared,
             left_id=left,
             right_id=right,
             item_key=assignment.item_key,
-            choice=choice,
-            strength=strength,
+            choice=submission.choice,
+            strength=submission.strength,
         )
     else:
-        assert ranking is not None
-        judgement = RankingJudgement.objects.create(**common)
+        assert submission.ranking is not None
+        judgement = RankingJudgement.objects.create(**shared)
         position = {completion_id: index for index, completion_id in enumerate(assignment.display_order)}
         RankedCompletion.objects.bulk_create(
             RankedCompletion(judgement=judgement, completion_id=c, rank=rank, position=position[c])
-            for rank, group in enumerate(ranking, start=1)
+            for rank, group in enumerate(submission.ranking, start=1)
             for c in group
         )
     Prompt.objects.filter(pk=assignment.prompt_id).update(judgement_count=F("judgement_count") + 1)

@@ -21,11 +21,11 @@ from django.views.decorators.http import require_GET, require_POST
 from django_htmx.middleware import HtmxDetails
 
 from feedback.ids import id_from
-from feedback.models import Assignment, Membership, Project
+from feedback.models import Membership, Project
 from feedback.selectors.access import project_for_role
-from feedback.selectors.tasks import task_for_assignment, task_progress
+from feedback.selectors.tasks import Task, task_progress
 from feedback.services.assignments import assignment_lease_next, assignment_lease_renew, assignment_skip
-from feedback.services.judgements import judgement_submit
+from feedback.services.judgements import JudgementSubmission, judgement_submit
 from feedback.views.forms import JudgementForm, SkipForm
 
 SHORTCUTS = {
@@ -60,10 +60,9 @@ class AnnotatorRequest(HttpRequest):
     htmx: HtmxDetails
 
 
-def _task_context(assignment: Assignment | None) -> dict[str, Any] | None:
-    if assignment is None:
+def _task_context(task: Task | None) -> dict[str, Any] | None:
+    if task is None:
         return None
-    task = task_for_assignment(assignment=assignment)
     return {"task": task, "client_uuid": uuid.uuid4(), "ranks": range(1, len(task.completions) + 1)}
 
 
@@ -71,12 +70,14 @@ def _page(
     request: AnnotatorRequest,
     project: Project,
     *,
-    current: Assignment | None,
+    current: Task | None,
     errors: dict[str, list[str]] | None = None,
     status: int = 200,
 ) -> HttpResponse:
     prefetch = (
-        assignment_lease_next(project=project, annotator=request.user, exclude_ids=[current.pk]) if current else None
+        assignment_lease_next(project=project, annotator=request.user, exclude_ids=[current.task_id])
+        if current
+        else None
     )
     context = {
         "project": project,
@@ -117,8 +118,8 @@ def _prefetched(request: AnnotatorRequest, project: Project, *, event: str | Non
         return HttpResponseBadRequest("shown: expected the ids of the tasks on the page, whole numbers")
     # the page has just put the prefetched task on screen: its lease starts again from now
     assignment_lease_renew(project=project, annotator=request.user, task_ids=shown)
-    assignment = assignment_lease_next(project=project, annotator=request.user, exclude_ids=shown)
-    response = render(request, "annotate.html#prefetched", {"project": project, "prefetch": _task_context(assignment)})
+    task = assignment_lease_next(project=project, annotator=request.user, exclude_ids=shown)
+    response = render(request, "annotate.html#prefetched", {"project": project, "prefetch": _task_context(task)})
     if event:
         response["HX-Trigger"] = json.dumps({event: {}})
     return response
@@ -134,10 +135,8 @@ def _rejected(
         response["HX-Reswap"] = "innerHTML"
         response["HX-Trigger"] = json.dumps({"rankwise:rejected": {}})
         return response
-    mine = Assignment.objects.filter(project=project, annotator=request.user, state=Assignment.State.LEASED)
-    current = mine.filter(pk=task_id).first() if task_id is not None else None
-    if current is None:
-        current = assignment_lease_next(project=project, annotator=request.user)
+    # the task whose answer was refused comes back first, if it is still leased to them
+    current = assignment_lease_next(project=project, annotator=request.user, resume_id=task_id)
     return _page(request, project, current=current, errors=errors, status=400)
 
 
@@ -156,22 +155,11 @@ def annotate_submit(request: AnnotatorRequest, slug: str) -> HttpResponse:
             for name, messages in form.errors.items()
         }
         return _rejected(request, project, form.cleaned_data.get("task_id"), errors)
-    data = form.cleaned_data
+    submission = JudgementSubmission(kind=project.mode, **form.cleaned_data)
     try:
-        judgement_submit(
-            project=project,
-            annotator=request.user,
-            task_id=data["task_id"],
-            client_uuid=data["client_uuid"],
-            kind=project.mode,
-            choice=data["choice"],
-            strength=data["strength"],
-            ranking=data["ranking"],
-            rationale=data["rationale"],
-            time_ms=data["time_ms"],
-        )
+        judgement_submit(project=project, annotator=request.user, submission=submission)
     except ValidationError as error:
-        return _rejected(request, project, data["task_id"], _error_dict(error))
+        return _rejected(request, project, submission.task_id, _error_dict(error))
     if request.htmx:
         return _prefetched(request, project, event="rankwise:judged")
     return redirect("annotate", slug=project.slug)

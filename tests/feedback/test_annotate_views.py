@@ -334,4 +334,4 @@ def test_a_lease_reserved_for_the_page_is_resumed_after_a_reload():
     client, user = member_client(project)
     first = current_task(client, project)
     assert current_task(client, project).pk == first.pk
-    assert assignment_lease_next(project=project, annotator=user).pk == first.pk
+    assert assignment_lease_next(project=project, annotator=user).task_id == first.pk

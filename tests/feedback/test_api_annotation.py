@@ -156,8 +156,8 @@ def test_an_invalid_ranking_answers_400_and_stores_nothing(ranking, message):
     a, b, c, d = (c["id"] for c in task["completions"])
     rankings = {
         "missing": [[a], [b], [c]],
-        "twice": [[a, b], [b], [c], [d]],
-        "foreign": [[a], [b], [c], [d], [CompletionFactory().pk]],
+        "twice": [[a, b], [b], [c]],
+        "foreign": [[a], [b], [c], [CompletionFactory().pk]],
         "empty-group": [[a], [], [b, c, d]],
         "not-lists": [a, b, c, d],
     }

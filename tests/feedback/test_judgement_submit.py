@@ -4,9 +4,10 @@ import pytest
 from django.core.exceptions import ValidationError
 
 from feedback.models import Assignment, PairwiseJudgement, Prompt, RankedCompletion, RankingJudgement
-from feedback.services.assignments import assignment_lease_next, assignment_skip
-from feedback.services.judgements import judgement_ranking, judgement_submit
+from feedback.services.assignments import assignment_skip
+from feedback.services.judgements import judgement_ranking
 from tests.factories import CompletionFactory, ProjectFactory, PromptFactory, UserFactory
+from tests.feedback.queue_helpers import lease, submit
 
 pytestmark = pytest.mark.django_db
 
@@ -20,7 +21,7 @@ def leased(mode: str, k: int = 4):
     project = ProjectFactory(mode=mode, completions_per_prompt=k)
     CompletionFactory.create_batch(k, prompt=PromptFactory(project=project))
     annotator = UserFactory()
-    return project, annotator, assignment_lease_next(project=project, annotator=annotator)
+    return project, annotator, lease(project, annotator)
 
 
 def errors_of(excinfo) -> dict[str, list[str]]:
@@ -40,7 +41,7 @@ def nothing_stored():
 def test_a_ranking_with_ties_is_stored_with_shared_ranks_and_shown_positions():
     project, annotator, assignment = leased("ranking")
     a, b, c, d = assignment.display_order
-    result = judgement_submit(
+    result = submit(
         project=project,
         annotator=annotator,
         task_id=assignment.pk,
@@ -68,7 +69,7 @@ def test_a_ranking_with_ties_is_stored_with_shared_ranks_and_shown_positions():
 
 def test_a_pairwise_choice_is_stored_against_the_completions_as_shown():
     project, annotator, assignment = leased("pairwise", k=2)
-    result = judgement_submit(
+    result = submit(
         project=project,
         annotator=annotator,
         task_id=assignment.pk,
@@ -85,7 +86,7 @@ def test_a_pairwise_choice_is_stored_against_the_completions_as_shown():
 def test_a_repeated_client_uuid_returns_the_first_judgement_and_stores_nothing_new():
     project, annotator, assignment = leased("pairwise", k=2)
     client_uuid = uuid.uuid4()
-    first = judgement_submit(
+    first = submit(
         project=project,
         annotator=annotator,
         task_id=assignment.pk,
@@ -93,7 +94,7 @@ def test_a_repeated_client_uuid_returns_the_first_judgement_and_stores_nothing_n
         kind="pairwise",
         choice="a",
     )
-    again = judgement_submit(
+    again = submit(
         project=project,
         annotator=annotator,
         task_id=assignment.pk,
@@ -109,7 +110,7 @@ def test_a_repeated_client_uuid_returns_the_first_judgement_and_stores_nothing_n
 def test_a_client_uuid_used_for_another_task_is_refused():
     project, annotator, assignment = leased("pairwise", k=3)
     client_uuid = uuid.uuid4()
-    judgement_submit(
+    submit(
         project=project,
         annotator=annotator,
         task_id=assignment.pk,
@@ -117,9 +118,9 @@ def test_a_client_uuid_used_for_another_task_is_refused():
         kind="pairwise",
         choice="a",
     )
-    other = assignment_lease_next(project=project, annotator=annotator)
+    other = lease(project, annotator)
     with pytest.raises(ValidationError) as excinfo:
-        judgement_submit(
+        submit(
             project=project, annotator=annotator, task_id=other.pk, client_uuid=client_uuid, kind="pairwise", choice="a"
         )
     assert "client_uuid" in errors_of(excinfo)
@@ -143,13 +144,13 @@ def test_a_ranking_must_cover_the_tasks_completions_exactly_once(ranking, messag
     rankings = {
         "none": None,
         "no-groups": [],
-        "first-three": [[a], [b, a], [c], [d]],
+        "first-three": [[a], [b, a], [c]],
         "missing-one": [[a], [b], [c]],
-        "unknown": [[a], [b], [c], [d, CompletionFactory().pk]],
+        "unknown": [[a], [b], [c, CompletionFactory().pk]],
         "empty-group": [[a], [], [b, c, d]],
     }
     with pytest.raises(ValidationError) as excinfo:
-        judgement_submit(
+        submit(
             project=project,
             annotator=annotator,
             task_id=assignment.pk,
@@ -177,7 +178,7 @@ def test_an_invalid_pairwise_submission_names_its_field_and_stores_nothing(field
     project, annotator, assignment = leased("pairwise", k=2)
     arguments = {"kind": "pairwise"} | fields
     with pytest.raises(ValidationError) as excinfo:
-        judgement_submit(
+        submit(
             project=project, annotator=annotator, task_id=assignment.pk, client_uuid=uuid.uuid4(), **arguments
         )
     assert field in errors_of(excinfo)
@@ -187,7 +188,7 @@ def test_an_invalid_pairwise_submission_names_its_field_and_stores_nothing(field
 def test_the_task_must_be_leased_to_the_annotator():
     project, annotator, assignment = leased("pairwise", k=2)
     with pytest.raises(ValidationError) as excinfo:
-        judgement_submit(
+        submit(
             project=project,
             annotator=UserFactory(),
             task_id=assignment.pk,
@@ -197,7 +198,7 @@ def test_the_task_must_be_leased_to_the_annotator():
         )
     assert "someone else" in errors_of(excinfo)["task_id"][0]
     with pytest.raises(ValidationError) as excinfo:
-        judgement_submit(
+        submit(
             project=project,
             annotator=annotator,
             task_id=assignment.pk + 999,
@@ -213,7 +214,7 @@ def test_a_task_of_another_project_is_not_found():
     project, annotator, assignment = leased("pairwise", k=2)
     other = ProjectFactory(mode="pairwise")
     with pytest.raises(ValidationError) as excinfo:
-        judgement_submit(
+        submit(
             project=other,
             annotator=annotator,
             task_id=assignment.pk,
@@ -226,7 +227,7 @@ def test_a_task_of_another_project_is_not_found():
 
 def test_a_judged_or_skipped_task_cannot_be_judged_again():
     project, annotator, assignment = leased("pairwise", k=3)
-    judgement_submit(
+    submit(
         project=project,
         annotator=annotator,
         task_id=assignment.pk,
@@ -235,7 +236,7 @@ def test_a_judged_or_skipped_task_cannot_be_judged_again():
         choice="a",
     )
     with pytest.raises(ValidationError, match="already judged"):
-        judgement_submit(
+        submit(
             project=project,
             annotator=annotator,
             task_id=assignment.pk,
@@ -243,10 +244,10 @@ def test_a_judged_or_skipped_task_cannot_be_judged_again():
             kind="pairwise",
             choice="b",
         )
-    second = assignment_lease_next(project=project, annotator=annotator)
+    second = lease(project, annotator)
     assignment_skip(project=project, annotator=annotator, task_id=second.pk)
     with pytest.raises(ValidationError, match="skipped"):
-        judgement_submit(
+        submit(
             project=project,
             annotator=annotator,
             task_id=second.pk,
@@ -261,7 +262,7 @@ def test_skipping_a_judged_task_or_someone_elses_is_refused():
     project, annotator, assignment = leased("pairwise", k=3)
     with pytest.raises(ValidationError, match="not leased to you"):
         assignment_skip(project=project, annotator=UserFactory(), task_id=assignment.pk)
-    judgement_submit(
+    submit(
         project=project,
         annotator=annotator,
         task_id=assignment.pk,
@@ -275,7 +276,7 @@ def test_skipping_a_judged_task_or_someone_elses_is_refused():
         assignment_skip(
             project=project,
             annotator=annotator,
-            task_id=assignment_lease_next(project=project, annotator=annotator).pk,
+            task_id=lease(project, annotator).pk,
             reason="r" * 501,
         )
     assert "reason" in errors_of(excinfo)

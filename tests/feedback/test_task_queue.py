@@ -9,45 +9,14 @@ from django.utils import timezone
 
 from feedback.models import Assignment, PairwiseJudgement, Project, Prompt, RankingJudgement
 from feedback.selectors.tasks import judgements_left, task_for_assignment, task_progress
-from feedback.services.assignments import assignment_lease_next, assignment_lease_renew, assignment_skip
-from feedback.services.judgements import judgement_submit
+from feedback.services.assignments import assignment_lease_renew, assignment_skip
 from tests.factories import CompletionFactory, ProjectFactory, PromptFactory, UserFactory
+from tests.feedback.queue_helpers import judge, lease, make_project, submit, work_until_done
 
 
 @pytest.fixture(autouse=True)
 def _fast_password_hashing(settings):
     settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
-
-
-def make_project(*, mode: str = "ranking", prompts: int = 3, k: int = 4, overlap: int = 1, **kwargs) -> Project:
-    project = ProjectFactory(mode=mode, completions_per_prompt=k, overlap=overlap, **kwargs)
-    for _ in range(prompts):
-        prompt = PromptFactory(project=project)
-        CompletionFactory.create_batch(k, prompt=prompt)
-    return project
-
-
-def judge(project: Project, annotator, assignment: Assignment):
-    if project.mode == Project.Mode.PAIRWISE:
-        extra = {"choice": "a"}
-    else:
-        extra = {"ranking": [[c] for c in assignment.display_order]}
-    return judgement_submit(
-        project=project,
-        annotator=annotator,
-        task_id=assignment.pk,
-        client_uuid=uuid.uuid4(),
-        kind=project.mode,
-        **extra,
-    )
-
-
-def work_until_done(project: Project, annotator) -> list[Assignment]:
-    done = []
-    while (assignment := assignment_lease_next(project=project, annotator=annotator)) is not None:
-        judge(project, annotator, assignment)
-        done.append(assignment)
-    return done
 
 
 @pytest.mark.django_db
@@ -60,7 +29,7 @@ def test_ranking_items_reach_the_overlap_exactly_and_nobody_judges_one_twice():
     assert per_prompt == {prompt.pk: 2 for prompt in project.prompts.all()}
     per_annotator_prompt = Counter(RankingJudgement.objects.values_list("annotator_id", "prompt_id"))
     assert set(per_annotator_prompt.values()) == {1}
-    assert all(assignment_lease_next(project=project, annotator=a) is None for a in annotators)
+    assert all(lease(project, a) is None for a in annotators)
     assert list(Prompt.objects.filter(project=project).values_list("judgement_count", flat=True)) == [2, 2, 2]
 
 
@@ -87,7 +56,7 @@ def test_pairwise_spreads_a_round_so_every_completion_meets_others_evenly():
     annotator = UserFactory()
     first_two = []
     for _ in range(2):
-        assignment = assignment_lease_next(project=project, annotator=annotator)
+        assignment = lease(project, annotator)
         judge(project, annotator, assignment)
         first_two.append(set(assignment.display_order))
     # the second pair avoids the two completions already compared: all four have been shown once
@@ -100,7 +69,7 @@ def test_least_judged_prompts_come_first():
     first, second, third = project.prompts.order_by("pk")
     Prompt.objects.filter(pk=first.pk).update(judgement_count=2)
     Prompt.objects.filter(pk=second.pk).update(judgement_count=1)
-    assignment = assignment_lease_next(project=project, annotator=UserFactory())
+    assignment = lease(project, UserFactory())
     assert assignment.prompt_id == third.pk
 
 
@@ -108,9 +77,9 @@ def test_least_judged_prompts_come_first():
 def test_an_unfinished_lease_is_resumed_and_can_be_excluded_for_prefetch():
     project = make_project(prompts=3)
     annotator = UserFactory()
-    current = assignment_lease_next(project=project, annotator=annotator)
-    assert assignment_lease_next(project=project, annotator=annotator).pk == current.pk
-    prefetched = assignment_lease_next(project=project, annotator=annotator, exclude_ids=[current.pk])
+    current = lease(project, annotator)
+    assert lease(project, annotator).pk == current.pk
+    prefetched = lease(project, annotator, exclude_ids=[current.pk])
     assert prefetched.pk != current.pk
     assert Assignment.objects.filter(annotator=annotator, state="leased").count() == 2
 
@@ -119,10 +88,10 @@ def test_an_unfinished_lease_is_resumed_and_can_be_excluded_for_prefetch():
 def test_an_expired_lease_returns_its_item_to_the_pool():
     project = make_project(prompts=1, overlap=1)
     first, second = UserFactory.create_batch(2)
-    abandoned = assignment_lease_next(project=project, annotator=first)
-    assert assignment_lease_next(project=project, annotator=second) is None
+    abandoned = lease(project, first)
+    assert lease(project, second) is None
     Assignment.objects.filter(pk=abandoned.pk).update(expires_at=timezone.now() - timedelta(seconds=1))
-    taken = assignment_lease_next(project=project, annotator=second)
+    taken = lease(project, second)
     assert taken is not None and taken.item_key == abandoned.item_key and taken.slot == abandoned.slot
     assert not Assignment.objects.filter(pk=abandoned.pk).exists()
     with pytest.raises(Exception, match="went to someone else"):
@@ -133,7 +102,7 @@ def test_an_expired_lease_returns_its_item_to_the_pool():
 def test_an_expired_lease_nobody_took_can_still_be_submitted():
     project = make_project(prompts=1)
     annotator = UserFactory()
-    assignment = assignment_lease_next(project=project, annotator=annotator)
+    assignment = lease(project, annotator)
     Assignment.objects.filter(pk=assignment.pk).update(expires_at=timezone.now() - timedelta(seconds=1))
     assert judge(project, annotator, assignment).created
 
@@ -142,8 +111,8 @@ def test_an_expired_lease_nobody_took_can_still_be_submitted():
 def test_renewing_restarts_only_the_annotators_own_unfinished_leases():
     project = make_project(prompts=3)
     me, other = UserFactory.create_batch(2)
-    mine = assignment_lease_next(project=project, annotator=me)
-    theirs = assignment_lease_next(project=project, annotator=other)
+    mine = lease(project, me)
+    theirs = lease(project, other)
     soon = timezone.now() + timedelta(seconds=5)
     Assignment.objects.update(expires_at=soon)
     assert assignment_lease_renew(project=project, annotator=me, task_ids=[mine.pk, theirs.pk]) == 1
@@ -156,11 +125,11 @@ def test_renewing_restarts_only_the_annotators_own_unfinished_leases():
 def test_skip_frees_the_slot_for_others_and_never_serves_the_item_again():
     project = make_project(prompts=1, overlap=1)
     first, second = UserFactory.create_batch(2)
-    assignment = assignment_lease_next(project=project, annotator=first)
+    assignment = lease(project, first)
     skipped = assignment_skip(project=project, annotator=first, task_id=assignment.pk, reason="Not my language")
     assert skipped.state == "skipped" and skipped.slot is None and skipped.skip_reason == "Not my language"
-    assert assignment_lease_next(project=project, annotator=first) is None
-    assert assignment_lease_next(project=project, annotator=second).item_key == assignment.item_key
+    assert lease(project, first) is None
+    assert lease(project, second).item_key == assignment.item_key
 
 
 @pytest.mark.django_db
@@ -170,7 +139,7 @@ def test_display_order_is_randomised_per_assignment_and_recorded():
     ids = sorted(prompt.completions.values_list("pk", flat=True))
     orders = set()
     for _ in range(20):
-        assignment = assignment_lease_next(project=project, annotator=UserFactory())
+        assignment = lease(project, UserFactory())
         assert sorted(assignment.display_order) == ids
         orders.add(tuple(assignment.display_order))
     assert len(orders) > 1
@@ -183,7 +152,7 @@ def test_prompts_with_fewer_than_two_completions_are_not_served():
     project = ProjectFactory(mode="ranking")
     CompletionFactory(prompt=PromptFactory(project=project))
     PromptFactory(project=project)
-    assert assignment_lease_next(project=project, annotator=UserFactory()) is None
+    assert lease(project, UserFactory()) is None
 
 
 @pytest.mark.django_db
@@ -191,8 +160,8 @@ def test_progress_counts_mine_everyones_and_whats_left():
     project = make_project(mode="pairwise", prompts=2, k=3, overlap=2)  # 2 prompts x 3 pairs x 2 = 12 wanted
     me, other = UserFactory.create_batch(2)
     for _ in range(2):
-        judge(project, me, assignment_lease_next(project=project, annotator=me))
-    judge(project, other, assignment_lease_next(project=project, annotator=other))
+        judge(project, me, lease(project, me))
+    judge(project, other, lease(project, other))
     progress = task_progress(project=project, annotator=me)
     assert (progress.judged_by_me, progress.judged_total, progress.left) == (2, 3, 9)
 
@@ -212,7 +181,7 @@ def _annotate_concurrently(project_id: int, annotator_ids: list[int], barrier: t
             project = Project.objects.get(pk=project_id)
             annotator = UserFactory._meta.model.objects.get(pk=annotator_id)
             barrier.wait()
-            while (assignment := assignment_lease_next(project=project, annotator=annotator)) is not None:
+            while (assignment := lease(project, annotator)) is not None:
                 judge(project, annotator, assignment)
         except Exception as error:  # reported by the test below
             errors.append(error)
@@ -247,16 +216,16 @@ def test_concurrent_annotators_never_exceed_the_overlap_or_repeat_an_item(mode):
 def test_the_same_submission_sent_at_once_from_many_threads_is_stored_once():
     project = make_project(prompts=1)
     annotator = UserFactory()
-    assignment = assignment_lease_next(project=project, annotator=annotator)
+    assignment = lease(project, annotator)
     client_uuid = uuid.uuid4()
     results, errors = [], []
     barrier = threading.Barrier(6)
 
-    def submit() -> None:
+    def send() -> None:
         try:
             barrier.wait()
             results.append(
-                judgement_submit(
+                submit(
                     project=project,
                     annotator=annotator,
                     task_id=assignment.pk,
@@ -270,7 +239,7 @@ def test_the_same_submission_sent_at_once_from_many_threads_is_stored_once():
         finally:
             connection.close()
 
-    threads = [threading.Thread(target=submit) for _ in range(6)]
+    threads = [threading.Thread(target=send) for _ in range(6)]
     for thread in threads:
         thread.start()
     for thread in threads:

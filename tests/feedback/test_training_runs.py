@@ -14,10 +14,10 @@ from django.utils import timezone
 from huey.contrib.djhuey import HUEY
 from rest_framework.test import APIClient
 
-from feedback.models import Completion, ModelVersion, TrainingRun
+from feedback.models import ModelVersion, TrainingRun
 from feedback.services import training_runs
 from feedback.services.assignments import assignment_lease_next
-from feedback.services.judgements import judgement_submit
+from feedback.services.judgements import JudgementSubmission, judgement_submit
 from feedback.services.model_versions import model_version_promote
 from feedback.services.training_runs import (
     TrainingRunError,
@@ -65,17 +65,12 @@ def judge_everything(project, annotator, prompts=12):
         )
         CompletionFactory(prompt=prompt, text="Cats are great.")
         CompletionFactory(prompt=prompt, text="No.")
-    while (assignment := assignment_lease_next(project=project, annotator=annotator)) is not None:
-        left, right = assignment.display_order
-        good = Completion.objects.get(pk=left).text == "Cats are great."
-        judgement_submit(
-            project=project,
-            annotator=annotator,
-            task_id=assignment.pk,
-            client_uuid=uuid.uuid4(),
-            kind="pairwise",
-            choice="a" if good else "b",
+    while (task := assignment_lease_next(project=project, annotator=annotator)) is not None:
+        good = task.completions[0].text == "Cats are great."
+        submission = JudgementSubmission(
+            task_id=task.task_id, client_uuid=uuid.uuid4(), kind="pairwise", choice="a" if good else "b"
         )
+        judgement_submit(project=project, annotator=annotator, submission=submission)
 
 
 def test_judgements_become_a_model_version_that_writes_the_next_completions(project):

@@ -222,7 +222,10 @@ class Assignment(models.Model):
                 fields=["project", "annotator", "annotator_slot"], name="at_most_two_leases_per_annotator_project"
             ),
             models.CheckConstraint(
-                condition=Q(state="leased", annotator_slot__in=list(range(LEASES_PER_ANNOTATOR)))
+                # a NULL place must fail the first branch explicitly: NULL IN (...) is unknown, which a CHECK lets pass
+                condition=Q(
+                    state="leased", annotator_slot__isnull=False, annotator_slot__in=list(range(LEASES_PER_ANNOTATOR))
+                )
                 | (~Q(state="leased") & Q(annotator_slot__isnull=True)),
                 name="assignment_annotator_slot_held_while_leased",
             ),

@@ -100,7 +100,7 @@ class Migration(migrations.Migration):
             model_name="assignment",
             constraint=models.CheckConstraint(
                 condition=models.Q(
-                    models.Q(("annotator_slot__in", [0, 1]), ("state", "leased")),
+                    models.Q(("annotator_slot__in", [0, 1]), ("annotator_slot__isnull", False), ("state", "leased")),
                     models.Q(models.Q(("state", "leased"), _negated=True), ("annotator_slot__isnull", True)),
                     _connector="OR",
                 ),

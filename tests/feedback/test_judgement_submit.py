@@ -178,9 +178,7 @@ def test_an_invalid_pairwise_submission_names_its_field_and_stores_nothing(field
     project, annotator, assignment = leased("pairwise", k=2)
     arguments = {"kind": "pairwise"} | fields
     with pytest.raises(ValidationError) as excinfo:
-        submit(
-            project=project, annotator=annotator, task_id=assignment.pk, client_uuid=uuid.uuid4(), **arguments
-        )
+        submit(project=project, annotator=annotator, task_id=assignment.pk, client_uuid=uuid.uuid4(), **arguments)
     assert field in errors_of(excinfo)
     assert nothing_stored()
 

@@ -4,7 +4,7 @@ from collections import Counter
 from datetime import timedelta
 
 import pytest
-from django.db import connection
+from django.db import IntegrityError, connection
 from django.utils import timezone
 
 from feedback.models import Assignment, PairwiseJudgement, Project, Prompt, RankingJudgement
@@ -249,3 +249,98 @@ def test_the_same_submission_sent_at_once_from_many_threads_is_stored_once():
     assert len({r.judgement.pk for r in results}) == 1
     assert RankingJudgement.objects.count() == 1
     assert Prompt.objects.get().judgement_count == 1
+
+
+@pytest.mark.django_db
+def test_prompts_beyond_the_first_batch_are_served_when_the_first_batch_is_taken():
+    """12 prompts, overlap 1: nine annotators asking once each all get a task, and the last three too."""
+    project = make_project(prompts=12, overlap=1)
+    annotators = UserFactory.create_batch(13)
+    leases = [lease(project, annotator) for annotator in annotators]
+    assert all(assignment is not None for assignment in leases[:12])
+    assert leases[12] is None
+    assert len({assignment.prompt_id for assignment in leases[:12]}) == 12
+
+
+@pytest.mark.django_db
+def test_a_later_batch_is_read_in_queue_order_after_the_first():
+    """Prompts judged more often come after every less-judged one, across batches."""
+    project = make_project(prompts=20, overlap=2)
+    prompts = list(project.prompts.order_by("pk"))
+    for prompt in prompts[:10]:  # counted as judged once (by nobody still holding a slot): two slots free each
+        Prompt.objects.filter(pk=prompt.pk).update(judgement_count=1)
+    served = [lease(project, annotator).prompt_id for annotator in UserFactory.create_batch(40)]
+    assert served == [p.pk for p in prompts[10:] + prompts[:10] for _ in range(2)]
+
+
+@pytest.mark.django_db
+def test_an_annotator_holds_at_most_two_leases_and_gets_the_older_one_back():
+    project = make_project(prompts=5)
+    annotator = UserFactory()
+    current = lease(project, annotator)
+    prefetched = lease(project, annotator, exclude_ids=[current.pk])
+    assert prefetched.pk != current.pk
+    assert {current.annotator_slot, prefetched.annotator_slot} == {0, 1}
+    assert lease(project, annotator).pk == current.pk
+    assert lease(project, annotator, exclude_ids=[current.pk]).pk == prefetched.pk
+    assert lease(project, annotator, exclude_ids=[current.pk, prefetched.pk]) is None
+    assert lease(project, annotator, resume_id=prefetched.pk).pk == prefetched.pk
+    assert Assignment.objects.filter(annotator=annotator, state="leased").count() == 2
+    judge(project, annotator, current)
+    third = lease(project, annotator, exclude_ids=[prefetched.pk])
+    assert third.pk not in (current.pk, prefetched.pk) and third.annotator_slot == current.annotator_slot
+    current.refresh_from_db()
+    assert current.state == "done" and current.annotator_slot is None
+    assert Assignment.objects.filter(annotator=annotator, state="leased").count() == 2
+
+
+@pytest.mark.django_db
+def test_the_two_lease_places_are_per_project():
+    first, second = make_project(prompts=3), make_project(prompts=3)
+    annotator = UserFactory()
+    held = [lease(project, annotator) for project in (first, second)]
+    held += [lease(project, annotator, exclude_ids=[held[n].pk]) for n, project in enumerate((first, second))]
+    assert all(assignment is not None for assignment in held)
+    assert Assignment.objects.filter(annotator=annotator, state="leased").count() == 4
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_database_refuses_a_third_lease_or_a_finished_one_holding_a_place():
+    project = make_project(prompts=3)
+    annotator = UserFactory()
+    current = lease(project, annotator)
+    lease(project, annotator, exclude_ids=[current.pk])
+    free_prompt = Prompt.objects.exclude(assignments__annotator=annotator).filter(project=project).first()
+    third = {
+        "project": project,
+        "annotator": annotator,
+        "prompt": free_prompt,
+        "item_key": f"p{free_prompt.pk}",
+        "slot": 0,
+        "display_order": [],
+        "expires_at": timezone.now(),
+    }
+    for place in (0, 1):
+        with pytest.raises(IntegrityError, match="UNIQUE"):
+            Assignment.objects.create(**third, annotator_slot=place)
+    with pytest.raises(IntegrityError, match="CHECK"):
+        Assignment.objects.create(**third, annotator_slot=2)
+    with pytest.raises(IntegrityError, match="CHECK"):
+        Assignment.objects.create(**third, annotator_slot=None)
+    with pytest.raises(IntegrityError, match="CHECK"):
+        Assignment.objects.filter(pk=current.pk).update(state="done")
+    assert Assignment.objects.filter(annotator=annotator).count() == 2
+
+
+@pytest.mark.django_db
+def test_an_expired_lease_taken_over_by_someone_frees_the_annotators_place():
+    project = make_project(prompts=3, overlap=1)
+    slow, fast = UserFactory.create_batch(2)
+    current = lease(project, slow)
+    prefetched = lease(project, slow, exclude_ids=[current.pk])
+    Assignment.objects.filter(pk=prefetched.pk).update(expires_at=timezone.now() - timedelta(seconds=1))
+    assert lease(project, fast).item_key == prefetched.item_key
+    assert not Assignment.objects.filter(pk=prefetched.pk).exists()
+    replacement = lease(project, slow, exclude_ids=[current.pk])
+    assert replacement.item_key not in (current.item_key, prefetched.item_key)
+    assert replacement.annotator_slot == prefetched.annotator_slot

@@ -211,9 +211,11 @@ def _messages_problem(messages: object) -> str | None:
 def task_for_assignment(*, assignment: Assignment) -> Task:
     """What the annotator sees for a lease: the conversation and the completions in display order.
 
-    Raises TaskUnrenderable when the stored rows cannot be sent as text (a lone surrogate, messages
-    that are not turns of role and content, a completion deleted since the lease was taken), so that
-    the caller can skip the task instead of failing on every request for it.
+    Raises TaskUnrenderable when the stored rows cannot be sent (messages that are not turns of role
+    and content, or that hold a lone surrogate, which JSON stores escaped but UTF-8 cannot encode; a
+    completion deleted since the lease was taken), so that the caller can skip the task instead of
+    failing on every request for it. Completion texts need no such check: a text column cannot hold
+    a lone surrogate in the first place.
     """
     by_id = Completion.objects.select_related("prompt").in_bulk(assignment.display_order)
     missing = [pk for pk in assignment.display_order if pk not in by_id]
@@ -223,12 +225,6 @@ def task_for_assignment(*, assignment: Assignment) -> Task:
     # the completions belong to the lease's prompt: one query brings both
     messages = completions[0].prompt.messages
     problem = _messages_problem(messages)
-    for completion in completions:
-        problem = (
-            problem
-            or _text_problem(completion.text, f"the text of completion {completion.pk}")
-            or _text_problem(completion.html, f"the HTML of completion {completion.pk}")
-        )
     if problem:
         raise TaskUnrenderable(problem)
     kind = Project.Mode.PAIRWISE if assignment.completion_a_id else Project.Mode.RANKING

@@ -6,6 +6,8 @@ client_uuid returns the first judgement with 200 instead of 201.
 
 from __future__ import annotations
 
+from typing import Any
+
 from django.contrib.auth.models import User
 from django.core.exceptions import ValidationError as DjangoValidationError
 from drf_spectacular.utils import OpenApiResponse, extend_schema
@@ -32,6 +34,15 @@ def _annotator(request: Request) -> User:
 
 def _one_of(values: list[str]) -> str:
     return f"Not a valid choice; use one of {', '.join(values)}."
+
+
+class BoundedListField(serializers.ListField):
+    """A list field that refuses a list longer than ``max_length`` before validating any of its items."""
+
+    def to_internal_value(self, data: Any) -> list[Any]:
+        if self.max_length is not None and isinstance(data, list) and len(data) > self.max_length:
+            self.fail("max_length", max_length=self.max_length)
+        return super().to_internal_value(data)
 
 
 class TaskMessageSerializer(serializers.Serializer):
@@ -101,8 +112,8 @@ class JudgementSubmitApi(APIView):
             allow_blank=True,
             error_messages={"invalid_choice": _one_of(PairwiseJudgement.Strength.values)},
         )
-        ranking = serializers.ListField(
-            child=serializers.ListField(
+        ranking = BoundedListField(
+            child=BoundedListField(
                 child=serializers.IntegerField(), allow_empty=False, max_length=COMPLETIONS_PER_PROMPT_MAX
             ),
             required=False,

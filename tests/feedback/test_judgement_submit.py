@@ -278,3 +278,32 @@ def test_skipping_a_judged_task_or_someone_elses_is_refused():
             reason="r" * 501,
         )
     assert "reason" in errors_of(excinfo)
+
+
+@pytest.mark.parametrize(
+    ("shape", "message"),
+    [
+        ("one-group", "The ranking names 32000 completions; this task has 4."),
+        ("many-groups", "The ranking has 32000 groups; this task has 4 completions."),
+        ("one-too-many", "The ranking names 5 completions; this task has 4."),
+    ],
+)
+def test_a_ranking_longer_than_the_task_is_refused_by_its_length(shape, message):
+    project, annotator, assignment = leased("ranking")
+    a, b, c, d = assignment.display_order
+    rankings = {
+        "one-group": [list(range(1, 32_001))],
+        "many-groups": [[n] for n in range(1, 32_001)],
+        "one-too-many": [[a], [b], [c], [d, a]],
+    }
+    with pytest.raises(ValidationError) as excinfo:
+        submit(
+            project=project,
+            annotator=annotator,
+            task_id=assignment.pk,
+            client_uuid=uuid.uuid4(),
+            kind="ranking",
+            ranking=rankings[shape],
+        )
+    assert errors_of(excinfo) == {"ranking": [message]}
+    assert nothing_stored()

@@ -72,6 +72,8 @@ class AssignmentFactory(factory.django.DjangoModelFactory):
     prompt = factory.SubFactory(PromptFactory)
     item_key = factory.LazyAttribute(lambda a: f"p{a.prompt.pk}")
     slot = 0
+    state = models.Assignment.State.LEASED
+    annotator_slot = factory.LazyAttribute(lambda a: 0 if a.state == models.Assignment.State.LEASED else None)
     display_order = factory.LazyFunction(list)
     expires_at = factory.LazyFunction(lambda: timezone.now() + timezone.timedelta(minutes=10))
 

@@ -34,8 +34,11 @@ TIME_MS_MAX = 24 * 60 * 60 * 1000
 
 @dataclass(frozen=True)
 class JudgementSubmission:
-    """What an annotator sends for one task. The annotate form's and the API's fields have these names,
-    so each caller builds it from its parsed data in one step."""
+    """What an annotator sends for one task, from validation to the stored row.
+
+    The annotate form's fields and the API's input fields have these names, so each caller builds
+    it from its parsed data in one step, and a new field is added here and there only.
+    """
 
     task_id: int
     client_uuid: uuid.UUID

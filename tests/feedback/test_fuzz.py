@@ -315,8 +315,9 @@ def test_the_judgement_api_answers_201_200_or_400_and_never_writes_half(mode, wo
     cache.clear()  # the submit throttle is not what is tested here
     url = f"/api/v1/projects/{world['project'].slug}/judgements/"
     with rolled_back():
-        assignment = assignment_lease_next(project=world["project"], annotator=world["annotator"])
-        assert assignment is not None
+        task = assignment_lease_next(project=world["project"], annotator=world["annotator"])
+        assert task is not None
+        assignment = task.assignment
         ids = sorted(assignment.display_order)  # sorted: the display order is random, a replayed example is not
         body = data.draw(judgement_bodies(task_id=assignment.pk, kind=mode, ids=ids))
         before = judgement_rows()

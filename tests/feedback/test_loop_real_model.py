@@ -1,8 +1,11 @@
 """The closed loop with the real default model: judgements -> run -> version -> promotion -> its completions."""
 
+from dataclasses import replace
+
 import pytest
 
 from feedback.models import ModelVersion, Project
+from feedback.selectors.preferences import PreferenceExportOptions, prompt_in_split
 from feedback.services.model_versions import model_version_promote
 from feedback.services.training_runs import training_run_start
 from tests.factories import PromptFactory, UserFactory
@@ -21,6 +24,9 @@ FEW_STEPS = {
 }
 
 
+HELD_OUT = 0.3
+
+
 def test_the_default_model_goes_round_the_loop(real_model_dir):
     project = Project.objects.create(
         slug="real",
@@ -31,14 +37,23 @@ def test_the_default_model_goes_round_the_loop(real_model_dir):
         max_new_tokens=8,
         training_config=FEW_STEPS,
     )
-    judge_everything(project, UserFactory(), prompts=6)
+    # Prompts fall into the held-out part by a hash of their id: judge until both parts have some.
+    held_out_split = replace(PreferenceExportOptions(format="dpo", test_fraction=HELD_OUT), split="test")
+    held_out: list[int] = []
+    while not 0 < len(held_out) < project.prompts.count():
+        judge_everything(project, UserFactory(), prompts=3, first=project.prompts.count())
+        held_out = [
+            pk
+            for pk in project.prompts.values_list("pk", flat=True)
+            if prompt_in_split(prompt_id=pk, options=held_out_split)
+        ]
 
-    run = training_run_start(project=project, triggered_by=UserFactory(is_staff=True))  # the worker runs it at once
+    run = training_run_start(project=project, triggered_by=UserFactory(is_staff=True), test_fraction=HELD_OUT)
     run.refresh_from_db()
     assert run.status == "succeeded", run.error
     assert run.step == run.total_steps >= 2
     version = run.produced_version
-    assert version.metrics["eval_after"]["pairs"] >= 1
+    assert version.metrics["eval_after"]["pairs"] == len(held_out)  # one pair per prompt with K = 2
 
     prompt = PromptFactory(project=project, messages=[{"role": "user", "content": "What colour is the sky?"}])
     model_version_promote(version=version)  # the next round is written by the new version and the base model

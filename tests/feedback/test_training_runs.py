@@ -56,10 +56,10 @@ def project(tiny_model_dir):
     )
 
 
-def judge_everything(project, annotator, prompts=12):
+def judge_everything(project, annotator, prompts=12, first=0):
     """Prompts with a good and a bad answer, and the annotator's choice of the good one, through the services."""
     MembershipFactory(user=annotator, project=project)
-    for i in range(prompts):
+    for i in range(first, first + prompts):
         prompt = PromptFactory(
             project=project, messages=[{"role": "user", "content": f"Question {i}: tell me about cats"}]
         )

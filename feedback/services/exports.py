@@ -28,10 +28,11 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 from django.conf import settings
-from django.db import connections, transaction
+from django.db import connections
 from django.utils import timezone
 
 from feedback.models import Project, Prompt
+from feedback.queue import enqueue
 from feedback.selectors.preferences import PreferenceExportOptions, preference_rows
 
 FILE_TYPES = ("jsonl", "parquet")
@@ -372,8 +373,6 @@ def export_job_start(
     *, project: Project, options: PreferenceExportOptions, file_type: str, requested_by_id: int | None
 ) -> ExportJob:
     """Record an export job and queue it for the worker once the surrounding transaction commits."""
-    from feedback.tasks import export_file_task
-
     if file_type not in FILE_TYPES:
         raise ExportError(f"file type must be jsonl or parquet, not {file_type!r}")
     job = ExportJob(
@@ -387,7 +386,7 @@ def export_job_start(
         created_at=timezone.now().isoformat(),
     )
     _job_save(job)
-    transaction.on_commit(lambda: export_file_task(job.id))
+    enqueue("export_file_task", job.id)
     return job
 
 

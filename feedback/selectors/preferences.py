@@ -33,7 +33,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
@@ -95,6 +95,66 @@ class PreferenceExportOptions:
             raise ExportOptionsError("test_fraction", "must be strictly between 0 and 1")
         if self.chunk_size < 1:
             raise ExportOptionsError("chunk_size", "must be at least 1")
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any]) -> PreferenceExportOptions:
+        """Options from their public names, as the API's query, the export page and the command give them.
+
+        The names are the fields' but ``annotators`` and ``model_versions`` (lists of ids; empty
+        means every one). A missing, None or empty value takes the default; date-times may be ISO
+        strings. A name that is no option, or a value of the wrong type, raises ExportOptionsError.
+        """
+        values: dict[str, Any] = {}
+        for name, value in data.items():
+            if name not in _OPTIONS:
+                raise ExportOptionsError(name, "is not an export option")
+            field_name, kind = _OPTIONS[name]
+            if value is None or value == "" or value == []:
+                continue
+            if kind is datetime and isinstance(value, str):
+                try:
+                    value = datetime.fromisoformat(value)
+                except ValueError:
+                    raise ExportOptionsError(name, f"{value!r} is not an ISO date-time") from None
+            if kind is tuple:
+                if not isinstance(value, list | tuple) or not all(type(v) is int for v in value):
+                    raise ExportOptionsError(name, "must be a list of ids")
+                value = tuple(value)
+            elif not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+                raise ExportOptionsError(name, f"{value!r} is not a {_TYPE_NAMES[kind]}")
+            values[field_name] = value
+        return cls(**values)
+
+    def as_mapping(self) -> dict[str, Any]:
+        """The options by their public names as JSON values, leaving out defaults; from_mapping reads it back."""
+        defaults = PreferenceExportOptions()
+        data: dict[str, Any] = {"format": self.format}
+        for name, (field_name, _) in _OPTIONS.items():
+            value = getattr(self, field_name)
+            if value == getattr(defaults, field_name) or name == "format":
+                continue
+            if isinstance(value, datetime):
+                value = value.isoformat()
+            data[name] = list(value) if isinstance(value, tuple) else value
+        return data
+
+
+# The options a user may set: public name -> (field, type). chunk_size is not one of them.
+_OPTIONS: dict[str, tuple[str, Any]] = {
+    "format": ("format", str),
+    "conversational": ("conversational", bool),
+    "pairs": ("pairs", str),
+    "min_agreement": ("min_agreement", float | int),
+    "created_from": ("created_from", datetime),
+    "created_before": ("created_before", datetime),
+    "annotators": ("annotator_ids", tuple),
+    "model_versions": ("model_version_ids", tuple),
+    "split": ("split", str),
+    "test_fraction": ("test_fraction", float | int),
+    "split_seed": ("split_seed", str),
+    "pseudonymise": ("pseudonymise", bool),
+}
+_TYPE_NAMES = {str: "string", bool: "boolean", float | int: "number", datetime: "date-time"}
 
 
 @dataclass

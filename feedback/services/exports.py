@@ -17,7 +17,6 @@ import re
 import tempfile
 import uuid
 from collections.abc import Callable, Iterable, Iterator
-from datetime import datetime
 from functools import lru_cache
 from itertools import chain, islice
 from multiprocessing.connection import Connection
@@ -35,7 +34,7 @@ from feedback.models import Project, Prompt
 from feedback.queue import enqueue
 from feedback.selectors.preferences import PreferenceExportOptions, preference_rows
 
-FILE_TYPES = ("jsonl", "parquet")
+FILE_TYPES = ("jsonl", "parquet")  # the kinds of file an export writes, by their extension
 JSONL_LINES_PER_CHUNK = 1000
 PARQUET_ROWS_PER_BATCH = 10_000
 SLICE_PROMPTS = 2000  # prompts an export process reads at a time when several share the work
@@ -262,7 +261,7 @@ def export_file_type(*, path: Path) -> str:
     """jsonl or parquet from a file name; ExportError for any other extension."""
     suffix = path.suffix.lower().lstrip(".")
     if suffix not in FILE_TYPES:
-        raise ExportError(f"{path.name}: the file name must end in .jsonl or .parquet")
+        raise ExportError(f"{path.name}: the file name must end in {' or '.join('.' + t for t in FILE_TYPES)}")
     return suffix
 
 
@@ -329,28 +328,6 @@ class ExportJob:
         return self.file_path.name
 
 
-def _options_to_json(options: PreferenceExportOptions) -> dict[str, Any]:
-    data = dataclasses.asdict(options)
-    for key in ("created_from", "created_before"):
-        if data[key] is not None:
-            data[key] = data[key].isoformat()
-    for key in ("annotator_ids", "model_version_ids"):
-        if data[key] is not None:
-            data[key] = list(data[key])
-    return data
-
-
-def _options_from_json(data: dict[str, Any]) -> PreferenceExportOptions:
-    values = dict(data)
-    for key in ("created_from", "created_before"):
-        if values[key] is not None:
-            values[key] = datetime.fromisoformat(values[key])
-    for key in ("annotator_ids", "model_version_ids"):
-        if values[key] is not None:
-            values[key] = tuple(values[key])
-    return PreferenceExportOptions(**values)
-
-
 def _job_save(job: ExportJob) -> None:
     job.directory.mkdir(parents=True, exist_ok=True)
     temporary = job.directory / "job.json.part"
@@ -374,14 +351,14 @@ def export_job_start(
 ) -> ExportJob:
     """Record an export job and queue it for the worker once the surrounding transaction commits."""
     if file_type not in FILE_TYPES:
-        raise ExportError(f"file type must be jsonl or parquet, not {file_type!r}")
+        raise ExportError(f"file type must be {' or '.join(FILE_TYPES)}, not {file_type!r}")
     job = ExportJob(
         id=uuid.uuid4().hex,
         project_id=project.pk,
         project_slug=project.slug,
         requested_by_id=requested_by_id,
         file_type=file_type,
-        options=_options_to_json(options),
+        options=options.as_mapping(),
         status="queued",
         created_at=timezone.now().isoformat(),
     )
@@ -401,7 +378,9 @@ def export_job_run(*, job_id: str) -> ExportJob:
     _job_save(job)
     try:
         project = Project.objects.get(pk=job.project_id)
-        job.rows = export_write_file(project=project, options=_options_from_json(job.options), path=job.file_path)
+        job.rows = export_write_file(
+            project=project, options=PreferenceExportOptions.from_mapping(job.options), path=job.file_path
+        )
         job.status = "succeeded"
     except Exception as error:
         job.status = "failed"

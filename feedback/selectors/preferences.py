@@ -212,12 +212,6 @@ def places_from_ranks(*, ranks: list[int]) -> list[float]:
     return places
 
 
-def rewards_from_ranks(*, ranks: list[int]) -> list[float]:
-    """GRPO rewards for one ranking sorted best first: (K - place) / (K - 1)."""
-    k = len(ranks)
-    return [(k - place) / (k - 1) for place in places_from_ranks(ranks=ranks)]
-
-
 @lru_cache(maxsize=4096)  # rankings repeat a handful of shapes (K completions, the odd tie)
 def ranking_pairs(*, ranks: tuple[int, ...], mode: PairMode) -> tuple[tuple[int, int], ...]:
     """Index pairs (better, worse) that one ranking sorted best first yields under a pair mode."""

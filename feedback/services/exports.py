@@ -275,6 +275,8 @@ def export_write_file(
     """Export to a .jsonl or .parquet file, written to a temporary file beside it and renamed when complete."""
     file_type = export_file_type(path=path)
     directory = path.parent if str(path.parent) else Path(".")
+    if directory.exists() and not directory.is_dir():
+        raise ExportError(f"{directory}: is not a directory, so nothing can be written in it")
     if not directory.is_dir():
         raise ExportError(f"{directory}: no such directory")
     if not os.access(directory, os.W_OK | os.X_OK):

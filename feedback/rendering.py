@@ -1,8 +1,8 @@
 """Untrusted text (model output, imported prompts) to safe HTML.
 
 Markdown is parsed with raw HTML off, code blocks are highlighted by Pygments (the colours are
-static/css/highlight.css), and the result goes through nh3 with an allow-list, so no script, event handler, javascript: URL
-or hx-* attribute survives whatever the input.
+static/css/highlight.css), and the result goes through nh3 with an allow-list, so no script,
+event handler, javascript: URL or hx-* attribute survives whatever the input.
 """
 
 import functools

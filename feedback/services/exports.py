@@ -32,7 +32,7 @@ from django.utils import timezone
 
 from feedback.models import Project, Prompt
 from feedback.queue import enqueue
-from feedback.selectors.preferences import PreferenceExportOptions, preference_rows
+from feedback.selectors.preferences import EXPORT_FORMATS, PreferenceExportOptions, preference_rows
 
 FILE_TYPES = ("jsonl", "parquet")  # the kinds of file an export writes, by their extension
 JSONL_LINES_PER_CHUNK = 1000
@@ -47,6 +47,7 @@ _UMASK = os.umask(0o022)
 os.umask(_UMASK)
 
 _MESSAGES = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
+_ARROW_TYPES = {"string": pa.string(), "int32": pa.int32(), "int64": pa.int64(), "float64": pa.float64()}
 
 
 class ExportError(Exception):
@@ -54,50 +55,18 @@ class ExportError(Exception):
 
 
 def export_schema(*, options: PreferenceExportOptions) -> pa.Schema:
-    """The Parquet schema of a format: strings, or list<struct<role, content>> message lists when conversational."""
+    """The Parquet schema of a format's columns: texts are strings, or list<struct<role, content>> if conversational."""
     text = _MESSAGES if options.conversational else pa.string()
-    if options.format == "dpo":
-        fields = [
-            ("prompt", text),
-            ("chosen", text),
-            ("rejected", text),
-            ("prompt_id", pa.int64()),
-            ("chosen_id", pa.int64()),
-            ("rejected_id", pa.int64()),
-            ("votes", pa.int32()),
-            ("agreement", pa.float64()),
-            ("weight", pa.float64()),
-        ]
-    elif options.format == "grpo":
-        fields = [
-            ("prompt", text),
-            ("completions", pa.list_(text)),
-            ("ranks", pa.list_(pa.float64())),
-            ("rewards", pa.list_(pa.float64())),
-            ("prompt_id", pa.int64()),
-            ("completion_ids", pa.list_(pa.int64())),
-            ("annotators", pa.int32()),
-        ]
-    else:
-        fields = [
-            ("kind", pa.string()),
-            ("judgement_id", pa.int64()),
-            ("prompt_id", pa.int64()),
-            ("prompt", text),
-            ("annotator", pa.string()),
-            ("created_at", pa.string()),
-            ("completion_ids", pa.list_(pa.int64())),
-            ("completions", pa.list_(text)),
-            ("choice", pa.string()),
-            ("strength", pa.string()),
-            ("ranks", pa.list_(pa.int32())),
-            ("rationale", pa.string()),
-            ("time_ms", pa.int64()),
-        ]
-    return pa.schema(fields)
+
+    def arrow_type(kind: str) -> pa.DataType:
+        if kind.startswith("list<"):
+            return pa.list_(arrow_type(kind.removeprefix("list<").removesuffix(">")))
+        return text if kind == "text" else _ARROW_TYPES[kind]
+
+    return pa.schema([(name, arrow_type(kind)) for name, kind in EXPORT_FORMATS[options.format].columns])
 
 
-DPO_KEYS = ("prompt", "chosen", "rejected", "prompt_id", "chosen_id", "rejected_id", "votes", "agreement", "weight")
+DPO_KEYS = tuple(name for name, _ in EXPORT_FORMATS["dpo"].columns)
 
 
 # json writes a float as its repr, which is slow to work out; agreements take a few values over and over.

@@ -16,6 +16,7 @@ from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_sche
 from rest_framework import serializers, status
 from rest_framework.exceptions import NotFound, ValidationError
 from rest_framework.negotiation import DefaultContentNegotiation
+from rest_framework.parsers import JSONParser
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
@@ -152,8 +153,22 @@ class ExportApi(APIView):
 
 
 class ExportJobsApi(APIView):
+    parser_classes = [JSONParser]
+
     class InputSerializer(ExportOptionsSerializer):
         file = serializers.ChoiceField(choices=FILE_TYPES, help_text="The kind of file the worker builds.")
+
+        def to_internal_value(self, data: Any) -> dict[str, Any]:
+            # DRF's fields read a JSON body like a query string (true or "1" for a number, 0 for a string);
+            # from_mapping holds the options to their JSON types first, naming the field of a wrong one.
+            if isinstance(data, dict):
+                try:
+                    PreferenceExportOptions.from_mapping(
+                        {k: v for k, v in data.items() if k in self.fields and k != "file"}
+                    )
+                except ExportOptionsError as error:
+                    raise ValidationError({error.field: [error.message]}) from None
+            return super().to_internal_value(data)
 
         class Meta:
             ref_name = "ExportJobInput"

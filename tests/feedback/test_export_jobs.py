@@ -82,9 +82,13 @@ def test_a_posted_job_is_built_by_the_worker_and_downloads(manager, django_captu
     [
         ({}, "file", "This field is required."),
         ({"file": "zip"}, "file", '"zip" is not a valid choice.'),
-        ({"file": "parquet", "format": "xml"}, "format", '"xml" is not a valid choice.'),
-        ({"file": "parquet", "min_agreement": 2}, "min_agreement", "Ensure this value is less than or equal to 1.0."),
-        ({"file": "parquet", "annotators": ["x"]}, "annotators", None),
+        ({"file": "parquet", "format": "xml"}, "format", "must be one of dpo, grpo, judgements, not 'xml'"),
+        ({"file": "parquet", "min_agreement": 2}, "min_agreement", "must be between 0 and 1"),
+        ({"file": "parquet", "min_agreement": True}, "min_agreement", "True is not a number"),
+        ({"file": "parquet", "conversational": 1}, "conversational", "1 is not a boolean"),
+        ({"file": "parquet", "split_seed": 0}, "split_seed", "0 is not a string"),
+        ({"file": "parquet", "annotators": ["x"]}, "annotators", "must be a list of ids"),
+        ({"file": "parquet", "annotators": [0]}, "annotators", None),
     ],
 )
 def test_bad_job_options_are_a_400_naming_the_field_and_start_nothing(manager, queue, body, field, message):

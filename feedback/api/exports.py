@@ -68,7 +68,7 @@ class ExportOptionsSerializer(serializers.Serializer):
     )
     split = serializers.ChoiceField(choices=SPLITS, required=False, help_text="Only the train or the test prompts.")
     test_fraction = serializers.FloatField(default=0.1, min_value=0.001, max_value=0.999)
-    split_seed = serializers.CharField(default="rankwise", max_length=100)
+    split_seed = serializers.CharField(default="rankwise", min_length=1, max_length=100)
     pseudonymise = serializers.BooleanField(default=False, help_text="judgements: HMAC pseudonyms.")
 
     def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:

@@ -1,8 +1,11 @@
+from django import forms
 from django.contrib import admin, messages
 from django.db.models import QuerySet
+from django.forms.models import BaseInlineFormSet
 from django.http import HttpRequest
 
 from feedback import models
+from feedback.services.completions import completion_save
 from feedback.services.training_runs import TrainingRunError, training_run_cancel, training_run_start
 
 
@@ -60,6 +63,17 @@ class PromptAdmin(admin.ModelAdmin):
     list_select_related = ["project"]
     inlines = [CompletionInline]
 
+    def save_formset(
+        self, request: HttpRequest, form: forms.ModelForm, formset: BaseInlineFormSet, change: bool
+    ) -> None:
+        if formset.model is not models.Completion:
+            super().save_formset(request, form, formset, change)
+            return
+        for completion in formset.save(commit=False):
+            completion_save(completion=completion)
+        for removed in formset.deleted_objects:
+            removed.delete()
+
 
 @admin.register(models.Completion)
 class CompletionAdmin(admin.ModelAdmin):
@@ -67,6 +81,9 @@ class CompletionAdmin(admin.ModelAdmin):
     list_filter = ["prompt__project", "source_model"]
     readonly_fields = ["html"]
     raw_id_fields = ["prompt"]
+
+    def save_model(self, request: HttpRequest, obj: models.Completion, form: forms.ModelForm, change: bool) -> None:
+        completion_save(completion=obj)
 
 
 @admin.register(models.Assignment)

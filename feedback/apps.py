@@ -10,7 +10,8 @@ class FeedbackConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
-        from feedback import checks  # noqa: F401  (registers the deploy checks)
+        # The deploy checks, and the huey tasks in every process so that feedback.queue can send them by name.
+        from feedback import checks, tasks  # noqa: F401
 
         # A longer limit would let a model name pass the import's check and then fail to save.
         source_model = self.get_model("Completion")._meta.get_field("source_model")

@@ -1,8 +1,8 @@
 """Untrusted text (model output, imported prompts) to safe HTML.
 
-Markdown is parsed with raw HTML off, code blocks are highlighted by Pygments, and the
-result goes through nh3 with an allow-list, so no script, event handler, javascript: URL
-or hx-* attribute survives whatever the input.
+Markdown is parsed with raw HTML off, code blocks are highlighted by Pygments (the colours are
+static/css/highlight.css), and the result goes through nh3 with an allow-list, so no script,
+event handler, javascript: URL or hx-* attribute survives whatever the input.
 """
 
 import functools
@@ -87,7 +87,3 @@ def markdown_to_safe_html(text: str) -> str:
         link_rel="noopener noreferrer nofollow",
         strip_comments=True,
     )
-
-
-def pygments_css() -> str:
-    return _formatter.get_style_defs(".highlight")

@@ -1,22 +1,14 @@
-"""huey tasks: thin; each loads by id and calls a service."""
+"""huey tasks: thin; each loads by id and calls a service. Services queue them through feedback.queue."""
 
 from django.conf import settings
 from huey import crontab
 from huey.contrib.djhuey import HUEY, db_periodic_task, db_task
 
 from feedback.models import Project, TrainingRun
+from feedback.queue import generation_lock_name, training_lock_name
 from feedback.services.exports import export_job_run
 from feedback.services.generation import completions_generate, generation_schedule_tick
 from feedback.services.training_runs import training_run_execute, training_runs_reap, training_schedule_tick
-
-
-def _generation_lock_name(project_id: int) -> str:
-    return f"generation-project-{project_id}"
-
-
-def generation_running(project_id: int) -> bool:
-    """Whether a worker is writing completions for the project now."""
-    return HUEY.is_locked(_generation_lock_name(project_id))
 
 
 @db_task()
@@ -24,7 +16,7 @@ def generate_completions_task(
     project_id: int, prompt_limit: int | None = None, k: int | None = None, mix_previous: bool = False
 ) -> int:
     project = Project.objects.get(pk=project_id)
-    with HUEY.lock_task(_generation_lock_name(project_id)):  # one generation per project at a time
+    with HUEY.lock_task(generation_lock_name(project_id)):  # one generation per project at a time
         return completions_generate(
             project=project, prompt_limit=prompt_limit, k=k, mix_previous=mix_previous
         ).completions
@@ -35,14 +27,10 @@ def export_file_task(job_id: str) -> None:
     export_job_run(job_id=job_id)
 
 
-def _training_lock_name(project_id: int) -> str:
-    return f"training-project-{project_id}"
-
-
 @db_task()
 def training_run_task(run_id: int) -> None:
     project_id = TrainingRun.objects.values_list("project_id", flat=True).get(pk=run_id)
-    with HUEY.lock_task(_training_lock_name(project_id)):
+    with HUEY.lock_task(training_lock_name(project_id)):
         training_run_execute(run_id=run_id)
 
 
@@ -54,7 +42,7 @@ def _reap_and_release() -> None:
     """
     training_runs_reap()
     idle = Project.objects.exclude(training_runs__status=TrainingRun.Status.RUNNING).values_list("pk", flat=True)
-    HUEY.flush_locks(*(_training_lock_name(pk) for pk in idle))
+    HUEY.flush_locks(*(training_lock_name(pk) for pk in idle))
 
 
 @db_periodic_task(crontab(minute=f"*/{settings.TRAINING_SCHEDULE_MINUTES}"))
@@ -70,5 +58,5 @@ def release_dead_runs_on_startup() -> None:
 
     _reap_and_release()
     # A generation that was under way when a worker died left its lock behind.
-    HUEY.flush_locks(*(_generation_lock_name(pk) for pk in Project.objects.values_list("pk", flat=True)))
+    HUEY.flush_locks(*(generation_lock_name(pk) for pk in Project.objects.values_list("pk", flat=True)))
     connection.close()

@@ -1,5 +1,7 @@
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -50,6 +52,35 @@ def huey_immediate():
     HUEY.immediate = True
     yield HUEY
     HUEY.immediate = False
+
+
+class QueueRecorder:
+    """What the services queued for the worker, in order, instead of running it."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = []
+        self._workers: dict[str, Callable[..., Any]] = {}
+
+    def args(self, task: str) -> list[tuple[Any, ...]]:
+        """The positional arguments of each queued call of one task."""
+        return [args for name, args, _ in self.sent if name == task]
+
+    def run_with(self, task: str, worker: Callable[..., Any]) -> None:
+        """Hand every later call of this task to ``worker`` as well as recording it."""
+        self._workers[task] = worker
+
+    def _send(self, task: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        self.sent.append((task, args, kwargs))
+        if task in self._workers:
+            self._workers[task](*args, **kwargs)
+
+
+@pytest.fixture
+def queue(monkeypatch) -> QueueRecorder:
+    """Tasks the services queue (on commit, as in production) are recorded, not run."""
+    recorder = QueueRecorder()
+    monkeypatch.setattr("feedback.queue._send", recorder._send)
+    return recorder
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,8 @@
 """Preference exports over the API: streamed JSONL, or a file built by the worker and downloaded when ready.
 
 Exports hold every annotator's judgements, so they are for the project's managers and staff.
+``GET .../export/`` only ever reads; a background file is started with ``POST .../exports/``,
+so no link or image a manager's browser follows can start work.
 """
 
 from __future__ import annotations
@@ -12,8 +14,9 @@ from django.urls import reverse
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import serializers, status
-from rest_framework.exceptions import NotFound
+from rest_framework.exceptions import NotFound, ValidationError
 from rest_framework.negotiation import DefaultContentNegotiation
+from rest_framework.parsers import JSONParser
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
@@ -36,7 +39,7 @@ from feedback.selectors.preferences import (
     ExportOptionsError,
     PreferenceExportOptions,
 )
-from feedback.services.exports import ExportJob, export_job_get, export_job_start, export_jsonl
+from feedback.services.exports import FILE_TYPES, ExportJob, export_job_get, export_job_start, export_jsonl
 
 JSONL = "application/jsonl"
 PARQUET = "application/vnd.apache.parquet"
@@ -65,34 +68,17 @@ class ExportOptionsSerializer(serializers.Serializer):
     )
     split = serializers.ChoiceField(choices=SPLITS, required=False, help_text="Only the train or the test prompts.")
     test_fraction = serializers.FloatField(default=0.1, min_value=0.001, max_value=0.999)
-    split_seed = serializers.CharField(default="rankwise", max_length=100)
+    split_seed = serializers.CharField(default="rankwise", min_length=1, max_length=100)
     pseudonymise = serializers.BooleanField(default=False, help_text="judgements: HMAC pseudonyms.")
 
     def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
         try:
-            attrs["options"] = export_options_from(attrs)
+            attrs["options"] = PreferenceExportOptions.from_mapping(
+                {name: value for name, value in attrs.items() if name != "file"}
+            )
         except ExportOptionsError as error:
             raise serializers.ValidationError({error.field: [error.message]}) from None
         return attrs
-
-
-def export_options_from(data: dict[str, Any]) -> PreferenceExportOptions:
-    """PreferenceExportOptions from validated ExportOptionsSerializer data."""
-    annotators, versions = data.get("annotators"), data.get("model_versions")
-    return PreferenceExportOptions(
-        format=data["format"],
-        conversational=data["conversational"],
-        pairs=data["pairs"],
-        min_agreement=data["min_agreement"],
-        created_from=data.get("created_from"),
-        created_before=data.get("created_before"),
-        annotator_ids=tuple(annotators) if annotators else None,
-        model_version_ids=tuple(versions) if versions else None,
-        split=data.get("split"),
-        test_fraction=data["test_fraction"],
-        split_seed=data["split_seed"],
-        pseudonymise=data["pseudonymise"],
-    )
 
 
 def export_stream_response(*, project: Project, options: PreferenceExportOptions) -> StreamingHttpResponse:
@@ -104,7 +90,7 @@ def export_stream_response(*, project: Project, options: PreferenceExportOptions
 class ExportJobOutputSerializer(serializers.Serializer):
     id = serializers.CharField()
     status = serializers.ChoiceField(choices=["queued", "running", "succeeded", "failed"])
-    file_type = serializers.ChoiceField(choices=["jsonl", "parquet"])
+    file_type = serializers.ChoiceField(choices=FILE_TYPES)
     rows = serializers.IntegerField(allow_null=True)
     error = serializers.CharField(allow_blank=True)
     created_at = serializers.DateTimeField()
@@ -137,22 +123,63 @@ class ExportApi(APIView):
     content_negotiation_class = ExportFormatNegotiation
 
     class InputSerializer(ExportOptionsSerializer):
-        file = serializers.ChoiceField(
-            choices=["parquet", "jsonl"],
-            required=False,
-            help_text="Build a file in the background instead of streaming JSONL: answers 202 with a status URL.",
-        )
-
         class Meta:
             ref_name = "ExportQuery"
 
     @extend_schema(
         operation_id="projects_export",
-        summary="Export preference data (managers): streamed JSONL, or a background file",
-        description="Rows as DESIGN.md 'Formats' defines them, prompt by prompt.",
+        summary="Export preference data (managers): streamed JSONL",
+        description="Rows as DESIGN.md 'Formats' defines them, prompt by prompt. A `file` parameter is refused "
+        "(400): background files are started with POST .../exports/.",
         parameters=[InputSerializer],
         responses={
             (200, JSONL): OpenApiResponse(OpenApiTypes.STR, description="One JSON object per line."),
+            (400, "application/json"): VALIDATION_ERROR,
+            (401, "application/json"): NOT_AUTHENTICATED,
+            (403, "application/json"): FORBIDDEN,
+            (404, "application/json"): READ_ERRORS[404],
+        },
+    )
+    def get(self, request: Request, slug: str) -> StreamingHttpResponse:
+        project = project_for_role(user=request.user, slug=slug, role=Membership.Role.MANAGER)
+        if "file" in request.query_params:
+            jobs_url = reverse("api:project-exports", args=[project.slug])
+            raise ValidationError(
+                {"file": [f"GET only streams JSONL: to build a file, POST the options to {jobs_url}"]}
+            )
+        params = self.InputSerializer(data=query_data(request, lists=("annotators", "model_versions")))
+        params.is_valid(raise_exception=True)
+        return export_stream_response(project=project, options=params.validated_data["options"])
+
+
+class ExportJobsApi(APIView):
+    parser_classes = [JSONParser]
+
+    class InputSerializer(ExportOptionsSerializer):
+        file = serializers.ChoiceField(choices=FILE_TYPES, help_text="The kind of file the worker builds.")
+
+        def to_internal_value(self, data: Any) -> dict[str, Any]:
+            # DRF's fields read a JSON body like a query string (true or "1" for a number, 0 for a string);
+            # from_mapping holds the options to their JSON types first, naming the field of a wrong one.
+            if isinstance(data, dict):
+                try:
+                    PreferenceExportOptions.from_mapping(
+                        {k: v for k, v in data.items() if k in self.fields and k != "file"}
+                    )
+                except ExportOptionsError as error:
+                    raise ValidationError({error.field: [error.message]}) from None
+            return super().to_internal_value(data)
+
+        class Meta:
+            ref_name = "ExportJobInput"
+
+    @extend_schema(
+        operation_id="projects_exports_create",
+        summary="Start a background export file (managers)",
+        description="The export's options (as GET .../export/ takes them) and `file`; the worker builds the file. "
+        "Answers 202 with the job: poll its status_url, then fetch its download_url.",
+        request=InputSerializer,
+        responses={
             (202, "application/json"): OpenApiResponse(ExportJobOutputSerializer, description="File job queued."),
             (400, "application/json"): VALIDATION_ERROR,
             (401, "application/json"): NOT_AUTHENTICATED,
@@ -160,16 +187,18 @@ class ExportApi(APIView):
             (404, "application/json"): READ_ERRORS[404],
         },
     )
-    def get(self, request: Request, slug: str) -> Response | StreamingHttpResponse:
+    def post(self, request: Request, slug: str) -> Response:
         project = project_for_role(user=request.user, slug=slug, role=Membership.Role.MANAGER)
-        params = self.InputSerializer(data=query_data(request, lists=("annotators", "model_versions")))
-        params.is_valid(raise_exception=True)
-        options = params.validated_data["options"]
-        file_type = params.validated_data.get("file")
-        if file_type is None:
-            return export_stream_response(project=project, options=options)
-        job = export_job_start(project=project, options=options, file_type=file_type, requested_by_id=request.user.pk)
-        return Response(_job_data(job), status=status.HTTP_202_ACCEPTED)
+        body = self.InputSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        job = export_job_start(
+            project=project,
+            options=body.validated_data["options"],
+            file_type=body.validated_data["file"],
+            requested_by_id=request.user.pk,
+        )
+        data = _job_data(job)
+        return Response(data, status=status.HTTP_202_ACCEPTED, headers={"Location": data["status_url"]})
 
 
 def _job_for_manager(request: Request, job_id: str) -> ExportJob:

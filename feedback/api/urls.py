@@ -13,6 +13,7 @@ urlpatterns: list = [
     path("projects/<str:slug>/next-task/", annotation.NextTaskApi.as_view(), name="project-next-task"),
     path("projects/<str:slug>/judgements/", annotation.JudgementSubmitApi.as_view(), name="project-judgements"),
     path("projects/<str:slug>/export/", exports.ExportApi.as_view(), name="project-export"),
+    path("projects/<str:slug>/exports/", exports.ExportJobsApi.as_view(), name="project-exports"),
     path(
         "model-versions/<str:version_id>/promote/",
         projects.ModelVersionPromoteApi.as_view(),

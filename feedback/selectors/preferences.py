@@ -33,7 +33,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
@@ -50,7 +50,6 @@ ExportFormat = Literal["dpo", "grpo", "judgements"]
 PairMode = Literal["all", "best_vs_rest", "adjacent"]
 Split = Literal["train", "test"]
 
-FORMATS: tuple[str, ...] = ("dpo", "grpo", "judgements")
 PAIR_MODES: tuple[str, ...] = ("all", "best_vs_rest", "adjacent")
 SPLITS: tuple[str, ...] = ("train", "test")
 
@@ -96,6 +95,66 @@ class PreferenceExportOptions:
         if self.chunk_size < 1:
             raise ExportOptionsError("chunk_size", "must be at least 1")
 
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any]) -> PreferenceExportOptions:
+        """Options from their public names, as the API's query, the export page and the command give them.
+
+        The names are the fields' but ``annotators`` and ``model_versions`` (lists of ids; empty
+        means every one). A missing, None or empty value takes the default; date-times may be ISO
+        strings. A name that is no option, or a value of the wrong type, raises ExportOptionsError.
+        """
+        values: dict[str, Any] = {}
+        for name, value in data.items():
+            if name not in _OPTIONS:
+                raise ExportOptionsError(name, "is not an export option")
+            field_name, kind = _OPTIONS[name]
+            if value is None or value == "" or value == []:
+                continue
+            if kind is datetime and isinstance(value, str):
+                try:
+                    value = datetime.fromisoformat(value)
+                except ValueError:
+                    raise ExportOptionsError(name, f"{value!r} is not an ISO date-time") from None
+            if kind is tuple:
+                if not isinstance(value, list | tuple) or not all(type(v) is int for v in value):
+                    raise ExportOptionsError(name, "must be a list of ids")
+                value = tuple(value)
+            elif not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+                raise ExportOptionsError(name, f"{value!r} is not a {_TYPE_NAMES[kind]}")
+            values[field_name] = value
+        return cls(**values)
+
+    def as_mapping(self) -> dict[str, Any]:
+        """The options by their public names as JSON values, leaving out defaults; from_mapping reads it back."""
+        defaults = PreferenceExportOptions()
+        data: dict[str, Any] = {"format": self.format}
+        for name, (field_name, _) in _OPTIONS.items():
+            value = getattr(self, field_name)
+            if value == getattr(defaults, field_name) or name == "format":
+                continue
+            if isinstance(value, datetime):
+                value = value.isoformat()
+            data[name] = list(value) if isinstance(value, tuple) else value
+        return data
+
+
+# The options a user may set: public name -> (field, type). chunk_size is not one of them.
+_OPTIONS: dict[str, tuple[str, Any]] = {
+    "format": ("format", str),
+    "conversational": ("conversational", bool),
+    "pairs": ("pairs", str),
+    "min_agreement": ("min_agreement", float | int),
+    "created_from": ("created_from", datetime),
+    "created_before": ("created_before", datetime),
+    "annotators": ("annotator_ids", tuple),
+    "model_versions": ("model_version_ids", tuple),
+    "split": ("split", str),
+    "test_fraction": ("test_fraction", float | int),
+    "split_seed": ("split_seed", str),
+    "pseudonymise": ("pseudonymise", bool),
+}
+_TYPE_NAMES = {str: "string", bool: "boolean", float | int: "number", datetime: "date-time"}
+
 
 @dataclass
 class _Ranking:
@@ -113,7 +172,7 @@ class _PromptGroup:
     prompt_id: int
     messages: list[dict[str, str]]
     texts: dict[int, str]  # completion id -> text, only the completions the options let through
-    pairwise: list[tuple[Any, ...]]
+    pairwise: list[Any]  # rows of _streams' pairwise query, fields by name
     rankings: list[_Ranking]
 
 
@@ -152,12 +211,6 @@ def places_from_ranks(*, ranks: list[int]) -> list[float]:
     return places
 
 
-def rewards_from_ranks(*, ranks: list[int]) -> list[float]:
-    """GRPO rewards for one ranking sorted best first: (K - place) / (K - 1)."""
-    k = len(ranks)
-    return [(k - place) / (k - 1) for place in places_from_ranks(ranks=ranks)]
-
-
 @lru_cache(maxsize=4096)  # rankings repeat a handful of shapes (K completions, the odd tie)
 def ranking_pairs(*, ranks: tuple[int, ...], mode: PairMode) -> tuple[tuple[int, int], ...]:
     """Index pairs (better, worse) that one ranking sorted best first yields under a pair mode."""
@@ -179,19 +232,19 @@ def ranking_pairs(*, ranks: tuple[int, ...], mode: PairMode) -> tuple[tuple[int,
     )
 
 
-def _grouped(rows: Iterable[tuple[Any, ...]]) -> Iterator[tuple[int, list[tuple[Any, ...]]]]:
-    """(prompt id, rows) for rows ordered by their first column, the prompt id."""
+def _grouped(rows: Iterable[Any]) -> Iterator[tuple[int, list[Any]]]:
+    """(prompt id, rows) for named rows ordered by their first column, the prompt id."""
     return ((prompt_id, list(group)) for prompt_id, group in groupby(rows, key=itemgetter(0)))
 
 
 class _Cursor:
     """Hands out the rows of one grouped stream prompt by prompt, in prompt order."""
 
-    def __init__(self, rows: Iterable[tuple[Any, ...]] | None) -> None:
+    def __init__(self, rows: Iterable[Any] | None) -> None:
         self._groups = _grouped(rows) if rows is not None else iter(())
-        self._head: tuple[int, list[tuple[Any, ...]]] | None = next(self._groups, None)
+        self._head: tuple[int, list[Any]] | None = next(self._groups, None)
 
-    def take(self, prompt_id: int) -> list[tuple[Any, ...]]:
+    def take(self, prompt_id: int) -> list[Any]:
         while self._head is not None and self._head[0] < prompt_id:
             self._head = next(self._groups, None)
         if self._head is not None and self._head[0] == prompt_id:
@@ -225,21 +278,25 @@ def _streams(
     written = Completion.objects.filter(prompt_id__in=project_prompts)
     if options.model_version_ids is not None:
         written = written.filter(model_version_id__in=list(options.model_version_ids))
+
+    # Completions and ranked completions come K to a prompt or a judgement, by far the most rows: plain tuples,
+    # unpacked by name where they are read, as named rows cost about 10 % of a dpo export (benchmarks/RESULTS.md).
     completions = written.order_by("prompt_id", "id").values_list("prompt_id", "id", "text")
 
-    raw = options.format == "judgements"
+    spec = EXPORT_FORMATS[options.format]
     pairwise = None
-    if options.format != "grpo":
+    if spec.pairwise:
         pairwise_fields = ["prompt_id", "id", "annotator_id", "left_id", "right_id", "choice"]
-        if raw:
+        if spec.raw:
             pairwise_fields += ["strength", "rationale", "time_ms", "created_at"]
         pairwise = (
             PairwiseJudgement.objects.filter(prompt_id__in=project_prompts, **_judgement_filters(options, ""))
             .order_by("prompt_id", "id")
-            .values_list(*pairwise_fields)
+            .values_list(*pairwise_fields, named=True)
         )
+    # read in this order by _prompt_groups, the raw ones last
     ranked_fields = ["judgement__prompt_id", "judgement_id", "judgement__annotator_id", "completion_id", "rank"]
-    if raw:
+    if spec.raw:
         ranked_fields += ["judgement__rationale", "judgement__time_ms", "judgement__created_at"]
     ranked = (
         RankedCompletion.objects.filter(
@@ -258,6 +315,7 @@ def _prompt_groups(
     id_range: tuple[int, int] | None,
 ) -> Iterator[_PromptGroup]:
     prompts, completions, pairwise, ranked = _streams(project, options, id_range)
+    raw = EXPORT_FORMATS[options.format].raw
     size = options.chunk_size
     completion_rows = _Cursor(completions.iterator(chunk_size=size))
     pairwise_rows = _Cursor(pairwise.iterator(chunk_size=size) if pairwise is not None else None)
@@ -272,20 +330,21 @@ def _prompt_groups(
             continue
         if options.split is not None and not prompt_in_split(prompt_id=prompt_id, options=options):
             continue
-        texts = {row[1]: row[2] for row in written}
+        texts = {completion_id: text for _, completion_id, text in written}
         rankings: list[_Ranking] = []
         judgement_id = None
-        for row in ranked_entries:
-            if row[1] != judgement_id:
-                judgement_id = row[1]
-                ids: list[int] = []
-                ranks: list[int] = []
-                # row[5:8] is empty but for the judgements format: rationale, time_ms, created_at
-                rankings.append(_Ranking(judgement_id, row[2], ids, ranks, *row[5:8]))
-            if row[3] in texts:
-                ids.append(row[3])
-                ranks.append(row[4])
-        kept_pairs = [row for row in judged_pairs if row[3] in texts and row[4] in texts]
+        for _, ranked_judgement, annotator_id, completion_id, rank, *judgement_fields in ranked_entries:
+            if ranked_judgement != judgement_id:
+                judgement_id = ranked_judgement
+                ranking = _Ranking(judgement_id, annotator_id, [], [])
+                if raw:
+                    ranking.rationale, ranking.time_ms, ranking.created_at = judgement_fields
+                rankings.append(ranking)
+                ids, ranks = ranking.ids, ranking.ranks
+            if completion_id in texts:
+                ids.append(completion_id)
+                ranks.append(rank)
+        kept_pairs = [row for row in judged_pairs if row.left_id in texts and row.right_id in texts]
         kept_rankings = [r for r in rankings if len(r.ids) >= 2]
         if kept_pairs or kept_rankings:
             yield _PromptGroup(
@@ -301,9 +360,9 @@ def _shapers(options: PreferenceExportOptions) -> tuple[Callable[[list[dict[str,
 
 def _dpo_rows(group: _PromptGroup, options: PreferenceExportOptions, prompt: Any, answer: Callable) -> Iterator[dict]:
     votes = [  # (winner id, loser id), one per vote
-        (left, right) if choice == PairwiseJudgement.Choice.A else (right, left)
-        for _, _, _, left, right, choice, *_ in group.pairwise
-        if choice in (PairwiseJudgement.Choice.A, PairwiseJudgement.Choice.B)
+        (row.left_id, row.right_id) if row.choice == PairwiseJudgement.Choice.A else (row.right_id, row.left_id)
+        for row in group.pairwise
+        if row.choice in (PairwiseJudgement.Choice.A, PairwiseJudgement.Choice.B)
     ]
     for ranking in group.rankings:
         ids = ranking.ids
@@ -336,7 +395,7 @@ def _dpo_rows(group: _PromptGroup, options: PreferenceExportOptions, prompt: Any
         }
 
 
-def _grpo_rows(group: _PromptGroup, prompt: Any, answer: Callable) -> Iterator[dict]:
+def _grpo_rows(group: _PromptGroup, options: PreferenceExportOptions, prompt: Any, answer: Callable) -> Iterator[dict]:
     # completion id -> [sum of places, sum of rewards, annotators who ranked it]
     totals: dict[int, list[float]] = {}
     for ranking in group.rankings:
@@ -366,21 +425,21 @@ def _judgement_rows(
     def who(annotator_id: int) -> str:
         return annotator_pseudonym(annotator_id=annotator_id) if options.pseudonymise else str(annotator_id)
 
-    for _, judgement_id, annotator_id, left, right, choice, strength, rationale, time_ms, created in group.pairwise:
+    for row in group.pairwise:
         yield {
             "kind": "pairwise",
-            "judgement_id": judgement_id,
+            "judgement_id": row.id,
             "prompt_id": group.prompt_id,
             "prompt": prompt,
-            "annotator": who(annotator_id),
-            "created_at": created.isoformat(),
-            "completion_ids": [left, right],
-            "completions": [answer(group.texts[left]), answer(group.texts[right])],
-            "choice": choice,
-            "strength": strength,
+            "annotator": who(row.annotator_id),
+            "created_at": row.created_at.isoformat(),
+            "completion_ids": [row.left_id, row.right_id],
+            "completions": [answer(group.texts[row.left_id]), answer(group.texts[row.right_id])],
+            "choice": row.choice,
+            "strength": row.strength,
             "ranks": None,
-            "rationale": rationale,
-            "time_ms": time_ms,
+            "rationale": row.rationale,
+            "time_ms": row.time_ms,
         }
     for ranking in group.rankings:
         ids = ranking.ids
@@ -416,11 +475,80 @@ def preference_rows(
     rows of the whole.
     """
     shape_prompt, answer = _shapers(options)
+    build_rows = EXPORT_FORMATS[options.format].rows
     for group in _prompt_groups(project, options, on_prompt, id_range):
-        prompt = shape_prompt(group.messages)
-        if options.format == "dpo":
-            yield from _dpo_rows(group, options, prompt, answer)
-        elif options.format == "grpo":
-            yield from _grpo_rows(group, prompt, answer)
-        else:
-            yield from _judgement_rows(group, options, prompt, answer)
+        yield from build_rows(group, options, shape_prompt(group.messages), answer)
+
+
+RowBuilder = Callable[[_PromptGroup, PreferenceExportOptions, Any, Callable[[str], Any]], Iterator[dict[str, Any]]]
+
+
+@dataclass(frozen=True)
+class ExportFormatSpec:
+    """One export format: how its rows are built and what they hold.
+
+    ``columns`` are the row's keys in order with their types, which the Parquet schema follows:
+    ``text`` is a prompt or a completion (a string, or a message list when conversational);
+    ``string``, ``int32``, ``int64``, ``float64``, and ``list<...>`` of any of them.
+    """
+
+    rows: RowBuilder  # (prompt group, options, the shaped prompt, answer: completion text -> shaped) -> rows
+    columns: tuple[tuple[str, str], ...]
+    pairwise: bool  # whether pairwise judgements are read (rankings always are)
+    raw: bool  # whether each judgement's strength, rationale, time and creation are read
+
+
+# The one place a format is named (with ExportFormat above): a new one adds its builder and its entry here.
+EXPORT_FORMATS: dict[str, ExportFormatSpec] = {
+    "dpo": ExportFormatSpec(
+        rows=_dpo_rows,
+        columns=(
+            ("prompt", "text"),
+            ("chosen", "text"),
+            ("rejected", "text"),
+            ("prompt_id", "int64"),
+            ("chosen_id", "int64"),
+            ("rejected_id", "int64"),
+            ("votes", "int32"),
+            ("agreement", "float64"),
+            ("weight", "float64"),
+        ),
+        pairwise=True,
+        raw=False,
+    ),
+    "grpo": ExportFormatSpec(
+        rows=_grpo_rows,
+        columns=(
+            ("prompt", "text"),
+            ("completions", "list<text>"),
+            ("ranks", "list<float64>"),
+            ("rewards", "list<float64>"),
+            ("prompt_id", "int64"),
+            ("completion_ids", "list<int64>"),
+            ("annotators", "int32"),
+        ),
+        pairwise=False,
+        raw=False,
+    ),
+    "judgements": ExportFormatSpec(
+        rows=_judgement_rows,
+        columns=(
+            ("kind", "string"),
+            ("judgement_id", "int64"),
+            ("prompt_id", "int64"),
+            ("prompt", "text"),
+            ("annotator", "string"),
+            ("created_at", "string"),
+            ("completion_ids", "list<int64>"),
+            ("completions", "list<text>"),
+            ("choice", "string"),
+            ("strength", "string"),
+            ("ranks", "list<int32>"),
+            ("rationale", "string"),
+            ("time_ms", "int64"),
+        ),
+        pairwise=True,
+        raw=True,
+    ),
+}
+FORMATS: tuple[str, ...] = tuple(EXPORT_FORMATS)

@@ -5,6 +5,7 @@ from django.db.models import Count, IntegerField, OuterRef, QuerySet, Subquery
 from django.db.models.functions import Coalesce
 
 from feedback.models import Completion, Project, Prompt
+from feedback.queue import generation_running
 
 
 def project_list_for_user(*, user: User | AnonymousUser) -> QuerySet[Project]:
@@ -26,8 +27,6 @@ def _count_per_project(rows: QuerySet[Any], project_field: str) -> Coalesce:
 
 def generation_progress(*, project: Project) -> dict[str, int] | None:
     """While the worker writes completions for the project: how many of its prompts have their K; else None."""
-    from feedback.tasks import generation_running
-
     if not generation_running(project.pk):
         return None
     ready = project.prompts.annotate(n=Count("completions")).filter(n__gte=project.completions_per_prompt)

@@ -17,7 +17,6 @@ import re
 import tempfile
 import uuid
 from collections.abc import Callable, Iterable, Iterator
-from datetime import datetime
 from functools import lru_cache
 from itertools import chain, islice
 from multiprocessing.connection import Connection
@@ -28,13 +27,14 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 from django.conf import settings
-from django.db import connections, transaction
+from django.db import connections
 from django.utils import timezone
 
 from feedback.models import Project, Prompt
-from feedback.selectors.preferences import PreferenceExportOptions, preference_rows
+from feedback.queue import enqueue
+from feedback.selectors.preferences import EXPORT_FORMATS, PreferenceExportOptions, preference_rows
 
-FILE_TYPES = ("jsonl", "parquet")
+FILE_TYPES = ("jsonl", "parquet")  # the kinds of file an export writes, by their extension
 JSONL_LINES_PER_CHUNK = 1000
 PARQUET_ROWS_PER_BATCH = 10_000
 SLICE_PROMPTS = 2000  # prompts an export process reads at a time when several share the work
@@ -47,6 +47,7 @@ _UMASK = os.umask(0o022)
 os.umask(_UMASK)
 
 _MESSAGES = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
+_ARROW_TYPES = {"string": pa.string(), "int32": pa.int32(), "int64": pa.int64(), "float64": pa.float64()}
 
 
 class ExportError(Exception):
@@ -54,50 +55,18 @@ class ExportError(Exception):
 
 
 def export_schema(*, options: PreferenceExportOptions) -> pa.Schema:
-    """The Parquet schema of a format: strings, or list<struct<role, content>> message lists when conversational."""
+    """The Parquet schema of a format's columns: texts are strings, or list<struct<role, content>> if conversational."""
     text = _MESSAGES if options.conversational else pa.string()
-    if options.format == "dpo":
-        fields = [
-            ("prompt", text),
-            ("chosen", text),
-            ("rejected", text),
-            ("prompt_id", pa.int64()),
-            ("chosen_id", pa.int64()),
-            ("rejected_id", pa.int64()),
-            ("votes", pa.int32()),
-            ("agreement", pa.float64()),
-            ("weight", pa.float64()),
-        ]
-    elif options.format == "grpo":
-        fields = [
-            ("prompt", text),
-            ("completions", pa.list_(text)),
-            ("ranks", pa.list_(pa.float64())),
-            ("rewards", pa.list_(pa.float64())),
-            ("prompt_id", pa.int64()),
-            ("completion_ids", pa.list_(pa.int64())),
-            ("annotators", pa.int32()),
-        ]
-    else:
-        fields = [
-            ("kind", pa.string()),
-            ("judgement_id", pa.int64()),
-            ("prompt_id", pa.int64()),
-            ("prompt", text),
-            ("annotator", pa.string()),
-            ("created_at", pa.string()),
-            ("completion_ids", pa.list_(pa.int64())),
-            ("completions", pa.list_(text)),
-            ("choice", pa.string()),
-            ("strength", pa.string()),
-            ("ranks", pa.list_(pa.int32())),
-            ("rationale", pa.string()),
-            ("time_ms", pa.int64()),
-        ]
-    return pa.schema(fields)
+
+    def arrow_type(kind: str) -> pa.DataType:
+        if kind.startswith("list<"):
+            return pa.list_(arrow_type(kind.removeprefix("list<").removesuffix(">")))
+        return text if kind == "text" else _ARROW_TYPES[kind]
+
+    return pa.schema([(name, arrow_type(kind)) for name, kind in EXPORT_FORMATS[options.format].columns])
 
 
-DPO_KEYS = ("prompt", "chosen", "rejected", "prompt_id", "chosen_id", "rejected_id", "votes", "agreement", "weight")
+DPO_KEYS = tuple(name for name, _ in EXPORT_FORMATS["dpo"].columns)
 
 
 # json writes a float as its repr, which is slow to work out; agreements take a few values over and over.
@@ -261,7 +230,7 @@ def export_file_type(*, path: Path) -> str:
     """jsonl or parquet from a file name; ExportError for any other extension."""
     suffix = path.suffix.lower().lstrip(".")
     if suffix not in FILE_TYPES:
-        raise ExportError(f"{path.name}: the file name must end in .jsonl or .parquet")
+        raise ExportError(f"{path.name}: the file name must end in {' or '.join('.' + t for t in FILE_TYPES)}")
     return suffix
 
 
@@ -275,6 +244,8 @@ def export_write_file(
     """Export to a .jsonl or .parquet file, written to a temporary file beside it and renamed when complete."""
     file_type = export_file_type(path=path)
     directory = path.parent if str(path.parent) else Path(".")
+    if directory.exists() and not directory.is_dir():
+        raise ExportError(f"{directory}: is not a directory, so nothing can be written in it")
     if not directory.is_dir():
         raise ExportError(f"{directory}: no such directory")
     if not os.access(directory, os.W_OK | os.X_OK):
@@ -328,28 +299,6 @@ class ExportJob:
         return self.file_path.name
 
 
-def _options_to_json(options: PreferenceExportOptions) -> dict[str, Any]:
-    data = dataclasses.asdict(options)
-    for key in ("created_from", "created_before"):
-        if data[key] is not None:
-            data[key] = data[key].isoformat()
-    for key in ("annotator_ids", "model_version_ids"):
-        if data[key] is not None:
-            data[key] = list(data[key])
-    return data
-
-
-def _options_from_json(data: dict[str, Any]) -> PreferenceExportOptions:
-    values = dict(data)
-    for key in ("created_from", "created_before"):
-        if values[key] is not None:
-            values[key] = datetime.fromisoformat(values[key])
-    for key in ("annotator_ids", "model_version_ids"):
-        if values[key] is not None:
-            values[key] = tuple(values[key])
-    return PreferenceExportOptions(**values)
-
-
 def _job_save(job: ExportJob) -> None:
     job.directory.mkdir(parents=True, exist_ok=True)
     temporary = job.directory / "job.json.part"
@@ -372,22 +321,20 @@ def export_job_start(
     *, project: Project, options: PreferenceExportOptions, file_type: str, requested_by_id: int | None
 ) -> ExportJob:
     """Record an export job and queue it for the worker once the surrounding transaction commits."""
-    from feedback.tasks import export_file_task
-
     if file_type not in FILE_TYPES:
-        raise ExportError(f"file type must be jsonl or parquet, not {file_type!r}")
+        raise ExportError(f"file type must be {' or '.join(FILE_TYPES)}, not {file_type!r}")
     job = ExportJob(
         id=uuid.uuid4().hex,
         project_id=project.pk,
         project_slug=project.slug,
         requested_by_id=requested_by_id,
         file_type=file_type,
-        options=_options_to_json(options),
+        options=options.as_mapping(),
         status="queued",
         created_at=timezone.now().isoformat(),
     )
     _job_save(job)
-    transaction.on_commit(lambda: export_file_task(job.id))
+    enqueue("export_file_task", job.id)
     return job
 
 
@@ -402,7 +349,9 @@ def export_job_run(*, job_id: str) -> ExportJob:
     _job_save(job)
     try:
         project = Project.objects.get(pk=job.project_id)
-        job.rows = export_write_file(project=project, options=_options_from_json(job.options), path=job.file_path)
+        job.rows = export_write_file(
+            project=project, options=PreferenceExportOptions.from_mapping(job.options), path=job.file_path
+        )
         job.status = "succeeded"
     except Exception as error:
         job.status = "failed"

@@ -8,6 +8,7 @@ from django.db import transaction
 from django.db.models import Count
 
 from feedback.models import Completion, ModelVersion, Project, Prompt
+from feedback.queue import enqueue
 from feedback.rendering import markdown_to_safe_html
 from feedback.selectors.models import model_for_generation, model_version_weights_dir
 
@@ -136,7 +137,6 @@ def generation_schedule_tick(*, low_water: int, round_prompts: int) -> list[Proj
     For each, the worker is asked to write the next round (`round_prompts` prompts).
     """
     from feedback.selectors.tasks import judgements_left
-    from feedback.tasks import generate_completions_task
 
     due = []
     for project in Project.objects.all():
@@ -144,6 +144,6 @@ def generation_schedule_tick(*, low_water: int, round_prompts: int) -> list[Proj
             continue
         if not prompts_lacking_completions(project=project, k=project.completions_per_prompt, limit=1):
             continue
-        generate_completions_task(project.pk, round_prompts, None, True)
+        enqueue("generate_completions_task", project.pk, round_prompts, None, True)
         due.append(project)
     return due

@@ -1,6 +1,7 @@
 from django.db import transaction
 
 from feedback.models import ModelVersion
+from feedback.queue import enqueue
 
 
 def model_version_promote(*, version: ModelVersion, generate: bool = True) -> ModelVersion:
@@ -10,14 +11,12 @@ def model_version_promote(*, version: ModelVersion, generate: bool = True) -> Mo
     the next round: completions for the prompts that lack them, half from the new active
     version and half from the model it was trained from, so people compare the two.
     """
-    from feedback.tasks import generate_completions_task
-
     with transaction.atomic():
         ModelVersion.objects.filter(project_id=version.project_id, is_active=True).exclude(pk=version.pk).update(
             is_active=False
         )
         ModelVersion.objects.filter(pk=version.pk).update(is_active=True)
         if generate:
-            transaction.on_commit(lambda: generate_completions_task(version.project_id, mix_previous=True))
+            enqueue("generate_completions_task", version.project_id, mix_previous=True)
     version.refresh_from_db()
     return version

@@ -25,6 +25,7 @@ from django.db import IntegrityError, transaction
 from django.db.models import Q
 from django.utils import timezone
 
+from feedback import queue
 from feedback.models import ModelVersion, PairwiseJudgement, Project, RankingJudgement, TrainingRun
 from feedback.selectors.models import model_for_generation
 from feedback.selectors.preferences import ExportFormat, PreferenceExportOptions, preference_rows
@@ -155,8 +156,6 @@ def training_run_start(
     train, held_out = _snapshot(project, entry.export_format, test_fraction)
     if not train:
         raise TrainingRunError(f"no {entry.data} to train on yet: collect more judgements first")
-    from feedback.tasks import training_run_task
-
     try:
         with transaction.atomic():
             run = TrainingRun.objects.create(
@@ -175,7 +174,7 @@ def training_run_start(
                 with (folder / name).open("w") as out:
                     out.writelines(json.dumps(row) + "\n" for row in rows)
             if enqueue:
-                transaction.on_commit(lambda: training_run_task(run.pk))
+                queue.enqueue("training_run_task", run.pk)
     except IntegrityError:
         raise TrainingRunError(f"a training run of {project.slug} is already queued or running") from None
     return run

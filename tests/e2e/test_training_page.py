@@ -33,7 +33,7 @@ SECONDS_PER_STEP = 0.4
 
 
 @pytest.fixture
-def worker(monkeypatch):
+def worker(monkeypatch, queue):
     """Queued runs execute in a background thread, writing their progress at every step."""
     threads = []
 
@@ -49,7 +49,7 @@ def worker(monkeypatch):
         thread.start()
 
     monkeypatch.setattr(training_runs, "PROGRESS_EVERY_SECONDS", 0.0)
-    monkeypatch.setattr("feedback.tasks.training_run_task", enqueue)
+    queue.run_with("training_run_task", enqueue)
     yield threads
     for thread in threads:
         thread.join(timeout=120)

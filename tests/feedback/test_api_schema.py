@@ -64,8 +64,11 @@ def test_schema_is_valid_openapi_and_documents_every_operation():
 
 
 @pytest.fixture
-def api_world(db, settings, monkeypatch):
-    """A project with data, a finished export job, and a token for a manager of the project."""
+def api_world(db, settings, monkeypatch, queue):
+    """A project with data, a finished export job, and a token for a manager of the project.
+
+    Started runs stay queued (the queue fixture): no model is trained inside a request.
+    """
     fast_password_hashing(settings)
     settings.ALLOWED_HOSTS = ["localhost"]
     settings.SECURE_SSL_REDIRECT = False
@@ -80,8 +83,6 @@ def api_world(db, settings, monkeypatch):
         rank(annotator, prompt, [[completions[0]], completions[1:]])
     ModelVersionFactory(project=project, id=VERSION_ID)
     TrainingRunFactory(project=project, id=RUN_ID, status=TrainingRun.Status.SUCCEEDED)
-    # A started run stays queued: huey runs tasks at once in tests, and no model is trained inside a request.
-    monkeypatch.setattr("feedback.tasks.training_run_task", lambda run_id: None)
     monkeypatch.setattr("feedback.services.exports.uuid.uuid4", lambda: uuid.UUID(JOB_ID))
     export_job_start(project=project, options=PreferenceExportOptions(), file_type="jsonl", requested_by_id=1)
     yield {"token": Token.objects.create(user=manager).key}

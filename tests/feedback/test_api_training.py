@@ -13,15 +13,6 @@ RUNS = "/api/v1/projects/loop/training-runs/"
 
 
 @pytest.fixture
-def queued(monkeypatch):
-    """Started runs stay queued: the worker's tasks are recorded instead of run."""
-    started = []
-    monkeypatch.setattr("feedback.tasks.training_run_task", lambda run_id: started.append(run_id))
-    monkeypatch.setattr("feedback.tasks.generate_completions_task", lambda project_id, **options: None)
-    return started
-
-
-@pytest.fixture
 def project():
     project = ProjectFactory(slug="loop", mode=Project.Mode.PAIRWISE, completions_per_prompt=2)
     annotator = MembershipFactory(project=project).user
@@ -67,7 +58,7 @@ MATRIX = {
 
 
 @pytest.mark.parametrize("who", MATRIX)
-def test_who_may_list_start_read_and_cancel(project, users, queued, who, django_capture_on_commit_callbacks):
+def test_who_may_list_start_read_and_cancel(project, users, queue, who, django_capture_on_commit_callbacks):
     listing, start, read, cancel = MATRIX[who]
     api = client_for(users[who])
     ended = TrainingRunFactory(project=project, status=TrainingRun.Status.SUCCEEDED)
@@ -83,13 +74,13 @@ def test_who_may_list_start_read_and_cancel(project, users, queued, who, django_
     run.refresh_from_db()
     assert (run.status == "cancelled") == (cancel == 200)
     if start == 201:
-        assert queued == [run.pk] and started.json()["id"] == run.pk
+        assert queue.args("training_run_task") == [(run.pk,)] and started.json()["id"] == run.pk
         assert run.triggered_by == users[who] and run.trigger == TrainingRun.Trigger.API
     else:
-        assert queued == []
+        assert queue.sent == []
 
 
-def test_a_started_run_answers_with_its_snapshot_and_full_config(manager_api, users, queued):
+def test_a_started_run_answers_with_its_snapshot_and_full_config(manager_api, users, queue):
     response = manager_api.post(RUNS, {"config": {"epochs": 2, "beta": 0.25}}, format="json")
 
     assert response.status_code == 201
@@ -138,22 +129,22 @@ def test_the_list_is_paginated_newest_first(project, manager_api):
         ({"algorithm": "grpo"}, "detail", "GRPO trains on ranked groups"),
     ],
 )
-def test_bad_input_is_a_400_that_says_why_and_starts_nothing(manager_api, queued, body, field, message):
+def test_bad_input_is_a_400_that_says_why_and_starts_nothing(manager_api, queue, body, field, message):
     response = manager_api.post(RUNS, body, format="json")
 
     assert response.status_code == 400
     assert message in str(response.json()[field])
-    assert not TrainingRun.objects.exists() and queued == []
+    assert not TrainingRun.objects.exists() and queue.sent == []
 
 
-def test_nothing_to_train_on_is_a_400(users, queued):
+def test_nothing_to_train_on_is_a_400(users, queue):
     ProjectFactory(slug="empty", mode=Project.Mode.PAIRWISE)
     response = client_for(users["staff"]).post("/api/v1/projects/empty/training-runs/", {}, format="json")
     assert response.status_code == 400 and "no pairs to train on yet" in response.json()["detail"]
 
 
 @pytest.mark.parametrize("status", ["queued", "running"])
-def test_a_second_run_while_one_is_active_is_a_409(project, manager_api, queued, status):
+def test_a_second_run_while_one_is_active_is_a_409(project, manager_api, queue, status):
     active = TrainingRunFactory(project=project, status=status)
 
     response = manager_api.post(RUNS, {}, format="json")
@@ -192,7 +183,7 @@ def test_ids_that_name_no_run_are_json_404s(manager_api, run_id):
 
 
 @pytest.mark.parametrize(("who", "status"), [("annotator", 403), ("other manager", 404), ("manager", 200)])
-def test_promote_a_version_and_roll_back(project, users, queued, who, status):
+def test_promote_a_version_and_roll_back(project, users, queue, who, status):
     old = ModelVersionFactory(project=project, name="v1", is_active=True)
     new = ModelVersionFactory(project=project, name="v2", parent=old)
     api = client_for(users[who])
@@ -207,14 +198,14 @@ def test_promote_a_version_and_roll_back(project, users, queued, who, status):
         assert ModelVersion.objects.get(is_active=True) == old
 
 
-def test_the_session_needs_a_csrf_token_to_start_a_run(project, users, queued):
+def test_the_session_needs_a_csrf_token_to_start_a_run(project, users, queue):
     client = APIClient(enforce_csrf_checks=True)
     client.force_login(users["manager"])
     assert client.post(RUNS, {}, format="json").status_code == 403
     assert not TrainingRun.objects.exists()
 
 
-def test_a_staff_user_without_membership_starts_a_run(queued):
+def test_a_staff_user_without_membership_starts_a_run(queue):
     staff = UserFactory(is_staff=True)
     ProjectFactory(slug="solo", mode=Project.Mode.PAIRWISE)
     response = client_for(staff).post("/api/v1/projects/solo/training-runs/", {}, format="json")

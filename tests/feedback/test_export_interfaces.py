@@ -148,12 +148,14 @@ def test_command_errors_name_the_problem(project, tmp_path, args, message):
     assert not list(tmp_path.glob("**/*.part"))
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
-def test_command_refuses_an_unwritable_directory(project, tmp_path):
-    locked = tmp_path / "locked"
-    locked.mkdir(mode=0o500)
-    with pytest.raises(CommandError, match="not writable"):
-        call_command("export_preferences", "gamma", "--format", "dpo", "--out", str(locked / "x.jsonl"))
+def test_command_refuses_a_directory_it_cannot_write_in(project, tmp_path):
+    # Under a regular file nobody can write, root included (a read-only mode would not stop root).
+    (tmp_path / "out").mkdir()
+    plain = tmp_path / "out" / "notes.txt"
+    plain.write_text("kept")
+    with pytest.raises(CommandError, match="notes.txt: is not a directory, so nothing can be written in it"):
+        call_command("export_preferences", "gamma", "--format", "dpo", "--out", str(plain / "x.jsonl"))
+    assert [p.name for p in plain.parent.iterdir()] == ["notes.txt"] and plain.read_text() == "kept"
 
 
 def test_command_reports_file_system_errors_without_a_traceback(project, tmp_path, monkeypatch):

@@ -89,13 +89,14 @@ def test_generate_command_bad_input(project, args, message):
         call_command("generate", *args)
 
 
-def test_a_project_whose_queue_runs_low_gets_its_next_round(project):
+def test_a_project_whose_queue_runs_low_gets_its_next_round(project, django_capture_on_commit_callbacks):
     judged = PromptFactory(project=project)
     CompletionFactory.create_batch(3, prompt=judged)  # one ranking item still wanted: 1 judgement left
     waiting = PromptFactory.create_batch(3, project=project)
 
     assert generation_schedule_tick(low_water=1, round_prompts=2) == []  # 1 left is not below 1
-    assert generation_schedule_tick(low_water=5, round_prompts=2) == [project]
+    with django_capture_on_commit_callbacks(execute=True):  # the worker writes the round (immediate here)
+        assert generation_schedule_tick(low_water=5, round_prompts=2) == [project]
     assert [p.completions.count() for p in waiting] == [3, 3, 0]
     busy = ProjectFactory(base_model=project.base_model)
     PromptFactory(project=busy)

@@ -2,8 +2,9 @@
 
 import pytest
 from django.urls import reverse
+from huey.contrib.djhuey import HUEY
 
-from feedback.tasks import HUEY, _generation_lock_name, generation_running
+from feedback.queue import generation_lock_name, generation_running
 from tests.factories import CompletionFactory, MembershipFactory, ProjectFactory, PromptFactory
 
 pytestmark = pytest.mark.django_db
@@ -26,7 +27,7 @@ def test_while_completions_are_written_the_row_counts_them_and_the_table_refresh
     client.force_login(MembershipFactory(project=project).user)
     assert REFRESHING not in client.get(reverse("home")).content.decode()
 
-    with HUEY.lock_task(_generation_lock_name(project.pk)):
+    with HUEY.lock_task(generation_lock_name(project.pk)):
         assert generation_running(project.pk)
         page = client.get(reverse("home")).content.decode()
         assert REFRESHING in page and "writing completions: 1 of 3 prompts ready" in page
@@ -43,6 +44,6 @@ def test_while_completions_are_written_the_row_counts_them_and_the_table_refresh
 def test_other_projects_writing_is_not_shown_to_a_non_member(client, project):
     outsider_project = ProjectFactory(name="Fish")
     client.force_login(MembershipFactory(project=outsider_project).user)
-    with HUEY.lock_task(_generation_lock_name(project.pk)):
+    with HUEY.lock_task(generation_lock_name(project.pk)):
         page = client.get(reverse("home")).content.decode()
     assert "Birds" not in page and REFRESHING not in page

@@ -13,7 +13,6 @@ from feedback.selectors.preferences import (
     places_from_ranks,
     preference_rows,
     ranking_pairs,
-    rewards_from_ranks,
 )
 from tests.factories import CompletionFactory, ModelVersionFactory, ProjectFactory, PromptFactory, UserFactory
 from tests.feedback.export_helpers import compare, fast_password_hashing, make_prompt, rank
@@ -37,9 +36,6 @@ def by_pair(dpo_rows):
 def test_places_share_the_mean_of_tied_places():
     assert places_from_ranks(ranks=[1, 2, 2, 3]) == [1, 2.5, 2.5, 4]
     assert places_from_ranks(ranks=[1, 1, 1]) == [2, 2, 2]
-    assert rewards_from_ranks(ranks=[1, 2, 3, 4]) == pytest.approx([1, 2 / 3, 1 / 3, 0])
-    assert rewards_from_ranks(ranks=[1, 2, 2, 3]) == [1, 0.5, 0.5, 0]
-    assert rewards_from_ranks(ranks=[1, 1]) == [0.5, 0.5]
 
 
 def test_ranking_pairs_per_mode_never_pair_tied_completions():

@@ -17,17 +17,6 @@ POLLING = 'hx-trigger="every 2s"'
 
 
 @pytest.fixture
-def queued(monkeypatch):
-    """Runs and generations stay queued: the worker's tasks are recorded instead of run."""
-    calls = {"train": [], "generate": []}
-    monkeypatch.setattr("feedback.tasks.training_run_task", lambda run_id: calls["train"].append(run_id))
-    monkeypatch.setattr(
-        "feedback.tasks.generate_completions_task", lambda project_id, **options: calls["generate"].append(project_id)
-    )
-    return calls
-
-
-@pytest.fixture
 def project():
     return ProjectFactory(slug="loop", name="Loop", mode=Project.Mode.PAIRWISE, completions_per_prompt=2)
 
@@ -184,7 +173,7 @@ def test_only_members_may_watch(client, project):
     assert client.get("/projects/loop/training/watch/?after=0").status_code == 404
 
 
-def test_retrain_now_as_a_plain_post_queues_a_run(client, judged, manager, queued, django_capture_on_commit_callbacks):
+def test_retrain_now_as_a_plain_post_queues_a_run(client, judged, manager, queue, django_capture_on_commit_callbacks):
     client.force_login(manager)
 
     with django_capture_on_commit_callbacks(execute=True):
@@ -192,13 +181,13 @@ def test_retrain_now_as_a_plain_post_queues_a_run(client, judged, manager, queue
 
     run = TrainingRun.objects.get()
     assert response.status_code == 302 and response["Location"] == f"/projects/loop/training/?run={run.pk}"
-    assert queued["train"] == [run.pk]
+    assert queue.args("training_run_task") == [(run.pk,)]
     assert run.triggered_by == manager and run.trigger == TrainingRun.Trigger.MANUAL and run.status == "queued"
     page = client.get(response["Location"]).content.decode()
     assert f"Run #{run.pk} (dpo) is queued" in page and POLLING in page and "Cancel</button>" in page
 
 
-def test_retrain_now_with_htmx_answers_the_page_part_with_the_new_run(client, judged, staff_user, queued):
+def test_retrain_now_with_htmx_answers_the_page_part_with_the_new_run(client, judged, staff_user, queue):
     client.force_login(staff_user)
 
     response = client.post("/projects/loop/training/retrain/", {"algorithm": ""}, **HTMX)
@@ -218,17 +207,17 @@ def test_retrain_now_with_htmx_answers_the_page_part_with_the_new_run(client, ju
         ({"algorithm": "ppo"}, "Select a valid choice"),
     ],
 )
-def test_a_run_that_cannot_start_is_a_message_not_an_error(client, project, manager, queued, data, message):
+def test_a_run_that_cannot_start_is_a_message_not_an_error(client, project, manager, queue, data, message):
     client.force_login(manager)
 
     plain = client.post("/projects/loop/training/retrain/", data, follow=True)
     assert plain.status_code == 200 and message in plain.content.decode()
     htmx = client.post("/projects/loop/training/retrain/", data, **HTMX)
     assert htmx.status_code == 200 and message in htmx.content.decode()
-    assert not TrainingRun.objects.exists() and queued["train"] == []
+    assert not TrainingRun.objects.exists() and queue.args("training_run_task") == []
 
 
-def test_a_second_run_while_one_goes_is_refused_with_a_message(client, judged, manager, queued):
+def test_a_second_run_while_one_goes_is_refused_with_a_message(client, judged, manager, queue):
     active = running_run(judged)
     client.force_login(manager)
 
@@ -258,14 +247,16 @@ def test_cancel_a_queued_run_then_a_running_one_then_an_ended_one(client, projec
     assert "has already ended (cancelled)" in response.content.decode()
 
 
-def test_promote_then_roll_back(client, project, manager, queued, django_capture_on_commit_callbacks):
+def test_promote_then_roll_back(client, project, manager, queue, django_capture_on_commit_callbacks):
     old, new = versions(project)
     client.force_login(manager)
 
     with django_capture_on_commit_callbacks(execute=True):
         response = client.post(f"/projects/loop/training/versions/{new.pk}/promote/")
     assert response.status_code == 302 and ModelVersion.objects.get(is_active=True) == new
-    assert queued["generate"] == [project.pk]  # the new active version writes the next completions
+    assert queue.args("generate_completions_task") == [
+        (project.pk,)
+    ]  # the new active version writes the next completions
     page = client.get("/projects/loop/training/").content.decode()
     assert ">Roll back</button>" in page and ">Promote</button>" not in page
     assert "v2</strong> <span" in page and "active</span>" in page
@@ -275,7 +266,7 @@ def test_promote_then_roll_back(client, project, manager, queued, django_capture
     assert ModelVersion.objects.get(is_active=True) == old
 
 
-def test_members_cannot_start_cancel_promote_or_change_settings(client, judged, member, queued):
+def test_members_cannot_start_cancel_promote_or_change_settings(client, judged, member, queue):
     run = running_run(judged)
     old, _ = versions(judged)
     client.force_login(member)

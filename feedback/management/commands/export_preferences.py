@@ -74,19 +74,21 @@ class Command(BaseCommand):
         if opts["since"] and opts["until"] and opts["since"] >= opts["until"]:
             raise CommandError("--until must be later than --since")
         try:
-            options = PreferenceExportOptions(
-                format=opts["export_format"],
-                conversational=opts["conversational"],
-                pairs=opts["pairs"],
-                min_agreement=opts["min_agreement"],
-                created_from=opts["since"],
-                created_before=opts["until"],
-                annotator_ids=self._annotator_ids(opts["annotator"]),
-                model_version_ids=self._version_ids(project, opts["model_version"]),
-                split=opts["split"],
-                test_fraction=opts["test_fraction"],
-                split_seed=opts["split_seed"],
-                pseudonymise=opts["pseudonymise"],
+            options = PreferenceExportOptions.from_mapping(
+                {
+                    "format": opts["export_format"],
+                    "conversational": opts["conversational"],
+                    "pairs": opts["pairs"],
+                    "min_agreement": opts["min_agreement"],
+                    "created_from": opts["since"],
+                    "created_before": opts["until"],
+                    "annotators": self._annotator_ids(opts["annotator"]),
+                    "model_versions": self._version_ids(project, opts["model_version"]),
+                    "split": opts["split"],
+                    "test_fraction": opts["test_fraction"],
+                    "split_seed": opts["split_seed"],
+                    "pseudonymise": opts["pseudonymise"],
+                }
             )
         except ExportOptionsError as error:
             raise CommandError(f"--{error.field.replace('_', '-')}: {error.message}") from None
@@ -102,20 +104,16 @@ class Command(BaseCommand):
                 raise CommandError(f"{out}: {error.strerror or error}") from None
         self.stdout.write(f"{rows} {options.format} rows from {project.slug} written to {out}")
 
-    def _annotator_ids(self, usernames: list[str]) -> tuple[int, ...] | None:
-        if not usernames:
-            return None
+    def _annotator_ids(self, usernames: list[str]) -> list[int]:
         found = dict(get_user_model().objects.filter(username__in=usernames).values_list("username", "id"))
         missing = [name for name in usernames if name not in found]
         if missing:
             raise CommandError(f"--annotator: no user named {', '.join(map(repr, missing))}")
-        return tuple(found[name] for name in usernames)
+        return [found[name] for name in usernames]
 
-    def _version_ids(self, project: Project, names: list[str]) -> tuple[int, ...] | None:
-        if not names:
-            return None
+    def _version_ids(self, project: Project, names: list[str]) -> list[int]:
         found = dict(ModelVersion.objects.filter(project=project, name__in=names).values_list("name", "id"))
         missing = [name for name in names if name not in found]
         if missing:
             raise CommandError(f"--model-version: {project.slug} has no version {', '.join(map(repr, missing))}")
-        return tuple(found[name] for name in names)
+        return [found[name] for name in names]

@@ -179,7 +179,11 @@ SPECTACULAR_SETTINGS = {
     "VERSION": "1",
     "SERVE_INCLUDE_SCHEMA": False,
     # Project modes appear as `mode` and as a task's `kind`: one name for the one choice set.
-    "ENUM_NAME_OVERRIDES": {"ProjectModeEnum": "feedback.models.Project.Mode"},
+    "ENUM_NAME_OVERRIDES": {
+        "ProjectModeEnum": "feedback.models.Project.Mode",
+        # A job's `file_type` and the `file` asked for are the same choice set.
+        "FileTypeEnum": "feedback.services.exports.FILE_TYPES",
+    },
 }
 
 CONTENT_SECURITY_POLICY = (

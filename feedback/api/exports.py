@@ -16,7 +16,6 @@ from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_sche
 from rest_framework import serializers, status
 from rest_framework.exceptions import NotFound, ValidationError
 from rest_framework.negotiation import DefaultContentNegotiation
-from rest_framework.parsers import JSONParser
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
@@ -153,7 +152,6 @@ class ExportApi(APIView):
 
 
 class ExportJobsApi(APIView):
-    parser_classes = [JSONParser]
 
     class InputSerializer(ExportOptionsSerializer):
         file = serializers.ChoiceField(choices=FILE_TYPES, help_text="The kind of file the worker builds.")

@@ -1,4 +1,4 @@
-"""Command line: ``python -m training dpo|grpo --data FILE --model PATH --out DIR [options]``."""
+"""Command line: ``python -m training dpo|grpo|reward --data FILE --model PATH --out DIR [options]``."""
 
 from __future__ import annotations
 
@@ -9,11 +9,12 @@ from dataclasses import fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from training.config import DPOConfig, GRPOConfig, TrainConfig, add_config_arguments, config_options
+from training.config import DPOConfig, GRPOConfig, RewardConfig, TrainConfig, add_config_arguments, config_options
 from training.data import DataFormatError, read_records, split_by_prompt
 from training.dpo import train_dpo
 from training.grpo import train_grpo
 from training.models import ModelLoadError
+from training.reward import train_reward
 
 if TYPE_CHECKING:
     from training.runs import TrainResult
@@ -21,13 +22,14 @@ if TYPE_CHECKING:
 ALGORITHMS: dict[str, tuple[type[TrainConfig], Callable[..., TrainResult], str]] = {
     "dpo": (DPOConfig, train_dpo, "DPO on preference pairs (the `dpo` export)"),
     "grpo": (GRPOConfig, train_grpo, "offline GRPO on ranked groups (the `grpo` export)"),
+    "reward": (RewardConfig, train_reward, "a reward model on pairs (the `dpo` export) or ranked groups (`grpo`)"),
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m training",
-        description="Train a causal language model on human preferences with DPO or GRPO.",
+        description="Train a causal language model on human preferences with DPO or GRPO, or a reward model.",
     )
     sub = parser.add_subparsers(dest="algorithm", required=True, metavar="|".join(ALGORITHMS))
     for name, (config_class, _, summary) in ALGORITHMS.items():
@@ -127,14 +129,19 @@ def summary(metrics: dict[str, Any], out_dir: Path) -> str:
         f"({metrics['tokens_per_second']:.0f} tokens/s training, precision {metrics['precision']})",
         f"trained on {examples} {kind}; dropped {metrics['dropped_long_prompt']} with a too-long prompt"
         + (f", {metrics['dropped_equal_rewards']} with equal rewards" if "dropped_equal_rewards" in metrics else ""),
-        f"reference log-probs: {metrics['reference_computed']} computed, {metrics['reference_cached']} from cache",
     ]
-    if before.get("pairs"):
+    if "reference_computed" in metrics:  # the reward model has no reference
         lines.append(
-            f"held-out accuracy ({before['pairs']} pairs): {before['accuracy']:.3f} -> {after['accuracy']:.3f}; "
-            f"margin {before['margin']:.4f} -> {after['margin']:.4f}; "
-            f"chosen answer more likely {before['logp_accuracy']:.3f} -> {after['logp_accuracy']:.3f}"
+            f"reference log-probs: {metrics['reference_computed']} computed, {metrics['reference_cached']} from cache"
         )
+    if before.get("pairs"):
+        line = (
+            f"held-out accuracy ({before['pairs']} pairs): {before['accuracy']:.3f} -> {after['accuracy']:.3f}; "
+            f"margin {before['margin']:.4f} -> {after['margin']:.4f}"
+        )
+        if "logp_accuracy" in before:
+            line += f"; chosen answer more likely {before['logp_accuracy']:.3f} -> {after['logp_accuracy']:.3f}"
+        lines.append(line)
     else:
         lines.append("held-out accuracy: no held-out pairs")
     lines.append(f"model written to {out_dir}")

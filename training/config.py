@@ -157,6 +157,30 @@ class GRPOConfig(TrainConfig):
             raise ValueError("eval_beta must be positive")
 
 
+@dataclass
+class RewardConfig(TrainConfig):
+    batch_size: int = option(4, "pairs or ranked groups per forward pass (all their completions together)")
+    learning_rate: float = option(
+        1e-4, "peak AdamW learning rate of the adapters and the head (use ~1e-5 for full fine-tuning)", flags=("--lr",)
+    )
+    use_margin: bool = option(
+        True,
+        "subtract each pair's `margin` (when the data has one) inside the Bradley-Terry loss",
+        flags=("--margin", "--no-margin"),
+    )
+    use_weights: bool = option(
+        True, "multiply each pair's loss by its `weight` (annotator agreement)", flags=("--weights", "--no-weights")
+    )
+    center_rewards: float = option(
+        0.0, "weight of a penalty on the squared mean reward, keeping scores centred on 0 (as TRL's coefficient)"
+    )
+
+    def validate(self) -> None:
+        super().validate()
+        if self.center_rewards < 0:
+            raise ValueError("center_rewards must not be negative")
+
+
 Config = TypeVar("Config", bound=TrainConfig)
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -176,6 +177,7 @@ class PairExample:
     rejected_ids: list[int]
     weight: float
     prompt_key: str
+    margin: float = 0.0  # how far the chosen side should win by (a reward model's Bradley-Terry margin)
 
 
 @dataclass
@@ -184,6 +186,7 @@ class GroupExample:
     completion_ids: list[list[int]]
     rewards: list[float]
     prompt_key: str
+    rankings: list[list[float]]  # one per annotator (1 = best, ties equal), or ranks from the rewards
 
 
 @dataclass
@@ -222,6 +225,9 @@ def tokenize_pairs(
         weight = record.get("weight")
         if weight is not None and not (_is_number(weight) and weight >= 0):
             raise DataFormatError(f"{where}: field 'weight': expected a non-negative number")
+        margin = record.get("margin")
+        if margin is not None and not (_is_number(margin) and math.isfinite(margin)):
+            raise DataFormatError(f"{where}: field 'margin': expected a finite number")
         prompt_ids = encode_prompt(tokenizer, messages)
         if len(prompt_ids) > max_prompt_length:
             out.dropped_long_prompt += 1
@@ -238,6 +244,7 @@ def tokenize_pairs(
                 rejected_ids=rejected[:room],
                 weight=1.0 if weight is None else float(weight),
                 prompt_key=prompt_key(record["prompt"]),
+                margin=0.0 if margin is None else float(margin),
             )
         )
     return out
@@ -282,9 +289,22 @@ def tokenize_groups(
                 completion_ids=[c[:room] for c in encoded],
                 rewards=rewards,
                 prompt_key=prompt_key(record["prompt"]),
+                rankings=group_rankings(record, rewards, where),
             )
         )
     return out
+
+
+def group_rankings(record: dict[str, Any], rewards: list[float], where: str) -> list[list[float]]:
+    """The rankings of a group as given (``ranks``: one list, or one per annotator), else the rewards' order."""
+    ranks = record.get("ranks")
+    if ranks is None:
+        return [[-r for r in rewards]]
+    rankings = ranks if ranks and isinstance(ranks[0], list) else [ranks]
+    for ranking in rankings:
+        if not (isinstance(ranking, list) and len(ranking) == len(rewards) and all(_is_number(r) for r in ranking)):
+            raise DataFormatError(f"{where}: field 'ranks': expected {len(rewards)} numbers per ranking")
+    return [[float(r) for r in ranking] for ranking in rankings]
 
 
 def pairs_from_groups(groups: Sequence[GroupExample]) -> list[PairExample]:

@@ -6,6 +6,8 @@ number of sequences in a GRPO batch and T their longest completion in tokens.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -154,3 +156,85 @@ def grpo_loss(
     if loss_type == "dr_grpo":
         return (per_token * mask).sum() / (mask.shape[0] * mask.shape[1])
     raise ValueError(f"unknown GRPO loss_type {loss_type!r}; choose from {', '.join(GRPO_LOSS_TYPES)}")
+
+
+def bradley_terry_loss(
+    chosen_rewards: torch.Tensor,
+    rejected_rewards: torch.Tensor,
+    *,
+    margins: torch.Tensor | None = None,
+    weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Negative log-likelihood of each pair under Bradley-Terry: ``-logσ(r_c - r_r - m)``.
+
+    A margin ``m`` (as TRL's RewardTrainer reads from a ``margin`` column) asks the chosen
+    side to win by at least that much before the loss flattens out.
+
+    Args:
+        chosen_rewards: (B,) scalar rewards of the chosen completions.
+        rejected_rewards: (B,) rewards of the rejected completions.
+        margins: (B,) optional per-pair margins.
+        weights: (B,) optional per-pair weights multiplied into the losses.
+
+    Returns:
+        (B,) the loss of each pair.
+    """
+    diff = chosen_rewards - rejected_rewards  # (B,)
+    if margins is not None:
+        diff = diff - margins
+    losses = -F.logsigmoid(diff)
+    return losses if weights is None else losses * weights
+
+
+def plackett_luce_loss(rewards: torch.Tensor, ranks: torch.Tensor) -> torch.Tensor:
+    """Negative log-likelihood of one ranking with ties under Plackett-Luce.
+
+    Plackett-Luce draws completions best first, each with probability ``exp(r_i)`` over the
+    sum of ``exp(r)`` of those not yet drawn. Tied completions share their place: the
+    ranking says only that they come after every better tier and before every worse one,
+    in some order, so its likelihood is the sum of the probabilities of all orderings that
+    agree with it. Tiers factorise (what is left after a tier does not depend on the order
+    inside it), and within a tier the sum over its t! orders is computed exactly over its
+    2^t subsets: ``f(S) = Σ_{i∈S} f(S∖i) · exp(r_i) / Σ_{j ∉ S∖i, j not in a better tier} exp(r_j)``,
+    with ``f(∅) = 1``; the tier contributes ``f(tier)``. Without ties this is the usual
+    Plackett-Luce likelihood.
+
+    Args:
+        rewards: (K,) scalar rewards of the K completions.
+        ranks: (K,) their ranks, 1 = best; equal ranks are ties (any numbers, only the order counts).
+
+    Returns:
+        The scalar ``-log P(ranking)``.
+    """
+    if rewards.shape != ranks.shape or rewards.dim() != 1:
+        raise ValueError("rewards and ranks must both have shape (K,)")
+    log_likelihood = rewards.new_zeros(())
+    for rank in torch.unique(ranks):  # sorted ascending: best tier first
+        tier = (ranks == rank).nonzero().flatten()  # (t,)
+        later = ranks > rank  # (K,) completions that come after this tier
+        log_likelihood = log_likelihood + _tier_log_probability(rewards[tier], rewards[later])
+    return -log_likelihood
+
+
+def _tier_log_probability(tier: torch.Tensor, later: torch.Tensor) -> torch.Tensor:
+    """log P(the ``tier`` rewards (t,) are all drawn, in any order, before the ``later`` ones (L,))."""
+    t = tier.shape[0]
+    masks = torch.arange(1 << t)
+    members = (masks.unsqueeze(1) >> torch.arange(t)) & 1 == 1  # (2^t, t): which tier items each subset holds
+    size = members.sum(dim=1)
+    # log Σ exp(r) over what is still undrawn once subset S is drawn: the rest of the tier and the later ones
+    undrawn = torch.where(members, -math.inf, tier)  # (2^t, t)
+    if later.numel():
+        undrawn = torch.cat([undrawn, later.logsumexp(0).expand(1 << t, 1)], dim=1)
+    log_pool = undrawn.logsumexp(dim=1)  # (2^t,)
+    position = torch.zeros(1 << t, dtype=torch.long)  # each subset's index inside its size layer
+    layers = [tier.new_zeros(1)]  # log f over the subsets of each size; f(∅) = 1
+    for s in range(1, t + 1):
+        layer_masks = masks[size == s]  # (M,)
+        position[layer_masks] = torch.arange(len(layer_masks))
+        holds = members[layer_masks]  # (M, t)
+        # (M, t): the subset without item i, where it holds i (else the empty set, masked out below)
+        before = torch.where(holds, layer_masks.unsqueeze(1) ^ (1 << torch.arange(t)), 0)
+        terms = layers[s - 1][position[before]] + tier - log_pool[before]  # (M, t)
+        layers.append(torch.where(holds, terms, -math.inf).logsumexp(dim=1))
+    return layers[t][0]

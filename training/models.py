@@ -275,12 +275,18 @@ def reference_mode(model: torch.nn.Module) -> Iterator[None]:
 
 
 def trainable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The weights a checkpoint must hold to restore training: adapters only for LoRA."""
+    """The weights a checkpoint must hold to restore training: adapters only for LoRA.
+
+    A model that wraps a language model (the reward model: LoRA adapters and a head) keeps the
+    parameters that train, so its frozen base is not copied into every checkpoint.
+    """
     if is_lora(model):
         from peft import get_peft_model_state_dict
 
         return get_peft_model_state_dict(model)  # type: ignore[arg-type]
-    return model.state_dict()
+    if isinstance(model, PreTrainedModel):
+        return model.state_dict()
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
 
 def load_trainable_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
@@ -288,8 +294,12 @@ def load_trainable_state_dict(model: torch.nn.Module, state: dict[str, torch.Ten
         from peft import set_peft_model_state_dict
 
         set_peft_model_state_dict(model, state)  # type: ignore[arg-type]
-    else:
+    elif isinstance(model, PreTrainedModel):
         model.load_state_dict(state)
+    else:
+        unexpected = model.load_state_dict(state, strict=False).unexpected_keys
+        if unexpected:
+            raise ModelLoadError(f"checkpoint holds weights this model does not have: {unexpected[:3]}")
 
 
 def save_model_dir(
@@ -301,14 +311,20 @@ def save_model_dir(
     config: dict[str, Any],
     metrics: dict[str, Any],
     merge_lora: bool = False,
+    extra_tensors: dict[str, dict[str, torch.Tensor]] | None = None,
 ) -> Path:
     """Write a finished model directory atomically.
 
     It holds safetensors weights (or a LoRA adapter naming ``base_model`` as its base),
     the tokenizer, ``training_config.json`` and ``metrics.json``. With ``merge_lora``
-    the adapter is merged and full weights are written instead.
+    the adapter is merged and full weights are written instead. ``extra_tensors`` are more
+    safetensors files by name (the reward model's head).
     """
+    from safetensors.torch import save_file
+
     with atomic_directory(out_dir) as tmp:
+        for name, tensors in (extra_tensors or {}).items():
+            save_file({k: v.detach().contiguous() for k, v in tensors.items()}, tmp / name)
         if is_lora(model):
             if merge_lora:
                 merged = _merged_copy(model)

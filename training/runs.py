@@ -345,6 +345,7 @@ def finish_run(
     cancelled: bool,
     evaluate_after: Callable[[], dict[str, Any]],
     started: float,
+    extra_tensors: dict[str, dict[str, torch.Tensor]] | None = None,
 ) -> TrainResult:
     """End a run: a cancelled one writes no model directory; a finished one is scored on the
     held-out pairs and saved with its config and metrics. Either way its checkpoint goes."""
@@ -361,6 +362,7 @@ def finish_run(
             config={"algorithm": algorithm, "base_model": base_model, **asdict(config)},
             metrics=metrics,
             merge_lora=config.merge_lora,
+            extra_tensors=extra_tensors,
         )
     checkpoint.discard()
     return TrainResult(out_dir=out_dir, metrics=metrics, cancelled=cancelled)

@@ -25,6 +25,7 @@ class Project(models.Model):
         DPO = "dpo", "DPO on pairwise judgements"
         GRPO = "grpo", "GRPO on ranked groups"
         DPO_FROM_RANKINGS = "dpo_rankings", "DPO on pairs derived from rankings"
+        REWARD = "reward", "Reward model from the judgements"
 
     name = models.CharField(max_length=200)
     slug = models.SlugField(max_length=100, unique=True)
@@ -121,6 +122,10 @@ class Prompt(models.Model):
 
 
 class ModelVersion(models.Model):
+    class Kind(models.TextChoices):
+        POLICY = "policy", "Policy (writes completions)"
+        REWARD = "reward", "Reward model (scores completions)"
+
     project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="model_versions")
     name = models.CharField(max_length=100)
     parent = models.ForeignKey("self", null=True, blank=True, on_delete=models.SET_NULL, related_name="children")
@@ -129,6 +134,12 @@ class ModelVersion(models.Model):
         "TrainingRun", null=True, blank=True, on_delete=models.SET_NULL, related_name="produced_version"
     )
     metrics = models.JSONField(default=dict, blank=True)
+    kind = models.CharField(
+        max_length=8,
+        choices=Kind.choices,
+        default=Kind.POLICY,
+        help_text="A reward model scores completions for PPO and online GRPO; it is never promoted.",
+    )
     is_active = models.BooleanField(default=False)
     created_at = models.DateTimeField(auto_now_add=True)
 
@@ -138,6 +149,10 @@ class ModelVersion(models.Model):
             models.UniqueConstraint(fields=["project", "name"], name="unique_model_version_name"),
             models.UniqueConstraint(
                 fields=["project"], condition=Q(is_active=True), name="one_active_version_per_project"
+            ),
+            models.CheckConstraint(condition=Q(kind__in=["policy", "reward"]), name="model_version_kind_valid"),
+            models.CheckConstraint(
+                condition=Q(kind="policy") | Q(is_active=False), name="model_version_reward_never_active"
             ),
         ]
 
@@ -319,6 +334,9 @@ class TrainingRun(models.Model):
     class Algorithm(models.TextChoices):
         DPO = "dpo"
         GRPO = "grpo"
+        REWARD = "reward"
+        PPO = "ppo"
+        GRPO_ONLINE = "grpo_online"
 
     class Status(models.TextChoices):
         QUEUED = "queued"
@@ -335,7 +353,7 @@ class TrainingRun(models.Model):
         ADMIN = "admin", "Django admin"
 
     project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="training_runs")
-    algorithm = models.CharField(max_length=8, choices=Algorithm.choices)
+    algorithm = models.CharField(max_length=16, choices=Algorithm.choices)
     config = models.JSONField(default=dict, blank=True)
     status = models.CharField(max_length=10, choices=Status.choices, default=Status.QUEUED)
     step = models.PositiveIntegerField(default=0)
@@ -369,7 +387,10 @@ class TrainingRun(models.Model):
                 condition=Q(status__in=["queued", "running", "succeeded", "failed", "cancelled"]),
                 name="training_run_status_valid",
             ),
-            models.CheckConstraint(condition=Q(algorithm__in=["dpo", "grpo"]), name="training_run_algorithm_valid"),
+            models.CheckConstraint(
+                condition=Q(algorithm__in=["dpo", "grpo", "reward", "ppo", "grpo_online"]),
+                name="training_run_algorithm_valid",
+            ),
         ]
 
     def __str__(self) -> str:

@@ -38,7 +38,7 @@ from feedback.ids import MAX_ID, id_from
 from feedback.models import Completion, Membership, ModelVersion, Project, Prompt
 from feedback.selectors.access import membership_role, project_for_role, project_role_check
 from feedback.selectors.projects import project_list_for_user
-from feedback.services.model_versions import model_version_promote
+from feedback.services.model_versions import ModelVersionError, model_version_promote
 from feedback.services.prompts import PromptImportError, prompts_import_records
 
 MAX_IMPORT_RECORDS = 10_000
@@ -344,6 +344,9 @@ class ModelVersionOutputSerializer(serializers.Serializer):
     parent_version = serializers.IntegerField(source="parent_id", allow_null=True)
     produced_by_run = serializers.IntegerField(source="produced_by_run_id", allow_null=True)
     metrics = serializers.DictField()
+    kind = serializers.ChoiceField(
+        choices=ModelVersion.Kind.choices, help_text="policy (writes completions) or reward (scores them)."
+    )
     is_active = serializers.BooleanField()
     created_at = serializers.DateTimeField()
 
@@ -407,5 +410,8 @@ class ModelVersionPromoteApi(APIView):
         )
         body = self.InputSerializer(data=request.data)
         body.is_valid(raise_exception=True)
-        version = model_version_promote(version=version, generate=body.validated_data["generate"])
+        try:
+            version = model_version_promote(version=version, generate=body.validated_data["generate"])
+        except ModelVersionError as error:
+            return Response({"detail": str(error)}, status=status.HTTP_400_BAD_REQUEST)
         return Response(ModelVersionOutputSerializer(version).data)

@@ -4,13 +4,21 @@ from feedback.models import ModelVersion
 from feedback.queue import enqueue
 
 
+class ModelVersionError(Exception):
+    """A version that cannot be promoted; the message says why."""
+
+
 def model_version_promote(*, version: ModelVersion, generate: bool = True) -> ModelVersion:
     """Make this the project's active version (the one that writes new completions).
+
+    A reward model scores completions and never writes them, so it is never promoted.
 
     Rolling back is promoting an earlier version. When `generate` is on, the worker writes
     the next round: completions for the prompts that lack them, half from the new active
     version and half from the model it was trained from, so people compare the two.
     """
+    if version.kind == ModelVersion.Kind.REWARD:
+        raise ModelVersionError(f"{version.name} is a reward model: it scores completions and is never promoted")
     with transaction.atomic():
         ModelVersion.objects.filter(project_id=version.project_id, is_active=True).exclude(pk=version.pk).update(
             is_active=False

@@ -29,7 +29,7 @@ from feedback import queue
 from feedback.models import ModelVersion, PairwiseJudgement, Project, RankingJudgement, TrainingRun
 from feedback.selectors.models import model_for_generation
 from feedback.selectors.preferences import ExportFormat, PreferenceExportOptions, preference_rows
-from training.config import DPOConfig, GRPOConfig, TrainConfig, config_from_mapping
+from training.config import DPOConfig, GRPOConfig, RewardConfig, TrainConfig, config_from_mapping
 
 if TYPE_CHECKING:
     from training.runs import TrainResult
@@ -55,10 +55,10 @@ class Algorithm:
     """How the app trains with one algorithm: its config, the export its data comes as, and its loop."""
 
     config_class: type[TrainConfig]
-    export_format: ExportFormat
+    formats: dict[str, ExportFormat]  # the export its data comes as, by the project modes it trains on
     train: str  # "module:function"; imported only when a run executes, so the web process never loads torch
-    modes: tuple[str, ...]  # project modes whose judgements it trains on
     data: str  # what it trains on, for the message when there is none
+    makes: str = ModelVersion.Kind.POLICY  # the kind of model version a finished run records
 
     def train_function(self) -> Callable[..., TrainResult]:
         module, name = self.train.split(":")
@@ -67,10 +67,18 @@ class Algorithm:
 
 ALGORITHMS: dict[str, Algorithm] = {
     TrainingRun.Algorithm.DPO: Algorithm(
-        DPOConfig, "dpo", "training.dpo:train_dpo", (Project.Mode.PAIRWISE, Project.Mode.RANKING), "pairs"
+        DPOConfig, {Project.Mode.PAIRWISE: "dpo", Project.Mode.RANKING: "dpo"}, "training.dpo:train_dpo", "pairs"
     ),
     TrainingRun.Algorithm.GRPO: Algorithm(
-        GRPOConfig, "grpo", "training.grpo:train_grpo", (Project.Mode.RANKING,), "ranked groups with different rewards"
+        GRPOConfig, {Project.Mode.RANKING: "grpo"}, "training.grpo:train_grpo", "ranked groups with different rewards"
+    ),
+    # Pairs train it with Bradley-Terry; rankings with Plackett-Luce over each whole ranking.
+    TrainingRun.Algorithm.REWARD: Algorithm(
+        RewardConfig,
+        {Project.Mode.PAIRWISE: "dpo", Project.Mode.RANKING: "grpo"},
+        "training.reward:train_reward",
+        "pairs or ranked groups",
+        makes=ModelVersion.Kind.REWARD,
     ),
 }
 
@@ -105,7 +113,7 @@ def _algorithm_for(project: Project, algorithm: str | None) -> tuple[str, Algori
     """The algorithm a run of the project trains with, checked against the project's data."""
     name = training_algorithm(choice=algorithm or project.training_algorithm)
     entry = ALGORITHMS[name]
-    if project.mode not in entry.modes:
+    if project.mode not in entry.formats:
         raise TrainingRunError(
             f"{name.upper()} trains on {entry.data}; this project collects {project.mode} judgements"
         )
@@ -153,7 +161,8 @@ def training_run_start(
         raise TrainingRunError(str(error)) from None
     if TrainingRun.objects.filter(project=project, status__in=["queued", "running"]).exists():
         raise TrainingRunError(f"a training run of {project.slug} is already queued or running")
-    train, held_out = _snapshot(project, entry.export_format, test_fraction)
+    export_format = entry.formats[project.mode]
+    train, held_out = _snapshot(project, export_format, test_fraction)
     if not train:
         raise TrainingRunError(f"no {entry.data} to train on yet: collect more judgements first")
     try:
@@ -162,7 +171,7 @@ def training_run_start(
                 project=project,
                 algorithm=algorithm,
                 config=full_config,
-                data_counts={"train": len(train), "held_out": len(held_out), "format": entry.export_format},
+                data_counts={"train": len(train), "held_out": len(held_out), "format": export_format},
                 data_hash=_content_hash(train + held_out),
                 parent_version=parent,
                 triggered_by=triggered_by if triggered_by and triggered_by.is_authenticated else None,
@@ -264,11 +273,13 @@ def _read_rows(path: Path) -> list[dict]:
         return [json.loads(line) for line in lines]
 
 
-def _version_name(project: Project) -> str:
-    number = project.model_versions.count() + 1
-    while project.model_versions.filter(name=f"v{number}").exists():
+def _version_name(project: Project, kind: str) -> str:
+    """v1, v2, ... for policies; reward-1, reward-2, ... for reward models."""
+    prefix = "v" if kind == ModelVersion.Kind.POLICY else "reward-"
+    number = project.model_versions.filter(kind=kind).count() + 1
+    while project.model_versions.filter(name=f"{prefix}{number}").exists():
         number += 1
-    return f"v{number}"
+    return f"{prefix}{number}"
 
 
 def training_run_execute(*, run_id: int, on_progress: ProgressCallback | None = None) -> TrainingRun:
@@ -298,10 +309,12 @@ def training_run_execute(*, run_id: int, on_progress: ProgressCallback | None = 
         run.refresh_from_db()
         return run
     metrics = _finite(result.metrics)
+    kind = ALGORITHMS[run.algorithm].makes
     with transaction.atomic():
         version = ModelVersion.objects.create(
             project=project,
-            name=_version_name(project),
+            kind=kind,
+            name=_version_name(project, kind),
             parent=run.parent_version,
             weights_path=str(out_dir.relative_to(Path(settings.MODEL_VERSIONS_DIR))),
             produced_by_run=run,
@@ -311,7 +324,7 @@ def training_run_execute(*, run_id: int, on_progress: ProgressCallback | None = 
             status=TrainingRun.Status.SUCCEEDED, finished_at=timezone.now(), step=metrics.get("steps", run.step)
         )
     run.refresh_from_db()
-    if project.auto_promote and _improved(metrics):
+    if project.auto_promote and kind == ModelVersion.Kind.POLICY and _improved(metrics):
         from feedback.services.model_versions import model_version_promote
 
         model_version_promote(version=version)

@@ -27,7 +27,7 @@ from django_htmx.middleware import HtmxDetails
 from feedback.ids import whole_number
 from feedback.models import Membership, ModelVersion, Project, TrainingRun
 from feedback.selectors.access import project_for_role, user_manages_project
-from feedback.services.model_versions import model_version_promote
+from feedback.services.model_versions import ModelVersionError, model_version_promote
 from feedback.services.training_runs import (
     TrainingRunError,
     training_config_build,
@@ -112,7 +112,7 @@ def _versions(project: Project) -> list[dict[str, Any]]:
                 "before": before,
                 "after": after,
                 "action": None
-                if version.is_active
+                if version.is_active or version.kind == ModelVersion.Kind.REWARD
                 else ("Roll back" if active and version.created_at < active.created_at else "Promote"),
             }
         )
@@ -264,7 +264,11 @@ def training_run_cancel_view(request: TrainingRequest, slug: str, run_id: int) -
 def training_version_promote(request: TrainingRequest, slug: str, version_id: int) -> HttpResponse:
     project = project_for_role(user=request.user, slug=slug, role=Membership.Role.MANAGER)
     version = get_object_or_404(ModelVersion, pk=version_id, project=project)
-    version = model_version_promote(version=version)
+    try:
+        version = model_version_promote(version=version)
+    except ModelVersionError as error:
+        messages.error(request, str(error))
+        return _after_action(request, project)
     messages.success(request, f"{version.name} is now the active version; it writes the next completions.")
     return _after_action(request, project)
 

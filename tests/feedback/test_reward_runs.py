@@ -1,0 +1,104 @@
+"""Reward models in the app: trained from a project's judgements, recorded as versions of kind reward, never promoted."""
+
+import pytest
+from django.core.management import call_command
+from rest_framework.test import APIClient
+
+from feedback.models import ModelVersion, TrainingRun
+from feedback.services.model_versions import ModelVersionError, model_version_promote
+from feedback.services.training_runs import TrainingRunError, training_run_execute, training_run_start
+from tests.factories import MembershipFactory, ProjectFactory, UserFactory
+from tests.feedback.test_training_runs import SMALL, judge_everything
+from training.reward import HEAD_FILE, load_reward_model, score_texts
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+REWARD = {**SMALL, "epochs": 4, "learning_rate": 3e-3}
+
+
+@pytest.fixture
+def project(tiny_model_dir):
+    return ProjectFactory(
+        slug="rm",
+        mode="pairwise",
+        completions_per_prompt=2,
+        base_model=str(tiny_model_dir),
+        training_config=REWARD,
+        auto_promote=True,
+    )
+
+
+def test_judgements_train_a_reward_model_that_is_never_promoted(project, settings):
+    judge_everything(project, UserFactory())
+
+    run = training_run_start(project=project, algorithm="reward", enqueue=False)
+    run = training_run_execute(run_id=run.pk)
+
+    assert run.status == "succeeded", run.error
+    assert run.algorithm == "reward" and run.data_counts["format"] == "dpo"
+    version = run.produced_version
+    assert version.kind == "reward" and version.name == "reward-1"
+    assert not version.is_active  # auto_promote is on, and still a reward model is not promoted
+    assert version.metrics["eval_after"]["accuracy"] is not None
+    assert set(version.metrics["eval_before"]) == {"accuracy", "margin", "pairs"}
+    weights = settings.MODEL_VERSIONS_DIR / version.weights_path
+    assert (weights / HEAD_FILE).is_file() and not list(weights.glob("*.bin"))
+    model, tokenizer = load_reward_model(weights)
+    good, bad = score_texts(model, tokenizer, ["Question 0: tell me about cats"] * 2, ["Cats are great.", "No."])
+    assert good > bad
+
+    with pytest.raises(
+        ModelVersionError, match="reward-1 is a reward model: it scores completions and is never promoted"
+    ):
+        model_version_promote(version=version)
+    assert not ModelVersion.objects.filter(is_active=True).exists()
+
+    policy = training_run_start(project=project, algorithm="dpo", config={"learning_rate": 1e-3}, enqueue=False)
+    policy = training_run_execute(run_id=policy.pk)
+    assert policy.parent_version is None  # a reward model never becomes what the next policy starts from
+    assert policy.produced_version.name == "v1" and policy.produced_version.kind == "policy"
+
+
+def test_a_ranking_project_without_rankings_is_a_clear_error(tiny_model_dir):
+    project = ProjectFactory(slug="ranked", mode="ranking", base_model=str(tiny_model_dir), training_config=REWARD)
+    with pytest.raises(TrainingRunError, match="no pairs or ranked groups to train on yet"):
+        training_run_start(project=project, algorithm="reward", enqueue=False)
+    assert not TrainingRun.objects.exists()
+
+
+def test_the_api_and_the_command_start_reward_runs(project, capsys):
+    judge_everything(project, UserFactory())
+    api = APIClient()
+    api.force_authenticate(UserFactory(is_staff=True))
+    response = api.post(
+        "/api/v1/projects/rm/training-runs/", {"algorithm": "reward", "config": {"center_rewards": -1}}, format="json"
+    )
+    assert response.status_code == 400
+    assert response.json() == {"detail": "reward settings: center_rewards must not be negative"}
+    assert not TrainingRun.objects.exists()
+
+    call_command("train", "rm", "--algorithm", "reward", "--sync")
+    out = capsys.readouterr().out
+    assert "(reward): " in out
+    assert "succeeded: model version reward-1" in out
+    version = ModelVersion.objects.get()
+    response = api.get("/api/v1/projects/rm/model-versions/")
+    assert response.json()["results"][0]["kind"] == "reward"
+    response = api.post(f"/api/v1/model-versions/{version.pk}/promote/", {}, format="json")
+    assert response.status_code == 400
+    assert response.json() == {"detail": "reward-1 is a reward model: it scores completions and is never promoted"}
+    assert not ModelVersion.objects.filter(is_active=True).exists()
+
+
+def test_the_training_page_offers_no_promotion_of_a_reward_model(client, project):
+    manager = UserFactory()
+    MembershipFactory(user=manager, project=project, role="manager")
+    version = ModelVersion.objects.create(project=project, name="reward-1", weights_path="rm/x", kind="reward")
+    client.force_login(manager)
+    page = client.get("/projects/rm/training/").content.decode()
+    row = page.split(f'id="version-{version.pk}"')[1].split("</tr>")[0]
+    assert "reward model" in row and "Promote" not in row
+    response = client.post(f"/projects/rm/training/versions/{version.pk}/promote/", follow=True)
+    assert "reward-1 is a reward model" in response.content.decode()
+    version.refresh_from_db()
+    assert not version.is_active

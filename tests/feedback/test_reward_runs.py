@@ -1,4 +1,4 @@
-"""Reward models in the app: trained from a project's judgements, recorded as versions of kind reward, never promoted."""
+"""Reward models in the app: trained from judgements, recorded as versions of kind reward, never promoted."""
 
 import pytest
 from django.core.management import call_command

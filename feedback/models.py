@@ -26,6 +26,7 @@ class Project(models.Model):
         GRPO = "grpo", "GRPO on ranked groups"
         DPO_FROM_RANKINGS = "dpo_rankings", "DPO on pairs derived from rankings"
         REWARD = "reward", "Reward model from the judgements"
+        GRPO_ONLINE = "grpo_online", "GRPO (online, reward model)"
 
     name = models.CharField(max_length=200)
     slug = models.SlugField(max_length=100, unique=True)

@@ -1,4 +1,4 @@
-"""Command line: ``python -m training dpo|grpo|reward --data FILE --model PATH --out DIR [options]``."""
+"""Command line: ``python -m training dpo|grpo|reward|grpo_online --data FILE --model PATH --out DIR [options]``."""
 
 from __future__ import annotations
 
@@ -9,10 +9,19 @@ from dataclasses import fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from training.config import DPOConfig, GRPOConfig, RewardConfig, TrainConfig, add_config_arguments, config_options
+from training.config import (
+    DPOConfig,
+    GRPOConfig,
+    OnlineGRPOConfig,
+    RewardConfig,
+    TrainConfig,
+    add_config_arguments,
+    config_options,
+)
 from training.data import DataFormatError, read_records, split_by_prompt
 from training.dpo import train_dpo
 from training.grpo import train_grpo
+from training.grpo_online import train_grpo_online
 from training.models import ModelLoadError
 from training.reward import train_reward
 
@@ -23,6 +32,11 @@ ALGORITHMS: dict[str, tuple[type[TrainConfig], Callable[..., TrainResult], str]]
     "dpo": (DPOConfig, train_dpo, "DPO on preference pairs (the `dpo` export)"),
     "grpo": (GRPOConfig, train_grpo, "offline GRPO on ranked groups (the `grpo` export)"),
     "reward": (RewardConfig, train_reward, "a reward model on pairs (the `dpo` export) or ranked groups (`grpo`)"),
+    "grpo_online": (
+        OnlineGRPOConfig,
+        train_grpo_online,
+        "online GRPO: samples from the policy scored by --reward-model, on any rows with a `prompt`",
+    ),
 }
 
 

@@ -181,6 +181,31 @@ class RewardConfig(TrainConfig):
             raise ValueError("center_rewards must not be negative")
 
 
+@dataclass
+class OnlineGRPOConfig(GRPOConfig):
+    reward_model: str = option(
+        "", "reward model directory (in the app: a reward version's name; empty: the project's newest)"
+    )
+    num_generations: int = option(4, "completions sampled per prompt at every step (the group size K)")
+    temperature: float = option(1.0, "sampling temperature of the rollouts")
+    top_p: float = option(1.0, "nucleus sampling of the rollouts")
+    max_new_tokens: int = option(64, "longest rollout completion in tokens")
+    eval_samples: int = option(2, "completions sampled per held-out prompt to measure the mean reward")
+    batch_size: int = option(2, "prompts per rollout batch (each with num_generations completions)")
+
+    def validate(self) -> None:
+        super().validate()
+        if self.num_generations < 2:
+            raise ValueError("num_generations must be at least 2 (advantages compare completions of one prompt)")
+        if self.temperature <= 0:
+            raise ValueError("temperature must be positive")
+        if not 0 < self.top_p <= 1:
+            raise ValueError("top_p must be in (0, 1]")
+        for name in ("max_new_tokens", "eval_samples"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+
+
 Config = TypeVar("Config", bound=TrainConfig)
 
 

@@ -27,9 +27,9 @@ from django.utils import timezone
 
 from feedback import queue
 from feedback.models import ModelVersion, PairwiseJudgement, Project, RankingJudgement, TrainingRun
-from feedback.selectors.models import model_for_generation
+from feedback.selectors.models import model_for_generation, model_version_weights_dir
 from feedback.selectors.preferences import ExportFormat, PreferenceExportOptions, preference_rows
-from training.config import DPOConfig, GRPOConfig, RewardConfig, TrainConfig, config_from_mapping
+from training.config import DPOConfig, GRPOConfig, OnlineGRPOConfig, RewardConfig, TrainConfig, config_from_mapping
 
 if TYPE_CHECKING:
     from training.runs import TrainResult
@@ -59,6 +59,7 @@ class Algorithm:
     train: str  # "module:function"; imported only when a run executes, so the web process never loads torch
     data: str  # what it trains on, for the message when there is none
     makes: str = ModelVersion.Kind.POLICY  # the kind of model version a finished run records
+    uses_reward_model: bool = False  # its config names a reward version of the project (the newest by default)
 
     def train_function(self) -> Callable[..., TrainResult]:
         module, name = self.train.split(":")
@@ -79,6 +80,14 @@ ALGORITHMS: dict[str, Algorithm] = {
         "training.reward:train_reward",
         "pairs or ranked groups",
         makes=ModelVersion.Kind.REWARD,
+    ),
+    # Only the prompts of the snapshot are used; the policy writes and the reward model scores.
+    TrainingRun.Algorithm.GRPO_ONLINE: Algorithm(
+        OnlineGRPOConfig,
+        {Project.Mode.PAIRWISE: "dpo", Project.Mode.RANKING: "grpo"},
+        "training.grpo_online:train_grpo_online",
+        "judged prompts",
+        uses_reward_model=True,
     ),
 }
 
@@ -120,6 +129,19 @@ def _algorithm_for(project: Project, algorithm: str | None) -> tuple[str, Algori
     return name, entry
 
 
+def _reward_version(project: Project, name: str, algorithm: str) -> ModelVersion:
+    """The reward model a run uses: the named reward version of the project, else its newest."""
+    rewards = project.model_versions.filter(kind=ModelVersion.Kind.REWARD).order_by("-created_at", "-id")
+    version = rewards.filter(name=name).first() if name else rewards.first()
+    if version is not None:
+        return version
+    if name:
+        raise TrainingRunError(f"{algorithm} settings: reward_model: {project.slug} has no reward model named '{name}'")
+    raise TrainingRunError(
+        f"{algorithm} needs a reward model and {project.slug} has none: train one first (algorithm reward)"
+    )
+
+
 def run_dir(run: TrainingRun) -> Path:
     return Path(settings.DATA_DIR) / "runs" / str(run.pk)
 
@@ -159,6 +181,8 @@ def training_run_start(
         _, parent = model_for_generation(project=project)
     except ValueError as error:  # a version's weights path outside the versions folder: never read
         raise TrainingRunError(str(error)) from None
+    if entry.uses_reward_model:
+        full_config["reward_model"] = _reward_version(project, full_config["reward_model"], algorithm).name
     if TrainingRun.objects.filter(project=project, status__in=["queued", "running"]).exists():
         raise TrainingRunError(f"a training run of {project.slug} is already queued or running")
     export_format = entry.formats[project.mode]
@@ -342,7 +366,11 @@ def _train(run: TrainingRun, out_dir: Path, on_progress: ProgressCallback | None
     train, held_out = _read_rows(folder / "train.jsonl"), _read_rows(folder / "held_out.jsonl")
     model, _ = model_for_generation(project=run.project)
     algorithm = ALGORITHMS[run.algorithm]
-    config = algorithm.config_class(**run.config)
+    values = dict(run.config)
+    if algorithm.uses_reward_model:  # the version's name becomes its checked weights directory here
+        version = _reward_version(run.project, values["reward_model"], run.algorithm)
+        values["reward_model"] = str(model_version_weights_dir(version=version))
+    config = algorithm.config_class(**values)
     with _Heartbeat(run.pk):
         return algorithm.train_function()(
             config,

@@ -102,3 +102,23 @@ def test_the_training_page_offers_no_promotion_of_a_reward_model(client, project
     assert "reward-1 is a reward model" in response.content.decode()
     version.refresh_from_db()
     assert not version.is_active
+
+
+def test_online_grpo_refuses_to_start_without_a_reward_model_and_uses_the_newest(project):
+    judge_everything(project, UserFactory())
+    with pytest.raises(TrainingRunError, match=r"grpo_online needs a reward model and rm has none: train one first"):
+        training_run_start(project=project, algorithm="grpo_online", enqueue=False)
+    with pytest.raises(TrainingRunError, match="grpo_online settings: reward_model: rm has no reward model named 'x'"):
+        training_run_start(project=project, algorithm="grpo_online", config={"reward_model": "x"}, enqueue=False)
+    assert not TrainingRun.objects.exists()
+
+    reward = training_run_execute(run_id=training_run_start(project=project, algorithm="reward", enqueue=False).pk)
+    assert reward.status == "succeeded", reward.error
+    online = {"max_new_tokens": 4, "num_generations": 2, "batch_size": 4, "eval_samples": 1}
+    run = training_run_start(project=project, algorithm="grpo_online", config=online, enqueue=False)
+    assert run.config["reward_model"] == "reward-1"
+    run = training_run_execute(run_id=run.pk)
+    assert run.status == "succeeded", run.error
+    assert run.produced_version.kind == "policy" and run.produced_version.name == "v1"
+    assert run.produced_version.metrics["eval_before"]["reward"] is not None
+    assert {"reward", "kl", "response_length"} <= set(run.metrics[-1])

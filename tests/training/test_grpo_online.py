@@ -1,0 +1,92 @@
+import pytest
+
+from tests.training.synthetic import preference_pairs, split
+from training.config import OnlineGRPOConfig, RewardConfig
+from training.grpo_online import train_grpo_online
+from training.reward import train_reward
+
+LENGTHS = {"max_length": 64, "max_prompt_length": 48, "precision": "fp32", "save_every": 0}
+
+
+@pytest.fixture(scope="module")
+def reward_model_dir(tmp_path_factory, tiny_model_dir):
+    out = tmp_path_factory.mktemp("reward") / "rm"
+    train_rows, eval_rows = split(preference_pairs())
+    config = RewardConfig(**LENGTHS, epochs=3, batch_size=8, learning_rate=3e-3)
+    train_reward(config, train_examples=train_rows, eval_examples=eval_rows, model=str(tiny_model_dir), out_dir=out)
+    return out
+
+
+def test_online_grpo_raises_the_reward_of_fresh_samples_on_held_out_prompts(tmp_path, tiny_model_dir, reward_model_dir):
+    train_rows, eval_rows = split(preference_pairs())
+    config = OnlineGRPOConfig(
+        **LENGTHS,
+        reward_model=str(reward_model_dir),
+        epochs=3,
+        batch_size=8,
+        learning_rate=3e-2,
+        num_iterations=1,
+        max_new_tokens=12,
+        warmup_ratio=0.0,
+    )
+    steps = []
+    result = train_grpo_online(
+        config,
+        train_examples=train_rows,
+        eval_examples=eval_rows,
+        model=str(tiny_model_dir),
+        out_dir=tmp_path / "policy",
+        progress=lambda step, total, metrics: steps.append(metrics),
+    )
+    before, after = result.metrics["eval_before"], result.metrics["eval_after"]
+    assert before["prompts"] == after["prompts"] == 22
+    assert after["reward"] > before["reward"]
+    assert max(m["kl"] for m in steps) < 0.5
+    assert {"reward", "kl", "response_length", "loss"} <= set(steps[-1])
+    assert (tmp_path / "policy" / "adapter_model.safetensors").is_file()
+
+
+def test_online_grpo_refuses_to_start_without_a_reward_model(tmp_path, tiny_model_dir):
+    with pytest.raises(ValueError, match="reward_model is required: train one first"):
+        train_grpo_online(
+            OnlineGRPOConfig(**LENGTHS),
+            train_examples=preference_pairs(),
+            eval_examples=[],
+            model=str(tiny_model_dir),
+            out_dir=tmp_path / "policy",
+        )
+    assert not (tmp_path / "policy").exists()
+
+
+def test_a_reward_model_with_another_tokenizer_is_refused(tmp_path, tiny_model_dir, reward_model_dir):
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    other = tmp_path / "other-rm"
+    shutil.copytree(reward_model_dir, other)
+    tokenizer = AutoTokenizer.from_pretrained(str(other))
+    tokenizer.add_tokens(["<|extra|>"])
+    tokenizer.save_pretrained(str(other))
+    with pytest.raises(Exception, match="uses another tokenizer than the policy"):
+        train_grpo_online(
+            OnlineGRPOConfig(**LENGTHS, reward_model=str(other)),
+            train_examples=preference_pairs(),
+            eval_examples=[],
+            model=str(tiny_model_dir),
+            out_dir=tmp_path / "policy",
+        )
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("num_generations", 1, "num_generations must be at least 2"),
+        ("temperature", 0.0, "temperature must be positive"),
+        ("top_p", 1.5, r"top_p must be in \(0, 1\]"),
+        ("max_new_tokens", 0, "max_new_tokens must be at least 1"),
+    ],
+)
+def test_values_out_of_range_name_the_field(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        OnlineGRPOConfig(**{field: value}).validate()

@@ -1,0 +1,329 @@
+"""Online GRPO: the policy samples K completions per prompt and a reward model scores them.
+
+This is DeepSeekMath's GRPO (Shao et al., 2024) as the paper runs it, where ``grpo.py`` is its
+offline variant on groups people ranked: at every step a batch of training prompts is sampled
+``num_generations`` times from the current policy (``training.generate``), the reward model
+(``training.reward``) scores each completion, rewards become advantages inside each prompt's
+group (``group_advantages``) and ``num_iterations`` clipped steps of ``grpo_loss`` follow, with
+the k3 KL penalty to the reference (the base with LoRA adapters off, or a frozen copy for full
+fine-tuning). Any prompt of the project can train it, judged or not; held-out prompts are only
+sampled to measure the reward model's mean score before and after. Departures: one reward per
+completion (no process rewards), and groups whose K rewards are all equal are skipped.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel
+
+from training.config import OnlineGRPOConfig
+from training.data import collate_sequences, encode_completion, encode_prompt, prompt_key, prompt_messages
+from training.generate import SamplingConfig, generate_completions
+from training.logprobs import autocast_context, completion_logps, completion_mask, evaluation
+from training.losses import group_advantages, grpo_loss
+from training.models import ModelLoadError, is_lora, reference_mode
+from training.reward import RewardModel, load_reward_model, score_sequences
+from training.runs import ProgressCallback, TrainResult, finish_run, load_policy, start_optimization
+
+
+def train_grpo_online(
+    config: OnlineGRPOConfig,
+    *,
+    train_examples: list[dict[str, Any]],
+    eval_examples: list[dict[str, Any]],
+    model: str,
+    out_dir: Path,
+    cache_dir: Path | None = None,
+    progress: ProgressCallback | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    resume: bool = True,
+) -> TrainResult:
+    """Train ``model`` with online GRPO against ``config.reward_model`` and write the result to ``out_dir``.
+
+    Examples are any rows with a ``prompt`` (prompts files, or either export); only the prompts
+    are used, each once. Callbacks behave as in ``train_dpo``; ``cache_dir`` is not used.
+    """
+    config.validate()
+    if not config.reward_model:
+        raise ValueError("reward_model is required: train one first (python -m training reward)")
+    started = time.perf_counter()
+    out_dir = Path(out_dir)
+    setup = load_policy(config, model)
+    policy, tokenizer, pad_id, device, precision = (
+        setup.model,
+        setup.tokenizer,
+        setup.pad_id,
+        setup.device,
+        setup.precision,
+    )
+    scorer, scorer_tokenizer = load_reward_model(config.reward_model)
+    if scorer_tokenizer.get_vocab() != tokenizer.get_vocab():
+        raise ModelLoadError(
+            f"reward model {config.reward_model} uses another tokenizer than the policy {model}: "
+            "train the reward model from the same base model"
+        )
+    scorer.to(device)
+    reference = None if is_lora(policy) else copy.deepcopy(policy).eval().requires_grad_(False)
+
+    train_prompts = _unique_prompts(train_examples)
+    held_keys = {prompt_key(p) for p in train_prompts}
+    eval_prompts = [p for p in _unique_prompts(eval_examples) if prompt_key(p) not in held_keys]
+    if not train_prompts:
+        raise ValueError("no training prompts: the examples hold no 'prompt'")
+    prompt_ids = [encode_prompt(tokenizer, prompt_messages(p)) for p in train_prompts]
+    kept = [i for i, ids in enumerate(prompt_ids) if len(ids) <= config.max_prompt_length]  # type: ignore[operator]
+    if not kept:
+        raise ValueError(f"no training prompts left: every prompt is longer than {config.max_prompt_length} tokens")
+    max_new = min(config.max_new_tokens, config.max_length - max(len(prompt_ids[i]) for i in kept))
+    sampling = SamplingConfig(temperature=config.temperature, top_p=config.top_p, max_new_tokens=max_new)
+
+    def mean_reward(prompts: list[Any]) -> dict[str, float | None]:
+        if not prompts:
+            return {"reward": None, "prompts": 0}
+        texts = generate_completions(
+            _generator(policy),
+            tokenizer,
+            [prompt_messages(p) for p in prompts],
+            k=config.eval_samples,
+            sampling=replace_seed(sampling, config.seed + 1),
+            batch_size=config.eval_batch_size,
+        )
+        sequences = [
+            (encode_prompt(tokenizer, prompt_messages(p)), encode_completion(tokenizer, t)[:max_new])
+            for p, group in zip(prompts, texts, strict=True)
+            for t in group
+        ]
+        scores = score_sequences(scorer, sequences, pad_id=pad_id, batch_size=config.eval_batch_size)
+        return {"reward": float(scores.mean()), "prompts": len(prompts)}
+
+    before = mean_reward(eval_prompts)
+
+    batches = [kept[i : i + config.batch_size] for i in range(0, len(kept), config.batch_size)]
+    plan = [b for epoch in range(config.epochs) for b in _shuffled(batches, config.seed * 1000 + epoch)]
+    total_steps = len(plan) * config.num_iterations
+    optimizer, params, scheduler, checkpoint, start_step = start_optimization(
+        config,
+        setup,
+        total_steps=total_steps,
+        out_dir=out_dir,
+        data_keys=[prompt_key(p) for p in train_prompts],
+        resume=resume,
+    )
+    torch.manual_seed(config.seed + start_step)  # rollouts after a resume differ from the lost ones, as they would
+
+    policy.train()
+    cancelled = False
+    last: dict[str, float] = {}
+    rollout: _Rollout | None = None
+    skipped_groups = 0
+    train_started = time.perf_counter()
+    trained_tokens = 0
+    for step in range(start_step, total_steps):
+        if should_stop is not None and should_stop():
+            cancelled = True
+            break
+        step_started = time.perf_counter()
+        iteration = step % config.num_iterations
+        if iteration == 0 or rollout is None:
+            rollout = _roll_out(
+                policy,
+                reference,
+                scorer,
+                tokenizer,
+                [prompt_ids[i] for i in plan[step // config.num_iterations]],
+                [train_prompts[i] for i in plan[step // config.num_iterations]],
+                config,
+                sampling,
+                precision,
+            )
+            skipped_groups += rollout.skipped
+        metrics = {"reward": rollout.reward_mean, "reward_std": rollout.reward_std, "response_length": rollout.length}
+        if rollout.batch is None:  # every group had equal rewards: nothing to learn from this batch
+            scheduler.step()
+            last = {"loss": 0.0, "kl": 0.0, **metrics, "learning_rate": float(scheduler.get_last_lr()[0])}
+            if progress is not None:
+                progress(step + 1, total_steps, {**last, "tokens_per_second": 0.0})
+            continue
+        batch, mask = rollout.batch, rollout.mask
+        with autocast_context(precision, device):
+            logps = completion_logps(policy, batch, chunk_size=config.logprob_chunk_size).float()  # (N, T)
+        if iteration == 0:
+            rollout.old_logps = logps.detach()
+        loss = grpo_loss(
+            logps,
+            rollout.old_logps,
+            rollout.ref_logps,
+            rollout.advantages,
+            mask,
+            epsilon=config.epsilon,
+            epsilon_high=config.epsilon_high,
+            beta=config.beta,
+            loss_type=config.loss_type,
+        )
+        loss.backward()
+        if config.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+        lr = float(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        trained_tokens += batch.num_tokens
+        with torch.no_grad():
+            delta = rollout.ref_logps - logps
+            kl = float(((torch.exp(delta) - delta - 1) * mask).sum() / mask.sum())
+        last = {
+            "loss": float(loss.detach()),
+            "kl": kl,
+            **metrics,
+            "iteration": float(iteration),
+            "learning_rate": lr,
+            "tokens_per_second": batch.num_tokens / max(time.perf_counter() - step_started, 1e-9),
+        }
+        if progress is not None:
+            progress(step + 1, total_steps, last)
+        at_batch_end = (step + 1) % config.num_iterations == 0
+        if config.save_every and at_batch_end and (step + 1) % config.save_every == 0 and step + 1 < total_steps:
+            checkpoint.save(policy, optimizer, scheduler, step + 1)
+
+    train_seconds = time.perf_counter() - train_started
+    metrics_out: dict[str, Any] = {
+        "algorithm": "grpo_online",
+        "precision": precision,
+        "steps": total_steps,
+        "resumed_from_step": start_step,
+        "train_prompts": len(kept),
+        "eval_prompts": len(eval_prompts),
+        "dropped_long_prompt": len(train_prompts) - len(kept),
+        "skipped_equal_reward_groups": skipped_groups,
+        "reward_model": config.reward_model,
+        "train_seconds": train_seconds,
+        "train_tokens": trained_tokens,
+        "tokens_per_second": trained_tokens / max(train_seconds, 1e-9),
+        "eval_before": before,
+        "last_step": last,
+    }
+    return finish_run(
+        algorithm="grpo_online",
+        config=config,
+        policy=policy,
+        tokenizer=tokenizer,
+        base_model=model,
+        out_dir=out_dir,
+        metrics=metrics_out,
+        checkpoint=checkpoint,
+        cancelled=cancelled,
+        evaluate_after=lambda: mean_reward(eval_prompts),
+        started=started,
+    )
+
+
+class _Rollout:
+    """One batch of sampled groups: token batch, advantages, reference and old log-probs, reward figures."""
+
+    def __init__(self) -> None:
+        self.batch: Any = None
+        self.mask = torch.zeros(0)
+        self.advantages = torch.zeros(0)
+        self.ref_logps = torch.zeros(0)
+        self.old_logps = torch.zeros(0)
+        self.skipped = 0
+        self.reward_mean = 0.0
+        self.reward_std = 0.0
+        self.length = 0.0
+
+
+@torch.no_grad()
+def _roll_out(
+    policy: torch.nn.Module,
+    reference: torch.nn.Module | None,
+    scorer: RewardModel,
+    tokenizer: Any,
+    prompt_ids: list[list[int]],
+    prompts: list[Any],
+    config: OnlineGRPOConfig,
+    sampling: SamplingConfig,
+    precision: str,
+) -> _Rollout:
+    """Sample K completions per prompt, score them, and keep the groups whose rewards differ."""
+    out = _Rollout()
+    k = config.num_generations
+    texts = generate_completions(
+        _generator(policy),
+        tokenizer,
+        [prompt_messages(p) for p in prompts],
+        k=k,
+        sampling=sampling,
+        batch_size=config.eval_batch_size,
+    )
+    # A completion cut at max_new_tokens ends without EOS, as it was sampled.
+    completions = [
+        _sampled_ids(tokenizer, text, sampling.max_new_tokens) for group in texts for text in group
+    ]  # G·K token lists
+    owners = [g for g in range(len(prompts)) for _ in range(k)]
+    pad_id = int(tokenizer.pad_token_id)
+    rewards = score_sequences(
+        scorer,
+        [(prompt_ids[g], c) for g, c in zip(owners, completions, strict=True)],
+        pad_id=pad_id,
+        batch_size=config.eval_batch_size,
+        precision=precision,
+    ).view(len(prompts), k)  # (G, K)
+    out.reward_mean, out.reward_std = float(rewards.mean()), float(rewards.std(dim=1).mean())
+    out.length = sum(map(len, completions)) / len(completions)
+    keep = [g for g in range(len(prompts)) if float(rewards[g].max() - rewards[g].min()) > 1e-6]
+    out.skipped = len(prompts) - len(keep)
+    if not keep:
+        return out
+    rows = [g * k + j for g in keep for j in range(k)]
+    device = next(policy.parameters()).device
+    out.batch = collate_sequences([prompt_ids[owners[r]] for r in rows], [completions[r] for r in rows], pad_id)
+    out.mask = completion_mask(out.batch.completion_lengths).to(device)  # (N, T)
+    out.advantages = group_advantages(rewards[keep], config.advantage_scale).flatten().to(device)  # (N,)
+    with evaluation(policy), autocast_context(precision, device):
+        if reference is None:
+            with reference_mode(policy):
+                ref = completion_logps(policy, out.batch, chunk_size=config.logprob_chunk_size)
+        else:
+            ref = completion_logps(reference, out.batch, chunk_size=config.logprob_chunk_size)
+    out.ref_logps = ref.float()  # (N, T)
+    return out
+
+
+def _generator(policy: torch.nn.Module) -> PreTrainedModel:
+    """The model to sample from: with LoRA, the base model, into whose layers the adapters are woven."""
+    model = policy.get_base_model() if is_lora(policy) else policy
+    assert isinstance(model, PreTrainedModel)
+    return model
+
+
+def _sampled_ids(tokenizer: Any, text: str, max_new_tokens: int) -> list[int]:
+    ids = encode_completion(tokenizer, text)  # the text and EOS
+    return ids[:max_new_tokens]
+
+
+def _unique_prompts(records: list[dict[str, Any]]) -> list[Any]:
+    seen: dict[str, Any] = {}
+    for record in records:
+        if "prompt" in record:
+            seen.setdefault(prompt_key(record["prompt"]), record["prompt"])
+    return list(seen.values())
+
+
+def _shuffled(batches: list[list[int]], seed: int) -> list[list[int]]:
+    import random
+
+    order = list(batches)
+    random.Random(seed).shuffle(order)
+    return order
+
+
+def replace_seed(sampling: SamplingConfig, seed: int) -> SamplingConfig:
+    from dataclasses import replace
+
+    return replace(sampling, seed=seed)

@@ -13,22 +13,28 @@ completion (no process rewards), and groups whose K rewards are all equal are sk
 
 from __future__ import annotations
 
-import copy
+import random
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import PreTrainedModel
 
 from training.config import OnlineGRPOConfig
-from training.data import collate_sequences, encode_completion, encode_prompt, prompt_key, prompt_messages
-from training.generate import SamplingConfig, generate_completions
-from training.logprobs import autocast_context, completion_logps, completion_mask, evaluation
+from training.data import SequenceBatch, collate_sequences, encode_prompt, prompt_key, prompt_messages
+from training.generate import SamplingConfig
+from training.logprobs import autocast_context, completion_logps, completion_mask
 from training.losses import group_advantages, grpo_loss
-from training.models import ModelLoadError, is_lora, reference_mode
-from training.reward import RewardModel, load_reward_model, score_sequences
+from training.reward import RewardModel
+from training.rollouts import (
+    frozen_reference,
+    load_scorer,
+    mean_sample_reward,
+    reference_token_logps,
+    sample_and_score,
+    unique_prompts,
+)
 from training.runs import ProgressCallback, TrainResult, finish_run, load_policy, start_optimization
 
 
@@ -55,25 +61,13 @@ def train_grpo_online(
     started = time.perf_counter()
     out_dir = Path(out_dir)
     setup = load_policy(config, model)
-    policy, tokenizer, pad_id, device, precision = (
-        setup.model,
-        setup.tokenizer,
-        setup.pad_id,
-        setup.device,
-        setup.precision,
-    )
-    scorer, scorer_tokenizer = load_reward_model(config.reward_model)
-    if scorer_tokenizer.get_vocab() != tokenizer.get_vocab():
-        raise ModelLoadError(
-            f"reward model {config.reward_model} uses another tokenizer than the policy {model}: "
-            "train the reward model from the same base model"
-        )
-    scorer.to(device)
-    reference = None if is_lora(policy) else copy.deepcopy(policy).eval().requires_grad_(False)
+    policy, tokenizer, device, precision = setup.model, setup.tokenizer, setup.device, setup.precision
+    scorer = load_scorer(config.reward_model, tokenizer, model, device)
+    reference = frozen_reference(policy)
 
-    train_prompts = _unique_prompts(train_examples)
+    train_prompts = unique_prompts(train_examples)
     held_keys = {prompt_key(p) for p in train_prompts}
-    eval_prompts = [p for p in _unique_prompts(eval_examples) if prompt_key(p) not in held_keys]
+    eval_prompts = [p for p in unique_prompts(eval_examples) if prompt_key(p) not in held_keys]
     if not train_prompts:
         raise ValueError("no training prompts: the examples hold no 'prompt'")
     prompt_ids = [encode_prompt(tokenizer, prompt_messages(p)) for p in train_prompts]
@@ -83,26 +77,19 @@ def train_grpo_online(
     max_new = min(config.max_new_tokens, config.max_length - max(len(prompt_ids[i]) for i in kept))
     sampling = SamplingConfig(temperature=config.temperature, top_p=config.top_p, max_new_tokens=max_new)
 
-    def mean_reward(prompts: list[Any]) -> dict[str, float | None]:
-        if not prompts:
-            return {"reward": None, "prompts": 0}
-        texts = generate_completions(
-            _generator(policy),
+    def mean_reward() -> dict[str, float | None]:
+        return mean_sample_reward(
+            policy,
+            scorer,
             tokenizer,
-            [prompt_messages(p) for p in prompts],
-            k=config.eval_samples,
-            sampling=replace_seed(sampling, config.seed + 1),
+            eval_prompts,
+            samples=config.eval_samples,
+            sampling=sampling,
+            seed=config.seed + 1,
             batch_size=config.eval_batch_size,
         )
-        sequences = [
-            (encode_prompt(tokenizer, prompt_messages(p)), encode_completion(tokenizer, t)[:max_new])
-            for p, group in zip(prompts, texts, strict=True)
-            for t in group
-        ]
-        scores = score_sequences(scorer, sequences, pad_id=pad_id, batch_size=config.eval_batch_size)
-        return {"reward": float(scores.mean()), "prompts": len(prompts)}
 
-    before = mean_reward(eval_prompts)
+    before = mean_reward()
 
     batches = [kept[i : i + config.batch_size] for i in range(0, len(kept), config.batch_size)]
     plan = [b for epoch in range(config.epochs) for b in _shuffled(batches, config.seed * 1000 + epoch)]
@@ -131,13 +118,13 @@ def train_grpo_online(
         step_started = time.perf_counter()
         iteration = step % config.num_iterations
         if iteration == 0 or rollout is None:
+            batch_indices = plan[step // config.num_iterations]
             rollout = _roll_out(
                 policy,
                 reference,
                 scorer,
                 tokenizer,
-                [prompt_ids[i] for i in plan[step // config.num_iterations]],
-                [train_prompts[i] for i in plan[step // config.num_iterations]],
+                [train_prompts[i] for i in batch_indices],
                 config,
                 sampling,
                 precision,
@@ -218,16 +205,16 @@ def train_grpo_online(
         metrics=metrics_out,
         checkpoint=checkpoint,
         cancelled=cancelled,
-        evaluate_after=lambda: mean_reward(eval_prompts),
+        evaluate_after=mean_reward,
         started=started,
     )
 
 
 class _Rollout:
-    """One batch of sampled groups: token batch, advantages, reference and old log-probs, reward figures."""
+    """One batch of sampled groups: their tokens, advantages, reference and old log-probs, and reward figures."""
 
     def __init__(self) -> None:
-        self.batch: Any = None
+        self.batch: SequenceBatch | None = None
         self.mask = torch.zeros(0)
         self.advantages = torch.zeros(0)
         self.ref_logps = torch.zeros(0)
@@ -244,7 +231,6 @@ def _roll_out(
     reference: torch.nn.Module | None,
     scorer: RewardModel,
     tokenizer: Any,
-    prompt_ids: list[list[int]],
     prompts: list[Any],
     config: OnlineGRPOConfig,
     sampling: SamplingConfig,
@@ -253,77 +239,39 @@ def _roll_out(
     """Sample K completions per prompt, score them, and keep the groups whose rewards differ."""
     out = _Rollout()
     k = config.num_generations
-    texts = generate_completions(
-        _generator(policy),
+    samples = sample_and_score(
+        policy,
+        scorer,
         tokenizer,
-        [prompt_messages(p) for p in prompts],
+        prompts,
         k=k,
         sampling=sampling,
         batch_size=config.eval_batch_size,
-    )
-    # A completion cut at max_new_tokens ends without EOS, as it was sampled.
-    completions = [
-        _sampled_ids(tokenizer, text, sampling.max_new_tokens) for group in texts for text in group
-    ]  # G·K token lists
-    owners = [g for g in range(len(prompts)) for _ in range(k)]
-    pad_id = int(tokenizer.pad_token_id)
-    rewards = score_sequences(
-        scorer,
-        [(prompt_ids[g], c) for g, c in zip(owners, completions, strict=True)],
-        pad_id=pad_id,
-        batch_size=config.eval_batch_size,
         precision=precision,
-    ).view(len(prompts), k)  # (G, K)
+    )
+    rewards, completions = samples.rewards, samples.completions  # (G, K), G·K token lists
     out.reward_mean, out.reward_std = float(rewards.mean()), float(rewards.std(dim=1).mean())
     out.length = sum(map(len, completions)) / len(completions)
     keep = [g for g in range(len(prompts)) if float(rewards[g].max() - rewards[g].min()) > 1e-6]
     out.skipped = len(prompts) - len(keep)
     if not keep:
         return out
-    rows = [g * k + j for g in keep for j in range(k)]
+    prompt_ids = [encode_prompt(tokenizer, prompt_messages(prompts[g])) for g in keep]
     device = next(policy.parameters()).device
-    out.batch = collate_sequences([prompt_ids[owners[r]] for r in rows], [completions[r] for r in rows], pad_id)
+    out.batch = collate_sequences(
+        [prompt_ids[i] for i in range(len(keep)) for _ in range(k)],
+        [completions[g * k + j] for g in keep for j in range(k)],
+        int(tokenizer.pad_token_id),
+    )
     out.mask = completion_mask(out.batch.completion_lengths).to(device)  # (N, T)
     out.advantages = group_advantages(rewards[keep], config.advantage_scale).flatten().to(device)  # (N,)
-    with evaluation(policy), autocast_context(precision, device):
-        if reference is None:
-            with reference_mode(policy):
-                ref = completion_logps(policy, out.batch, chunk_size=config.logprob_chunk_size)
-        else:
-            ref = completion_logps(reference, out.batch, chunk_size=config.logprob_chunk_size)
-    out.ref_logps = ref.float()  # (N, T)
+    out.ref_logps = reference_token_logps(
+        policy, reference, out.batch, precision=precision, chunk=config.logprob_chunk_size
+    )  # (N, T)
     return out
 
 
-def _generator(policy: torch.nn.Module) -> PreTrainedModel:
-    """The model to sample from: with LoRA, the base model, into whose layers the adapters are woven."""
-    model = policy.get_base_model() if is_lora(policy) else policy
-    assert isinstance(model, PreTrainedModel)
-    return model
-
-
-def _sampled_ids(tokenizer: Any, text: str, max_new_tokens: int) -> list[int]:
-    ids = encode_completion(tokenizer, text)  # the text and EOS
-    return ids[:max_new_tokens]
-
-
-def _unique_prompts(records: list[dict[str, Any]]) -> list[Any]:
-    seen: dict[str, Any] = {}
-    for record in records:
-        if "prompt" in record:
-            seen.setdefault(prompt_key(record["prompt"]), record["prompt"])
-    return list(seen.values())
-
-
 def _shuffled(batches: list[list[int]], seed: int) -> list[list[int]]:
-    import random
-
     order = list(batches)
     random.Random(seed).shuffle(order)
     return order
-
-
-def replace_seed(sampling: SamplingConfig, seed: int) -> SamplingConfig:
-    from dataclasses import replace
-
-    return replace(sampling, seed=seed)

@@ -238,3 +238,99 @@ def _tier_log_probability(tier: torch.Tensor, later: torch.Tensor) -> torch.Tens
         terms = layers[s - 1][position[before]] + tier - log_pool[before]  # (M, t)
         layers.append(torch.where(holds, terms, -math.inf).logsumexp(dim=1))
     return layers[t][0]
+
+
+def masked_whiten(values: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool = True) -> torch.Tensor:
+    """``(x - mean) / std`` over the masked entries; with ``shift_mean=False`` the mean is put back.
+
+    Args:
+        values: (N, T) any per-token values.
+        mask: (N, T) 1 where a value counts.
+
+    Returns:
+        (N, T) whitened values (zero where the mask is 0 only if they were).
+    """
+    mask = mask.to(values.dtype)
+    count = mask.sum().clamp(min=1)
+    mean = (values * mask).sum() / count
+    variance = (((values - mean) * mask) ** 2).sum() / (count - 1).clamp(min=1)
+    whitened = (values - mean) * torch.rsqrt(variance + 1e-8)
+    return whitened if shift_mean else whitened + mean
+
+
+def gae(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *, gamma: float = 1.0, lam: float = 0.95
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation (Schulman et al., 2016) over completion tokens.
+
+    ``δ_t = r_t + γ·V_{t+1} - V_t`` (``V`` is 0 after a sequence's last token),
+    ``A_t = δ_t + γλ·A_{t+1}``, returns ``A_t + V_t``.
+
+    Args:
+        rewards: (N, T) per-token rewards (the KL penalty, and the score at the last token).
+        values: (N, T) value estimates of the state before each token.
+        mask: (N, T) 1 for completion tokens, 0 for padding.
+        gamma: discount.
+        lam: GAE's λ.
+
+    Returns:
+        advantages: (N, T), zero on padding.
+        returns: (N, T) the value targets.
+    """
+    mask = mask.to(values.dtype)
+    values = values * mask
+    advantages = torch.zeros_like(values)
+    running = torch.zeros_like(values[:, 0])  # (N,)
+    for t in reversed(range(values.shape[1])):
+        next_value = values[:, t + 1] if t + 1 < values.shape[1] else torch.zeros_like(running)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        running = (delta + gamma * lam * running) * mask[:, t]
+        advantages[:, t] = running
+    return advantages, (advantages + values) * mask
+
+
+def ppo_policy_loss(
+    logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *, cliprange: float
+) -> torch.Tensor:
+    """PPO's clipped surrogate, ``max(-A·ratio, -A·clip(ratio, 1-ε, 1+ε))``, averaged over the masked tokens.
+
+    Args:
+        logps: (N, T) per-token log-probs under the policy being trained.
+        old_logps: (N, T) the same under the policy that sampled the rollouts.
+        advantages: (N, T) per-token advantages.
+        mask: (N, T) 1 for completion tokens.
+        cliprange: ε.
+
+    Returns:
+        The scalar loss.
+    """
+    mask = mask.to(logps.dtype)
+    ratio = torch.exp(logps - old_logps)
+    per_token = torch.max(-advantages * ratio, -advantages * torch.clamp(ratio, 1 - cliprange, 1 + cliprange))
+    return (per_token * mask).sum() / mask.sum().clamp(min=1)
+
+
+def ppo_value_loss(
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    cliprange_value: float,
+) -> torch.Tensor:
+    """The clipped value loss, ``½·max((V - R)², (V_old + clip(V - V_old, ±ε_v) - R)²)`` over the masked tokens.
+
+    Args:
+        values: (N, T) the value head's estimates now.
+        old_values: (N, T) its estimates when the rollouts were made.
+        returns: (N, T) the GAE returns.
+        mask: (N, T) 1 for completion tokens.
+        cliprange_value: ε_v.
+
+    Returns:
+        The scalar loss.
+    """
+    mask = mask.to(values.dtype)
+    clipped = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)
+    per_token = 0.5 * torch.max((values - returns) ** 2, (clipped - returns) ** 2)
+    return (per_token * mask).sum() / mask.sum().clamp(min=1)

@@ -67,7 +67,7 @@ class RewardModel(torch.nn.Module):
 
 def new_head(lm: torch.nn.Module) -> torch.nn.Linear:
     """A fresh scalar head, initialised as transformers initialises a classification head."""
-    config = lm.config
+    config: Any = lm.config
     head = torch.nn.Linear(config.hidden_size, 1, bias=False)
     torch.nn.init.normal_(head.weight, std=getattr(config, "initializer_range", 0.02))
     return head.to(next(lm.parameters()).device)

@@ -1,0 +1,134 @@
+"""What the online loops (online GRPO, PPO) share: the reward model beside the policy, sampling and scoring.
+
+Rollouts are sampled with ``training.generate`` from the policy as it is, and scored by a
+reward model that must share the policy's tokenizer (the scores are of the same token ids).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel
+
+from training.data import SequenceBatch, encode_completion, encode_prompt, prompt_key, prompt_messages
+from training.generate import SamplingConfig, generate_completions
+from training.logprobs import autocast_context, completion_logps, evaluation
+from training.models import ModelLoadError, is_lora, reference_mode
+from training.reward import RewardModel, load_reward_model, score_sequences
+
+
+def load_scorer(reward_model: str, tokenizer: Any, policy_name: str, device: torch.device) -> RewardModel:
+    """The reward model at ``reward_model``, on the policy's device; refused if its tokenizer differs."""
+    scorer, scorer_tokenizer = load_reward_model(reward_model)
+    if scorer_tokenizer.get_vocab() != tokenizer.get_vocab():
+        raise ModelLoadError(
+            f"reward model {reward_model} uses another tokenizer than the policy {policy_name}: "
+            "train the reward model from the same base model"
+        )
+    return scorer.to(device)
+
+
+def frozen_reference(policy: torch.nn.Module) -> torch.nn.Module | None:
+    """A frozen copy of the starting model for full fine-tuning; None with LoRA (adapters off is the reference)."""
+    return None if is_lora(policy) else copy.deepcopy(policy).eval().requires_grad_(False)
+
+
+def reference_token_logps(
+    policy: torch.nn.Module, reference: torch.nn.Module | None, batch: SequenceBatch, *, precision: str, chunk: int
+) -> torch.Tensor:
+    """(N, T) per-token log-probs of the batch's completions under the reference, without grad."""
+    device = next(policy.parameters()).device
+    with evaluation(policy), autocast_context(precision, device):
+        if reference is None:
+            with reference_mode(policy):
+                return completion_logps(policy, batch, chunk_size=chunk).float()
+        return completion_logps(reference, batch, chunk_size=chunk).float()
+
+
+def unique_prompts(records: list[dict[str, Any]]) -> list[Any]:
+    """The distinct ``prompt`` values of the rows, in first-seen order."""
+    seen: dict[str, Any] = {}
+    for record in records:
+        if "prompt" in record:
+            seen.setdefault(prompt_key(record["prompt"]), record["prompt"])
+    return list(seen.values())
+
+
+@dataclass
+class Samples:
+    completions: list[list[int]]  # G·K token lists, group by group; EOS only where sampling stopped there
+    rewards: torch.Tensor  # (G, K) the reward model's scores
+
+
+def sample_and_score(
+    policy: torch.nn.Module,
+    scorer: RewardModel,
+    tokenizer: Any,
+    prompts: list[Any],
+    *,
+    k: int,
+    sampling: SamplingConfig,
+    batch_size: int,
+    precision: str,
+) -> Samples:
+    """Sample ``k`` completions per prompt from the policy and score each with the reward model."""
+    texts = generate_completions(
+        _generator(policy),
+        tokenizer,
+        [prompt_messages(p) for p in prompts],
+        k=k,
+        sampling=sampling,
+        batch_size=batch_size,
+    )
+    prompt_ids = [encode_prompt(tokenizer, prompt_messages(p)) for p in prompts]
+    # A completion cut at max_new_tokens loses the EOS appended to its text, as it was sampled.
+    completions = [encode_completion(tokenizer, t)[: sampling.max_new_tokens] for group in texts for t in group]
+    rewards = score_sequences(
+        scorer,
+        [(prompt_ids[i // k], c) for i, c in enumerate(completions)],
+        pad_id=int(tokenizer.pad_token_id),
+        batch_size=batch_size,
+        precision=precision,
+    ).view(len(prompts), k)
+    return Samples(completions, rewards)
+
+
+def mean_sample_reward(
+    policy: torch.nn.Module,
+    scorer: RewardModel,
+    tokenizer: Any,
+    prompts: list[Any],
+    *,
+    samples: int,
+    sampling: SamplingConfig,
+    seed: int,
+    batch_size: int,
+) -> dict[str, float | None]:
+    """The reward model's mean score of fresh samples on held-out prompts (the same seed before and after)."""
+    if not prompts:  # None rather than NaN: metrics are stored as JSON
+        return {"reward": None, "response_length": None, "prompts": 0}
+    scored = sample_and_score(
+        policy,
+        scorer,
+        tokenizer,
+        prompts,
+        k=samples,
+        sampling=replace(sampling, seed=seed),
+        batch_size=batch_size,
+        precision="fp32",
+    )
+    return {
+        "reward": float(scored.rewards.mean()),
+        "response_length": sum(map(len, scored.completions)) / len(scored.completions),
+        "prompts": len(prompts),
+    }
+
+
+def _generator(policy: torch.nn.Module) -> PreTrainedModel:
+    """The model to sample from: with LoRA, the base model, into whose layers the adapters are woven."""
+    model = policy.get_base_model() if is_lora(policy) else policy
+    assert isinstance(model, PreTrainedModel)
+    return model

@@ -27,6 +27,7 @@ class Project(models.Model):
         DPO_FROM_RANKINGS = "dpo_rankings", "DPO on pairs derived from rankings"
         REWARD = "reward", "Reward model from the judgements"
         GRPO_ONLINE = "grpo_online", "GRPO (online, reward model)"
+        PPO = "ppo", "PPO (reward model)"
 
     name = models.CharField(max_length=200)
     slug = models.SlugField(max_length=100, unique=True)

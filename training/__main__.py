@@ -1,4 +1,7 @@
-"""Command line: ``python -m training dpo|grpo|reward|grpo_online --data FILE --model PATH --out DIR [options]``."""
+"""Command line: ``python -m training dpo|grpo|reward|grpo_online|ppo --data FILE --model PATH --out DIR [options]``.
+
+``--data`` for grpo_online and ppo is any file of rows with a ``prompt`` (an export, or a prompts file).
+"""
 
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ from training.config import (
     DPOConfig,
     GRPOConfig,
     OnlineGRPOConfig,
+    PPOConfig,
     RewardConfig,
     TrainConfig,
     add_config_arguments,
@@ -23,6 +27,7 @@ from training.dpo import train_dpo
 from training.grpo import train_grpo
 from training.grpo_online import train_grpo_online
 from training.models import ModelLoadError
+from training.ppo import train_ppo
 from training.reward import train_reward
 
 if TYPE_CHECKING:
@@ -37,6 +42,7 @@ ALGORITHMS: dict[str, tuple[type[TrainConfig], Callable[..., TrainResult], str]]
         train_grpo_online,
         "online GRPO: samples from the policy scored by --reward-model, on any rows with a `prompt`",
     ),
+    "ppo": (PPOConfig, train_ppo, "PPO against --reward-model with a value head and GAE, on any rows with a `prompt`"),
 }
 
 

@@ -206,6 +206,50 @@ class OnlineGRPOConfig(GRPOConfig):
                 raise ValueError(f"{name} must be at least 1")
 
 
+@dataclass
+class PPOConfig(TrainConfig):
+    reward_model: str = option(
+        "", "reward model directory (in the app: a reward version's name; empty: the project's newest)"
+    )
+    batch_size: int = option(8, "prompts per rollout batch, one completion each")
+    ppo_epochs: int = option(4, "optimizer steps on each rollout batch (epochs stays passes over the prompts)")
+    kl_coef: float = option(0.05, "weight of the per-token KL penalty to the reference inside the reward")
+    gamma: float = option(1.0, "discount of later rewards in GAE")
+    lam: float = option(0.95, "GAE's λ: 1 is Monte Carlo returns, 0 one-step TD")
+    cliprange: float = option(0.2, "clip range of the policy's probability ratio")
+    cliprange_value: float = option(0.2, "clip range of the value head's change from the rollout's values")
+    vf_coef: float = option(0.1, "weight of the value loss beside the policy loss")
+    whiten_rewards: bool = option(
+        True,
+        "whiten the per-token rewards over the batch (mean kept)",
+        flags=("--whiten-rewards", "--no-whiten-rewards"),
+    )
+    temperature: float = option(1.0, "sampling temperature of the rollouts")
+    top_p: float = option(1.0, "nucleus sampling of the rollouts")
+    max_new_tokens: int = option(64, "longest rollout completion in tokens")
+    eval_samples: int = option(2, "completions sampled per held-out prompt to measure the mean reward")
+
+    def validate(self) -> None:
+        super().validate()
+        for name in ("ppo_epochs", "max_new_tokens", "eval_samples"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+        if self.kl_coef < 0:
+            raise ValueError("kl_coef must not be negative")
+        for name in ("gamma", "lam"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be in [0, 1]")
+        for name in ("cliprange", "cliprange_value"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive")
+        if self.vf_coef < 0:
+            raise ValueError("vf_coef must not be negative")
+        if self.temperature <= 0:
+            raise ValueError("temperature must be positive")
+        if not 0 < self.top_p <= 1:
+            raise ValueError("top_p must be in (0, 1]")
+
+
 Config = TypeVar("Config", bound=TrainConfig)
 
 

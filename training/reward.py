@@ -62,7 +62,8 @@ class RewardModel(torch.nn.Module):
         assert isinstance(base, PreTrainedModel)
         hidden = base.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (N, T, H)
         last = hidden[torch.arange(hidden.shape[0], device=hidden.device), lengths - 1]  # (N, H)
-        return self.head(last.float()).squeeze(-1)  # (N,); the head stays in float32 under autocast
+        with torch.autocast(last.device.type, enabled=False):  # the head stays in float32
+            return self.head(last.float()).squeeze(-1)  # (N,)
 
 
 def new_head(lm: torch.nn.Module) -> torch.nn.Linear:

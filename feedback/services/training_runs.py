@@ -29,7 +29,15 @@ from feedback import queue
 from feedback.models import ModelVersion, PairwiseJudgement, Project, RankingJudgement, TrainingRun
 from feedback.selectors.models import model_for_generation, model_version_weights_dir
 from feedback.selectors.preferences import ExportFormat, PreferenceExportOptions, preference_rows
-from training.config import DPOConfig, GRPOConfig, OnlineGRPOConfig, RewardConfig, TrainConfig, config_from_mapping
+from training.config import (
+    DPOConfig,
+    GRPOConfig,
+    OnlineGRPOConfig,
+    PPOConfig,
+    RewardConfig,
+    TrainConfig,
+    config_from_mapping,
+)
 
 if TYPE_CHECKING:
     from training.runs import TrainResult
@@ -86,6 +94,13 @@ ALGORITHMS: dict[str, Algorithm] = {
         OnlineGRPOConfig,
         {Project.Mode.PAIRWISE: "dpo", Project.Mode.RANKING: "grpo"},
         "training.grpo_online:train_grpo_online",
+        "judged prompts",
+        uses_reward_model=True,
+    ),
+    TrainingRun.Algorithm.PPO: Algorithm(
+        PPOConfig,
+        {Project.Mode.PAIRWISE: "dpo", Project.Mode.RANKING: "grpo"},
+        "training.ppo:train_ppo",
         "judged prompts",
         uses_reward_model=True,
     ),

@@ -121,7 +121,7 @@ def test_the_list_is_paginated_newest_first(project, manager_api):
 @pytest.mark.parametrize(
     ("body", "field", "message"),
     [
-        ({"algorithm": "ppo"}, "algorithm", "is not a valid choice"),
+        ({"algorithm": "sft"}, "algorithm", "is not a valid choice"),
         ({"config": [1, 2]}, "config", "Expected a dictionary"),
         ({"config": {"beta": -1}}, "detail", "beta must be positive"),
         ({"config": {"learning_rate": "fast"}}, "detail", "learning_rate must be a number, not 'fast'"),

@@ -122,3 +122,26 @@ def test_online_grpo_refuses_to_start_without_a_reward_model_and_uses_the_newest
     assert run.produced_version.kind == "policy" and run.produced_version.name == "v1"
     assert run.produced_version.metrics["eval_before"]["reward"] is not None
     assert {"reward", "kl", "response_length"} <= set(run.metrics[-1])
+
+
+def test_ppo_runs_against_the_project_reward_model_it_names(project):
+    judge_everything(project, UserFactory())
+    with pytest.raises(TrainingRunError, match="ppo needs a reward model and rm has none: train one first"):
+        training_run_start(project=project, algorithm="ppo", enqueue=False)
+    reward = training_run_execute(run_id=training_run_start(project=project, algorithm="reward", enqueue=False).pk)
+    second = training_run_execute(run_id=training_run_start(project=project, algorithm="reward", enqueue=False).pk)
+    assert (reward.produced_version.name, second.produced_version.name) == ("reward-1", "reward-2")
+
+    ppo = {"max_new_tokens": 4, "batch_size": 6, "ppo_epochs": 2, "eval_samples": 1}
+    assert training_run_start(project=project, algorithm="ppo", config=ppo, enqueue=False).config["reward_model"] == (
+        "reward-2"
+    )
+    TrainingRun.objects.filter(status="queued").delete()
+    run = training_run_start(
+        project=project, algorithm="ppo", config={**ppo, "reward_model": "reward-1"}, enqueue=False
+    )
+    run = training_run_execute(run_id=run.pk)
+    assert run.status == "succeeded", run.error
+    assert run.produced_version.kind == "policy"
+    assert run.produced_version.metrics["reward_model"].endswith("run-" + str(reward.pk))
+    assert {"reward", "kl", "value_loss", "response_length"} <= set(run.metrics[-1])

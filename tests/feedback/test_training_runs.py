@@ -135,7 +135,7 @@ def test_a_failing_run_is_failed_with_its_message_and_the_active_version_is_unto
         ({"config": {"beta": -1}}, "beta must be positive"),
         ({"config": {"learning_rate": "fast"}}, "learning_rate must be a number, not 'fast'"),
         ({"config": {"betta": 0.1}}, "unknown dpo setting 'betta'"),
-        ({"algorithm": "ppo"}, "algorithm must be one of dpo, grpo, reward, grpo_online, not 'ppo'"),
+        ({"algorithm": "sft"}, "algorithm must be one of dpo, grpo, reward, grpo_online, ppo, not 'sft'"),
         ({"algorithm": "grpo"}, "GRPO trains on ranked groups"),
     ],
 )

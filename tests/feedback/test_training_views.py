@@ -204,7 +204,7 @@ def test_retrain_now_with_htmx_answers_the_page_part_with_the_new_run(client, ju
     [
         ({}, "no pairs to train on yet"),
         ({"algorithm": "grpo"}, "GRPO trains on ranked groups"),
-        ({"algorithm": "ppo"}, "Select a valid choice"),
+        ({"algorithm": "sft"}, "Select a valid choice"),
     ],
 )
 def test_a_run_that_cannot_start_is_a_message_not_an_error(client, project, manager, queue, data, message):

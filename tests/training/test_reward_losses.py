@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from training.losses import bradley_terry_loss, plackett_luce_loss
+from training.losses import bradley_terry_loss, gae, masked_whiten, plackett_luce_loss, ppo_policy_loss, ppo_value_loss
 
 
 def brute_force_nll(rewards: list[float], ranks: list[int]) -> float:
@@ -90,3 +90,55 @@ def test_plackett_luce_gradient_matches_the_brute_force_gradient():
 def test_plackett_luce_needs_matching_shapes():
     with pytest.raises(ValueError, match="rewards and ranks must both have shape"):
         plackett_luce_loss(torch.zeros(3), torch.tensor([1, 2]))
+
+
+def test_gae_by_hand():
+    # one sequence of 3 tokens and one of 2 (padded); γ = 1, λ = 0.5
+    rewards = torch.tensor([[0.0, 0.0, 1.0], [0.5, -1.0, 9.0]])
+    values = torch.tensor([[0.2, 0.4, 0.6], [0.1, 0.3, 9.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    advantages, returns = gae(rewards, values, mask, gamma=1.0, lam=0.5)
+    # row 0: δ2 = 1 - 0.6 = 0.4; δ1 = 0 + 0.6 - 0.4 = 0.2; δ0 = 0 + 0.4 - 0.2 = 0.2
+    #        A2 = 0.4, A1 = 0.2 + 0.5·0.4 = 0.4, A0 = 0.2 + 0.5·0.4 = 0.4
+    # row 1: δ1 = -1 - 0.3 = -1.3 (nothing after the last token); δ0 = 0.5 + 0.3 - 0.1 = 0.7
+    #        A1 = -1.3, A0 = 0.7 + 0.5·(-1.3) = 0.05; the padding is 0
+    assert advantages.tolist() == [pytest.approx([0.4, 0.4, 0.4]), pytest.approx([0.05, -1.3, 0.0])]
+    assert returns.tolist() == [pytest.approx([0.6, 0.8, 1.0]), pytest.approx([0.15, -1.0, 0.0])]
+
+
+def test_gae_with_discount_by_hand():
+    advantages, returns = gae(
+        torch.tensor([[0.0, 1.0]]), torch.tensor([[0.5, 0.0]]), torch.ones(1, 2), gamma=0.9, lam=1.0
+    )
+    # δ1 = 1; δ0 = 0 + 0.9·0 - 0.5 = -0.5; A0 = -0.5 + 0.9·1 = 0.4
+    assert advantages.tolist() == [pytest.approx([0.4, 1.0])]
+    assert returns.tolist() == [pytest.approx([0.9, 1.0])]
+
+
+def test_ppo_policy_loss_by_hand():
+    old = torch.zeros(1, 4)
+    logps = torch.log(torch.tensor([[1.5, 0.5, 1.1, 1.5]]))  # ratios 1.5, 0.5, 1.1, 1.5
+    advantages = torch.tensor([[1.0, 1.0, -2.0, -1.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    loss = ppo_policy_loss(logps, old, advantages, mask, cliprange=0.2)
+    # token 0: max(-1.5, -1.2) = -1.2 (clipped); token 1: max(-0.5, -0.8) = -0.5; token 2: max(2.2, 2.2) = 2.2
+    assert loss.item() == pytest.approx((-1.2 - 0.5 + 2.2) / 3, abs=1e-6)
+
+
+def test_ppo_value_loss_by_hand():
+    values = torch.tensor([[1.0, 0.0]])
+    old_values = torch.tensor([[0.5, 0.0]])
+    returns = torch.tensor([[2.0, 1.0]])
+    loss = ppo_value_loss(values, old_values, returns, torch.ones(1, 2), cliprange_value=0.2)
+    # token 0: clipped 0.7; max((1-2)², (0.7-2)²) = 1.69; token 1: max(1, 1) = 1; ½·mean = ½·(1.69 + 1)/2
+    assert loss.item() == pytest.approx(0.5 * (1.69 + 1.0) / 2, abs=1e-6)
+
+
+def test_masked_whiten_by_hand():
+    values = torch.tensor([[1.0, 3.0, 100.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    whitened = masked_whiten(values, mask)
+    # mean 2, sample variance 2
+    assert whitened[0, :2].tolist() == pytest.approx([-1 / math.sqrt(2), 1 / math.sqrt(2)], abs=1e-6)
+    kept_mean = masked_whiten(values, mask, shift_mean=False)
+    assert kept_mean[0, :2].tolist() == pytest.approx([2 - 1 / math.sqrt(2), 2 + 1 / math.sqrt(2)], abs=1e-6)

@@ -1,0 +1,304 @@
+"""PPO against a reward model learned from human judgements (the InstructGPT recipe).
+
+At every rollout batch: sample one completion per training prompt from the current policy,
+score it with the reward model, and build per-token rewards ``-kl_coef·k3`` with the score added
+at the last token, where ``k3 = exp(log π_ref - log π_old) - (log π_ref - log π_old) - 1`` is the
+non-negative KL estimate GRPO uses too (the reference is the starting model: the base with
+LoRA adapters off, or a frozen copy for full fine-tuning). Optionally whiten those rewards over
+the batch, estimate advantages and returns with GAE from a value head, whiten the advantages,
+then take ``ppo_epochs`` optimizer steps on the batch with the clipped policy objective plus
+``vf_coef`` times the clipped value loss. ``epochs`` is passes over the prompts.
+
+Departures from Ouyang et al. (2022) and TRL's PPOTrainer: the value head is a linear layer on
+the policy's own body (no separate critic model, so no second copy with LoRA), initialised at
+zero and discarded when the policy is saved; no pretraining-loss mix (PPO-ptx); one optimizer
+step per PPO epoch over the whole rollout batch (no mini-batches); the KL coefficient is fixed.
+Samples come from ``training.generate`` as text and are tokenized again for training, so the
+tokens scored are the text's own tokenization, which need not be the ids sampled; that is why
+the penalty is k3 rather than the plain log-ratio, whose estimate can then go negative.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from training.config import PPOConfig
+from training.data import SequenceBatch, collate_sequences, encode_prompt, prompt_key, prompt_messages
+from training.generate import SamplingConfig
+from training.logprobs import autocast_context, backbone_and_head, completion_mask, token_logps_chunked
+from training.losses import gae, masked_whiten, ppo_policy_loss, ppo_value_loss
+from training.rollouts import (
+    frozen_reference,
+    load_scorer,
+    mean_sample_reward,
+    reference_token_logps,
+    sample_and_score,
+    unique_prompts,
+)
+from training.runs import ProgressCallback, TrainResult, finish_run, load_policy, start_optimization
+
+
+class PolicyWithValueHead(torch.nn.Module):
+    """The policy and a value head on its body, trained together (one optimizer, one checkpoint)."""
+
+    def __init__(self, lm: torch.nn.Module) -> None:
+        super().__init__()
+        self.lm = lm
+        config: Any = lm.config
+        self.value_head = torch.nn.Linear(config.hidden_size, 1).to(next(lm.parameters()).device)
+        torch.nn.init.zeros_(self.value_head.weight)  # values start at 0: early advantages are the rewards
+        torch.nn.init.zeros_(self.value_head.bias)
+
+    def forward(self, batch: SequenceBatch, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token log-probs (N, T) of each completion and the values (N, T) of the states before each token."""
+        backbone, head = backbone_and_head(self.lm)
+        device = next(self.parameters()).device
+        input_ids = batch.input_ids.to(device)
+        hidden = backbone(
+            input_ids=input_ids, attention_mask=batch.attention_mask.to(device), use_cache=False
+        ).last_hidden_state  # (N, L, H)
+        lengths = batch.completion_lengths.to(device)  # (N,)
+        n, width = input_ids.shape[0], int(lengths.max())
+        rows = torch.repeat_interleave(torch.arange(n, device=device), lengths)  # (M,) row of each token
+        offset = torch.arange(rows.shape[0], device=device) - (torch.cumsum(lengths, 0) - lengths)[rows]  # (M,)
+        position = batch.prompt_lengths.to(device)[rows] - 1 + offset  # (M,) the state that predicts the token
+        states = hidden[rows, position]  # (M, H)
+        token_logps = token_logps_chunked(states, head, input_ids[rows, position + 1], chunk_size)  # (M,)
+        with torch.autocast(device.type, enabled=False):  # the value head stays in float32
+            token_values = self.value_head(states.float()).squeeze(-1)  # (M,)
+        logps = torch.zeros(n, width, device=device).index_put((rows, offset), token_logps.float())
+        values = torch.zeros(n, width, device=device).index_put((rows, offset), token_values)
+        return logps, values
+
+
+def train_ppo(
+    config: PPOConfig,
+    *,
+    train_examples: list[dict[str, Any]],
+    eval_examples: list[dict[str, Any]],
+    model: str,
+    out_dir: Path,
+    cache_dir: Path | None = None,
+    progress: ProgressCallback | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    resume: bool = True,
+) -> TrainResult:
+    """Train ``model`` with PPO against ``config.reward_model`` and write the policy to ``out_dir``.
+
+    Examples are any rows with a ``prompt``; held-out prompts are only sampled to measure the
+    reward model's mean score before and after. Callbacks behave as in ``train_dpo``.
+    """
+    config.validate()
+    if not config.reward_model:
+        raise ValueError("reward_model is required: train one first (python -m training reward)")
+    started = time.perf_counter()
+    out_dir = Path(out_dir)
+    setup = load_policy(config, model)
+    policy, tokenizer, device, precision = setup.model, setup.tokenizer, setup.device, setup.precision
+    scorer = load_scorer(config.reward_model, tokenizer, model, device)
+    reference = frozen_reference(policy)
+    actor = PolicyWithValueHead(policy)
+
+    train_prompts = unique_prompts(train_examples)
+    if not train_prompts:
+        raise ValueError("no training prompts: the examples hold no 'prompt'")
+    train_keys = {prompt_key(p) for p in train_prompts}
+    eval_prompts = [p for p in unique_prompts(eval_examples) if prompt_key(p) not in train_keys]
+    prompt_ids = [encode_prompt(tokenizer, prompt_messages(p)) for p in train_prompts]
+    kept = [i for i, ids in enumerate(prompt_ids) if len(ids) <= config.max_prompt_length]  # type: ignore[operator]
+    if not kept:
+        raise ValueError(f"no training prompts left: every prompt is longer than {config.max_prompt_length} tokens")
+    max_new = min(config.max_new_tokens, config.max_length - max(len(prompt_ids[i]) for i in kept))
+    sampling = SamplingConfig(temperature=config.temperature, top_p=config.top_p, max_new_tokens=max_new)
+
+    def mean_reward() -> dict[str, float | None]:
+        return mean_sample_reward(
+            policy,
+            scorer,
+            tokenizer,
+            eval_prompts,
+            samples=config.eval_samples,
+            sampling=sampling,
+            seed=config.seed + 1,
+            batch_size=config.eval_batch_size,
+        )
+
+    before = mean_reward()
+
+    batches = [kept[i : i + config.batch_size] for i in range(0, len(kept), config.batch_size)]
+    plan = [b for epoch in range(config.epochs) for b in _shuffled(batches, config.seed * 1000 + epoch)]
+    total_steps = len(plan) * config.ppo_epochs
+    optimizer, params, scheduler, checkpoint, start_step = start_optimization(
+        config,
+        replace(setup, model=actor),
+        total_steps=total_steps,
+        out_dir=out_dir,
+        data_keys=[prompt_key(p) for p in train_prompts],
+        resume=resume,
+    )
+    torch.manual_seed(config.seed + start_step)  # rollouts after a resume are fresh samples, as they would be
+
+    actor.train()
+    cancelled = False
+    last: dict[str, float] = {}
+    rollout: _Rollout | None = None
+    train_started = time.perf_counter()
+    trained_tokens = 0
+    for step in range(start_step, total_steps):
+        if should_stop is not None and should_stop():
+            cancelled = True
+            break
+        step_started = time.perf_counter()
+        ppo_epoch = step % config.ppo_epochs
+        if ppo_epoch == 0 or rollout is None:
+            batch_prompts = [train_prompts[i] for i in plan[step // config.ppo_epochs]]
+            rollout = _roll_out(actor, reference, scorer, tokenizer, batch_prompts, config, sampling, precision)
+        batch, mask = rollout.batch, rollout.mask
+        with autocast_context(precision, device):
+            logps, values = actor(batch, config.logprob_chunk_size)  # (N, T), (N, T)
+        policy_loss = ppo_policy_loss(logps, rollout.old_logps, rollout.advantages, mask, cliprange=config.cliprange)
+        value_loss = ppo_value_loss(
+            values, rollout.old_values, rollout.returns, mask, cliprange_value=config.cliprange_value
+        )
+        loss = policy_loss + config.vf_coef * value_loss
+        loss.backward()
+        if config.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+        lr = float(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        trained_tokens += batch.num_tokens
+
+        with torch.no_grad():
+            ratio = torch.exp(logps - rollout.old_logps)
+            clipped = ((ratio - 1).abs() > config.cliprange).float()
+            tokens = mask.sum()
+        last = {
+            "loss": float(loss.detach()),
+            "policy_loss": float(policy_loss.detach()),
+            "value_loss": float(value_loss.detach()),
+            "reward": rollout.score_mean,
+            "kl": rollout.kl,
+            "response_length": rollout.length,
+            "clip_fraction": float((clipped * mask).sum() / tokens),
+            "ppo_epoch": float(ppo_epoch),
+            "learning_rate": lr,
+            "tokens_per_second": batch.num_tokens / max(time.perf_counter() - step_started, 1e-9),
+        }
+        if progress is not None:
+            progress(step + 1, total_steps, last)
+        at_batch_end = (step + 1) % config.ppo_epochs == 0
+        if config.save_every and at_batch_end and (step + 1) % config.save_every == 0 and step + 1 < total_steps:
+            checkpoint.save(actor, optimizer, scheduler, step + 1)
+
+    train_seconds = time.perf_counter() - train_started
+    metrics: dict[str, Any] = {
+        "algorithm": "ppo",
+        "precision": precision,
+        "steps": total_steps,
+        "resumed_from_step": start_step,
+        "train_prompts": len(kept),
+        "eval_prompts": len(eval_prompts),
+        "dropped_long_prompt": len(train_prompts) - len(kept),
+        "reward_model": config.reward_model,
+        "train_seconds": train_seconds,
+        "train_tokens": trained_tokens,
+        "tokens_per_second": trained_tokens / max(train_seconds, 1e-9),
+        "eval_before": before,
+        "last_step": last,
+    }
+    return finish_run(
+        algorithm="ppo",
+        config=config,
+        policy=policy,
+        tokenizer=tokenizer,
+        base_model=model,
+        out_dir=out_dir,
+        metrics=metrics,
+        checkpoint=checkpoint,
+        cancelled=cancelled,
+        evaluate_after=mean_reward,
+        started=started,
+    )
+
+
+class _Rollout:
+    """One rollout batch with what PPO's epochs on it need."""
+
+    def __init__(self, batch: SequenceBatch, mask: torch.Tensor) -> None:
+        self.batch = batch
+        self.mask = mask  # (N, T)
+        self.old_logps = torch.zeros(0)  # (N, T)
+        self.old_values = torch.zeros(0)  # (N, T)
+        self.advantages = torch.zeros(0)  # (N, T)
+        self.returns = torch.zeros(0)  # (N, T)
+        self.score_mean = 0.0
+        self.kl = 0.0  # mean over sequences of the summed per-token k3 KL to the reference
+        self.length = 0.0
+
+
+@torch.no_grad()
+def _roll_out(
+    actor: PolicyWithValueHead,
+    reference: torch.nn.Module | None,
+    scorer: Any,
+    tokenizer: Any,
+    prompts: list[Any],
+    config: PPOConfig,
+    sampling: SamplingConfig,
+    precision: str,
+) -> _Rollout:
+    """Sample, score, and turn the scores and the KL to the reference into advantages and returns."""
+    samples = sample_and_score(
+        actor.lm,
+        scorer,
+        tokenizer,
+        prompts,
+        k=1,
+        sampling=sampling,
+        batch_size=config.eval_batch_size,
+        precision=precision,
+    )
+    device = next(actor.parameters()).device
+    batch = collate_sequences(
+        [encode_prompt(tokenizer, prompt_messages(p)) for p in prompts],
+        samples.completions,
+        int(tokenizer.pad_token_id),
+    )
+    mask = completion_mask(batch.completion_lengths).to(device)  # (N, T)
+    out = _Rollout(batch, mask)
+    was_training = actor.training
+    actor.eval()
+    with autocast_context(precision, device):
+        out.old_logps, out.old_values = actor(batch, config.logprob_chunk_size)
+    actor.train(was_training)
+    ref_logps = reference_token_logps(actor.lm, reference, batch, precision=precision, chunk=config.logprob_chunk_size)
+
+    scores = samples.rewards[:, 0].to(device)  # (N,)
+    delta = ref_logps - out.old_logps
+    kl = (torch.exp(delta) - delta - 1) * mask  # (N, T) k3: never negative, whatever tokens are scored
+    rewards = -config.kl_coef * kl
+    last = batch.completion_lengths.to(device) - 1  # (N,)
+    rewards[torch.arange(len(last), device=device), last] += scores
+    if config.whiten_rewards:
+        rewards = masked_whiten(rewards, mask, shift_mean=False) * mask
+    advantages, out.returns = gae(rewards, out.old_values, mask, gamma=config.gamma, lam=config.lam)
+    out.advantages = masked_whiten(advantages, mask) * mask
+    out.score_mean = float(scores.mean())
+    out.kl = float(kl.sum(dim=1).mean())
+    out.length = float(batch.completion_lengths.float().mean())
+    return out
+
+
+def _shuffled(batches: list[list[int]], seed: int) -> list[list[int]]:
+    order = list(batches)
+    random.Random(seed).shuffle(order)
+    return order

@@ -145,3 +145,28 @@ def test_ppo_runs_against_the_project_reward_model_it_names(project):
     assert run.produced_version.kind == "policy"
     assert run.produced_version.metrics["reward_model"].endswith("run-" + str(reward.pk))
     assert {"reward", "kl", "value_loss", "response_length"} <= set(run.metrics[-1])
+
+
+def test_the_training_page_charts_a_ppo_run_and_shows_its_versions_score(client, project):
+    manager = UserFactory()
+    MembershipFactory(user=manager, project=project, role="manager")
+    run = TrainingRun.objects.create(
+        project=project,
+        algorithm="ppo",
+        status="succeeded",
+        step=2,
+        total_steps=2,
+        metrics=[{"step": 1, "loss": 0.5, "reward": -1.0, "kl": 0.01, "value_loss": 0.3, "response_length": 12.0}],
+    )
+    ModelVersion.objects.create(
+        project=project,
+        name="v1",
+        weights_path="rm/v1",
+        produced_by_run=run,
+        metrics={"eval_before": {"reward": -1.25, "prompts": 3}, "eval_after": {"reward": -0.5, "prompts": 3}},
+    )
+    client.force_login(manager)
+    page = client.get(f"/projects/rm/training/?run={run.pk}").content.decode()
+    assert 'data-chart="rollout" aria-label="Response length and value loss by step"' in page
+    assert 'aria-label="Reward model score and KL to the reference by step"' in page
+    assert "reward model score -1.250 → -0.500" in page

@@ -188,6 +188,23 @@ class Completion(models.Model):
         return str(self.model_version) if self.model_version_id else self.source_model
 
 
+class CompletionScore(models.Model):
+    """A reward model's score of one completion, computed in the worker (the web process never loads a model)."""
+
+    completion = models.ForeignKey(Completion, on_delete=models.CASCADE, related_name="scores")
+    reward_model = models.ForeignKey(ModelVersion, on_delete=models.CASCADE, related_name="scores")
+    score = models.FloatField()
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["completion", "reward_model"], name="one_score_per_completion_reward_model")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.reward_model}: {self.score:.3f} for completion {self.completion_id}"
+
+
 class Assignment(models.Model):
     """A lease of one item to one annotator.
 

@@ -4,8 +4,10 @@ from django.conf import settings
 from huey import crontab
 from huey.contrib.djhuey import HUEY, db_periodic_task, db_task
 
-from feedback.models import Project, TrainingRun
+from feedback.models import ModelVersion, Project, TrainingRun
 from feedback.queue import generation_lock_name, training_lock_name
+from feedback.selectors.models import reward_model_newest
+from feedback.services.completion_scores import completion_scores_compute
 from feedback.services.exports import export_job_run
 from feedback.services.generation import completions_generate, generation_schedule_tick
 from feedback.services.training_runs import training_run_execute, training_runs_reap, training_schedule_tick
@@ -17,9 +19,18 @@ def generate_completions_task(
 ) -> int:
     project = Project.objects.get(pk=project_id)
     with HUEY.lock_task(generation_lock_name(project_id)):  # one generation per project at a time
-        return completions_generate(
+        written = completions_generate(
             project=project, prompt_limit=prompt_limit, k=k, mix_previous=mix_previous
         ).completions
+    reward_model = reward_model_newest(project=project)
+    if written and reward_model is not None:
+        completion_scores_task(reward_model.pk)
+    return written
+
+
+@db_task()
+def completion_scores_task(version_id: int) -> None:
+    completion_scores_compute(version=ModelVersion.objects.get(pk=version_id))
 
 
 @db_task()

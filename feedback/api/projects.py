@@ -36,7 +36,8 @@ from feedback.api.serializers import (
 )
 from feedback.ids import MAX_ID, id_from
 from feedback.models import Completion, Membership, ModelVersion, Project, Prompt
-from feedback.selectors.access import membership_role, project_for_role, project_role_check
+from feedback.selectors.access import membership_role, project_for_role, project_role_check, user_manages_project
+from feedback.selectors.models import completion_reward_scores, reward_model_newest
 from feedback.selectors.projects import project_list_for_user
 from feedback.services.model_versions import ModelVersionError, model_version_promote
 from feedback.services.prompts import PromptImportError, prompts_import_records
@@ -311,6 +312,11 @@ class CompletionListApi(APIView):
         html = serializers.CharField(help_text="Sanitised HTML rendered from the Markdown text.")
         model_version = serializers.IntegerField(source="model_version_id", allow_null=True)
         source_model = serializers.CharField()
+        reward = serializers.FloatField(
+            allow_null=True,
+            help_text="The project's newest reward model's score, for its managers; null for others and until "
+            "the worker has scored it.",
+        )
         created_at = serializers.DateTimeField()
 
         class Meta:
@@ -335,6 +341,13 @@ class CompletionListApi(APIView):
             completions = completions.filter(prompt_id=params.validated_data["prompt"])
         if "model_version" in params.validated_data:
             completions = completions.filter(model_version_id=params.validated_data["model_version"])
+        completions = completions.annotate(
+            reward=completion_reward_scores(
+                reward_model=reward_model_newest(project=project)
+                if user_manages_project(user=request.user, project=project)
+                else None
+            )
+        )
         return _page(request, self, completions.order_by(params.validated_data["ordering"]), self.OutputSerializer)
 
 

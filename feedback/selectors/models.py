@@ -1,8 +1,10 @@
 from pathlib import Path
+from typing import Any
 
 from django.conf import settings
+from django.db.models import FloatField, OuterRef, Subquery, Value
 
-from feedback.models import ModelVersion, Project
+from feedback.models import CompletionScore, ModelVersion, Project
 
 
 def model_version_active(*, project: Project) -> ModelVersion | None:
@@ -24,3 +26,16 @@ def model_for_generation(*, project: Project) -> tuple[str, ModelVersion | None]
     if version is not None:
         return str(model_version_weights_dir(version=version)), version
     return project.base_model or settings.BASE_MODEL, None
+
+
+def reward_model_newest(*, project: Project) -> ModelVersion | None:
+    """The project's newest reward model: the one PPO and online GRPO use by default and whose scores staff see."""
+    return project.model_versions.filter(kind=ModelVersion.Kind.REWARD).order_by("-created_at", "-id").first()
+
+
+def completion_reward_scores(*, reward_model: ModelVersion | None) -> Any:
+    """An expression for a completion queryset's ``annotate``: its score by ``reward_model`` (null without one)."""
+    if reward_model is None:
+        return Value(None, output_field=FloatField())
+    scores = CompletionScore.objects.filter(completion=OuterRef("pk"), reward_model=reward_model)
+    return Subquery(scores.values("score")[:1], output_field=FloatField())

@@ -27,7 +27,7 @@ from django.utils import timezone
 
 from feedback import queue
 from feedback.models import ModelVersion, PairwiseJudgement, Project, RankingJudgement, TrainingRun
-from feedback.selectors.models import model_for_generation, model_version_weights_dir
+from feedback.selectors.models import model_for_generation, model_version_weights_dir, reward_model_newest
 from feedback.selectors.preferences import ExportFormat, PreferenceExportOptions, preference_rows
 from training.config import (
     DPOConfig,
@@ -146,8 +146,10 @@ def _algorithm_for(project: Project, algorithm: str | None) -> tuple[str, Algori
 
 def _reward_version(project: Project, name: str, algorithm: str) -> ModelVersion:
     """The reward model a run uses: the named reward version of the project, else its newest."""
-    rewards = project.model_versions.filter(kind=ModelVersion.Kind.REWARD).order_by("-created_at", "-id")
-    version = rewards.filter(name=name).first() if name else rewards.first()
+    if name:
+        version = project.model_versions.filter(kind=ModelVersion.Kind.REWARD, name=name).first()
+    else:
+        version = reward_model_newest(project=project)
     if version is not None:
         return version
     if name:
@@ -363,6 +365,8 @@ def training_run_execute(*, run_id: int, on_progress: ProgressCallback | None = 
             status=TrainingRun.Status.SUCCEEDED, finished_at=timezone.now(), step=metrics.get("steps", run.step)
         )
     run.refresh_from_db()
+    if kind == ModelVersion.Kind.REWARD:
+        queue.enqueue("completion_scores_task", version.pk)  # staff see its scores beside the completions
     if project.auto_promote and kind == ModelVersion.Kind.POLICY and _improved(metrics):
         from feedback.services.model_versions import model_version_promote
 

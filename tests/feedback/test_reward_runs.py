@@ -4,7 +4,8 @@ import pytest
 from django.core.management import call_command
 from rest_framework.test import APIClient
 
-from feedback.models import ModelVersion, TrainingRun
+from feedback.models import CompletionScore, ModelVersion, TrainingRun
+from feedback.services.completion_scores import completion_scores_compute
 from feedback.services.model_versions import ModelVersionError, model_version_promote
 from feedback.services.training_runs import TrainingRunError, training_run_execute, training_run_start
 from tests.factories import MembershipFactory, ProjectFactory, UserFactory
@@ -170,3 +171,26 @@ def test_the_training_page_charts_a_ppo_run_and_shows_its_versions_score(client,
     assert 'data-chart="rollout" aria-label="Response length and value loss by step"' in page
     assert 'aria-label="Reward model score and KL to the reference by step"' in page
     assert "reward model score -1.250 → -0.500" in page
+
+
+def test_managers_see_the_newest_reward_models_score_beside_each_completion(project):
+    judge_everything(project, UserFactory())
+    run = training_run_execute(run_id=training_run_start(project=project, algorithm="reward", enqueue=False).pk)
+    version = run.produced_version
+    # the worker scored every completion once the reward model was recorded (huey runs at once in tests)
+    scores = {s.completion_id: s.score for s in CompletionScore.objects.filter(reward_model=version)}
+    assert CompletionScore.objects.filter(reward_model=version).count() == 24
+    assert completion_scores_compute(version=version) == 0  # nothing scored twice
+
+    manager, annotator = UserFactory(), UserFactory()
+    MembershipFactory(user=manager, project=project, role="manager")
+    MembershipFactory(user=annotator, project=project, role="annotator")
+    api = APIClient()
+    api.force_authenticate(manager)
+    rows = api.get("/api/v1/projects/rm/completions/").json()["results"]
+    assert {row["id"]: row["reward"] for row in rows} == scores
+    great = [row["reward"] for row in rows if row["text"] == "Cats are great."]
+    bad = [row["reward"] for row in rows if row["text"] == "No."]
+    assert min(great) > max(bad)
+    api.force_authenticate(annotator)
+    assert {row["reward"] for row in api.get("/api/v1/projects/rm/completions/").json()["results"]} == {None}

@@ -1,15 +1,22 @@
 """Reward models in the app: trained from judgements, recorded as versions of kind reward, never promoted."""
 
+import json
+import os
+import subprocess
+import sys
+import time
+
 import pytest
 from django.core.management import call_command
+from django.db import connection
 from rest_framework.test import APIClient
 
 from feedback.models import CompletionScore, ModelVersion, TrainingRun
 from feedback.services.completion_scores import completion_scores_compute
 from feedback.services.model_versions import ModelVersionError, model_version_promote
-from feedback.services.training_runs import TrainingRunError, training_run_execute, training_run_start
+from feedback.services.training_runs import TrainingRunError, run_dir, training_run_execute, training_run_start
 from tests.factories import MembershipFactory, ProjectFactory, UserFactory
-from tests.feedback.test_training_runs import SMALL, judge_everything
+from tests.feedback.test_training_runs import ROOT, SMALL, judge_everything, wait_for
 from training.reward import HEAD_FILE, load_reward_model, score_texts
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -121,7 +128,10 @@ def test_online_grpo_refuses_to_start_without_a_reward_model_and_uses_the_newest
     run = training_run_execute(run_id=run.pk)
     assert run.status == "succeeded", run.error
     assert run.produced_version.kind == "policy" and run.produced_version.name == "v1"
-    assert run.produced_version.metrics["eval_before"]["reward"] is not None
+    held_out = (run_dir(run) / "held_out.jsonl").read_text().splitlines()
+    before = run.produced_version.metrics["eval_before"]
+    assert set(before) == {"reward", "response_length", "prompts"}
+    assert before["prompts"] == len({json.loads(row)["prompt_id"] for row in held_out})
     assert {"reward", "kl", "response_length"} <= set(run.metrics[-1])
 
 
@@ -194,3 +204,54 @@ def test_managers_see_the_newest_reward_models_score_beside_each_completion(proj
     assert min(great) > max(bad)
     api.force_authenticate(annotator)
     assert {row["reward"] for row in api.get("/api/v1/projects/rm/completions/").json()["results"]} == {None}
+
+
+def test_a_worker_killed_mid_ppo_leaves_no_run_stuck_and_the_next_run_succeeds(project, settings):
+    judge_everything(project, UserFactory())
+    training_run_execute(run_id=training_run_start(project=project, algorithm="reward", enqueue=False).pk)
+    env = {
+        **os.environ,
+        "DATABASE_URL": f"sqlite:///{connection.settings_dict['NAME']}",
+        "RANKWISE_DATA_DIR": str(settings.DATA_DIR),
+        "RANKWISE_TRAINING_RUN_STALE_SECONDS": "2",
+        "RANKWISE_MAX_TRAINING_EPOCHS": "500",  # a run long enough to be killed in the middle
+    }
+    log = (settings.DATA_DIR / "worker.log").open("ab")
+
+    def manage(*args):
+        return subprocess.run([sys.executable, "manage.py", *args], cwd=ROOT, env=env, check=True, capture_output=True)
+
+    def worker():
+        return subprocess.Popen(
+            [sys.executable, "manage.py", "run_huey", "--flush-locks"], cwd=ROOT, env=env, stdout=log, stderr=log
+        )
+
+    short = ["--max-new-tokens", "4", "--eval-samples", "1", "--ppo-epochs", "1"]
+    manage("train", "rm", "--algorithm", "ppo", "--epochs", "500", "--batch-size", "1", *short)
+    run = TrainingRun.objects.get(algorithm="ppo")
+    first = worker()
+    try:
+        wait_for(lambda: TrainingRun.objects.get(pk=run.pk).step >= 1, seconds=120, what="the run to make progress")
+    finally:
+        first.kill()  # SIGKILL: no clean-up in the worker at all
+        first.wait()
+    assert TrainingRun.objects.get(pk=run.pk).status == "running"  # stuck, as huey will not re-run it
+
+    time.sleep(2.5)  # the heartbeat goes stale
+    second = worker()
+    try:
+        wait_for(lambda: TrainingRun.objects.get(pk=run.pk).status == "failed", seconds=60, what="the reaper")
+        manage("train", "rm", "--algorithm", "ppo", "--epochs", "1", "--batch-size", "6", *short)
+        next_run = TrainingRun.objects.filter(algorithm="ppo").exclude(pk=run.pk).get()
+        wait_for(
+            lambda: TrainingRun.objects.get(pk=next_run.pk).status in ("succeeded", "failed"),
+            seconds=180,
+            what="the next run to end",
+        )
+    finally:
+        second.terminate()
+        second.wait(timeout=30)
+    next_run.refresh_from_db()
+    assert next_run.status == "succeeded", next_run.error + (settings.DATA_DIR / "worker.log").read_text()[-3000:]
+    assert "worker stopped" in TrainingRun.objects.get(pk=run.pk).error
+    assert not ModelVersion.objects.filter(produced_by_run=run).exists()

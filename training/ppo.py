@@ -20,7 +20,6 @@ the penalty is k3 rather than the plain log-ratio, whose estimate can then go ne
 
 from __future__ import annotations
 
-import random
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -38,9 +37,10 @@ from training.rollouts import (
     frozen_reference,
     load_scorer,
     mean_sample_reward,
+    prompt_plan,
+    prompt_set,
     reference_token_logps,
     sample_and_score,
-    unique_prompts,
 )
 from training.runs import ProgressCallback, TrainResult, finish_run, load_policy, start_optimization
 
@@ -106,41 +106,32 @@ def train_ppo(
     reference = frozen_reference(policy)
     actor = PolicyWithValueHead(policy)
 
-    train_prompts = unique_prompts(train_examples)
-    if not train_prompts:
-        raise ValueError("no training prompts: the examples hold no 'prompt'")
-    train_keys = {prompt_key(p) for p in train_prompts}
-    eval_prompts = [p for p in unique_prompts(eval_examples) if prompt_key(p) not in train_keys]
-    prompt_ids = [encode_prompt(tokenizer, prompt_messages(p)) for p in train_prompts]
-    kept = [i for i, ids in enumerate(prompt_ids) if len(ids) <= config.max_prompt_length]  # type: ignore[operator]
-    if not kept:
-        raise ValueError(f"no training prompts left: every prompt is longer than {config.max_prompt_length} tokens")
-    max_new = min(config.max_new_tokens, config.max_length - max(len(prompt_ids[i]) for i in kept))
-    sampling = SamplingConfig(temperature=config.temperature, top_p=config.top_p, max_new_tokens=max_new)
+    prompts = prompt_set(config, tokenizer, train_examples, eval_examples)
+    sampling = prompts.sampling
 
     def mean_reward() -> dict[str, float | None]:
         return mean_sample_reward(
             policy,
             scorer,
             tokenizer,
-            eval_prompts,
+            prompts.eval,
             samples=config.eval_samples,
             sampling=sampling,
             seed=config.seed + 1,
             batch_size=config.eval_batch_size,
+            precision=precision,
         )
 
     before = mean_reward()
 
-    batches = [kept[i : i + config.batch_size] for i in range(0, len(kept), config.batch_size)]
-    plan = [b for epoch in range(config.epochs) for b in _shuffled(batches, config.seed * 1000 + epoch)]
+    plan = prompt_plan(len(prompts.train), batch_size=config.batch_size, epochs=config.epochs, seed=config.seed)
     total_steps = len(plan) * config.ppo_epochs
     optimizer, params, scheduler, checkpoint, start_step = start_optimization(
         config,
         replace(setup, model=actor),
         total_steps=total_steps,
         out_dir=out_dir,
-        data_keys=[prompt_key(p) for p in train_prompts],
+        data_keys=[prompt_key(p) for p in prompts.train],
         resume=resume,
     )
     torch.manual_seed(config.seed + start_step)  # rollouts after a resume are fresh samples, as they would be
@@ -158,7 +149,7 @@ def train_ppo(
         step_started = time.perf_counter()
         ppo_epoch = step % config.ppo_epochs
         if ppo_epoch == 0 or rollout is None:
-            batch_prompts = [train_prompts[i] for i in plan[step // config.ppo_epochs]]
+            batch_prompts = [prompts.train[i] for i in plan[step // config.ppo_epochs]]
             rollout = _roll_out(actor, reference, scorer, tokenizer, batch_prompts, config, sampling, precision)
         batch, mask = rollout.batch, rollout.mask
         with autocast_context(precision, device):
@@ -205,9 +196,9 @@ def train_ppo(
         "precision": precision,
         "steps": total_steps,
         "resumed_from_step": start_step,
-        "train_prompts": len(kept),
-        "eval_prompts": len(eval_prompts),
-        "dropped_long_prompt": len(train_prompts) - len(kept),
+        "train_prompts": len(prompts.train),
+        "eval_prompts": len(prompts.eval),
+        "dropped_long_prompt": prompts.dropped_long_prompt,
         "reward_model": config.reward_model,
         "train_seconds": train_seconds,
         "train_tokens": trained_tokens,
@@ -296,9 +287,3 @@ def _roll_out(
     out.kl = float(kl.sum(dim=1).mean())
     out.length = float(batch.completion_lengths.float().mean())
     return out
-
-
-def _shuffled(batches: list[list[int]], seed: int) -> list[list[int]]:
-    order = list(batches)
-    random.Random(seed).shuffle(order)
-    return order

@@ -7,12 +7,14 @@ reward model that must share the policy's tokenizer (the scores are of the same 
 from __future__ import annotations
 
 import copy
+import random
 from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 from transformers import PreTrainedModel
 
+from training.config import OnlineGRPOConfig, PPOConfig
 from training.data import SequenceBatch, encode_completion, encode_prompt, prompt_key, prompt_messages
 from training.generate import SamplingConfig, generate_completions
 from training.logprobs import autocast_context, completion_logps, evaluation
@@ -55,6 +57,57 @@ def unique_prompts(records: list[dict[str, Any]]) -> list[Any]:
         if "prompt" in record:
             seen.setdefault(prompt_key(record["prompt"]), record["prompt"])
     return list(seen.values())
+
+
+@dataclass
+class PromptSet:
+    """The prompts an online run samples on, and how it samples."""
+
+    train: list[Any]  # distinct training prompts that fit max_prompt_length
+    eval: list[Any]  # distinct held-out prompts that are not training prompts
+    dropped_long_prompt: int
+    sampling: SamplingConfig  # max_new_tokens cut so that the longest prompt and its completion fit max_length
+
+
+def prompt_set(
+    config: OnlineGRPOConfig | PPOConfig,
+    tokenizer: Any,
+    train_examples: list[dict[str, Any]],
+    eval_examples: list[dict[str, Any]],
+) -> PromptSet:
+    """Rollouts use training prompts only; held-out prompts are only sampled to measure the reward."""
+    prompts = unique_prompts(train_examples)
+    if not prompts:
+        raise ValueError("no training prompts: the examples hold no 'prompt'")
+    assert config.max_prompt_length is not None  # set from max_length after init
+    lengths = [len(encode_prompt(tokenizer, prompt_messages(p))) for p in prompts]
+    train = [p for p, n in zip(prompts, lengths, strict=True) if n <= config.max_prompt_length]
+    if not train:
+        raise ValueError(f"no training prompts left: every prompt is longer than {config.max_prompt_length} tokens")
+    train_keys = {prompt_key(p) for p in prompts}
+    longest = max(n for n in lengths if n <= config.max_prompt_length)
+    sampling = SamplingConfig(
+        temperature=config.temperature,
+        top_p=config.top_p,
+        max_new_tokens=min(config.max_new_tokens, config.max_length - longest),
+    )
+    return PromptSet(
+        train=train,
+        eval=[p for p in unique_prompts(eval_examples) if prompt_key(p) not in train_keys],
+        dropped_long_prompt=len(prompts) - len(train),
+        sampling=sampling,
+    )
+
+
+def prompt_plan(count: int, *, batch_size: int, epochs: int, seed: int) -> list[list[int]]:
+    """Rollout batches of prompt indices: each epoch every prompt once, batches in a seeded order."""
+    batches = [list(range(i, min(i + batch_size, count))) for i in range(0, count, batch_size)]
+    plan = []
+    for epoch in range(epochs):
+        order = list(batches)
+        random.Random(seed * 1000 + epoch).shuffle(order)
+        plan.extend(order)
+    return plan
 
 
 @dataclass
@@ -106,6 +159,7 @@ def mean_sample_reward(
     sampling: SamplingConfig,
     seed: int,
     batch_size: int,
+    precision: str,
 ) -> dict[str, float | None]:
     """The reward model's mean score of fresh samples on held-out prompts (the same seed before and after)."""
     if not prompts:  # None rather than NaN: metrics are stored as JSON
@@ -118,7 +172,7 @@ def mean_sample_reward(
         k=samples,
         sampling=replace(sampling, seed=seed),
         batch_size=batch_size,
-        precision="fp32",
+        precision=precision,
     )
     return {
         "reward": float(scored.rewards.mean()),

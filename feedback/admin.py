@@ -116,8 +116,8 @@ class RankingJudgementAdmin(admin.ModelAdmin):
 
 @admin.register(models.ModelVersion)
 class ModelVersionAdmin(admin.ModelAdmin):
-    list_display = ["name", "project", "is_active", "parent", "created_at"]
-    list_filter = ["project", "is_active"]
+    list_display = ["name", "project", "kind", "is_active", "parent", "created_at"]
+    list_filter = ["project", "kind", "is_active"]
 
 
 @admin.register(models.TrainingRun)

@@ -271,9 +271,11 @@ def test_model_versions_list(world):
         "parent_version",
         "produced_by_run",
         "metrics",
+        "kind",
         "is_active",
         "created_at",
     }
+    assert results[0]["kind"] == "policy"
 
 
 def test_token_auth_works(world):

@@ -199,6 +199,8 @@ SESSION_COOKIE_HTTPONLY = True
 BEHIND_PROXY = env.bool("RANKWISE_BEHIND_PROXY", default=False)
 if BEHIND_PROXY:
     SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+# Load balancers and supervisors probe GET /healthz over plain HTTP on the app's own port.
+SECURE_REDIRECT_EXEMPT = [r"^healthz$"]
 if not DEBUG:
     SECURE_SSL_REDIRECT = env.bool("SECURE_SSL_REDIRECT", default=True)
     # A year of HSTS for this host only; subdomains and the browsers' preload list are the operator's choice,

@@ -60,6 +60,7 @@ class Cell:
 # url name -> the request and its answers. Writes carry no valid body: a member's request gets past the
 # access check to the form or serializer (400), or does the harmless thing it asks for.
 TABLE: dict[str, Cell] = {
+    "healthz": Cell("get", everyone(200), anonymous=200),
     "login": Cell("get", everyone(200), anonymous=200),
     "logout": Cell("post", everyone(302), anonymous=302),
     "admin:index": Cell("get", {**everyone(302), "staff": 200}),
@@ -123,7 +124,8 @@ def test_every_url_has_a_row():
 
 
 @pytest.fixture
-def world(staff_user):
+def world(staff_user, settings, tiny_model_dir):
+    settings.BASE_MODEL = str(tiny_model_dir)  # /healthz answers 200 only with a base model on disk
     project = ProjectFactory(slug="alpha", mode="pairwise", completions_per_prompt=2)
     other = ProjectFactory(slug="beta")
     for _ in range(2):

@@ -98,3 +98,15 @@ def real_model_dir() -> Path:
     if not (path / "config.json").is_file():
         pytest.skip(f"the default model is not at {path} (run `python manage.py fetch_default_model`)")
     return path
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    from django.conf import settings
+
+    if settings.DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+        return
+    engine = settings.DATABASES["default"]["ENGINE"]
+    skip = pytest.mark.skip(reason=f"SQLite's own settings; this run's database is {engine}")
+    for item in items:
+        if "sqlite_only" in item.keywords:
+            item.add_marker(skip)

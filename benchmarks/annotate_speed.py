@@ -4,7 +4,9 @@ Usage: python benchmarks/annotate_speed.py [--prompts 100000] [--judgements-per-
                                            [--annotators 20] [--seconds 60] [--seeded-db FILE] [--no-write]
 
 It builds a fresh SQLite database (the production settings: WAL, immediate transactions,
-busy timeout) in a temporary data dir with two projects of N prompts x 4 completions:
+busy timeout) in a temporary data dir, or with DATABASE_URL=postgres://... a fresh PostgreSQL
+database beside the one named there (dropped at the end; the role needs CREATEDB), with two
+projects of N prompts x 4 completions:
 
 - ranking, overlap 5, with 3 judgements on every prompt (3N judgements);
 - pairwise, overlap 1, with 3 of the 6 pairs of every prompt judged (3N judgements).
@@ -20,7 +22,8 @@ Then, for each project:
 
 Throttling is switched off for the HTTP run (benchmarks/annotate_speed_settings.py): the
 submit throttle (120/min per user) is a policy for people, and the simulated annotators are
-far faster than people. The figures are written to benchmarks/RESULTS.md (## Annotation speed).
+far faster than people. The figures are written to benchmarks/RESULTS.md (## Annotation speed, or
+## Annotation speed on PostgreSQL).
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "RESULTS.md"
 SECTION = "## Annotation speed"
+POSTGRES_SECTION = "## Annotation speed on PostgreSQL"
 K = 4
 
 
@@ -57,6 +61,23 @@ def percentile(values: list[float], q: float) -> float:
 
 def summary(values_ms: list[float]) -> str:
     return f"median {statistics.median(values_ms):.1f} ms, p95 {percentile(values_ms, 0.95):.1f} ms"
+
+
+def fresh_postgres_database(url: str) -> tuple[str, str]:
+    """A new, empty database on the server of `url`, as (its URL, its name): the SQLite leg's fresh file."""
+    import psycopg
+
+    name = f"rankwise_bench_{os.getpid()}"
+    with psycopg.connect(url, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    return url.rsplit("/", 1)[0] + "/" + name, name
+
+
+def drop_postgres_database(url: str, name: str) -> None:
+    import psycopg
+
+    with psycopg.connect(url, autocommit=True) as admin:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def setup_django(data_dir: Path) -> None:
@@ -96,7 +117,7 @@ def seed(*, prompts: int, judgements_per_prompt: int) -> dict[str, object]:
     millions of rows take a minute rather than ten.
     """
     from django.contrib.auth import get_user_model
-    from django.db import transaction
+    from django.db import connection, transaction
     from django.utils import timezone
 
     from feedback.models import (
@@ -292,6 +313,14 @@ def seed(*, prompts: int, judgements_per_prompt: int) -> dict[str, object]:
             f"in {time.perf_counter() - started:.0f} s",
             flush=True,
         )
+    if connection.vendor == "postgresql":
+        # Explicit ids leave PostgreSQL's sequences behind; the benchmark's own writes must not collide with them.
+        from django.core.management.color import no_style
+
+        models = [Prompt, Completion, Assignment, RankingJudgement, RankedCompletion, PairwiseJudgement]
+        with connection.cursor() as cursor:
+            for statement in connection.ops.sequence_reset_sql(no_style(), models):
+                cursor.execute(statement)
     return {"slugs": slugs, "seeded_ids": seeded_ids, "bench_ids": bench_ids}
 
 
@@ -453,9 +482,9 @@ def check_integrity(*, slug: str, created: list[str], before: int) -> dict[str, 
     }
 
 
-def write_results(text: str) -> None:
+def write_results(text: str, section: str) -> None:
     body = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
+    pattern = re.compile(rf"^{re.escape(section)}\n.*?(?=^## |\Z)", re.S | re.M)
     found = pattern.search(body)
     body = pattern.sub(lambda _: text, body) if found else body.rstrip("\n") + "\n\n" + text
     RESULTS.write_text(body.rstrip("\n") + "\n")
@@ -476,8 +505,28 @@ def main() -> None:
     )
     args = parser.parse_args()
 
+    server_url = os.environ.get("DATABASE_URL", "")
+    postgres = server_url.startswith(("postgres://", "postgresql://"))
+    if server_url and not postgres:
+        parser.error(f"DATABASE_URL must be a postgres:// URL or unset (SQLite), not {server_url.split(':')[0]}://")
+    if postgres and args.seeded_db is not None:
+        parser.error("--seeded-db copies a SQLite file; it does not apply with DATABASE_URL")
     scratch = tempfile.TemporaryDirectory()
     data_dir = Path(scratch.name)
+    if postgres:
+        os.environ["DATABASE_URL"], bench_database = fresh_postgres_database(server_url)
+    try:
+        run(args, data_dir, postgres=postgres)
+    finally:
+        if postgres:
+            from django.db import connections
+
+            connections.close_all()
+            drop_postgres_database(server_url, bench_database)
+        scratch.cleanup()
+
+
+def run(args: argparse.Namespace, data_dir: Path, *, postgres: bool) -> None:
     reuse = args.seeded_db is not None and args.seeded_db.exists()
     if reuse:
         shutil.copyfile(args.seeded_db, data_dir / "rankwise.sqlite3")
@@ -498,12 +547,18 @@ def main() -> None:
             shutil.copyfile(data_dir / "rankwise.sqlite3", args.seeded_db)
     # in process: annotators with thousands of judgements each; over HTTP: newcomers
     in_process_ids, http_ids = seeded["seeded_ids"][: args.annotators], seeded["bench_ids"][: args.annotators]
+    if postgres:
+        database = f"PostgreSQL {connection.pg_version // 10000}.{connection.pg_version % 10000} on the same machine"
+        command = "DATABASE_URL=postgres://... python benchmarks/annotate_speed.py"
+    else:
+        database = f"SQLite {connection.Database.sqlite_version} (WAL, immediate transactions)"
+        command = "python benchmarks/annotate_speed.py"
     lines = [
-        SECTION,
+        POSTGRES_SECTION if postgres else SECTION,
         "",
-        f"`python benchmarks/annotate_speed.py` on {platform.machine()} with {os.cpu_count()} cores, "
-        f"Python {platform.python_version()}, SQLite {connection.Database.sqlite_version} (WAL, immediate "
-        f"transactions); {time.strftime('%Y-%m-%d')}. Each project: {args.prompts:,} prompts x {K} completions "
+        f"`{command}` on {platform.machine()} with {os.cpu_count()} cores, "
+        f"Python {platform.python_version()}, {database}; {time.strftime('%Y-%m-%d')}. "
+        f"Each project: {args.prompts:,} prompts x {K} completions "
         f"and {args.prompts * args.judgements_per_prompt:,} judgements already stored "
         + ("(a copy of a database seeded earlier)." if reuse else f"(seeding took {seed_seconds:.0f} s)."),
         "",
@@ -596,8 +651,7 @@ def main() -> None:
     text = "\n".join(lines)
     print(text)
     if not args.no_write:
-        write_results(text)
-    scratch.cleanup()
+        write_results(text, lines[0])
 
 
 if __name__ == "__main__":

@@ -83,6 +83,21 @@ def queue(monkeypatch) -> QueueRecorder:
     return recorder
 
 
+@pytest.fixture
+def shared_queue():
+    """With REDIS_URL, workers that tests start share one Redis queue: each such test starts and ends it empty
+    (tasks, results and locks). On huey's SQLite queue each test's data dir has a queue of its own."""
+    from django.conf import settings
+    from huey import RedisHuey
+
+    queue = RedisHuey(settings.HUEY["name"], url=settings.REDIS_URL) if settings.REDIS_URL else None
+    if queue is not None:
+        queue.storage.flush_all()
+    yield queue
+    if queue is not None:
+        queue.storage.flush_all()
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A tiny random Llama with a tokenizer and chat template, as a model directory."""

@@ -216,7 +216,8 @@ AWKWARD_TEXTS = [
 
 @pytest.mark.parametrize("options", [*VARIANTS, {"format": "dpo", "pairs": "best_vs_rest"}], ids=str)
 def test_jsonl_lines_are_exactly_what_json_writes(project, options):
-    prompt = PromptFactory(project=project, messages=[{"role": "user", "content": '\\ " ✓ \x00?'}])
+    # Not NUL: the import refuses it, and PostgreSQL cannot store it in text or JSON.
+    prompt = PromptFactory(project=project, messages=[{"role": "user", "content": '\\ " ✓ \x02?'}])
     awkward = [CompletionFactory(prompt=prompt, text=text) for text in AWKWARD_TEXTS]
     rank(UserFactory(), prompt, [[c] for c in awkward])
     rank(UserFactory(), prompt, [awkward[3:], awkward[:3]])

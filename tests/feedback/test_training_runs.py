@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 from django.core.management import CommandError, call_command
-from django.db import connection
 from django.utils import timezone
 from huey.contrib.djhuey import HUEY
 from rest_framework.test import APIClient
@@ -36,6 +35,7 @@ from tests.factories import (
     TrainingRunFactory,
     UserFactory,
 )
+from tests.processes import database_url_for_subprocesses
 
 pytestmark = pytest.mark.django_db(transaction=True)
 ROOT = Path(__file__).resolve().parents[2]
@@ -412,11 +412,11 @@ def wait_for(condition, *, seconds, what):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def test_a_worker_killed_mid_run_leaves_no_run_stuck_and_the_next_run_succeeds(project, settings):
+def test_a_worker_killed_mid_run_leaves_no_run_stuck_and_the_next_run_succeeds(project, settings, shared_queue):
     judge_everything(project, UserFactory())
     env = {
         **os.environ,
-        "DATABASE_URL": f"sqlite:///{connection.settings_dict['NAME']}",
+        "DATABASE_URL": database_url_for_subprocesses(),
         "RANKWISE_DATA_DIR": str(settings.DATA_DIR),
         "RANKWISE_TRAINING_RUN_STALE_SECONDS": "2",
         "RANKWISE_MAX_TRAINING_EPOCHS": "500",  # a run long enough to be killed in the middle

@@ -111,6 +111,8 @@ def completions_generate(
                 k=max(shares[p.pk][i] for p in takers),
                 sampling=sampling,
             )
+            # A byte-level tokenizer can decode a NUL, which PostgreSQL cannot store in text (and imports refuse).
+            texts = [[text.replace("\x00", "") for text in samples] for samples in texts]
             rows += [
                 Completion(
                     prompt=prompt,

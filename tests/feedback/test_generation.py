@@ -103,3 +103,13 @@ def test_a_project_whose_queue_runs_low_gets_its_next_round(project, django_capt
     for _ in range(10):
         CompletionFactory.create_batch(2, prompt=PromptFactory(project=busy))
     assert generation_schedule_tick(low_water=5, round_prompts=2) == [project]  # busy has 10 items left
+
+
+def test_a_nul_the_model_writes_is_left_out_of_the_stored_text(project, monkeypatch):
+    monkeypatch.setattr(
+        "training.generate.generate_completions",
+        lambda model, tokenizer, conversations, *, k, sampling: [["a\x00b"] * k for _ in conversations],
+    )
+    PromptFactory(project=project)
+    completions_generate(project=project)
+    assert set(Completion.objects.values_list("text", flat=True)) == {"ab"}

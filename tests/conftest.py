@@ -116,12 +116,13 @@ def real_model_dir() -> Path:
 
 
 def pytest_collection_modifyitems(config, items) -> None:
+    """Skip `sqlite_only(reason)` tests on other databases, with the reason the marker gives."""
     from django.conf import settings
 
-    if settings.DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
-        return
     engine = settings.DATABASES["default"]["ENGINE"]
-    skip = pytest.mark.skip(reason=f"SQLite's own settings; this run's database is {engine}")
+    if engine == "django.db.backends.sqlite3":
+        return
     for item in items:
-        if "sqlite_only" in item.keywords:
-            item.add_marker(skip)
+        marker = item.get_closest_marker("sqlite_only")
+        if marker is not None:
+            item.add_marker(pytest.mark.skip(reason=f"SQLite only ({marker.args[0]}); this run is on {engine}"))

@@ -25,6 +25,10 @@ def give_leases_their_places(apps, schema_editor):
         else:
             ended.append(pk)
     Assignment.objects.filter(pk__in=ended).delete()
+    if schema_editor.connection.vendor == "postgresql":
+        # The updates queued PostgreSQL's deferred foreign-key checks; run them now, or the ALTER TABLEs
+        # below fail with "pending trigger events" (the migration is one transaction).
+        schema_editor.execute("SET CONSTRAINTS ALL IMMEDIATE")
 
 
 class Migration(migrations.Migration):

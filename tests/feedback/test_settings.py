@@ -20,7 +20,7 @@ def run_python(code: str, **env: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-@pytest.mark.sqlite_only
+@pytest.mark.sqlite_only("the WAL, transaction and busy-timeout settings are SQLite's")
 def test_sqlite_runs_in_wal_mode_with_immediate_transactions(db):
     assert settings.DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3"
     assert settings.DATABASES["default"]["OPTIONS"]["transaction_mode"] == "IMMEDIATE"

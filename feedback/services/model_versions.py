@@ -1,6 +1,6 @@
 from django.db import transaction
 
-from feedback.models import ModelVersion
+from feedback.models import ModelVersion, Project
 from feedback.queue import enqueue
 
 
@@ -20,6 +20,9 @@ def model_version_promote(*, version: ModelVersion, generate: bool = True) -> Mo
     if version.kind == ModelVersion.Kind.REWARD:
         raise ModelVersionError(f"{version.name} is a reward model: it scores completions and is never promoted")
     with transaction.atomic():
+        # Promotions of one project take turns on its row. Without the lock, two at once on PostgreSQL each
+        # deactivate what was active when they began, and the second to commit breaks one_active_version_per_project.
+        Project.objects.select_for_update().filter(pk=version.project_id).first()
         ModelVersion.objects.filter(project_id=version.project_id, is_active=True).exclude(pk=version.pk).update(
             is_active=False
         )

@@ -98,7 +98,7 @@ def setup_django(data_dir: Path) -> None:
 
 
 def _insert(model, names: list[str], rows: list[tuple]) -> None:
-    """Plain executemany with values prepared by the model's own fields: no model instances."""
+    """Plain executemany (COPY on PostgreSQL) with values prepared by the model's own fields: no model instances."""
     from django.db import connection
 
     fields = [model._meta.get_field(name) for name in names]
@@ -107,7 +107,12 @@ def _insert(model, names: list[str], rows: list[tuple]) -> None:
     sql = f"INSERT INTO {table} ({columns}) VALUES ({', '.join(['%s'] * len(fields))})"
     prepared = [tuple(f.get_db_prep_save(v, connection) for f, v in zip(fields, row, strict=True)) for row in rows]
     with connection.cursor() as cursor:
-        cursor.executemany(sql, prepared)
+        if connection.vendor == "postgresql":  # COPY: several times faster than executemany there
+            with cursor.cursor.copy(f"COPY {table} ({columns}) FROM STDIN") as copy:
+                for row in prepared:
+                    copy.write_row(row)
+        else:
+            cursor.executemany(sql, prepared)
 
 
 def seed(*, prompts: int, judgements_per_prompt: int) -> dict[str, object]:

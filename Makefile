@@ -7,7 +7,7 @@ PORT ?= 8000
 WORKERS ?= 2
 NEW_SECRET = $$($(PYTHON) -c 'import secrets; print(secrets.token_urlsafe(50))')
 
-.PHONY: run serve test test-services setup lint
+.PHONY: run serve test test-services services-env setup lint
 
 # The CPU build of torch goes in first so that installing the project never pulls a CUDA build.
 $(VENV)/.installed: pyproject.toml
@@ -54,13 +54,15 @@ test: setup
 	SECRET_KEY=$(NEW_SECRET) $(PY) manage.py fetch_default_model
 	SECRET_KEY=$(NEW_SECRET) $(PY) -m pytest
 
+services-env:
+	@[[ "$$DATABASE_URL" == postgres://* ]] || { echo "make test-services: DATABASE_URL must point at PostgreSQL (postgres://...); .ci/services prints one" >&2; exit 2; }
+	@[[ "$$REDIS_URL" == redis://* ]] || { echo "make test-services: REDIS_URL must point at Redis (redis://...); .ci/services prints one" >&2; exit 2; }
+
 # The same suite on PostgreSQL and Redis (`.ci/services` starts both on loopback and prints the URLs).
 # The slow real-model tests run in `make test` only: they exercise the model, not the database or queue.
 test-services: export DEBUG = 1
 test-services: export RANKWISE_ENV_FILE = /dev/null
-test-services: setup
-	@[[ "$$DATABASE_URL" == postgres://* ]] || { echo "make test-services: DATABASE_URL must point at PostgreSQL (postgres://...); .ci/services prints one" >&2; exit 2; }
-	@[[ "$$REDIS_URL" == redis://* ]] || { echo "make test-services: REDIS_URL must point at Redis (redis://...); .ci/services prints one" >&2; exit 2; }
+test-services: services-env setup
 	SECRET_KEY=$(NEW_SECRET) $(PY) -m pytest -m "not slow"
 
 lint: setup

@@ -17,6 +17,7 @@ from django.db.models import Count
 
 from feedback import tasks
 from feedback.models import Project, TrainingRun
+from feedback.queue import generation_running
 from feedback.selectors.preferences import PreferenceExportOptions
 from feedback.services.exports import export_job_get, export_job_start
 from feedback.services.training_runs import training_run_start
@@ -101,7 +102,7 @@ def test_two_consumers_share_the_work_keep_the_locks_and_survive_a_kill(
         wait_for(
             lambda: (
                 sum(c.ran("generate_completions_task") for c in consumers) == 2
-                and not tasks.generation_running(first_project.pk)
+                and not generation_running(first_project.pk)
                 and generated_completely(first_project)
             ),
             seconds=180,

@@ -8,7 +8,6 @@ import time
 
 import pytest
 from django.core.management import call_command
-from django.db import connection
 from rest_framework.test import APIClient
 
 from feedback.models import CompletionScore, ModelVersion, TrainingRun
@@ -17,6 +16,7 @@ from feedback.services.model_versions import ModelVersionError, model_version_pr
 from feedback.services.training_runs import TrainingRunError, run_dir, training_run_execute, training_run_start
 from tests.factories import MembershipFactory, ProjectFactory, UserFactory
 from tests.feedback.test_training_runs import ROOT, SMALL, judge_everything, wait_for
+from tests.processes import database_url_for_subprocesses
 from training.reward import HEAD_FILE, load_reward_model, score_texts
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -206,12 +206,12 @@ def test_managers_see_the_newest_reward_models_score_beside_each_completion(proj
     assert {row["reward"] for row in api.get("/api/v1/projects/rm/completions/").json()["results"]} == {None}
 
 
-def test_a_worker_killed_mid_ppo_leaves_no_run_stuck_and_the_next_run_succeeds(project, settings):
+def test_a_worker_killed_mid_ppo_leaves_no_run_stuck_and_the_next_run_succeeds(project, settings, shared_queue):
     judge_everything(project, UserFactory())
     training_run_execute(run_id=training_run_start(project=project, algorithm="reward", enqueue=False).pk)
     env = {
         **os.environ,
-        "DATABASE_URL": f"sqlite:///{connection.settings_dict['NAME']}",
+        "DATABASE_URL": database_url_for_subprocesses(),
         "RANKWISE_DATA_DIR": str(settings.DATA_DIR),
         "RANKWISE_TRAINING_RUN_STALE_SECONDS": "2",
         "RANKWISE_MAX_TRAINING_EPOCHS": "500",  # a run long enough to be killed in the middle

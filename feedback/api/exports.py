@@ -152,7 +152,6 @@ class ExportApi(APIView):
 
 
 class ExportJobsApi(APIView):
-
     class InputSerializer(ExportOptionsSerializer):
         file = serializers.ChoiceField(choices=FILE_TYPES, help_text="The kind of file the worker builds.")
 

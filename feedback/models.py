@@ -55,6 +55,12 @@ class Project(models.Model):
     auto_train = models.BooleanField(default=False)
     auto_train_threshold = models.PositiveIntegerField(default=200, validators=[MinValueValidator(1)])
     auto_promote = models.BooleanField(default=False)
+    round_size = models.PositiveIntegerField(
+        null=True,
+        blank=True,
+        validators=[MinValueValidator(1)],
+        help_text="Prompts in the round a promotion starts; empty for all prompts.",
+    )
     created_at = models.DateTimeField(auto_now_add=True)
     members = models.ManyToManyField(settings.AUTH_USER_MODEL, through="Membership", related_name="projects")
 
@@ -99,17 +105,10 @@ class Prompt(models.Model):
     messages = models.JSONField(help_text="[{role, content}, ...] ending with a user turn.")
     external_id = models.CharField(max_length=200, blank=True)
     metadata = models.JSONField(default=dict, blank=True)
-    judgement_count = models.PositiveIntegerField(
-        default=0,
-        editable=False,
-        help_text="Judgements made on this prompt's items; kept by judgement_submit so the task queue "
-        "can serve the least-judged items first without counting on every request.",
-    )
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
         ordering = ["id"]
-        indexes = [models.Index(fields=["project", "judgement_count", "id"], name="prompt_queue_order")]
         constraints = [
             models.UniqueConstraint(
                 fields=["project", "external_id"],
@@ -162,8 +161,87 @@ class ModelVersion(models.Model):
         return f"{self.project.slug}/{self.name}"
 
 
+class Round(models.Model):
+    """A set of fresh completions for chosen prompts of a project, written by named writers.
+
+    ``writers`` names model versions of the project, ``base`` for the project's base model, or (for a round
+    of imported completions) the models the import named. The round's prompts are chosen when it starts
+    (``RoundPrompt`` rows) and each gets K completions, so a worker that dies mid-round resumes from what
+    it committed.
+    """
+
+    class Strategy(models.TextChoices):
+        OLDEST_ROUND_FIRST = "oldest_round_first", "Prompts whose latest round is oldest first"
+        UNJUDGED_FIRST = "unjudged_first", "Prompts with the fewest judgements first"
+        UNCERTAIN_FIRST = "uncertain_first", "Prompts the active version is least sure of first"
+        IMPORTED = "imported", "Completions that came with imported prompts"
+
+    class Status(models.TextChoices):
+        QUEUED = "queued"
+        RUNNING = "running"
+        DONE = "done"
+        FAILED = "failed"
+
+    project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="rounds")
+    number = models.PositiveIntegerField(help_text="1, 2, ... within the project.")
+    writers = models.JSONField(default=list, help_text="Version names, or 'base', that write its completions.")
+    strategy = models.CharField(max_length=20, choices=Strategy.choices, default=Strategy.OLDEST_ROUND_FIRST)
+    prompt_limit = models.PositiveIntegerField(null=True, blank=True, help_text="N; empty for all prompts.")
+    sampling = models.JSONField(default=dict, blank=True, help_text="k, temperature, top_p, max_new_tokens.")
+    status = models.CharField(max_length=8, choices=Status.choices, default=Status.QUEUED)
+    error = models.TextField(blank=True)
+    prompt_ids = models.JSONField(default=list, blank=True, help_text="The prompts chosen when it started, in order.")
+    prompts_total = models.PositiveIntegerField(default=0, help_text="Prompts chosen when it started.")
+    prompts_written = models.PositiveIntegerField(default=0, help_text="Chosen prompts that have their completions.")
+    created_at = models.DateTimeField(auto_now_add=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-number"]
+        constraints = [
+            models.UniqueConstraint(fields=["project", "number"], name="unique_round_number_per_project"),
+            models.UniqueConstraint(
+                fields=["project"], condition=Q(status__in=["queued", "running"]), name="one_open_round_per_project"
+            ),
+            models.CheckConstraint(
+                condition=Q(status__in=["queued", "running", "done", "failed"]), name="round_status_valid"
+            ),
+            models.CheckConstraint(
+                condition=Q(strategy__in=["oldest_round_first", "unjudged_first", "uncertain_first", "imported"]),
+                name="round_strategy_valid",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.project.slug} round {self.number}"
+
+
+class RoundPrompt(models.Model):
+    """A prompt chosen for a round: its items are the round's completions of that prompt.
+
+    ``judgement_count`` is kept by judgement_submit so the task queue can serve the least-judged
+    items first through the (round, judgement_count, id) index without counting on every request.
+    """
+
+    round = models.ForeignKey(Round, on_delete=models.CASCADE, related_name="round_prompts")
+    prompt = models.ForeignKey(Prompt, on_delete=models.CASCADE, related_name="round_prompts")
+    judgement_count = models.PositiveIntegerField(default=0, editable=False)
+
+    class Meta:
+        ordering = ["id"]
+        indexes = [models.Index(fields=["round", "judgement_count", "id"], name="round_prompt_queue_order")]
+        constraints = [
+            models.UniqueConstraint(fields=["round", "prompt"], name="one_round_prompt_per_round_prompt"),
+        ]
+
+    def __str__(self) -> str:
+        return f"prompt {self.prompt_id} in round {self.round_id}"
+
+
 class Completion(models.Model):
     prompt = models.ForeignKey(Prompt, on_delete=models.CASCADE, related_name="completions")
+    round = models.ForeignKey(Round, on_delete=models.CASCADE, related_name="completions")
     text = models.TextField()
     html = models.TextField(help_text="Sanitized HTML rendered from the text when the completion was created.")
     model_version = models.ForeignKey(
@@ -179,6 +257,7 @@ class Completion(models.Model):
 
     class Meta:
         ordering = ["id"]
+        indexes = [models.Index(fields=["round", "prompt", "id"], name="completion_round_prompt")]
 
     def __str__(self) -> str:
         return self.text[:80]
@@ -208,8 +287,8 @@ class CompletionScore(models.Model):
 class Assignment(models.Model):
     """A lease of one item to one annotator.
 
-    An item is a prompt (ranking mode) or an unordered pair of completions (pairwise mode),
-    named by ``item_key``. Each item has ``overlap`` slots; a live lease or a finished
+    An item is one round's completions of a prompt (ranking mode) or an unordered pair of them
+    (pairwise mode), named by ``item_key``. Each item has ``overlap`` slots; a live lease or a finished
     judgement holds one, so the unique (item_key, slot) constraint caps judgements per item
     at the overlap whatever the concurrency. Expired leases are deleted to free their slot;
     a skip keeps the row (the item is never served to that annotator again) but drops the slot.
@@ -229,9 +308,10 @@ class Assignment(models.Model):
     project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="assignments")
     annotator = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="assignments")
     prompt = models.ForeignKey(Prompt, on_delete=models.CASCADE, related_name="assignments")
+    round = models.ForeignKey(Round, on_delete=models.CASCADE, related_name="assignments")
     completion_a = models.ForeignKey(Completion, null=True, blank=True, on_delete=models.CASCADE, related_name="+")
     completion_b = models.ForeignKey(Completion, null=True, blank=True, on_delete=models.CASCADE, related_name="+")
-    item_key = models.CharField(max_length=64, help_text="'p<prompt id>' or 'c<low id>-<high id>'.")
+    item_key = models.CharField(max_length=64, help_text="'p<prompt id>-r<round id>' or 'c<low id>-<high id>'.")
     slot = models.PositiveSmallIntegerField(null=True, blank=True)
     annotator_slot = models.PositiveSmallIntegerField(
         null=True, blank=True, help_text="Which of the annotator's lease places it holds while unfinished."
@@ -274,7 +354,7 @@ class Assignment(models.Model):
 
 
 class Judgement(models.Model):
-    """What every human judgement records, whatever its kind: who judged which lease of which prompt, and how.
+    """What every human judgement records, whatever its kind: who judged which lease of which round's prompt, and how.
 
     A field every kind of judgement has belongs here, once; the concrete kinds add what they judged.
     """
@@ -283,6 +363,7 @@ class Judgement(models.Model):
     annotator = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="+")
     assignment = models.OneToOneField(Assignment, null=True, on_delete=models.SET_NULL, related_name="%(class)s")
     prompt = models.ForeignKey(Prompt, on_delete=models.CASCADE, related_name="%(class)ss")
+    round = models.ForeignKey(Round, on_delete=models.CASCADE, related_name="%(class)ss")
     rationale = models.TextField(blank=True)
     time_ms = models.PositiveIntegerField(null=True, blank=True)
     client_uuid = models.UUIDField(unique=True)
@@ -325,7 +406,9 @@ class PairwiseJudgement(Judgement):
 class RankingJudgement(Judgement):
     class Meta(Judgement.Meta):
         constraints = [
-            models.UniqueConstraint(fields=["annotator", "prompt"], name="one_ranking_judgement_per_annotator_prompt"),
+            models.UniqueConstraint(
+                fields=["annotator", "prompt", "round"], name="one_ranking_judgement_per_annotator_prompt_round"
+            ),
         ]
 
     def __str__(self) -> str:

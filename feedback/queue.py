@@ -15,7 +15,9 @@ from typing import Any, Literal
 from django.db import transaction
 from huey.contrib.djhuey import HUEY
 
-TaskName = Literal["generate_completions_task", "export_file_task", "training_run_task", "completion_scores_task"]
+TaskName = Literal[
+    "generate_completions_task", "round_write_task", "export_file_task", "training_run_task", "completion_scores_task"
+]
 TASKS_MODULE = "feedback.tasks"
 
 

@@ -7,12 +7,12 @@ from django.core.cache import cache
 from huey import crontab
 from huey.contrib.djhuey import HUEY, db_periodic_task, db_task
 
-from feedback.models import ModelVersion, Project, TrainingRun
+from feedback.models import ModelVersion, Project, Round, TrainingRun
 from feedback.queue import generation_lock_name, training_lock_name
 from feedback.selectors.models import reward_model_newest
 from feedback.services.completion_scores import completion_scores_compute
 from feedback.services.exports import export_job_run
-from feedback.services.generation import completions_generate, generation_schedule_tick
+from feedback.services.generation import completions_generate, generation_schedule_tick, round_write
 from feedback.services.training_runs import training_run_execute, training_runs_reap, training_schedule_tick
 
 
@@ -71,6 +71,19 @@ def _release_dead_generations() -> None:
         elif beat < stale_before:
             _release_lock(generation_lock_name(project_id))
             cache.delete(_generation_heartbeat_key(project_id))
+
+
+@db_task()
+def round_write_task(round_id: int) -> int:
+    project_id = Round.objects.filter(pk=round_id).values_list("project_id", flat=True).first()
+    if project_id is None:
+        return 0  # replaced by a newer request before a worker took it
+    with HUEY.lock_task(generation_lock_name(project_id)):  # one generation per project at a time
+        written = round_write(round_id=round_id).completions
+    reward_model = reward_model_newest(project=Project.objects.get(pk=project_id))
+    if written and reward_model is not None:
+        completion_scores_task(reward_model.pk)
+    return written
 
 
 @db_task()

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel
 
-from training.data import SequenceBatch, collate_sequences, sequence_key
+from training.data import SequenceBatch, collate_sequences, encode_completion, encode_prompt, sequence_key
 from training.models import is_lora, reference_mode
 
 
@@ -361,3 +361,30 @@ def padded_from_keys(values: dict[str, torch.Tensor], keys: Sequence[str], width
         v = values[k]
         out[i, : v.shape[0]] = v
     return out
+
+
+def completion_logprob_sums(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    examples: Sequence[tuple[list[dict[str, str]], str]],
+    *,
+    batch_size: int = 8,
+) -> list[float]:
+    """The model's summed log-prob of each (prompt messages, completion text), in the order given."""
+    device = next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    sums: list[float] = []
+    with evaluation(model):
+        for start in range(0, len(examples), batch_size):
+            chunk = examples[start : start + batch_size]
+            prompts = [encode_prompt(tokenizer, messages) for messages, _ in chunk]
+            completions = [encode_completion(tokenizer, text) for _, text in chunk]
+            batch = collate_sequences(prompts, completions, pad_id)
+            batch = SequenceBatch(
+                input_ids=batch.input_ids.to(device),
+                attention_mask=batch.attention_mask.to(device),
+                prompt_lengths=batch.prompt_lengths.to(device),
+                completion_lengths=batch.completion_lengths.to(device),
+            )
+            sums += sequence_logps(model, batch).tolist()  # (N,) per chunk
+    return sums

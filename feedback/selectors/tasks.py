@@ -1,11 +1,13 @@
 """Reading the task queue: what an annotator may take next, what a task shows, how far a project is.
 
-An item is a prompt (ranking mode) or an unordered pair of its completions (pairwise mode).
-A task covers the prompt's first K completions by id, K being the project's completions per
-prompt, so in pairwise mode a prompt has K(K-1)/2 items and every completion meets every other
-once per round. Prompts are visited least-judged first through the (project, judgement_count,
-id) index; within a prompt the pair held fewest times wins, then the pair whose completions
-have been shown least, so completions meet each other evenly while a round is under way.
+An item is one round's completions of a prompt (ranking mode) or an unordered pair of them
+(pairwise mode); a task never mixes two rounds. A task covers the first K of the prompt's
+completions in that round by id, K being the project's completions per prompt, so in pairwise
+mode a prompt has K(K-1)/2 items per round and every completion meets every other once.
+Rounds are served newest first; within a round prompts are visited least-judged first through
+the (round, judgement_count, id) index of RoundPrompt; within a prompt the pair held fewest
+times wins, then the pair whose completions have been shown least, so completions meet each
+other evenly while a round is under way.
 """
 
 from __future__ import annotations
@@ -23,14 +25,14 @@ from django.db.models import Case, Count, F, IntegerField, OuterRef, Q, Subquery
 from django.db.models.expressions import CombinedExpression
 from django.db.models.functions import Coalesce, Greatest, Least
 
-from feedback.models import Assignment, Completion, PairwiseJudgement, Project, Prompt, RankingJudgement
+from feedback.models import Assignment, Completion, PairwiseJudgement, Project, RankingJudgement, Round, RoundPrompt
 
 FIRST_BATCH = 8
 MAX_BATCH = 256
 
 
-def item_key_for_prompt(prompt_id: int) -> str:
-    return f"p{prompt_id}"
+def item_key_for_prompt(prompt_id: int, round_id: int) -> str:
+    return f"p{prompt_id}-r{round_id}"
 
 
 def item_key_for_pair(completion_id: int, other_id: int) -> str:
@@ -51,6 +53,7 @@ class ItemCandidate:
     """An item the annotator may lease, and the slot they would take."""
 
     prompt_id: int
+    round_id: int
     item_key: str
     completion_ids: tuple[int, ...]
     slot: int
@@ -89,9 +92,9 @@ def task_leases_held(*, project: Project, annotator: User) -> list[Assignment]:
     return list(leases.order_by("created_at", "pk"))
 
 
-def _first_completions(*, prompt_ids: list[int], k: int) -> dict[int, list[int]]:
+def _first_completions(*, round_id: int, prompt_ids: list[int], k: int) -> dict[int, list[int]]:
     by_prompt: dict[int, list[int]] = defaultdict(list)
-    rows = Completion.objects.filter(prompt_id__in=prompt_ids).order_by("prompt_id", "pk")
+    rows = Completion.objects.filter(round_id=round_id, prompt_id__in=prompt_ids).order_by("prompt_id", "pk")
     for prompt_id, completion_id in rows.values_list("prompt_id", "pk"):
         if len(by_prompt[prompt_id]) < k:
             by_prompt[prompt_id].append(completion_id)
@@ -103,6 +106,7 @@ def _candidates_for_prompt(
     project: Project,
     annotator_id: int,
     prompt_id: int,
+    round_id: int,
     completion_ids: list[int],
     rows_by_item: dict[str, list[dict[str, Any]]],
     now: datetime,
@@ -110,7 +114,7 @@ def _candidates_for_prompt(
     if len(completion_ids) < 2:
         return []
     if project.mode == Project.Mode.RANKING:
-        items = [(item_key_for_prompt(prompt_id), tuple(completion_ids))]
+        items = [(item_key_for_prompt(prompt_id, round_id), tuple(completion_ids))]
     else:
         items = [(item_key_for_pair(a, b), (a, b)) for a, b in combinations(completion_ids, 2)]
 
@@ -132,38 +136,52 @@ def _candidates_for_prompt(
         options,
         key=lambda o: (o[0], sum(shown[m] for m in o[2]), random.random()),
     )
-    return [ItemCandidate(prompt_id, key, members, slot, expired) for _, key, members, slot, expired in ranked]
+    return [
+        ItemCandidate(prompt_id, round_id, key, members, slot, expired) for _, key, members, slot, expired in ranked
+    ]
 
 
 def task_candidates_for_annotator(*, project: Project, annotator: User, now: datetime) -> Iterator[ItemCandidate]:
-    """Items the annotator may lease, least-judged first, each with a free slot.
+    """Items the annotator may lease, newest round first and least-judged first in a round, each with a free slot.
 
-    Prompts come from an index range scan in (judgement_count, id) order, a batch at a time, so
-    a project with a million judgements costs the same as an empty one. The first batch is
-    small (the first candidate usually wins); batches double while they yield nothing. What a batch offers is
-    read from one snapshot; the caller takes a slot with an insert that the database refuses
-    if someone was faster, and moves on to the next candidate.
+    A round's prompts come from an index range scan in (judgement_count, id) order, a batch at a
+    time, so a round with a million judgements costs the same as an empty one; a round whose items
+    are all judged costs one empty read. The first batch is small (the first candidate usually wins);
+    batches double while they yield nothing. What a batch offers is read from one snapshot; the
+    caller takes a slot with an insert that the database refuses if someone was faster, and moves
+    on to the next candidate.
     """
     capacity = project.overlap * items_per_prompt(project=project, completions=project.completions_per_prompt)
     if capacity == 0:
         return
-    prompts = Prompt.objects.filter(project=project, judgement_count__lt=capacity).order_by("judgement_count", "pk")
+    for round_id in Round.objects.filter(project=project).order_by("-number").values_list("pk", flat=True):
+        yield from _round_candidates(
+            project=project, annotator=annotator, round_id=round_id, capacity=capacity, now=now
+        )
+
+
+def _round_candidates(
+    *, project: Project, annotator: User, round_id: int, capacity: int, now: datetime
+) -> Iterator[ItemCandidate]:
+    queue = RoundPrompt.objects.filter(round_id=round_id, judgement_count__lt=capacity).order_by(
+        "judgement_count", "pk"
+    )
     cursor: tuple[int, int] | None = None
     batch_size = FIRST_BATCH
     while True:
-        page = prompts
+        page = queue
         if cursor is not None:
             count, last_id = cursor
             page = page.filter(Q(judgement_count__gt=count) | Q(judgement_count=count, pk__gt=last_id))
-        batch = list(page.values_list("pk", "judgement_count")[:batch_size])
+        batch = list(page.values_list("pk", "prompt_id", "judgement_count")[:batch_size])
         if not batch:
             return
-        last_id, last_count = batch[-1]
+        last_id, _, last_count = batch[-1]
         cursor = (last_count, last_id)
-        prompt_ids = [pk for pk, _ in batch]
-        completions = _first_completions(prompt_ids=prompt_ids, k=project.completions_per_prompt)
+        prompt_ids = [prompt_id for _, prompt_id, _ in batch]
+        completions = _first_completions(round_id=round_id, prompt_ids=prompt_ids, k=project.completions_per_prompt)
         rows_by_item: dict[str, list[dict[str, Any]]] = defaultdict(list)
-        for row in Assignment.objects.filter(prompt_id__in=prompt_ids).values(
+        for row in Assignment.objects.filter(round_id=round_id, prompt_id__in=prompt_ids).values(
             "pk", "item_key", "slot", "annotator_id", "state", "expires_at"
         ):
             rows_by_item[row["item_key"]].append(dict(row))
@@ -172,6 +190,7 @@ def task_candidates_for_annotator(*, project: Project, annotator: User, now: dat
                 project=project,
                 annotator_id=annotator.pk,
                 prompt_id=prompt_id,
+                round_id=round_id,
                 completion_ids=completions.get(prompt_id, []),
                 rows_by_item=rows_by_item,
                 now=now,
@@ -232,12 +251,12 @@ def task_for_assignment(*, assignment: Assignment) -> Task:
 
 
 def judgements_left(*, project: Project) -> int:
-    """Judgements the project still wants on the items its completions make now.
+    """Judgements the project still wants on the items its rounds' completions make now.
 
-    A prompt never wants more than the capacity of K completions, so only prompts counted below
-    it are read: the cost follows the open part of the queue, not the whole project. Each prompt's
-    items are worked out inside one correlated subquery, as the pairwise formula names the
-    completion count twice and SQLite would otherwise count the completions twice.
+    An item never wants more than the capacity of K completions, so only a round's prompts counted
+    below it are read: the cost follows the open part of the queue, not the whole project. Each
+    prompt's items in its round are worked out inside one correlated subquery, as the pairwise
+    formula names the completion count twice and SQLite would otherwise count the completions twice.
     """
     capacity = project.overlap * items_per_prompt(project=project, completions=project.completions_per_prompt)
     items: Case | CombinedExpression
@@ -246,7 +265,7 @@ def judgements_left(*, project: Project) -> int:
     else:
         items = F("n") * (F("n") - 1) / 2
     items_of_prompt = Subquery(
-        Completion.objects.filter(prompt=OuterRef("pk"))
+        Completion.objects.filter(round=OuterRef("round"), prompt=OuterRef("prompt"))
         .order_by()
         .values("prompt")
         .annotate(n=Least(Count("pk"), Value(project.completions_per_prompt)))
@@ -255,7 +274,7 @@ def judgements_left(*, project: Project) -> int:
         output_field=IntegerField(),
     )
     wanted = Coalesce(items_of_prompt, Value(0)) * project.overlap
-    left = Prompt.objects.filter(project=project, judgement_count__lt=capacity).aggregate(
+    left = RoundPrompt.objects.filter(round__project=project, judgement_count__lt=capacity).aggregate(
         left=Sum(Greatest(wanted - F("judgement_count"), Value(0)))
     )["left"]
     return left or 0

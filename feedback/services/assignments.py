@@ -54,6 +54,7 @@ def _lease_take(
                 project=project,
                 annotator=annotator,
                 prompt_id=candidate.prompt_id,
+                round_id=candidate.round_id,
                 completion_a_id=display_order[0] if pairwise else None,
                 completion_b_id=display_order[1] if pairwise else None,
                 item_key=candidate.item_key,

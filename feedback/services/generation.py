@@ -1,16 +1,24 @@
-"""Sampling completions for prompts that lack them, with the project's model and settings."""
+"""Writing rounds: sampling K completions for each of a round's prompts with its writers and settings."""
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from django.conf import settings
+from django.core.exceptions import ValidationError
 from django.db import transaction
-from django.db.models import Count
+from django.db.models import F, Value
+from django.db.models.functions import Coalesce
+from django.utils import timezone
 
-from feedback.models import Completion, ModelVersion, Project, Prompt
+from feedback.models import Completion, ModelVersion, Project, Prompt, Round, RoundPrompt
 from feedback.queue import enqueue
 from feedback.rendering import markdown_to_safe_html
-from feedback.selectors.models import model_for_generation, model_version_weights_dir
+from feedback.selectors.models import model_version_active, model_version_weights_dir
+from feedback.selectors.rounds import round_judged_pairs, round_prompts_by_judgements, round_prompts_by_latest_round
+from feedback.services.rounds import BASE, round_request, round_writers_default, round_writers_mix
+
+ROUND_BATCH = 8  # prompts sampled together and committed together
 
 
 class GenerationError(Exception):
@@ -24,25 +32,28 @@ class GenerationResult:
     model: str
 
 
-def prompts_lacking_completions(*, project: Project, k: int, limit: int | None = None) -> list[Prompt]:
-    prompts = project.prompts.annotate(n=Count("completions")).filter(n__lt=k).order_by("id")
+def prompts_lacking_completions(*, project: Project, limit: int | None = None) -> list[Prompt]:
+    """Prompts no round has answered yet, oldest first."""
+    prompts = project.prompts.filter(completions__isnull=True).order_by("id")
     return list(prompts[:limit] if limit else prompts)
 
 
-def _writers(project: Project, mix_previous: bool) -> list[tuple[str, ModelVersion | None]]:
-    """The models that write: the active one, and with `mix_previous` the one it was trained from."""
-    try:
-        name, version = model_for_generation(project=project)
-        writers = [(name, version)]
-        if mix_previous and version is not None:
-            parent = version.parent
-            if parent is not None:
-                writers.append((str(model_version_weights_dir(version=parent)), parent))
-            else:
-                writers.append((project.base_model or settings.BASE_MODEL, None))
-    except ValueError as error:
-        raise GenerationError(str(error)) from None
-    return writers
+def _writer_models(*, project: Project, writers: list[str]) -> list[tuple[str, ModelVersion | None]]:
+    """Each writer's model directory or id, and its version (None for the base model)."""
+    versions = {v.name: v for v in ModelVersion.objects.filter(project=project, name__in=writers)}
+    models: list[tuple[str, ModelVersion | None]] = []
+    for name in writers:
+        if name == BASE:
+            models.append((project.base_model or settings.BASE_MODEL, None))
+            continue
+        version = versions.get(name)
+        if version is None:
+            raise GenerationError(f"version '{name}' of round writer list no longer exists in '{project.slug}'")
+        try:
+            models.append((str(model_version_weights_dir(version=version)), version))
+        except ValueError as error:
+            raise GenerationError(str(error)) from None
+    return models
 
 
 def _shares(missing: int, writers: int) -> list[int]:
@@ -51,86 +62,165 @@ def _shares(missing: int, writers: int) -> list[int]:
     return [base + (1 if i < extra else 0) for i in range(writers)]
 
 
-def completions_generate(
-    *,
-    project: Project,
-    prompt_limit: int | None = None,
-    k: int | None = None,
-    mix_previous: bool = False,
-    batch_size: int = 8,
-    progress: Callable[[int, int], None] | None = None,
-) -> GenerationResult:
-    """Write completions until each chosen prompt has K, one batch of prompts at a time.
+def prompts_by_uncertainty(*, project: Project, limit: int | None, model: Any, tokenizer: Any) -> list[int]:
+    """Prompt ids by the model's own margin on their latest judged round, smallest (or most negative) first.
 
-    With `mix_previous`, half of each prompt's new completions come from the active
-    version and half from the model it was trained from, so people compare the two.
-    Each batch is committed on its own, so an interrupted run keeps what it wrote and a
-    second run picks up where it stopped.
+    A prompt's margin is the log-prob the model gives the completion people preferred minus the one they
+    rejected, summed over that round's pairs: small where the model is unsure, negative where it disagrees
+    with people. Prompts never judged (or judged only as ties) follow, oldest latest round first.
     """
-    k = k or project.completions_per_prompt
-    if not 1 <= k <= 16:
-        raise GenerationError(f"K must be between 1 and 16, not {k}")
-    if prompt_limit is not None and prompt_limit < 1:
-        raise GenerationError(f"the number of prompts must be positive, not {prompt_limit}")
-    writers = _writers(project, mix_previous)
-    label = " + ".join(str(version or name) for name, version in writers)
-    prompts = prompts_lacking_completions(project=project, k=k, limit=prompt_limit)
-    if not prompts:
-        return GenerationResult(prompts=0, completions=0, model=label)
+    from training.logprobs import completion_logprob_sums
 
+    pairs = {prompt_id: found for prompt_id, found in round_judged_pairs(project=project).items() if found}
+    completion_ids = sorted({c for found in pairs.values() for pair in found for c in pair})
+    completions = Completion.objects.select_related("prompt").in_bulk(completion_ids)
+    logps = dict(
+        zip(
+            completion_ids,
+            completion_logprob_sums(
+                model, tokenizer, [(completions[c].prompt.messages, completions[c].text) for c in completion_ids]
+            ),
+            strict=True,
+        )
+    )
+    margins = {prompt_id: sum(logps[a] - logps[b] for a, b in found) for prompt_id, found in pairs.items()}
+    ordered = sorted(margins, key=lambda prompt_id: (margins[prompt_id], prompt_id))
+    ordered += [pk for pk in round_prompts_by_latest_round(project=project, limit=None) if pk not in margins]
+    return ordered[:limit] if limit else ordered
+
+
+def _round_prompt_ids(*, round: Round) -> list[int]:
+    project = round.project
+    if round.strategy == Round.Strategy.UNJUDGED_FIRST:
+        return round_prompts_by_judgements(project=project, limit=round.prompt_limit)
+    if round.strategy == Round.Strategy.UNCERTAIN_FIRST:
+        from training.models import ModelLoadError, load_model
+
+        active = model_version_active(project=project)
+        if active is None:
+            raise GenerationError("uncertain_first needs an active version, whose margins order the prompts")
+        try:
+            model, tokenizer = load_model(str(model_version_weights_dir(version=active)))
+        except (ModelLoadError, ValueError) as error:
+            raise GenerationError(str(error)) from None
+        return prompts_by_uncertainty(project=project, limit=round.prompt_limit, model=model, tokenizer=tokenizer)
+    return round_prompts_by_latest_round(project=project, limit=round.prompt_limit)
+
+
+def _round_start(*, round_id: int) -> Round | None:
+    """Claim a queued round (or one a dead worker left running) and fix its prompts once."""
+    now = timezone.now()
+    claimed = Round.objects.filter(pk=round_id, status__in=[Round.Status.QUEUED, Round.Status.RUNNING]).update(
+        status=Round.Status.RUNNING, started_at=Coalesce(F("started_at"), Value(now))
+    )
+    if not claimed:
+        return None  # replaced by a newer request before it started, or already finished
+    return Round.objects.select_related("project").get(pk=round_id)
+
+
+def round_write(*, round_id: int, progress: Callable[[int, int], None] | None = None) -> GenerationResult:
+    """Write a round: choose its prompts when it starts, then K completions each, a batch of prompts at a time.
+
+    Each batch's completions and its prompts' places in the round are committed together, so the
+    queue only ever sees a prompt with all its completions, and a round whose worker was killed
+    resumes from what it committed, without duplicates, when it is written again. A round that
+    cannot be written is marked failed with the reason, and the reason raised as a GenerationError.
+    """
+    round = _round_start(round_id=round_id)
+    if round is None:
+        return GenerationResult(prompts=0, completions=0, model="")
+    try:
+        return _round_write(round=round, progress=progress)
+    except GenerationError as error:
+        Round.objects.filter(pk=round.pk).update(
+            status=Round.Status.FAILED, error=str(error), finished_at=timezone.now()
+        )
+        raise
+
+
+def _round_write(*, round: Round, progress: Callable[[int, int], None] | None) -> GenerationResult:
     from training.generate import SamplingConfig, generate_completions
     from training.models import ModelLoadError, load_model
 
+    project = round.project
+    label = " + ".join(round.writers)
     loaded = []
-    for name, version in writers:
+    for name, version in _writer_models(project=project, writers=round.writers):
         try:
             loaded.append((load_model(name), name, version))
         except ModelLoadError as error:
             raise GenerationError(str(error)) from None
+    if not round.prompt_ids:
+        prompt_ids = _round_prompt_ids(round=round)
+        Round.objects.filter(pk=round.pk).update(prompt_ids=prompt_ids, prompts_total=len(prompt_ids))
+        round.prompt_ids, round.prompts_total = prompt_ids, len(prompt_ids)
+    done = set(RoundPrompt.objects.filter(round=round).values_list("prompt_id", flat=True))
+    remaining = [pk for pk in round.prompt_ids if pk not in done]
+    k = int(round.sampling.get("k", project.completions_per_prompt))
     sampling = SamplingConfig(
-        temperature=project.temperature, top_p=project.top_p, max_new_tokens=project.max_new_tokens
+        temperature=float(round.sampling.get("temperature", project.temperature)),
+        top_p=float(round.sampling.get("top_p", project.top_p)),
+        max_new_tokens=int(round.sampling.get("max_new_tokens", project.max_new_tokens)),
     )
     params = {"temperature": sampling.temperature, "top_p": sampling.top_p, "max_new_tokens": sampling.max_new_tokens}
+    prompts_by_id = Prompt.objects.in_bulk(remaining)
     written = 0
-    for start in range(0, len(prompts), batch_size):
-        batch = prompts[start : start + batch_size]
-        have = dict(
-            Prompt.objects.filter(pk__in=[p.pk for p in batch]).annotate(n=Count("completions")).values_list("pk", "n")
-        )
-        wanted = [p for p in batch if have[p.pk] < k]
-        shares = {p.pk: _shares(k - have[p.pk], len(loaded)) for p in wanted}
+    for start in range(0, len(remaining), ROUND_BATCH):
+        batch = [prompts_by_id[pk] for pk in remaining[start : start + ROUND_BATCH] if pk in prompts_by_id]
+        shares = _shares(k, len(loaded))
         rows = []
-        for i, ((model, tokenizer), name, version) in enumerate(loaded):
-            takers = [p for p in wanted if shares[p.pk][i]]
-            if not takers:
+        for share, ((model, tokenizer), name, version) in zip(shares, loaded, strict=True):
+            if not share or not batch:
                 continue
-            texts = generate_completions(
-                model,
-                tokenizer,
-                [p.messages for p in takers],
-                k=max(shares[p.pk][i] for p in takers),
-                sampling=sampling,
-            )
+            texts = generate_completions(model, tokenizer, [p.messages for p in batch], k=share, sampling=sampling)
             # A byte-level tokenizer can decode a NUL, which PostgreSQL cannot store in text (and imports refuse).
             texts = [[text.replace("\x00", "") for text in samples] for samples in texts]
             rows += [
                 Completion(
                     prompt=prompt,
+                    round=round,
                     text=text,
                     html=markdown_to_safe_html(text),
                     model_version=version,
                     source_model="" if version else name,
                     generation_params=params,
                 )
-                for prompt, samples in zip(takers, texts, strict=True)
-                for text in samples[: shares[prompt.pk][i]]
+                for prompt, samples in zip(batch, texts, strict=True)
+                for text in samples[:share]
             ]
         with transaction.atomic():
             Completion.objects.bulk_create(rows)
+            RoundPrompt.objects.bulk_create(RoundPrompt(round=round, prompt=prompt) for prompt in batch)
+            Round.objects.filter(pk=round.pk).update(prompts_written=F("prompts_written") + len(batch))
         written += len(rows)
         if progress:
-            progress(min(start + batch_size, len(prompts)), len(prompts))
-    return GenerationResult(prompts=len(prompts), completions=written, model=label)
+            progress(len(done) + min(start + ROUND_BATCH, len(remaining)), len(round.prompt_ids))
+    Round.objects.filter(pk=round.pk).update(status=Round.Status.DONE, finished_at=timezone.now())
+    return GenerationResult(prompts=len(remaining), completions=written, model=label)
+
+
+def completions_generate(
+    *,
+    project: Project,
+    prompt_limit: int | None = None,
+    k: int | None = None,
+    mix_previous: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> GenerationResult:
+    """Write a round over the prompts no round has answered yet (at most ``prompt_limit``), here and now.
+
+    The writer is the active version, or the base model; with ``mix_previous`` also the model it
+    was trained from, so people compare the two. Nothing is asked for when every prompt has completions.
+    """
+    unanswered = len(prompts_lacking_completions(project=project, limit=prompt_limit))
+    writers = round_writers_mix(project=project) if mix_previous else round_writers_default(project=project)
+    if not unanswered:
+        return GenerationResult(prompts=0, completions=0, model=" + ".join(writers))
+    try:
+        round = round_request(project=project, prompts=unanswered, writers=writers, k=k)
+    except ValidationError as error:
+        raise GenerationError(" ".join(error.messages)) from None
+    return round_write(round_id=round.pk, progress=progress)
 
 
 def generation_schedule_tick(*, low_water: int, round_prompts: int) -> list[Project]:
@@ -144,7 +234,7 @@ def generation_schedule_tick(*, low_water: int, round_prompts: int) -> list[Proj
     for project in Project.objects.all():
         if judgements_left(project=project) >= low_water:
             continue
-        if not prompts_lacking_completions(project=project, k=project.completions_per_prompt, limit=1):
+        if not prompts_lacking_completions(project=project, limit=1):
             continue
         enqueue("generate_completions_task", project.pk, round_prompts, None, True)
         due.append(project)

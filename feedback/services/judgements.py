@@ -3,7 +3,7 @@
 Everything is validated before anything is written; a mistake becomes a ValidationError
 keyed by the field at fault. The write is one short transaction: mark the lease done (a
 conditional update, so two racing submissions cannot both win), store the judgement, count
-it on the prompt. A repeated client UUID returns the first judgement and writes nothing.
+it on the prompt's row in its round. A repeated client UUID returns the first judgement and writes nothing.
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ from feedback.models import (
     Judgement,
     PairwiseJudgement,
     Project,
-    Prompt,
     RankedCompletion,
     RankingJudgement,
+    RoundPrompt,
 )
 
 RATIONALE_MAX = 5000
@@ -202,6 +202,7 @@ def _write(*, project: Project, annotator: User, assignment: Assignment, submiss
         "annotator": annotator,
         "assignment": assignment,
         "prompt_id": assignment.prompt_id,
+        "round_id": assignment.round_id,
         "rationale": submission.rationale,
         "time_ms": submission.time_ms,
         "client_uuid": submission.client_uuid,
@@ -226,5 +227,7 @@ def _write(*, project: Project, annotator: User, assignment: Assignment, submiss
             for rank, group in enumerate(submission.ranking, start=1)
             for c in group
         )
-    Prompt.objects.filter(pk=assignment.prompt_id).update(judgement_count=F("judgement_count") + 1)
+    RoundPrompt.objects.filter(round_id=assignment.round_id, prompt_id=assignment.prompt_id).update(
+        judgement_count=F("judgement_count") + 1
+    )
     return judgement

@@ -23,8 +23,9 @@ from django.db import connection, transaction
 from django.db.models import CharField, Field
 from django.utils import timezone
 
-from feedback.models import Completion, Project, Prompt
+from feedback.models import Completion, Project, Prompt, RoundPrompt
 from feedback.rendering import markdown_to_safe_html
+from feedback.services.rounds import round_of_imported_completions
 
 ROLES = ("system", "user", "assistant")
 MAX_PROBLEMS = 50
@@ -287,8 +288,8 @@ def _rendered(texts: list[str]) -> Iterator[Iterator[str]]:
         pool.shutdown(cancel_futures=True)
 
 
-def _insert_completions(rows: list[tuple[int, str, str, str]]) -> None:
-    """Insert (prompt id, text, html, source model) rows without building model instances.
+def _insert_completions(round_id: int, rows: list[tuple[int, str, str, str]]) -> None:
+    """Insert (prompt id, text, html, source model) rows of one round without building model instances.
 
     On large imports the ORM's per-object work costs more than the database's; the
     constant columns are prepared by their fields so every backend gets its own format.
@@ -297,22 +298,28 @@ def _insert_completions(rows: list[tuple[int, str, str, str]]) -> None:
     created_at = meta.get_field("created_at").get_db_prep_save(timezone.now(), connection)
     params = meta.get_field("generation_params").get_db_prep_save({}, connection)
     quoted = []
-    for name in ("prompt", "text", "html", "source_model", "generation_params", "created_at"):
+    for name in ("prompt", "text", "html", "source_model", "round", "generation_params", "created_at"):
         model_field = meta.get_field(name)
         assert isinstance(model_field, Field) and model_field.column is not None
         quoted.append(connection.ops.quote_name(model_field.column))
     columns = ", ".join(quoted)
     with connection.cursor() as cursor:
         cursor.executemany(
-            f"INSERT INTO {connection.ops.quote_name(meta.db_table)} ({columns}) VALUES (%s, %s, %s, %s, %s, %s)",
-            [(*row, params, created_at) for row in rows],
+            f"INSERT INTO {connection.ops.quote_name(meta.db_table)} ({columns}) VALUES (%s, %s, %s, %s, %s, %s, %s)",
+            [(*row, round_id, params, created_at) for row in rows],
         )
 
 
 def _write(project: Project, records: list[_ValidRecord], progress: Callable[[int], None] | None) -> ImportResult:
+    """Write the prompts; the completions that came with them make a round of their own, the project's newest."""
     result = ImportResult()
     texts = [text for record in records for text, _ in record.completions]
     with _rendered(texts) as htmls, transaction.atomic():
+        answered = [record for record in records if record.completions]
+        writers = sorted({model for record in answered for _, model in record.completions} - {""})
+        imported = (
+            round_of_imported_completions(project=project, writers=writers, prompts=len(answered)) if texts else None
+        )
         for start in range(0, len(records), BATCH_SIZE):
             batch = records[start : start + BATCH_SIZE]
             prompts = Prompt.objects.bulk_create(
@@ -326,7 +333,13 @@ def _write(project: Project, records: list[_ValidRecord], progress: Callable[[in
                 for prompt, record in zip(prompts, batch, strict=True)
                 for text, model in record.completions
             ]
-            _insert_completions(rows)
+            if imported is not None:
+                _insert_completions(imported.pk, rows)
+                RoundPrompt.objects.bulk_create(
+                    RoundPrompt(round=imported, prompt=prompt)
+                    for prompt, record in zip(prompts, batch, strict=True)
+                    if record.completions
+                )
             result.prompts += len(prompts)
             result.completions += len(rows)
             if progress:

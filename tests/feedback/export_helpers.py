@@ -3,7 +3,13 @@
 from django.db import connection
 
 from feedback.models import Completion, Prompt, RankedCompletion, RankingJudgement
-from tests.factories import CompletionFactory, PairwiseJudgementFactory, PromptFactory, RankingJudgementFactory
+from tests.factories import (
+    CompletionFactory,
+    PairwiseJudgementFactory,
+    PromptFactory,
+    RankingJudgementFactory,
+    first_round,
+)
 
 
 def make_prompt(project, k: int = 4, text: str | None = None) -> tuple[Prompt, list[Completion]]:
@@ -40,6 +46,7 @@ def bulk_rankings(project, *, prompts: int, k: int = 4, annotators=(), start: in
     """Many prompts, each with k completions ranked best-first by every annotator, written in bulk."""
     import uuid
 
+    round_one = first_round(project)
     new_prompts = Prompt.objects.bulk_create(
         [
             Prompt(project=project, messages=[{"role": "user", "content": f"Bulk question {start + i}?"}])
@@ -49,7 +56,9 @@ def bulk_rankings(project, *, prompts: int, k: int = 4, annotators=(), start: in
     )
     completions = Completion.objects.bulk_create(
         [
-            Completion(prompt=p, text=f"Answer {j} to bulk question {p.pk}, somewhat long " * 3, html="")
+            Completion(
+                prompt=p, round=round_one, text=f"Answer {j} to bulk question {p.pk}, somewhat long " * 3, html=""
+            )
             for p in new_prompts
             for j in range(k)
         ],
@@ -57,7 +66,7 @@ def bulk_rankings(project, *, prompts: int, k: int = 4, annotators=(), start: in
     )
     judgements = RankingJudgement.objects.bulk_create(
         [
-            RankingJudgement(project=project, annotator=annotator, prompt=p, client_uuid=uuid.uuid4())
+            RankingJudgement(project=project, annotator=annotator, prompt=p, round=round_one, client_uuid=uuid.uuid4())
             for p in new_prompts
             for annotator in annotators
         ],

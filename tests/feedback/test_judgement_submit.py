@@ -3,7 +3,7 @@ import uuid
 import pytest
 from django.core.exceptions import ValidationError
 
-from feedback.models import Assignment, PairwiseJudgement, Prompt, RankedCompletion, RankingJudgement
+from feedback.models import Assignment, PairwiseJudgement, RankedCompletion, RankingJudgement, RoundPrompt
 from feedback.services.assignments import assignment_skip
 from feedback.services.judgements import judgement_ranking
 from tests.factories import CompletionFactory, ProjectFactory, PromptFactory, UserFactory
@@ -34,7 +34,7 @@ def nothing_stored():
         and not RankingJudgement.objects.exists()
         and not RankedCompletion.objects.exists()
         and not Assignment.objects.filter(state="done").exists()
-        and set(Prompt.objects.values_list("judgement_count", flat=True)) <= {0}
+        and set(RoundPrompt.objects.values_list("judgement_count", flat=True)) <= {0}
     )
 
 
@@ -64,7 +64,7 @@ def test_a_ranking_with_ties_is_stored_with_shared_ranks_and_shown_positions():
     assignment.refresh_from_db()
     assert assignment.state == "done" and assignment.finished_at is not None
     assert judgement.assignment == assignment
-    assert Prompt.objects.get().judgement_count == 1
+    assert RoundPrompt.objects.get().judgement_count == 1
 
 
 def test_a_pairwise_choice_is_stored_against_the_completions_as_shown():
@@ -104,7 +104,7 @@ def test_a_repeated_client_uuid_returns_the_first_judgement_and_stores_nothing_n
     )
     assert first.created and not again.created
     assert again.judgement.pk == first.judgement.pk and again.judgement.choice == "a"
-    assert PairwiseJudgement.objects.count() == 1 and Prompt.objects.get().judgement_count == 1
+    assert PairwiseJudgement.objects.count() == 1 and RoundPrompt.objects.get().judgement_count == 1
 
 
 def test_a_client_uuid_used_for_another_task_is_refused():

@@ -7,7 +7,7 @@ import pytest
 from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 
-from feedback.models import Assignment, PairwiseJudgement, Project, Prompt, RankingJudgement
+from feedback.models import Assignment, PairwiseJudgement, Project, Prompt, RankingJudgement, RoundPrompt
 from feedback.selectors.tasks import judgements_left, task_for_assignment, task_progress
 from feedback.services.assignments import assignment_lease_renew, assignment_skip
 from tests.factories import CompletionFactory, ProjectFactory, PromptFactory, UserFactory
@@ -30,7 +30,11 @@ def test_ranking_items_reach_the_overlap_exactly_and_nobody_judges_one_twice():
     per_annotator_prompt = Counter(RankingJudgement.objects.values_list("annotator_id", "prompt_id"))
     assert set(per_annotator_prompt.values()) == {1}
     assert all(lease(project, a) is None for a in annotators)
-    assert list(Prompt.objects.filter(project=project).values_list("judgement_count", flat=True)) == [2, 2, 2]
+    assert list(RoundPrompt.objects.filter(round__project=project).values_list("judgement_count", flat=True)) == [
+        2,
+        2,
+        2,
+    ]
 
 
 @pytest.mark.django_db
@@ -67,8 +71,8 @@ def test_pairwise_spreads_a_round_so_every_completion_meets_others_evenly():
 def test_least_judged_prompts_come_first():
     project = make_project(prompts=3, overlap=3)
     first, second, third = project.prompts.order_by("pk")
-    Prompt.objects.filter(pk=first.pk).update(judgement_count=2)
-    Prompt.objects.filter(pk=second.pk).update(judgement_count=1)
+    RoundPrompt.objects.filter(prompt=first).update(judgement_count=2)
+    RoundPrompt.objects.filter(prompt=second).update(judgement_count=1)
     assignment = lease(project, UserFactory())
     assert assignment.prompt_id == third.pk
 
@@ -171,7 +175,9 @@ def test_progress_counts_mine_everyones_and_whats_left():
 def test_whats_left_counts_the_first_k_completions_and_never_goes_below_zero(mode, left):
     project = ProjectFactory(mode=mode, completions_per_prompt=3, overlap=2)
     for completions, judged in [(5, 0), (1, 0), (2, 1), (3, 7)]:  # only 3 of the 5 count; 1 makes no item
-        CompletionFactory.create_batch(completions, prompt=PromptFactory(project=project, judgement_count=judged))
+        prompt = PromptFactory(project=project)
+        CompletionFactory.create_batch(completions, prompt=prompt)
+        RoundPrompt.objects.filter(prompt=prompt).update(judgement_count=judged)
     assert judgements_left(project=project) == left
 
 
@@ -248,7 +254,7 @@ def test_the_same_submission_sent_at_once_from_many_threads_is_stored_once():
     assert sorted(r.created for r in results) == [False] * 5 + [True]
     assert len({r.judgement.pk for r in results}) == 1
     assert RankingJudgement.objects.count() == 1
-    assert Prompt.objects.get().judgement_count == 1
+    assert RoundPrompt.objects.get().judgement_count == 1
 
 
 @pytest.mark.django_db
@@ -268,7 +274,7 @@ def test_a_later_batch_is_read_in_queue_order_after_the_first():
     project = make_project(prompts=20, overlap=2)
     prompts = list(project.prompts.order_by("pk"))
     for prompt in prompts[:10]:  # counted as judged once (by nobody still holding a slot): two slots free each
-        Prompt.objects.filter(pk=prompt.pk).update(judgement_count=1)
+        RoundPrompt.objects.filter(prompt=prompt).update(judgement_count=1)
     served = [lease(project, annotator).prompt_id for annotator in UserFactory.create_batch(40)]
     assert served == [p.pk for p in prompts[10:] + prompts[:10] for _ in range(2)]
 
@@ -315,7 +321,8 @@ def test_the_database_refuses_a_third_lease_or_a_finished_one_holding_a_place():
         "project": project,
         "annotator": annotator,
         "prompt": free_prompt,
-        "item_key": f"p{free_prompt.pk}",
+        "round": current.round,
+        "item_key": f"p{free_prompt.pk}-r{current.round_id}",
         "slot": 0,
         "display_order": [],
         "expires_at": timezone.now(),

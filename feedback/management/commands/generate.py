@@ -1,20 +1,37 @@
 import sys
 from typing import Any
 
+from django.core.exceptions import ValidationError
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from tqdm import tqdm
 
-from feedback.models import Project
-from feedback.services.generation import GenerationError, completions_generate
+from feedback.models import Project, Round
+from feedback.services.generation import GenerationError, completions_generate, round_write
+from feedback.services.rounds import STRATEGIES, round_enqueue, round_request, round_writers_mix
 from feedback.tasks import generate_completions_task
+
+OPTIONS = {"prompts": "--prompts", "strategy": "--strategy", "versions": "--versions", "k": "--k", "round": "--round"}
 
 
 class Command(BaseCommand):
-    help = "Sample K completions for each prompt of a project that lacks them (queued for the worker unless --sync)."
+    help = (
+        "Sample K completions for the prompts of a project that have none, or with --round for the prompts a "
+        "strategy chooses (queued for the worker unless --sync)."
+    )
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("project", help="project slug")
-        parser.add_argument("--prompts", type=int, help="at most this many prompts")
+        parser.add_argument(
+            "--round", action="store_true", help="a new round over prompts that may have been answered before"
+        )
+        parser.add_argument("--prompts", type=int, help="at most this many prompts (default: all)")
+        parser.add_argument(
+            "--strategy", help=f"with --round, how prompts are chosen: {', '.join(STRATEGIES)} (default: the first)"
+        )
+        parser.add_argument(
+            "--versions",
+            help="comma-separated writers: version names of the project, or 'base' (default: the active version)",
+        )
         parser.add_argument("--k", type=int, help="completions per prompt (default: the project's K)")
         parser.add_argument(
             "--mix", action="store_true", help="half from the active version, half from the model it was trained from"
@@ -22,35 +39,102 @@ class Command(BaseCommand):
         parser.add_argument("--sync", action="store_true", help="generate here and wait instead of queueing")
 
     def handle(
-        self, *args: Any, project: str, prompts: int | None, k: int | None, mix: bool, sync: bool, **opts: Any
+        self,
+        *args: Any,
+        project: str,
+        round: bool,
+        prompts: int | None,
+        strategy: str | None,
+        versions: str | None,
+        k: int | None,
+        mix: bool,
+        sync: bool,
+        **opts: Any,
     ) -> None:
         target = Project.objects.filter(slug=project).first()
         if target is None:
             raise CommandError(f"no project '{project}'")
         if prompts is not None and prompts < 1:
-            raise CommandError(f"--prompts must be positive, not {prompts}")
+            raise CommandError(f"--prompts must be at least 1, not {prompts}")
         if k is not None and not 1 <= k <= 16:
             raise CommandError(f"--k must be between 1 and 16, not {k}")
+        if mix and versions is not None:
+            raise CommandError("--mix names the writers (the active version and its parent); leave out --versions")
+        if not round:
+            if strategy is not None or versions is not None:
+                raise CommandError("--strategy and --versions choose a new round's prompts and writers; add --round")
+            self._fill(target, prompts=prompts, k=k, mix=mix, sync=sync)
+            return
+        if versions is not None:
+            writers: list[str] | None = [name.strip() for name in versions.split(",")]
+        else:
+            writers = round_writers_mix(project=target) if mix else None
+        try:
+            requested = round_request(
+                project=target,
+                prompts=prompts,
+                strategy=strategy or Round.Strategy.OLDEST_ROUND_FIRST,
+                writers=writers,
+                k=k,
+            )
+        except ValidationError as error:
+            raise CommandError(_named(error)) from None
+        if not sync:
+            round_enqueue(round=requested)
+            self.stdout.write(
+                f"Queued round {requested.number} of '{target.slug}' by {' + '.join(requested.writers)}; "
+                "the worker writes its completions."
+            )
+            return
+        with _Bar() as progress:
+            try:
+                result = round_write(round_id=requested.pk, progress=progress)
+            except GenerationError as error:
+                raise CommandError(str(error)) from None
+        self.stdout.write(
+            self.style.SUCCESS(
+                f"Round {requested.number}: wrote {result.completions} completions for {result.prompts} prompts "
+                f"with {result.model}."
+            )
+        )
+
+    def _fill(self, target: Project, *, prompts: int | None, k: int | None, mix: bool, sync: bool) -> None:
         if not sync:
             generate_completions_task(target.pk, prompts, k, mix)
             self.stdout.write(f"Queued generation for '{target.slug}'; the worker writes the completions.")
             return
-        bar = tqdm(desc="prompts", unit=" prompts", disable=not sys.stdout.isatty())
-
-        def progress(done: int, total: int) -> None:
-            bar.total = total
-            bar.update(done - bar.n)
-
-        try:
-            result = completions_generate(
-                project=target, prompt_limit=prompts, k=k, mix_previous=mix, progress=progress
-            )
-        except GenerationError as error:
-            raise CommandError(str(error)) from None
-        finally:
-            bar.close()
+        with _Bar() as progress:
+            try:
+                result = completions_generate(
+                    project=target, prompt_limit=prompts, k=k, mix_previous=mix, progress=progress
+                )
+            except GenerationError as error:
+                raise CommandError(str(error)) from None
         self.stdout.write(
             self.style.SUCCESS(
                 f"Wrote {result.completions} completions for {result.prompts} prompts with {result.model}."
             )
         )
+
+
+class _Bar:
+    """A tqdm bar on a terminal, fed with (done, total) prompts."""
+
+    def __enter__(self) -> Any:
+        self.bar = tqdm(desc="prompts", unit=" prompts", disable=not sys.stdout.isatty())
+
+        def progress(done: int, total: int) -> None:
+            self.bar.total = total
+            self.bar.update(done - self.bar.n)
+
+        return progress
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.close()
+
+
+def _named(error: ValidationError) -> str:
+    """The service's field errors, each named by the option that carries the field."""
+    return "; ".join(
+        f"{OPTIONS.get(field, field)}: {' '.join(messages)}" for field, messages in error.message_dict.items()
+    )

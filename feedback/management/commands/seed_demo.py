@@ -13,7 +13,7 @@ class Command(BaseCommand):
     def handle(self, *args: Any, **options: Any) -> None:
         seed = demo_seed()
         project = seed.project
-        lacking = len(prompts_lacking_completions(project=project, k=project.completions_per_prompt))
+        lacking = len(prompts_lacking_completions(project=project))
         if lacking:
             generate_completions_task(project.pk)
             self.stdout.write(

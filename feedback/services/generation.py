@@ -18,8 +18,6 @@ from feedback.selectors.models import model_version_active, model_version_weight
 from feedback.selectors.rounds import round_judged_pairs, round_prompts_by_judgements, round_prompts_by_latest_round
 from feedback.services.rounds import BASE, round_request, round_writers_default, round_writers_mix
 
-ROUND_BATCH = 8  # prompts sampled together and committed together
-
 
 class GenerationError(Exception):
     pass
@@ -118,7 +116,9 @@ def _round_start(*, round_id: int) -> Round | None:
     return Round.objects.select_related("project").get(pk=round_id)
 
 
-def round_write(*, round_id: int, progress: Callable[[int, int], None] | None = None) -> GenerationResult:
+def round_write(
+    *, round_id: int, batch_size: int = 8, progress: Callable[[int, int], None] | None = None
+) -> GenerationResult:
     """Write a round: choose its prompts when it starts, then K completions each, a batch of prompts at a time.
 
     Each batch's completions and its prompts' places in the round are committed together, so the
@@ -130,7 +130,7 @@ def round_write(*, round_id: int, progress: Callable[[int, int], None] | None = 
     if round is None:
         return GenerationResult(prompts=0, completions=0, model="")
     try:
-        return _round_write(round=round, progress=progress)
+        return _round_write(round=round, batch_size=batch_size, progress=progress)
     except GenerationError as error:
         Round.objects.filter(pk=round.pk).update(
             status=Round.Status.FAILED, error=str(error), finished_at=timezone.now()
@@ -138,7 +138,7 @@ def round_write(*, round_id: int, progress: Callable[[int, int], None] | None = 
         raise
 
 
-def _round_write(*, round: Round, progress: Callable[[int, int], None] | None) -> GenerationResult:
+def _round_write(*, round: Round, batch_size: int, progress: Callable[[int, int], None] | None) -> GenerationResult:
     from training.generate import SamplingConfig, generate_completions
     from training.models import ModelLoadError, load_model
 
@@ -165,8 +165,8 @@ def _round_write(*, round: Round, progress: Callable[[int, int], None] | None) -
     params = {"temperature": sampling.temperature, "top_p": sampling.top_p, "max_new_tokens": sampling.max_new_tokens}
     prompts_by_id = Prompt.objects.in_bulk(remaining)
     written = 0
-    for start in range(0, len(remaining), ROUND_BATCH):
-        batch = [prompts_by_id[pk] for pk in remaining[start : start + ROUND_BATCH] if pk in prompts_by_id]
+    for start in range(0, len(remaining), batch_size):
+        batch = [prompts_by_id[pk] for pk in remaining[start : start + batch_size] if pk in prompts_by_id]
         shares = _shares(k, len(loaded))
         rows = []
         for share, ((model, tokenizer), name, version) in zip(shares, loaded, strict=True):
@@ -194,7 +194,7 @@ def _round_write(*, round: Round, progress: Callable[[int, int], None] | None) -
             Round.objects.filter(pk=round.pk).update(prompts_written=F("prompts_written") + len(batch))
         written += len(rows)
         if progress:
-            progress(len(done) + min(start + ROUND_BATCH, len(remaining)), len(round.prompt_ids))
+            progress(len(done) + min(start + batch_size, len(remaining)), len(round.prompt_ids))
     Round.objects.filter(pk=round.pk).update(status=Round.Status.DONE, finished_at=timezone.now())
     return GenerationResult(prompts=len(remaining), completions=written, model=label)
 
@@ -205,6 +205,7 @@ def completions_generate(
     prompt_limit: int | None = None,
     k: int | None = None,
     mix_previous: bool = False,
+    batch_size: int = 8,
     progress: Callable[[int, int], None] | None = None,
 ) -> GenerationResult:
     """Write a round over the prompts no round has answered yet (at most ``prompt_limit``), here and now.
@@ -220,7 +221,7 @@ def completions_generate(
         round = round_request(project=project, prompts=unanswered, writers=writers, k=k)
     except ValidationError as error:
         raise GenerationError(" ".join(error.messages)) from None
-    return round_write(round_id=round.pk, progress=progress)
+    return round_write(round_id=round.pk, batch_size=batch_size, progress=progress)
 
 
 def generation_schedule_tick(*, low_water: int, round_prompts: int) -> list[Project]:

@@ -3,7 +3,7 @@ import shutil
 import pytest
 from django.core.management import CommandError, call_command
 
-from feedback.models import Completion
+from feedback.models import Completion, Round, RoundPrompt
 from feedback.services.generation import GenerationError, completions_generate, generation_schedule_tick
 from tests.factories import CompletionFactory, ModelVersionFactory, ProjectFactory, PromptFactory
 
@@ -15,22 +15,30 @@ def project(tiny_model_dir):
     return ProjectFactory(slug="gen", base_model=str(tiny_model_dir), completions_per_prompt=3, max_new_tokens=8)
 
 
-def test_prompts_lacking_completions_get_k_each_recorded_with_their_model(project, tiny_model_dir):
-    empty = PromptFactory(project=project)
-    partial = PromptFactory(project=project)
-    CompletionFactory(prompt=partial)
+def test_prompts_no_round_answered_get_k_each_in_a_new_round_recorded_with_their_model(project, tiny_model_dir):
+    empty, other_empty = PromptFactory.create_batch(2, project=project)
     full = PromptFactory(project=project)
     CompletionFactory.create_batch(3, prompt=full)
 
     result = completions_generate(project=project)
 
-    assert (result.prompts, result.completions) == (2, 5)
-    assert empty.completions.count() == 3 and partial.completions.count() == 3 and full.completions.count() == 3
+    assert (result.prompts, result.completions) == (2, 6)
+    assert [empty.completions.count(), other_empty.completions.count(), full.completions.count()] == [3, 3, 3]
+    second = Round.objects.get(project=project, number=2)
+    assert (second.status, second.writers, second.prompt_ids) == ("done", ["base"], [empty.pk, other_empty.pk])
+    assert set(Completion.objects.filter(prompt__in=[empty, other_empty]).values_list("round", flat=True)) == {
+        second.pk
+    }
+    assert sorted(RoundPrompt.objects.filter(round=second).values_list("prompt_id", flat=True)) == [
+        empty.pk,
+        other_empty.pk,
+    ]
     written = Completion.objects.filter(prompt=empty).first()
     assert written.source_model == str(tiny_model_dir) and written.model_version is None
     assert written.generation_params == {"temperature": 0.8, "top_p": 0.95, "max_new_tokens": 8}
     assert written.html  # rendered and sanitised at creation
     assert completions_generate(project=project).completions == 0  # nothing left to do
+    assert Round.objects.filter(project=project).count() == 2
 
 
 def test_the_active_version_writes_and_is_recorded(project, tiny_model_dir, settings):
@@ -73,7 +81,7 @@ def test_generate_command_sync_and_queued(project, huey_immediate):
     call_command("generate", "gen", "--prompts", "1", "--k", "2", "--sync")
     assert Completion.objects.count() == 2
     call_command("generate", "gen")  # queued: huey runs it at once in immediate mode
-    assert Completion.objects.count() == 2 + 3 + 1
+    assert Completion.objects.count() == 2 + 3
 
 
 @pytest.mark.parametrize(

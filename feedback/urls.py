@@ -20,6 +20,8 @@ urlpatterns = [
         training.training_run_cancel_view,
         name="training-run-cancel",
     ),
+    path("projects/<slug:slug>/training/rounds/", training.training_rounds, name="training-rounds"),
+    path("projects/<slug:slug>/training/rounds/new/", training.training_round_new, name="training-round-new"),
     path(
         "projects/<slug:slug>/training/versions/<int:version_id>/promote/",
         training.training_version_promote,

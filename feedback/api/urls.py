@@ -1,6 +1,6 @@
 from django.urls import path
 
-from feedback.api import annotation, exports, projects, training
+from feedback.api import annotation, exports, projects, rounds, training
 
 app_name = "api"
 
@@ -19,6 +19,7 @@ urlpatterns: list = [
         projects.ModelVersionPromoteApi.as_view(),
         name="model-version-promote",
     ),
+    path("projects/<str:slug>/rounds/", rounds.RoundListApi.as_view(), name="project-rounds"),
     path("projects/<str:slug>/training-runs/", training.TrainingRunListApi.as_view(), name="project-training-runs"),
     path("training-runs/<str:run_id>/", training.TrainingRunDetailApi.as_view(), name="training-run"),
     path("training-runs/<str:run_id>/cancel/", training.TrainingRunCancelApi.as_view(), name="training-run-cancel"),

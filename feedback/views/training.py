@@ -18,6 +18,7 @@ from django import forms
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.contrib.auth.models import User
+from django.core.exceptions import ValidationError
 from django.http import HttpRequest, HttpResponse, HttpResponseBadRequest
 from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
@@ -25,9 +26,11 @@ from django.views.decorators.http import require_GET, require_http_methods, requ
 from django_htmx.middleware import HtmxDetails
 
 from feedback.ids import whole_number
-from feedback.models import Membership, ModelVersion, Project, TrainingRun
+from feedback.models import Membership, ModelVersion, Project, Round, TrainingRun
 from feedback.selectors.access import project_for_role, user_manages_project
+from feedback.selectors.rounds import round_list
 from feedback.services.model_versions import ModelVersionError, model_version_promote
+from feedback.services.rounds import STRATEGIES, round_enqueue, round_request
 from feedback.services.training_runs import (
     TrainingRunError,
     training_config_build,
@@ -36,6 +39,7 @@ from feedback.services.training_runs import (
 )
 
 ACTIVE = (TrainingRun.Status.QUEUED, TrainingRun.Status.RUNNING)
+ROUND_OPEN = (Round.Status.QUEUED, Round.Status.RUNNING)
 RUN_ENDED_EVENT = "rankwise:run-ended"
 
 
@@ -48,6 +52,16 @@ class TrainingRequest(HttpRequest):
 
 class RetrainForm(forms.Form):
     algorithm = forms.ChoiceField(choices=[("", "Project default")] + Project.Algorithm.choices, required=False)
+
+
+class NewRoundForm(forms.Form):
+    prompts = forms.IntegerField(required=False, help_text="All prompts when empty.")
+    strategy = forms.ChoiceField(
+        choices=[(value, label) for value, label in Round.Strategy.choices if value in STRATEGIES], required=False
+    )
+    versions = forms.CharField(
+        required=False, help_text="Comma-separated version names or 'base'; the active version when empty."
+    )
 
 
 class TrainingSettingsForm(forms.ModelForm):
@@ -142,9 +156,16 @@ def _page_context(
         "active_run": next((r for r in runs if r.status in ACTIVE), None),
         "run_ended_event": RUN_ENDED_EVENT,
         "retrain_form": RetrainForm(),
+        "round_form": NewRoundForm(),
+        **_rounds_context(project),
         "settings_form": settings_form or TrainingSettingsForm(instance=project),
         **_run_context(run),
     }
+
+
+def _rounds_context(project: Project) -> dict[str, Any]:
+    rounds = round_list(project=project)
+    return {"rounds": rounds, "round_open": any(row.round.status in ROUND_OPEN for row in rounds)}
 
 
 def _bad_run_parameter(request: TrainingRequest) -> HttpResponse | None:
@@ -204,6 +225,42 @@ def training_watch(request: TrainingRequest, slug: str) -> HttpResponse:
     if not project.training_runs.filter(pk__gt=after).exists():
         return HttpResponse(status=204)
     return render(request, "training.html#runs", _page_context(project, manages))
+
+
+@login_required
+@require_GET
+def training_rounds(request: TrainingRequest, slug: str) -> HttpResponse:
+    """The rounds table with each round's progress; polled while a round is queued or being written."""
+    project = project_for_role(user=request.user, slug=slug, role=Membership.Role.ANNOTATOR)
+    return render(request, "training.html#rounds", {"project": project, **_rounds_context(project)})
+
+
+@login_required
+@require_POST
+def training_round_new(request: TrainingRequest, slug: str) -> HttpResponse:
+    project = project_for_role(user=request.user, slug=slug, role=Membership.Role.MANAGER)
+    form = NewRoundForm(request.POST)
+    if not form.is_valid():
+        messages.error(request, f"Could not ask for a round: {form.errors.as_text()}")
+        return _after_action(request, project)
+    versions = form.cleaned_data["versions"]
+    try:
+        requested = round_request(
+            project=project,
+            prompts=form.cleaned_data["prompts"],
+            strategy=form.cleaned_data["strategy"] or Round.Strategy.OLDEST_ROUND_FIRST,
+            writers=[name.strip() for name in versions.split(",")] if versions else None,
+        )
+    except ValidationError as error:
+        messages.error(
+            request,
+            "Could not ask for a round: "
+            + "; ".join(f"{field}: {' '.join(problems)}" for field, problems in error.message_dict.items()),
+        )
+        return _after_action(request, project)
+    round_enqueue(round=requested)
+    messages.success(request, f"Round {requested.number} by {' + '.join(requested.writers)} is queued.")
+    return _after_action(request, project)
 
 
 @login_required

@@ -254,9 +254,9 @@ def test_promote_then_roll_back(client, project, manager, queue, django_capture_
     with django_capture_on_commit_callbacks(execute=True):
         response = client.post(f"/projects/loop/training/versions/{new.pk}/promote/")
     assert response.status_code == 302 and ModelVersion.objects.get(is_active=True) == new
-    assert queue.args("generate_completions_task") == [
-        (project.pk,)
-    ]  # the new active version writes the next completions
+    # the new active version and its parent write the next round
+    assert queue.args("round_write_task") == [(project.rounds.get(status="queued").pk,)]
+    assert project.rounds.get(status="queued").writers == [new.name, old.name]
     page = client.get("/projects/loop/training/").content.decode()
     assert ">Roll back</button>" in page and ">Promote</button>" not in page
     assert "v2</strong> <span" in page and "active</span>" in page

@@ -134,6 +134,8 @@ def seed(*, prompts: int, judgements_per_prompt: int) -> dict[str, object]:
         Prompt,
         RankedCompletion,
         RankingJudgement,
+        Round,
+        RoundPrompt,
     )
     from feedback.selectors.tasks import item_key_for_pair, item_key_for_prompt
 
@@ -159,29 +161,32 @@ def seed(*, prompts: int, judgements_per_prompt: int) -> dict[str, object]:
             name=f"Bench {mode}", slug=f"bench-{mode}", mode=mode, completions_per_prompt=K, overlap=overlap
         )
         slugs[mode] = project.slug
+        round_one = Round.objects.create(project=project, number=1, writers=["bench"], status=Round.Status.DONE)
         Membership.objects.bulk_create(Membership(user_id=pk, project=project) for pk in seeded_ids + bench_ids)
         batch = 10_000
         for start in range(0, prompts, batch):
             prompt_rows, completion_rows, assignment_rows, judgement_rows, ranked_rows = [], [], [], [], []
+            round_prompt_rows = []
             for n in range(start, min(start + batch, prompts)):
                 ids["prompt"] += 1
                 prompt_id = ids["prompt"]
                 messages = [{"role": "user", "content": f"Question {n}: how do I reverse a list in Python?"}]
-                prompt_rows.append((prompt_id, project.pk, messages, "", {}, judgements_per_prompt, now))
+                prompt_rows.append((prompt_id, project.pk, messages, "", {}, now))
+                round_prompt_rows.append((round_one.pk, prompt_id, judgements_per_prompt))
                 mine = []
                 for j in range(K):
                     ids["completion"] += 1
                     mine.append(ids["completion"])
                     text = f"Answer {j} to question {n}: use `xs[::-1]` or `reversed(xs)`."
                     html = f"<p>Answer {j} to question {n}: use <code>xs[::-1]</code> or <code>reversed(xs)</code>.</p>"
-                    completion_rows.append((ids["completion"], prompt_id, text, html, "bench", {}, now))
+                    completion_rows.append((ids["completion"], prompt_id, round_one.pk, text, html, "bench", {}, now))
                 for j in range(judgements_per_prompt):
                     ids["assignment"] += 1
                     ids["judgement"] += 1
                     annotator = seeded_ids[(prompt_id * 7 + j * 13) % len(seeded_ids)]
                     if mode == "ranking":
                         order = rng.sample(mine, K)
-                        key, slot, a, b = item_key_for_prompt(prompt_id), j, None, None
+                        key, slot, a, b = item_key_for_prompt(prompt_id, round_one.pk), j, None, None
                     else:
                         x, y = pair_plan[j]
                         order = [mine[x], mine[y]]
@@ -193,6 +198,7 @@ def seed(*, prompts: int, judgements_per_prompt: int) -> dict[str, object]:
                             project.pk,
                             annotator,
                             prompt_id,
+                            round_one.pk,
                             a,
                             b,
                             key,
@@ -215,6 +221,7 @@ def seed(*, prompts: int, judgements_per_prompt: int) -> dict[str, object]:
                                 annotator,
                                 ids["assignment"],
                                 prompt_id,
+                                round_one.pk,
                                 "",
                                 time_ms,
                                 client_uuid,
@@ -231,6 +238,7 @@ def seed(*, prompts: int, judgements_per_prompt: int) -> dict[str, object]:
                                 annotator,
                                 ids["assignment"],
                                 prompt_id,
+                                round_one.pk,
                                 order[0],
                                 order[1],
                                 key,
@@ -245,12 +253,13 @@ def seed(*, prompts: int, judgements_per_prompt: int) -> dict[str, object]:
             with transaction.atomic():
                 _insert(
                     Prompt,
-                    ["id", "project", "messages", "external_id", "metadata", "judgement_count", "created_at"],
+                    ["id", "project", "messages", "external_id", "metadata", "created_at"],
                     prompt_rows,
                 )
+                _insert(RoundPrompt, ["round", "prompt", "judgement_count"], round_prompt_rows)
                 _insert(
                     Completion,
-                    ["id", "prompt", "text", "html", "source_model", "generation_params", "created_at"],
+                    ["id", "prompt", "round", "text", "html", "source_model", "generation_params", "created_at"],
                     completion_rows,
                 )
                 _insert(
@@ -260,6 +269,7 @@ def seed(*, prompts: int, judgements_per_prompt: int) -> dict[str, object]:
                         "project",
                         "annotator",
                         "prompt",
+                        "round",
                         "completion_a",
                         "completion_b",
                         "item_key",
@@ -282,6 +292,7 @@ def seed(*, prompts: int, judgements_per_prompt: int) -> dict[str, object]:
                             "annotator",
                             "assignment",
                             "prompt",
+                            "round",
                             "rationale",
                             "time_ms",
                             "client_uuid",
@@ -299,6 +310,7 @@ def seed(*, prompts: int, judgements_per_prompt: int) -> dict[str, object]:
                             "annotator",
                             "assignment",
                             "prompt",
+                            "round",
                             "left",
                             "right",
                             "item_key",

@@ -65,6 +65,21 @@ class ExportOptionsSerializer(serializers.Serializer):
         max_length=200,
         help_text="Model version ids.",
     )
+    rounds = serializers.ListField(
+        child=serializers.IntegerField(min_value=1, max_value=MAX_ID),
+        required=False,
+        max_length=200,
+        help_text="Only completions of these round numbers.",
+    )
+    since_round = serializers.IntegerField(
+        required=False, min_value=1, max_value=MAX_ID, help_text="Only this round and later ones."
+    )
+    writers = serializers.ListField(
+        child=serializers.CharField(max_length=100),
+        required=False,
+        max_length=200,
+        help_text="Only completions by these writers: version names, or base.",
+    )
     split = serializers.ChoiceField(choices=SPLITS, required=False, help_text="Only the train or the test prompts.")
     test_fraction = serializers.FloatField(default=0.1, min_value=0.001, max_value=0.999)
     split_seed = serializers.CharField(default="rankwise", min_length=1, max_length=100)
@@ -146,7 +161,9 @@ class ExportApi(APIView):
             raise ValidationError(
                 {"file": [f"GET only streams JSONL: to build a file, POST the options to {jobs_url}"]}
             )
-        params = self.InputSerializer(data=query_data(request, lists=("annotators", "model_versions")))
+        params = self.InputSerializer(
+            data=query_data(request, lists=("annotators", "model_versions", "rounds", "writers"))
+        )
         params.is_valid(raise_exception=True)
         return export_stream_response(project=project, options=params.validated_data["options"])
 

@@ -20,7 +20,9 @@ Rules (DESIGN.md, "Formats"):
   rank (mean place) are the means over the annotators who ranked it; ``annotators`` counts
   the rankings of the prompt. Pairwise judgements do not enter GRPO groups.
 - With ``model_version_ids`` only completions written by those versions are seen: a ranking
-  keeps the others' relative order, a pairwise judgement needs both of its sides.
+  keeps the others' relative order, a pairwise judgement needs both of its sides. ``rounds``,
+  ``since_round`` and ``writers`` (version names or ``base``) limit the completions the same way.
+- Every row names its ``round`` (number); a GRPO group is one round's completions of a prompt.
 
 Prompts: in the standard (string) shape a prompt that is a single user turn is that turn's
 text; a longer conversation (a system turn, earlier turns) becomes a plain transcript, one
@@ -42,9 +44,9 @@ from operator import itemgetter
 from typing import Any, Literal
 
 from django.conf import settings
-from django.db.models import QuerySet
+from django.db.models import Q, QuerySet
 
-from feedback.models import Completion, PairwiseJudgement, Project, Prompt, RankedCompletion
+from feedback.models import Completion, PairwiseJudgement, Project, Prompt, RankedCompletion, Round
 
 ExportFormat = Literal["dpo", "grpo", "judgements"]
 PairMode = Literal["all", "best_vs_rest", "adjacent"]
@@ -75,6 +77,9 @@ class PreferenceExportOptions:
     created_before: datetime | None = None  # judgements created strictly before (an empty range gives no rows)
     annotator_ids: tuple[int, ...] | None = None  # only these annotators' judgements
     model_version_ids: tuple[int, ...] | None = None  # only completions written by these versions
+    rounds: tuple[int, ...] | None = None  # only completions of these round numbers
+    since_round: int | None = None  # only completions of this round number and later ones
+    writers: tuple[str, ...] | None = None  # only completions by these round writers: version names or "base"
     split: Split | None = None  # None: every prompt; else the train or test part
     test_fraction: float = 0.1  # share of prompts in the test part
     split_seed: str = "rankwise"  # changes which prompts land in the test part
@@ -94,14 +99,21 @@ class PreferenceExportOptions:
             raise ExportOptionsError("test_fraction", "must be strictly between 0 and 1")
         if self.chunk_size < 1:
             raise ExportOptionsError("chunk_size", "must be at least 1")
+        if self.rounds is not None and (not self.rounds or min(self.rounds) < 1):
+            raise ExportOptionsError("rounds", "must be round numbers, 1 or more")
+        if self.since_round is not None and self.since_round < 1:
+            raise ExportOptionsError("since_round", "must be a round number, 1 or more")
+        if self.writers is not None and not self.writers:
+            raise ExportOptionsError("writers", "must name at least one version, or base")
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any]) -> PreferenceExportOptions:
         """Options from their public names, as the API's query, the export page and the command give them.
 
         The names are the fields' but ``annotators`` and ``model_versions`` (lists of ids; empty
-        means every one). A missing, None or empty value takes the default; date-times may be ISO
-        strings. A name that is no option, or a value of the wrong type, raises ExportOptionsError.
+        means every one); ``rounds`` is a list of round numbers and ``writers`` a list of names. A
+        missing, None or empty value takes the default; date-times may be ISO strings. A name that
+        is no option, or a value of the wrong type, raises ExportOptionsError.
         """
         values: dict[str, Any] = {}
         for name, value in data.items():
@@ -118,6 +130,10 @@ class PreferenceExportOptions:
             if kind is tuple:
                 if not isinstance(value, list | tuple) or not all(type(v) is int for v in value):
                     raise ExportOptionsError(name, "must be a list of ids")
+                value = tuple(value)
+            elif kind is list:
+                if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+                    raise ExportOptionsError(name, "must be a list of names")
                 value = tuple(value)
             elif not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
                 raise ExportOptionsError(name, f"{value!r} is not a {_TYPE_NAMES[kind]}")
@@ -148,12 +164,15 @@ _OPTIONS: dict[str, tuple[str, Any]] = {
     "created_before": ("created_before", datetime),
     "annotators": ("annotator_ids", tuple),
     "model_versions": ("model_version_ids", tuple),
+    "rounds": ("rounds", tuple),
+    "since_round": ("since_round", int),
+    "writers": ("writers", list),
     "split": ("split", str),
     "test_fraction": ("test_fraction", float | int),
     "split_seed": ("split_seed", str),
     "pseudonymise": ("pseudonymise", bool),
 }
-_TYPE_NAMES = {str: "string", bool: "boolean", float | int: "number", datetime: "date-time"}
+_TYPE_NAMES = {str: "string", bool: "boolean", int: "whole number", float | int: "number", datetime: "date-time"}
 
 
 @dataclass
@@ -172,6 +191,7 @@ class _PromptGroup:
     prompt_id: int
     messages: list[dict[str, str]]
     texts: dict[int, str]  # completion id -> text, only the completions the options let through
+    rounds: dict[int, int]  # completion id -> its round's number
     pairwise: list[Any]  # rows of _streams' pairwise query, fields by name
     rankings: list[_Ranking]
 
@@ -278,10 +298,19 @@ def _streams(
     written = Completion.objects.filter(prompt_id__in=project_prompts)
     if options.model_version_ids is not None:
         written = written.filter(model_version_id__in=list(options.model_version_ids))
+    if options.rounds is not None:
+        written = written.filter(round__number__in=list(options.rounds))
+    if options.since_round is not None:
+        written = written.filter(round__number__gte=options.since_round)
+    if options.writers is not None:
+        by_writer = Q(model_version__name__in=[name for name in options.writers if name != "base"])
+        if "base" in options.writers:  # the base model: no version, and not imported
+            by_writer |= Q(model_version__isnull=True) & ~Q(round__strategy=Round.Strategy.IMPORTED)
+        written = written.filter(by_writer)
 
     # Completions and ranked completions come K to a prompt or a judgement, by far the most rows: plain tuples,
     # unpacked by name where they are read, as named rows cost about 10 % of a dpo export (benchmarks/RESULTS.md).
-    completions = written.order_by("prompt_id", "id").values_list("prompt_id", "id", "text")
+    completions = written.order_by("prompt_id", "id").values_list("prompt_id", "id", "text", "round__number")
 
     spec = EXPORT_FORMATS[options.format]
     pairwise = None
@@ -330,7 +359,8 @@ def _prompt_groups(
             continue
         if options.split is not None and not prompt_in_split(prompt_id=prompt_id, options=options):
             continue
-        texts = {completion_id: text for _, completion_id, text in written}
+        texts = {completion_id: text for _, completion_id, text, _ in written}
+        rounds = {completion_id: number for _, completion_id, _, number in written}
         rankings: list[_Ranking] = []
         judgement_id = None
         for _, ranked_judgement, annotator_id, completion_id, rank, *judgement_fields in ranked_entries:
@@ -348,7 +378,12 @@ def _prompt_groups(
         kept_rankings = [r for r in rankings if len(r.ids) >= 2]
         if kept_pairs or kept_rankings:
             yield _PromptGroup(
-                prompt_id=prompt_id, messages=messages, texts=texts, pairwise=kept_pairs, rankings=kept_rankings
+                prompt_id=prompt_id,
+                messages=messages,
+                texts=texts,
+                rounds=rounds,
+                pairwise=kept_pairs,
+                rankings=kept_rankings,
             )
 
 
@@ -392,13 +427,25 @@ def _dpo_rows(group: _PromptGroup, options: PreferenceExportOptions, prompt: Any
             "votes": total,
             "agreement": agreement,
             "weight": agreement,
+            "round": group.rounds[chosen],
         }
 
 
 def _grpo_rows(group: _PromptGroup, options: PreferenceExportOptions, prompt: Any, answer: Callable) -> Iterator[dict]:
+    """One group per round of the prompt: a ranking covers one round's completions, so rounds never mix."""
+    by_round: dict[int, list[_Ranking]] = {}
+    for ranking in group.rankings:
+        by_round.setdefault(group.rounds[ranking.ids[0]], []).append(ranking)
+    for number in sorted(by_round):
+        yield from _grpo_group(group, by_round[number], number, prompt, answer)
+
+
+def _grpo_group(
+    group: _PromptGroup, rankings: list[_Ranking], number: int, prompt: Any, answer: Callable
+) -> Iterator[dict]:
     # completion id -> [sum of places, sum of rewards, annotators who ranked it]
     totals: dict[int, list[float]] = {}
-    for ranking in group.rankings:
+    for ranking in rankings:
         k = len(ranking.ranks)
         for cid, place in zip(ranking.ids, places_from_ranks(ranks=ranking.ranks), strict=True):
             sums = totals.setdefault(cid, [0.0, 0.0, 0])
@@ -415,7 +462,8 @@ def _grpo_rows(group: _PromptGroup, options: PreferenceExportOptions, prompt: An
         "rewards": [totals[cid][1] / totals[cid][2] for cid in ids],
         "prompt_id": group.prompt_id,
         "completion_ids": ids,
-        "annotators": len(group.rankings),
+        "annotators": len(rankings),
+        "round": number,
     }
 
 
@@ -440,6 +488,7 @@ def _judgement_rows(
             "ranks": None,
             "rationale": row.rationale,
             "time_ms": row.time_ms,
+            "round": group.rounds[row.left_id],
         }
     for ranking in group.rankings:
         ids = ranking.ids
@@ -457,6 +506,7 @@ def _judgement_rows(
             "ranks": ranking.ranks,
             "rationale": ranking.rationale,
             "time_ms": ranking.time_ms,
+            "round": group.rounds[ids[0]],
         }
 
 
@@ -512,6 +562,7 @@ EXPORT_FORMATS: dict[str, ExportFormatSpec] = {
             ("votes", "int32"),
             ("agreement", "float64"),
             ("weight", "float64"),
+            ("round", "int64"),
         ),
         pairwise=True,
         raw=False,
@@ -526,6 +577,7 @@ EXPORT_FORMATS: dict[str, ExportFormatSpec] = {
             ("prompt_id", "int64"),
             ("completion_ids", "list<int64>"),
             ("annotators", "int32"),
+            ("round", "int64"),
         ),
         pairwise=False,
         raw=False,
@@ -546,6 +598,7 @@ EXPORT_FORMATS: dict[str, ExportFormatSpec] = {
             ("ranks", "list<int32>"),
             ("rationale", "string"),
             ("time_ms", "int64"),
+            ("round", "int64"),
         ),
         pairwise=True,
         raw=True,

@@ -95,7 +95,8 @@ def _dpo_lines(rows: Iterable[dict[str, Any]], encode: Callable[[Any], str]) -> 
         yield (
             f'{head}{encoded[chosen_id]}, "rejected": {encoded[rejected_id]}, "prompt_id": {prompt_id}, '
             f'"chosen_id": {chosen_id}, "rejected_id": {rejected_id}, "votes": {row["votes"]}, '
-            f'"agreement": {_number_text(row["agreement"])}, "weight": {_number_text(row["weight"])}}}'
+            f'"agreement": {_number_text(row["agreement"])}, "weight": {_number_text(row["weight"])}, '
+            f'"round": {row["round"]}}}'
         )
 
 

@@ -427,3 +427,60 @@ def test_imported_completions_make_a_round_of_their_own(project):
     ]
     newcomer = UserFactory()
     assert lease(project, newcomer).round == imported
+
+
+def two_judged_rounds():
+    """A ranking project, K=2: round 1 by base on two prompts, round 2 by v1 on the first; each judged once."""
+    project = ProjectFactory(slug="exp", completions_per_prompt=2)
+    v1 = ModelVersionFactory(project=project, name="v1")
+    ann = UserFactory()
+    first_prompt, other_prompt = PromptFactory.create_batch(2, project=project)
+    one = RoundFactory(project=project, number=1)
+    two = RoundFactory(project=project, number=2, writers=["v1"])
+    for prompt in (first_prompt, other_prompt):
+        a, b = (CompletionFactory(prompt=prompt, round=one, source_model="base-model") for _ in range(2))
+        rank(ann, prompt, [[a], [b]], round=one)
+    c, d = (CompletionFactory(prompt=first_prompt, round=two, model_version=v1, source_model="") for _ in range(2))
+    rank(ann, first_prompt, [[d], [c]], round=two)
+    return project, first_prompt
+
+
+def export(project, **options):
+    from feedback.selectors.preferences import PreferenceExportOptions, preference_rows
+
+    return list(preference_rows(project=project, options=PreferenceExportOptions(**options)))
+
+
+def test_exports_cover_every_round_with_its_number_and_can_be_limited():
+    project, first_prompt = two_judged_rounds()
+    assert [(r["prompt_id"], r["round"]) for r in export(project)] == [
+        (first_prompt.pk, 1),
+        (first_prompt.pk, 2),
+        (first_prompt.pk + 1, 1),
+    ]
+    assert [r["round"] for r in export(project, rounds=(2,))] == [2]
+    assert [r["round"] for r in export(project, since_round=2)] == [2]
+    assert [r["round"] for r in export(project, writers=("v1",))] == [2]
+    assert [r["round"] for r in export(project, writers=("base",))] == [1, 1]
+    groups = export(project, format="grpo")
+    assert [(g["prompt_id"], g["round"], len(g["completion_ids"])) for g in groups] == [
+        (first_prompt.pk, 1, 2),
+        (first_prompt.pk, 2, 2),
+        (first_prompt.pk + 1, 1, 2),
+    ]
+    assert [r["round"] for r in export(project, format="judgements", rounds=(1,))] == [1, 1]
+
+
+def test_export_command_limits_rounds_and_names_bad_options(tmp_path):
+    project, _ = two_judged_rounds()
+    out = tmp_path / "round2.jsonl"
+    call_command("export_preferences", "exp", "--format", "dpo", "--rounds", "2", "--out", str(out))
+    assert [line.endswith('"round": 2}') for line in out.read_text().splitlines()] == [True]
+    for args, message in [
+        (["--writers", "v1,v9"], "--writers: exp has no version 'v9'"),
+        (["--rounds", "0"], "--rounds: must be round numbers, 1 or more"),
+        (["--since-round", "0"], "--since-round: must be a round number, 1 or more"),
+    ]:
+        with pytest.raises(CommandError, match=message):
+            call_command("export_preferences", "exp", "--format", "dpo", *args, "--out", str(tmp_path / "x.jsonl"))
+    assert not (tmp_path / "x.jsonl").exists()

@@ -18,6 +18,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from feedback.api.serializers import FORBIDDEN, NOT_AUTHENTICATED, NOT_FOUND, READ_ERRORS, ErrorSerializer
+from feedback.ids import MAX_ID
 from feedback.models import Membership, Round
 from feedback.selectors.access import project_for_role
 from feedback.selectors.rounds import RoundProgress, round_list
@@ -57,12 +58,15 @@ class RoundListApi(APIView):
     """GET lists a project's rounds, newest first; POST asks for a new one (managers)."""
 
     class InputSerializer(serializers.Serializer):
-        prompts = serializers.IntegerField(required=False, allow_null=True, help_text="N; all prompts when left out.")
-        strategy = serializers.CharField(
-            required=False, help_text=f"How prompts are chosen: {', '.join(STRATEGIES)} (default: the first)."
+        prompts = serializers.IntegerField(
+            required=False, allow_null=True, min_value=1, max_value=MAX_ID, help_text="N; all prompts when left out."
+        )
+        strategy = serializers.ChoiceField(
+            choices=STRATEGIES, required=False, help_text="How prompts are chosen (default: oldest_round_first)."
         )
         versions = serializers.ListField(
-            child=serializers.CharField(),
+            child=serializers.CharField(max_length=100),
+            max_length=16,
             required=False,
             help_text="Writers: version names of the project, or 'base'; the active version when left out.",
         )
@@ -90,7 +94,7 @@ class RoundListApi(APIView):
             400: OpenApiResponse(
                 OpenApiTypes.OBJECT,
                 description="Nothing was queued: {field: [message]} for prompts below 1, an unknown strategy, "
-                "or a version that is not one of the project's.",
+                "a version that is not one of the project's, or uncertain_first with no active version.",
             ),
             401: NOT_AUTHENTICATED,
             403: FORBIDDEN,

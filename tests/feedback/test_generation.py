@@ -88,7 +88,7 @@ def test_generate_command_sync_and_queued(project, huey_immediate):
     ("args", "message"),
     [
         (["nope", "--sync"], "no project 'nope'"),
-        (["gen", "--prompts", "0", "--sync"], "--prompts must be positive"),
+        (["gen", "--prompts", "0", "--sync"], "--prompts must be at least 1, not 0"),
         (["gen", "--k", "40", "--sync"], "--k must be between 1 and 16"),
     ],
 )

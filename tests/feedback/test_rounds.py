@@ -328,13 +328,14 @@ def test_the_api_asks_for_a_round_and_lists_rounds(project, v1, django_capture_o
 @pytest.mark.parametrize(
     ("body", "status", "answer"),
     [
-        ({"prompts": 0}, 400, {"prompts": ["The number of prompts must be at least 1, not 0."]}),
+        ({"prompts": 0}, 400, {"prompts": ["Ensure this value is greater than or equal to 1."]}),
         (
             {"versions": ["v7"]},
             400,
             {"versions": ["'v7' is not a version of project 'loop'; use a version name or 'base'."]},
         ),
-        ({"strategy": "nope"}, 400, None),
+        ({"strategy": "nope"}, 400, {"strategy": ['"nope" is not a valid choice.']}),
+        ({"strategy": "uncertain_first"}, 400, None),
         ({"prompts": "many"}, 400, {"prompts": ["A valid integer is required."]}),
     ],
 )

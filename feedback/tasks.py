@@ -79,7 +79,13 @@ def round_write_task(round_id: int) -> int:
     if project_id is None:
         return 0  # replaced by a newer request before a worker took it
     with HUEY.lock_task(generation_lock_name(project_id)):  # one generation per project at a time
-        written = round_write(round_id=round_id).completions
+        _generation_beat(project_id)
+        try:
+            written = round_write(
+                round_id=round_id, progress=lambda done, total: _generation_beat(project_id)
+            ).completions
+        finally:
+            cache.delete(_generation_heartbeat_key(project_id))
     reward_model = reward_model_newest(project=Project.objects.get(pk=project_id))
     if written and reward_model is not None:
         completion_scores_task(reward_model.pk)
@@ -132,4 +138,8 @@ def release_dead_runs_on_startup() -> None:
 
     _reap_and_release()
     _release_dead_generations()  # a generation under way when a worker died left its lock behind
+    # and its round running: a round no live worker holds the lock for is written again, from what it committed
+    for round_id, project_id in Round.objects.filter(status=Round.Status.RUNNING).values_list("pk", "project_id"):
+        if not HUEY.is_locked(generation_lock_name(project_id)):
+            round_write_task(round_id)
     connection.close()

@@ -485,3 +485,14 @@ def test_export_command_limits_rounds_and_names_bad_options(tmp_path):
         with pytest.raises(CommandError, match=message):
             call_command("export_preferences", "exp", "--format", "dpo", *args, "--out", str(tmp_path / "x.jsonl"))
     assert not (tmp_path / "x.jsonl").exists()
+
+
+def test_a_worker_starting_up_writes_again_the_rounds_a_dead_worker_left_running(project, monkeypatch):
+    from feedback.tasks import release_dead_runs_on_startup
+
+    resumed = []
+    monkeypatch.setattr("feedback.tasks.round_write_task", resumed.append)  # called directly by the worker
+    left = RoundFactory(project=project, number=2, status=Round.Status.RUNNING)
+    RoundFactory(project=ProjectFactory(), number=1, status=Round.Status.QUEUED)  # still on the queue
+    release_dead_runs_on_startup()
+    assert resumed == [left.pk]

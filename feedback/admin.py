@@ -77,10 +77,10 @@ class PromptAdmin(admin.ModelAdmin):
 
 @admin.register(models.Completion)
 class CompletionAdmin(admin.ModelAdmin):
-    list_display = ["__str__", "prompt", "source_model", "model_version", "created_at"]
+    list_display = ["__str__", "prompt", "round", "source_model", "model_version", "created_at"]
     list_filter = ["prompt__project", "source_model"]
     readonly_fields = ["html"]
-    raw_id_fields = ["prompt"]
+    raw_id_fields = ["prompt", "round"]
 
     def save_model(self, request: HttpRequest, obj: models.Completion, form: forms.ModelForm, change: bool) -> None:
         completion_save(completion=obj)

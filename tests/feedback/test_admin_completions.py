@@ -2,9 +2,9 @@
 
 import pytest
 
-from feedback.models import Completion
+from feedback.models import Completion, RoundPrompt
 from feedback.rendering import markdown_to_safe_html
-from tests.factories import CompletionFactory, PromptFactory
+from tests.factories import CompletionFactory, PromptFactory, first_round
 
 pytestmark = pytest.mark.django_db
 

@@ -26,16 +26,24 @@ def form_data(response) -> dict[str, object]:
 
 def test_a_completion_added_in_the_admin_gets_the_html_of_its_text(client, staff_user):
     prompt = PromptFactory()
+    round_one = first_round(prompt.project)
     client.force_login(staff_user)
 
     response = client.post(
         "/admin/feedback/completion/add/",
-        {"prompt": prompt.pk, "text": "Use **reversed**(xs).", "source_model": "human", "generation_params": "{}"},
+        {
+            "prompt": prompt.pk,
+            "round": round_one.pk,
+            "text": "Use **reversed**(xs).",
+            "source_model": "human",
+            "generation_params": "{}",
+        },
     )
 
     assert response.status_code == 302
     completion = Completion.objects.get(prompt=prompt)
     assert completion.html == "<p>Use <strong>reversed</strong>(xs).</p>\n"
+    assert RoundPrompt.objects.filter(round=round_one, prompt=prompt).exists()  # the queue serves its items
 
 
 def test_editing_a_completion_in_the_admin_renders_the_new_text(client, staff_user):

@@ -67,12 +67,20 @@ class NewRoundForm(forms.Form):
 class TrainingSettingsForm(forms.ModelForm):
     class Meta:
         model = Project
-        fields = ["auto_train", "auto_train_threshold", "auto_promote", "training_algorithm", "training_config"]
+        fields = [
+            "auto_train",
+            "auto_train_threshold",
+            "auto_promote",
+            "round_size",
+            "training_algorithm",
+            "training_config",
+        ]
         widgets = {"training_config": forms.Textarea(attrs={"rows": 4})}
         labels = {
             "auto_train": "Train automatically",
             "auto_train_threshold": "after this many new judgements",
             "auto_promote": "Promote a new version when its held-out accuracy improves",
+            "round_size": "Prompts in the round a promotion starts (empty: all)",
             "training_algorithm": "Algorithm",
             "training_config": "Hyperparameters (JSON)",
         }

@@ -298,6 +298,7 @@ def settings_data(**overrides):
         "auto_train": "on",
         "auto_train_threshold": "25",
         "auto_promote": "on",
+        "round_size": "10",
         "training_algorithm": "dpo",
         "training_config": '{"epochs": 2, "beta": 0.2}',
     }
@@ -312,7 +313,7 @@ def test_managers_change_the_training_settings(client, project, manager):
     project.refresh_from_db()
     assert response.status_code == 302 and messages_of(response) == ["Training settings saved."]
     assert project.auto_train and project.auto_promote and project.auto_train_threshold == 25
-    assert project.training_config == {"epochs": 2, "beta": 0.2}
+    assert project.training_config == {"epochs": 2, "beta": 0.2} and project.round_size == 10
 
 
 @pytest.mark.parametrize(

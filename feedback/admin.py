@@ -51,8 +51,9 @@ class MembershipAdmin(admin.ModelAdmin):
 class CompletionInline(admin.StackedInline):
     model = models.Completion
     extra = 0
-    fields = ["text", "source_model", "model_version", "generation_params"]
+    fields = ["round", "text", "source_model", "model_version", "generation_params"]
     readonly_fields = ["model_version", "generation_params"]
+    raw_id_fields = ["round"]
 
 
 @admin.register(models.Prompt)

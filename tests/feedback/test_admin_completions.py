@@ -70,6 +70,7 @@ def test_completions_added_and_edited_inline_on_a_prompt_get_the_html_of_their_t
         f"{prefix}-1-text": "A new **answer**.",
         f"{prefix}-1-source_model": "human",
         f"{prefix}-1-prompt": prompt.pk,
+        f"{prefix}-1-round": edited.round_id,
     }
 
     response = client.post(f"/admin/feedback/prompt/{prompt.pk}/change/", data)

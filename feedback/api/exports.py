@@ -75,7 +75,7 @@ class ExportOptionsSerializer(serializers.Serializer):
         required=False, min_value=1, max_value=MAX_ID, help_text="Only this round and later ones."
     )
     writers = serializers.ListField(
-        child=serializers.CharField(max_length=100),
+        child=serializers.CharField(min_length=1, max_length=100),
         required=False,
         max_length=200,
         help_text="Only completions by these writers: version names, or base.",

@@ -65,7 +65,7 @@ class RoundListApi(APIView):
             choices=STRATEGIES, required=False, help_text="How prompts are chosen (default: oldest_round_first)."
         )
         versions = serializers.ListField(
-            child=serializers.CharField(max_length=100),
+            child=serializers.CharField(min_length=1, max_length=100),
             max_length=16,
             required=False,
             help_text="Writers: version names of the project, or 'base'; the active version when left out.",

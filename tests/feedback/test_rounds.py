@@ -496,3 +496,15 @@ def test_a_worker_starting_up_writes_again_the_rounds_a_dead_worker_left_running
     RoundFactory(project=ProjectFactory(), number=1, status=Round.Status.QUEUED)  # still on the queue
     release_dead_runs_on_startup()
     assert resumed == [left.pk]
+
+
+def test_the_export_api_limits_rounds(client):
+    import json
+
+    project, _ = two_judged_rounds()
+    client.force_login(MembershipFactory(project=project, role=Membership.Role.MANAGER).user)
+    response = client.get("/api/v1/projects/exp/export/?format=dpo&rounds=2")
+    assert response.status_code == 200
+    rows = [json.loads(line) for line in b"".join(response.streaming_content).decode().splitlines()]
+    assert [row["round"] for row in rows] == [2]
+    assert client.get("/api/v1/projects/exp/export/?format=dpo&since_round=0").status_code == 400

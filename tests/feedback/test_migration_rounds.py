@@ -1,4 +1,4 @@
-"""Migrations 0004-0005: a seeded project's completions, leases and judgements become its round 1.
+"""Migrations 0005-0006: a seeded project's completions, leases and judgements become its round 1.
 
 The golden exports under ``data/before_rounds/`` were written by the export of the code before
 rounds (the commit this branch started from) from this module's ``seed`` on a fresh database; the
@@ -15,7 +15,7 @@ from django.db.migrations.executor import MigrationExecutor
 
 pytestmark = pytest.mark.django_db(transaction=True, reset_sequences=True)
 
-BEFORE = [("feedback", "0003_lease_places_and_judgement_base")]
+BEFORE = [("feedback", "0004_training_algorithms")]
 GOLDEN = Path(__file__).parent / "data" / "before_rounds"
 FORMATS = ("dpo", "grpo", "judgements")
 T0 = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)

@@ -47,6 +47,7 @@ QUESTIONS = [
 def module_at(ref: str, path: str) -> types.ModuleType:
     source = subprocess.run(["git", "show", f"{ref}:{path}"], cwd=ROOT, capture_output=True, text=True, check=True)
     module = types.ModuleType(f"before_{ref}")
+    sys.modules[module.__name__] = module  # dataclasses look their module up
     exec(compile(source.stdout, f"{ref}:{path}", "exec"), module.__dict__)
     return module
 

@@ -57,7 +57,8 @@ def completions_generate(
     prompt_limit: int | None = None,
     k: int | None = None,
     mix_previous: bool = False,
-    batch_size: int = 8,
+    first_batch: int = 2,
+    batch_size: int = 16,
     progress: Callable[[int, int], None] | None = None,
 ) -> GenerationResult:
     """Write completions until each chosen prompt has K, one batch of prompts at a time.
@@ -65,7 +66,11 @@ def completions_generate(
     With `mix_previous`, half of each prompt's new completions come from the active
     version and half from the model it was trained from, so people compare the two.
     Each batch is committed on its own, so an interrupted run keeps what it wrote and a
-    second run picks up where it stopped.
+    second run picks up where it stopped. The first batch is small (`first_batch`
+    prompts) so that the first tasks reach annotators within seconds; the later ones are
+    large (`batch_size` prompts, K rows each decoded together), which is where batched
+    decoding gets its speed. Each completion's generation_params say how many tokens it
+    has and whether the length limit cut it.
     """
     k = k or project.completions_per_prompt
     if not 1 <= k <= 16:
@@ -78,13 +83,16 @@ def completions_generate(
     if not prompts:
         return GenerationResult(prompts=0, completions=0, model=label)
 
-    from training.generate import SamplingConfig, generate_completions
+    import torch
+
+    from training.generate import SamplingConfig, generate_completions, inference_dtype
     from training.models import ModelLoadError, load_model
 
+    dtype = inference_dtype(torch.device("cpu"))
     loaded = []
     for name, version in writers:
         try:
-            loaded.append((load_model(name), name, version))
+            loaded.append((load_model(name, dtype=dtype), name, version))
         except ModelLoadError as error:
             raise GenerationError(str(error)) from None
     sampling = SamplingConfig(
@@ -92,8 +100,9 @@ def completions_generate(
     )
     params = {"temperature": sampling.temperature, "top_p": sampling.top_p, "max_new_tokens": sampling.max_new_tokens}
     written = 0
-    for start in range(0, len(prompts), batch_size):
-        batch = prompts[start : start + batch_size]
+    starts = [0, *range(first_batch, len(prompts), batch_size)] if first_batch < len(prompts) else [0]
+    for start, end in zip(starts, [*starts[1:], len(prompts)], strict=True):
+        batch = prompts[start:end]
         have = dict(
             Prompt.objects.filter(pk__in=[p.pk for p in batch]).annotate(n=Count("completions")).values_list("pk", "n")
         )
@@ -104,30 +113,32 @@ def completions_generate(
             takers = [p for p in wanted if shares[p.pk][i]]
             if not takers:
                 continue
-            texts = generate_completions(
+            k_rows = max(shares[p.pk][i] for p in takers)
+            samples = generate_completions(
                 model,
                 tokenizer,
                 [p.messages for p in takers],
-                k=max(shares[p.pk][i] for p in takers),
+                k=k_rows,
                 sampling=sampling,
+                batch_size=len(takers) * k_rows,
             )
             rows += [
                 Completion(
                     prompt=prompt,
-                    text=text,
-                    html=markdown_to_safe_html(text),
+                    text=sample.text,
+                    html=markdown_to_safe_html(sample.text),
                     model_version=version,
                     source_model="" if version else name,
-                    generation_params=params,
+                    generation_params={**params, "new_tokens": sample.tokens, "truncated": sample.truncated},
                 )
-                for prompt, samples in zip(takers, texts, strict=True)
-                for text in samples[: shares[prompt.pk][i]]
+                for prompt, written_for in zip(takers, samples, strict=True)
+                for sample in written_for[: shares[prompt.pk][i]]
             ]
         with transaction.atomic():
             Completion.objects.bulk_create(rows)
         written += len(rows)
         if progress:
-            progress(min(start + batch_size, len(prompts)), len(prompts))
+            progress(end, len(prompts))
     return GenerationResult(prompts=len(prompts), completions=written, model=label)
 
 

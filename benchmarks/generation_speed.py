@@ -154,7 +154,10 @@ def main() -> None:
             tokens = ways[way]()
             seconds = time.perf_counter() - started
             times[way].append((seconds, tokens))
-            print(f"round {round_ + 1} {way}: {tokens} tokens in {seconds:.1f} s, {tokens / seconds:.1f} tokens/s", flush=True)
+            print(
+                f"round {round_ + 1} {way}: {tokens} tokens in {seconds:.1f} s, {tokens / seconds:.1f} tokens/s",
+                flush=True,
+            )
 
     print(
         f"\n{args.prompts} prompts x {args.k} completions, at most {args.max_new_tokens} new tokens, "

@@ -155,9 +155,7 @@ def generate_completions(
         [render_prompt(tokenizer, c) for c in conversations], add_special_tokens=False
     )["input_ids"]
     # rows of one conversation stay together, so each batch finishes whole conversations early
-    rows = sorted(
-        (i for i in range(len(conversations)) for _ in range(k)), key=lambda i: (len(prompt_ids[i]), i)
-    )
+    rows = sorted((i for i in range(len(conversations)) for _ in range(k)), key=lambda i: (len(prompt_ids[i]), i))
     outputs: list[list[Sample]] = [[] for _ in conversations]
     try:
         for start in range(0, len(rows), batch_size):

@@ -3,8 +3,9 @@
 import pytest
 from django.test import Client
 from django.urls import reverse
+from huey.contrib.djhuey import HUEY
 
-from feedback.tasks import HUEY, _generation_lock_name
+from feedback.queue import generation_lock_name
 from tests.factories import CompletionFactory, MembershipFactory, ProjectFactory, PromptFactory, UserFactory
 
 pytestmark = pytest.mark.django_db
@@ -31,7 +32,7 @@ def client(project):
 
 def test_the_annotate_page_waits_for_completions_being_written_and_reloads_when_a_task_is_ready(client, project):
     url = reverse("annotate", args=[project.slug])
-    with HUEY.lock_task(_generation_lock_name(project.pk)):
+    with HUEY.lock_task(generation_lock_name(project.pk)):
         page = client.get(url).content.decode()
         assert "Completions are being written" in page and "0 of 2 prompts ready" in page
         assert POLLING in page and "All done" not in page
@@ -61,7 +62,7 @@ def test_when_nothing_is_written_any_more_the_page_says_all_done_and_stops_polli
 
 
 def test_the_home_page_never_says_complete_while_completions_are_being_written(client, project):
-    with HUEY.lock_task(_generation_lock_name(project.pk)):
+    with HUEY.lock_task(generation_lock_name(project.pk)):
         page = client.get(reverse("home")).content.decode()
     assert "Waiting for completions" in page and "Complete" not in page
     assert "writing completions: 0 of 2 prompts ready" in page and 'hx-trigger="every 5s"' in page

@@ -172,6 +172,7 @@ class _PromptGroup:
     prompt_id: int
     messages: list[dict[str, str]]
     texts: dict[int, str]  # completion id -> text, only the completions the options let through
+    cut: set[int]  # ids of those completions that the length limit cut (generation_params' truncated)
     pairwise: list[Any]  # rows of _streams' pairwise query, fields by name
     rankings: list[_Ranking]
 
@@ -281,7 +282,9 @@ def _streams(
 
     # Completions and ranked completions come K to a prompt or a judgement, by far the most rows: plain tuples,
     # unpacked by name where they are read, as named rows cost about 10 % of a dpo export (benchmarks/RESULTS.md).
-    completions = written.order_by("prompt_id", "id").values_list("prompt_id", "id", "text")
+    completions = written.order_by("prompt_id", "id").values_list(
+        "prompt_id", "id", "text", "generation_params__truncated"
+    )
 
     spec = EXPORT_FORMATS[options.format]
     pairwise = None
@@ -330,7 +333,8 @@ def _prompt_groups(
             continue
         if options.split is not None and not prompt_in_split(prompt_id=prompt_id, options=options):
             continue
-        texts = {completion_id: text for _, completion_id, text in written}
+        texts = {completion_id: text for _, completion_id, text, _ in written}
+        cut = {completion_id for _, completion_id, _, truncated in written if truncated}
         rankings: list[_Ranking] = []
         judgement_id = None
         for _, ranked_judgement, annotator_id, completion_id, rank, *judgement_fields in ranked_entries:
@@ -348,7 +352,12 @@ def _prompt_groups(
         kept_rankings = [r for r in rankings if len(r.ids) >= 2]
         if kept_pairs or kept_rankings:
             yield _PromptGroup(
-                prompt_id=prompt_id, messages=messages, texts=texts, pairwise=kept_pairs, rankings=kept_rankings
+                prompt_id=prompt_id,
+                messages=messages,
+                texts=texts,
+                cut=cut,
+                pairwise=kept_pairs,
+                rankings=kept_rankings,
             )
 
 
@@ -389,6 +398,8 @@ def _dpo_rows(group: _PromptGroup, options: PreferenceExportOptions, prompt: Any
             "prompt_id": group.prompt_id,
             "chosen_id": chosen,
             "rejected_id": rejected,
+            "chosen_truncated": chosen in group.cut,
+            "rejected_truncated": rejected in group.cut,
             "votes": total,
             "agreement": agreement,
             "weight": agreement,
@@ -415,6 +426,7 @@ def _grpo_rows(group: _PromptGroup, options: PreferenceExportOptions, prompt: An
         "rewards": [totals[cid][1] / totals[cid][2] for cid in ids],
         "prompt_id": group.prompt_id,
         "completion_ids": ids,
+        "truncated": [cid in group.cut for cid in ids],
         "annotators": len(group.rankings),
     }
 
@@ -434,6 +446,7 @@ def _judgement_rows(
             "annotator": who(row.annotator_id),
             "created_at": row.created_at.isoformat(),
             "completion_ids": [row.left_id, row.right_id],
+            "truncated": [row.left_id in group.cut, row.right_id in group.cut],
             "completions": [answer(group.texts[row.left_id]), answer(group.texts[row.right_id])],
             "choice": row.choice,
             "strength": row.strength,
@@ -451,6 +464,7 @@ def _judgement_rows(
             "annotator": who(ranking.annotator_id),
             "created_at": ranking.created_at.isoformat() if ranking.created_at else None,
             "completion_ids": ids,
+            "truncated": [cid in group.cut for cid in ids],
             "completions": [answer(group.texts[cid]) for cid in ids],
             "choice": None,
             "strength": None,
@@ -489,7 +503,7 @@ class ExportFormatSpec:
 
     ``columns`` are the row's keys in order with their types, which the Parquet schema follows:
     ``text`` is a prompt or a completion (a string, or a message list when conversational);
-    ``string``, ``int32``, ``int64``, ``float64``, and ``list<...>`` of any of them.
+    ``string``, ``bool``, ``int32``, ``int64``, ``float64``, and ``list<...>`` of any of them.
     """
 
     rows: RowBuilder  # (prompt group, options, the shaped prompt, answer: completion text -> shaped) -> rows
@@ -509,6 +523,8 @@ EXPORT_FORMATS: dict[str, ExportFormatSpec] = {
             ("prompt_id", "int64"),
             ("chosen_id", "int64"),
             ("rejected_id", "int64"),
+            ("chosen_truncated", "bool"),
+            ("rejected_truncated", "bool"),
             ("votes", "int32"),
             ("agreement", "float64"),
             ("weight", "float64"),
@@ -525,6 +541,7 @@ EXPORT_FORMATS: dict[str, ExportFormatSpec] = {
             ("rewards", "list<float64>"),
             ("prompt_id", "int64"),
             ("completion_ids", "list<int64>"),
+            ("truncated", "list<bool>"),
             ("annotators", "int32"),
         ),
         pairwise=False,
@@ -540,6 +557,7 @@ EXPORT_FORMATS: dict[str, ExportFormatSpec] = {
             ("annotator", "string"),
             ("created_at", "string"),
             ("completion_ids", "list<int64>"),
+            ("truncated", "list<bool>"),
             ("completions", "list<text>"),
             ("choice", "string"),
             ("strength", "string"),

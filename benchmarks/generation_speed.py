@@ -77,9 +77,8 @@ def main() -> None:
     parser.add_argument("--ways", default="before,generate-fp32,generate,now-fp32,now")
     args = parser.parse_args()
 
+    import training  # noqa: F401, I001  (first: it sets the OpenMP wait policy the worker runs with before torch loads)
     import torch
-
-    import training  # noqa: F401  (its OpenMP wait policy, as the worker runs)
     from training.generate import SamplingConfig, generate_completions, inference_dtype, render_prompt
     from training.models import load_model
 
@@ -141,6 +140,7 @@ def main() -> None:
     }
     chosen = args.ways.split(",")
     times: dict[str, list[tuple[float, int]]] = {w: [] for w in chosen}
+    cpu: dict[str, list[float]] = {w: [] for w in chosen}  # this process's CPU seconds, less moved by other work
     load = os.getloadavg()
     for way in chosen:  # a short warm-up of each way (first-call allocations, oneDNN kernel choice)
         warm = sampling.max_new_tokens
@@ -150,10 +150,11 @@ def main() -> None:
     for round_ in range(args.rounds):
         for way in chosen:
             torch.manual_seed(round_)
-            started = time.perf_counter()
+            started, cpu_started = time.perf_counter(), time.process_time()
             tokens = ways[way]()
             seconds = time.perf_counter() - started
             times[way].append((seconds, tokens))
+            cpu[way].append(time.process_time() - cpu_started)
             print(
                 f"round {round_ + 1} {way}: {tokens} tokens in {seconds:.1f} s, {tokens / seconds:.1f} tokens/s",
                 flush=True,
@@ -165,12 +166,16 @@ def main() -> None:
         f"load average {load[0]:.1f} before and {os.getloadavg()[0]:.1f} after\n"
     )
     rate = {w: statistics.median(t / s for s, t in times[w]) for w in chosen}
-    print("| way | median wall | median tokens | median tokens/s | now vs this way |\n|---|---:|---:|---:|---:|")
+    per_cpu = {w: statistics.median(t / c for (_, t), c in zip(times[w], cpu[w], strict=True)) for w in chosen}
+    print(
+        "| way | median wall | median tokens | tokens/s (wall) | tokens per CPU second | now vs this way, wall / CPU |"
+        "\n|---|---:|---:|---:|---:|---:|"
+    )
     for way in chosen:
         seconds = statistics.median(s for s, _ in times[way])
         tokens = statistics.median(t for _, t in times[way])
-        ratio = f"{rate['now'] / rate[way]:.2f}x" if "now" in rate else ""
-        print(f"| {way} | {seconds:.1f} s | {tokens:.0f} | {rate[way]:.1f} | {ratio} |")
+        ratio = f"{rate['now'] / rate[way]:.2f}x / {per_cpu['now'] / per_cpu[way]:.2f}x" if "now" in rate else ""
+        print(f"| {way} | {seconds:.1f} s | {tokens:.0f} | {rate[way]:.1f} | {per_cpu[way]:.1f} | {ratio} |")
 
 
 if __name__ == "__main__":

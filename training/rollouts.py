@@ -138,7 +138,7 @@ def sample_and_score(
     )
     prompt_ids = [encode_prompt(tokenizer, prompt_messages(p)) for p in prompts]
     # A completion cut at max_new_tokens loses the EOS appended to its text, as it was sampled.
-    completions = [encode_completion(tokenizer, t)[: sampling.max_new_tokens] for group in texts for t in group]
+    completions = [encode_completion(tokenizer, s.text)[: sampling.max_new_tokens] for group in texts for s in group]
     rewards = score_sequences(
         scorer,
         [(prompt_ids[i // k], c) for i, c in enumerate(completions)],

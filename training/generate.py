@@ -29,8 +29,13 @@ class SamplingConfig:
 @dataclass(frozen=True)
 class Sample:
     text: str  # decoded without special tokens, stripped
-    tokens: int  # new tokens written, the EOS token not counted
+    token_ids: tuple[int, ...]  # the new tokens as sampled, EOS excluded (the text need not encode back to them)
     truncated: bool  # stopped by max_new_tokens before the model wrote EOS
+
+    @property
+    def tokens(self) -> int:
+        """New tokens written, the EOS token not counted."""
+        return len(self.token_ids)
 
 
 def render_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]) -> str:
@@ -170,7 +175,7 @@ def generate_completions(
             decoded = _decode_batch(model, input_ids, attention_mask, sampling=sampling, eos_token_id=eos_token_id)
             texts = tokenizer.batch_decode([tokens for tokens, _ in decoded], skip_special_tokens=True)
             for i, text, (tokens, cut) in zip(batch_rows, texts, decoded, strict=True):
-                outputs[i].append(Sample(text=text.strip(), tokens=len(tokens), truncated=cut))
+                outputs[i].append(Sample(text=text.strip(), token_ids=tuple(tokens), truncated=cut))
             if progress is not None:
                 progress(sum(len(o) == k for o in outputs), len(conversations))
     finally:

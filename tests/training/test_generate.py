@@ -71,7 +71,7 @@ def test_greedy_gives_the_tokens_of_model_generate_on_the_same_batch(tiny_model_
     )
     for [sample], (tokens, cut) in zip(out, expected, strict=True):
         assert sample.text == tokenizer.decode(tokens, skip_special_tokens=True).strip()
-        assert (sample.tokens, sample.truncated) == (len(tokens), cut)
+        assert (sample.token_ids, sample.tokens, sample.truncated) == (tuple(tokens), len(tokens), cut)
 
 
 def test_rows_that_write_eos_leave_the_batch_and_the_others_keep_their_tokens(tiny_model_dir):
@@ -93,9 +93,9 @@ def test_rows_that_write_eos_leave_the_batch_and_the_others_keep_their_tokens(ti
         model, tokenizer, conversations, k=1, sampling=SamplingConfig(temperature=0, max_new_tokens=12)
     )
     for [sample], (tokens, cut) in zip(out, expected, strict=True):
-        assert (sample.text, sample.tokens, sample.truncated) == (
+        assert (sample.text, sample.token_ids, sample.truncated) == (
             tokenizer.decode(tokens, skip_special_tokens=True).strip(),
-            len(tokens),
+            tuple(tokens),
             cut,
         )
 

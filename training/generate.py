@@ -1,4 +1,13 @@
-"""Sample K completions per conversation with the model's chat template."""
+"""Sample K completions per conversation with the model's chat template.
+
+Decoding is our own loop over the model's forward pass rather than ``model.generate``, for
+two reasons measured in benchmarks/generation_speed.py: rows that reach EOS leave the batch
+(their KV cache rows are dropped), so the steps after the first answers end cost only the
+rows still writing; and it reports for each completion how many tokens it has and whether
+the length limit cut it. Rows are sorted by prompt length before batching, so a batch pads
+its prompts little. Greedy decoding gives the same tokens as ``model.generate`` on the same
+batch in the same dtype (tests/training/test_generate.py).
+"""
 
 from __future__ import annotations
 
@@ -6,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from transformers import GenerationMixin, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 
 @dataclass
@@ -17,9 +26,100 @@ class SamplingConfig:
     seed: int | None = None  # seed for reproducible samples; None leaves the RNG as it is
 
 
+@dataclass(frozen=True)
+class Sample:
+    text: str  # decoded without special tokens, stripped
+    token_ids: tuple[int, ...]  # the new tokens as sampled, EOS excluded (the text need not encode back to them)
+    truncated: bool  # stopped by max_new_tokens before the model wrote EOS
+
+    @property
+    def tokens(self) -> int:
+        """New tokens written, the EOS token not counted."""
+        return len(self.token_ids)
+
+
 def render_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]) -> str:
     """The conversation through the chat template, ending with the assistant's generation prompt."""
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)  # type: ignore[return-value]
+
+
+def inference_dtype(device: torch.device) -> torch.dtype:
+    """bf16 where the hardware multiplies bf16 natively (see resolve_precision), else fp32.
+
+    Decoding reads every weight once a step; bf16 halves those bytes and, with AVX512_BF16 or
+    AMX, doubles the matrix throughput. Without them PyTorch emulates bf16 and fp32 is faster.
+    """
+    from training.runs import resolve_precision
+
+    return torch.bfloat16 if resolve_precision("auto", device) == "bf16" else torch.float32
+
+
+def next_tokens(logits: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
+    """One token per row from the last position's logits (B, V) -> (B,): argmax, or temperature + top-p sampling."""
+    logits = logits.float()
+    if sampling.temperature <= 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits / sampling.temperature, dim=-1)
+    if sampling.top_p < 1:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        # drop a token when the more likely ones already reach top_p (the first always stays)
+        drop = sorted_probs.cumsum(dim=-1) - sorted_probs >= sampling.top_p
+        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+    return torch.multinomial(probs, num_samples=1).squeeze(-1)
+
+
+def _decode_batch(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    *,
+    sampling: SamplingConfig,
+    eos_token_id: int,
+) -> list[tuple[list[int], bool]]:
+    """Decode a left-padded batch (B, T) -> for each row its new tokens (EOS excluded) and whether it was cut."""
+    batch = input_ids.shape[0]
+    written: list[list[int]] = [[] for _ in range(batch)]
+    truncated = [True] * batch
+    alive = torch.arange(batch)  # batch row of each row still writing
+    positions = (attention_mask.cumsum(dim=-1) - 1).clamp(min=0)  # (B, T), as model.generate counts them
+    cache = DynamicCache()
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=positions,
+        cache=cache,
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    position = positions[:, -1:]  # (B, 1)
+    for step in range(sampling.max_new_tokens):
+        tokens = next_tokens(out.logits[:, -1, :], sampling)  # (b,)
+        ended = tokens == eos_token_id
+        for row, token, end in zip(alive.tolist(), tokens.tolist(), ended.tolist(), strict=True):
+            if end:
+                truncated[row] = False
+            else:
+                written[row].append(token)
+        if step == sampling.max_new_tokens - 1:
+            break
+        if bool(ended.any()):
+            keep = (~ended).nonzero().squeeze(-1)
+            if keep.numel() == 0:
+                break
+            # finished rows leave the batch, so later steps compute only the rows still writing
+            cache.batch_select_indices(keep)
+            alive, tokens, position, attention_mask = alive[keep], tokens[keep], position[keep], attention_mask[keep]
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(alive), 1))], dim=-1)
+        position = position + 1
+        out = model(
+            input_ids=tokens[:, None],
+            attention_mask=attention_mask,
+            position_ids=position,
+            cache=cache,
+            use_cache=True,
+        )
+    return list(zip(written, truncated, strict=True))
 
 
 @torch.no_grad()
@@ -30,60 +130,54 @@ def generate_completions(
     *,
     k: int,
     sampling: SamplingConfig,
-    batch_size: int = 8,
+    batch_size: int = 64,
     progress: Callable[[int, int], None] | None = None,
-) -> list[list[str]]:
+) -> list[list[Sample]]:
     """Return ``k`` sampled completions for each conversation, in order.
 
     Each conversation is a list of ``{role, content}`` messages ending with a user turn.
-    Prompts are left-padded and batched (``batch_size`` sequences per ``generate`` call);
-    completions are decoded without special tokens and stripped. ``progress`` is called
-    with (conversations done, total) after each batch.
+    The ``len(conversations) * k`` rows are sorted by prompt length and decoded
+    ``batch_size`` rows at a time, prompts left-padded. ``progress`` is called with
+    (conversations done, total) after each batch.
     """
     if k < 1:
         raise ValueError("k must be at least 1")
+    if batch_size < 1:
+        raise ValueError("batch_size must be at least 1")
     for conversation in conversations:
         if not conversation or conversation[-1].get("role") != "user":
             raise ValueError("each conversation must end with a user turn")
     if sampling.seed is not None:
         torch.manual_seed(sampling.seed)
+    eos_token_id = tokenizer.eos_token_id
+    pad_token_id = tokenizer.pad_token_id
+    assert isinstance(eos_token_id, int) and isinstance(pad_token_id, int)
 
-    assert isinstance(model, GenerationMixin)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    prompts = [render_prompt(tokenizer, c) for c in conversations]
-    rows = [i for i in range(len(prompts)) for _ in range(k)]  # conversation index of each sampled row
-    outputs: list[list[str]] = [[] for _ in prompts]
-    greedy = sampling.temperature <= 0
-    padding_side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
+    prompt_ids: list[list[int]] = tokenizer(
+        [render_prompt(tokenizer, c) for c in conversations], add_special_tokens=False
+    )["input_ids"]
+    # rows of one conversation stay together, so each batch finishes whole conversations early
+    rows = sorted((i for i in range(len(conversations)) for _ in range(k)), key=lambda i: (len(prompt_ids[i]), i))
+    outputs: list[list[Sample]] = [[] for _ in conversations]
     try:
         for start in range(0, len(rows), batch_size):
             batch_rows = rows[start : start + batch_size]
-            enc = tokenizer(
-                [prompts[i] for i in batch_rows],
-                return_tensors="pt",
-                padding=True,
-                add_special_tokens=False,
-            ).to(device)
-            generated = model.generate(
-                **enc,
-                do_sample=not greedy,
-                temperature=None if greedy else sampling.temperature,
-                top_p=None if greedy else sampling.top_p,
-                top_k=None,
-                max_new_tokens=sampling.max_new_tokens,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-            )  # (b, T_prompt + T_new)
-            new_tokens = generated[:, enc["input_ids"].shape[1] :]
-            texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-            for i, text in zip(batch_rows, texts, strict=True):
-                outputs[i].append(text.strip())
+            width = max(len(prompt_ids[i]) for i in batch_rows)
+            input_ids = torch.tensor(
+                [[pad_token_id] * (width - len(prompt_ids[i])) + prompt_ids[i] for i in batch_rows], device=device
+            )  # (b, T), left-padded
+            attention_mask = torch.tensor(
+                [[0] * (width - len(prompt_ids[i])) + [1] * len(prompt_ids[i]) for i in batch_rows], device=device
+            )
+            decoded = _decode_batch(model, input_ids, attention_mask, sampling=sampling, eos_token_id=eos_token_id)
+            texts = tokenizer.batch_decode([tokens for tokens, _ in decoded], skip_special_tokens=True)
+            for i, text, (tokens, cut) in zip(batch_rows, texts, decoded, strict=True):
+                outputs[i].append(Sample(text=text.strip(), token_ids=tuple(tokens), truncated=cut))
             if progress is not None:
-                progress(sum(len(o) == k for o in outputs), len(prompts))
+                progress(sum(len(o) == k for o in outputs), len(conversations))
     finally:
-        tokenizer.padding_side = padding_side
         model.train(was_training)
     return outputs

@@ -13,9 +13,9 @@ Departures from Ouyang et al. (2022) and TRL's PPOTrainer: the value head is a l
 the policy's own body (no separate critic model, so no second copy with LoRA), initialised at
 zero and discarded when the policy is saved; no pretraining-loss mix (PPO-ptx); one optimizer
 step per PPO epoch over the whole rollout batch (no mini-batches); the KL coefficient is fixed.
-Samples come from ``training.generate`` as text and are tokenized again for training, so the
-tokens scored are the text's own tokenization, which need not be the ids sampled; that is why
-the penalty is k3 rather than the plain log-ratio, whose estimate can then go negative.
+Rollouts are trained and scored on the token ids the policy sampled (``Sample.token_ids``),
+not on its text encoded again, which need not give those ids back. The penalty is k3 rather
+than the plain log-ratio, whose per-sample estimate can go negative.
 """
 
 from __future__ import annotations
@@ -275,7 +275,7 @@ def _roll_out(
 
     scores = samples.rewards[:, 0].to(device)  # (N,)
     delta = ref_logps - out.old_logps
-    kl = (torch.exp(delta) - delta - 1) * mask  # (N, T) k3: never negative, whatever tokens are scored
+    kl = (torch.exp(delta) - delta - 1) * mask  # (N, T) k3: never negative
     rewards = -config.kl_coef * kl
     last = batch.completion_lengths.to(device) - 1  # (N,)
     rewards[torch.arange(len(last), device=device), last] += scores

@@ -15,7 +15,7 @@ import torch
 from transformers import PreTrainedModel
 
 from training.config import OnlineGRPOConfig, PPOConfig
-from training.data import SequenceBatch, encode_completion, encode_prompt, prompt_key, prompt_messages
+from training.data import SequenceBatch, encode_prompt, prompt_key, prompt_messages
 from training.generate import SamplingConfig, generate_completions
 from training.logprobs import autocast_context, completion_logps, evaluation
 from training.models import ModelLoadError, is_lora, reference_mode
@@ -137,8 +137,10 @@ def sample_and_score(
         batch_size=batch_size,
     )
     prompt_ids = [encode_prompt(tokenizer, prompt_messages(p)) for p in prompts]
-    # A completion cut at max_new_tokens loses the EOS appended to its text, as it was sampled.
-    completions = [encode_completion(tokenizer, t)[: sampling.max_new_tokens] for group in texts for t in group]
+    # The ids as sampled, not the text encoded again: a sampled sequence need not be its text's own
+    # tokenization, and the gradient and the KL must be of the tokens the policy drew.
+    eos = [int(tokenizer.eos_token_id)]
+    completions = [[*s.token_ids, *([] if s.truncated else eos)] for group in texts for s in group]
     rewards = score_sequences(
         scorer,
         [(prompt_ids[i // k], c) for i, c in enumerate(completions)],

@@ -192,6 +192,7 @@ class _PromptGroup:
     messages: list[dict[str, str]]
     texts: dict[int, str]  # completion id -> text, only the completions the options let through
     rounds: dict[int, int]  # completion id -> its round's number
+    cut: set[int]  # ids of those completions that the length limit cut (generation_params' truncated)
     pairwise: list[Any]  # rows of _streams' pairwise query, fields by name
     rankings: list[_Ranking]
 
@@ -310,7 +311,9 @@ def _streams(
 
     # Completions and ranked completions come K to a prompt or a judgement, by far the most rows: plain tuples,
     # unpacked by name where they are read, as named rows cost about 10 % of a dpo export (benchmarks/RESULTS.md).
-    completions = written.order_by("prompt_id", "id").values_list("prompt_id", "id", "text", "round__number")
+    completions = written.order_by("prompt_id", "id").values_list(
+        "prompt_id", "id", "text", "round__number", "generation_params__truncated"
+    )
 
     spec = EXPORT_FORMATS[options.format]
     pairwise = None
@@ -359,8 +362,9 @@ def _prompt_groups(
             continue
         if options.split is not None and not prompt_in_split(prompt_id=prompt_id, options=options):
             continue
-        texts = {completion_id: text for _, completion_id, text, _ in written}
-        rounds = {completion_id: number for _, completion_id, _, number in written}
+        texts = {completion_id: text for _, completion_id, text, _, _ in written}
+        rounds = {completion_id: number for _, completion_id, _, number, _ in written}
+        cut = {completion_id for _, completion_id, _, _, truncated in written if truncated}
         rankings: list[_Ranking] = []
         judgement_id = None
         for _, ranked_judgement, annotator_id, completion_id, rank, *judgement_fields in ranked_entries:
@@ -382,6 +386,7 @@ def _prompt_groups(
                 messages=messages,
                 texts=texts,
                 rounds=rounds,
+                cut=cut,
                 pairwise=kept_pairs,
                 rankings=kept_rankings,
             )
@@ -424,6 +429,8 @@ def _dpo_rows(group: _PromptGroup, options: PreferenceExportOptions, prompt: Any
             "prompt_id": group.prompt_id,
             "chosen_id": chosen,
             "rejected_id": rejected,
+            "chosen_truncated": chosen in group.cut,
+            "rejected_truncated": rejected in group.cut,
             "votes": total,
             "agreement": agreement,
             "weight": agreement,
@@ -462,6 +469,7 @@ def _grpo_group(
         "rewards": [totals[cid][1] / totals[cid][2] for cid in ids],
         "prompt_id": group.prompt_id,
         "completion_ids": ids,
+        "truncated": [cid in group.cut for cid in ids],
         "annotators": len(rankings),
         "round": number,
     }
@@ -482,6 +490,7 @@ def _judgement_rows(
             "annotator": who(row.annotator_id),
             "created_at": row.created_at.isoformat(),
             "completion_ids": [row.left_id, row.right_id],
+            "truncated": [row.left_id in group.cut, row.right_id in group.cut],
             "completions": [answer(group.texts[row.left_id]), answer(group.texts[row.right_id])],
             "choice": row.choice,
             "strength": row.strength,
@@ -500,6 +509,7 @@ def _judgement_rows(
             "annotator": who(ranking.annotator_id),
             "created_at": ranking.created_at.isoformat() if ranking.created_at else None,
             "completion_ids": ids,
+            "truncated": [cid in group.cut for cid in ids],
             "completions": [answer(group.texts[cid]) for cid in ids],
             "choice": None,
             "strength": None,
@@ -539,7 +549,7 @@ class ExportFormatSpec:
 
     ``columns`` are the row's keys in order with their types, which the Parquet schema follows:
     ``text`` is a prompt or a completion (a string, or a message list when conversational);
-    ``string``, ``int32``, ``int64``, ``float64``, and ``list<...>`` of any of them.
+    ``string``, ``bool``, ``int32``, ``int64``, ``float64``, and ``list<...>`` of any of them.
     """
 
     rows: RowBuilder  # (prompt group, options, the shaped prompt, answer: completion text -> shaped) -> rows
@@ -559,6 +569,8 @@ EXPORT_FORMATS: dict[str, ExportFormatSpec] = {
             ("prompt_id", "int64"),
             ("chosen_id", "int64"),
             ("rejected_id", "int64"),
+            ("chosen_truncated", "bool"),
+            ("rejected_truncated", "bool"),
             ("votes", "int32"),
             ("agreement", "float64"),
             ("weight", "float64"),
@@ -576,6 +588,7 @@ EXPORT_FORMATS: dict[str, ExportFormatSpec] = {
             ("rewards", "list<float64>"),
             ("prompt_id", "int64"),
             ("completion_ids", "list<int64>"),
+            ("truncated", "list<bool>"),
             ("annotators", "int32"),
             ("round", "int64"),
         ),
@@ -592,6 +605,7 @@ EXPORT_FORMATS: dict[str, ExportFormatSpec] = {
             ("annotator", "string"),
             ("created_at", "string"),
             ("completion_ids", "list<int64>"),
+            ("truncated", "list<bool>"),
             ("completions", "list<text>"),
             ("choice", "string"),
             ("strength", "string"),

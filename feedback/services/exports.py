@@ -47,7 +47,13 @@ _UMASK = os.umask(0o022)
 os.umask(_UMASK)
 
 _MESSAGES = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
-_ARROW_TYPES = {"string": pa.string(), "int32": pa.int32(), "int64": pa.int64(), "float64": pa.float64()}
+_ARROW_TYPES = {
+    "string": pa.string(),
+    "bool": pa.bool_(),
+    "int32": pa.int32(),
+    "int64": pa.int64(),
+    "float64": pa.float64(),
+}
 
 
 class ExportError(Exception):
@@ -69,6 +75,7 @@ def export_schema(*, options: PreferenceExportOptions) -> pa.Schema:
 DPO_KEYS = tuple(name for name, _ in EXPORT_FORMATS["dpo"].columns)
 
 
+_FLAG = {True: "true", False: "false"}  # json's spelling of a bool
 # json writes a float as its repr, which is slow to work out; agreements take a few values over and over.
 _number_text = lru_cache(maxsize=4096, typed=True)(repr)
 
@@ -94,7 +101,9 @@ def _dpo_lines(rows: Iterable[dict[str, Any]], encode: Callable[[Any], str]) -> 
             encoded[rejected_id] = encode(row["rejected"])
         yield (
             f'{head}{encoded[chosen_id]}, "rejected": {encoded[rejected_id]}, "prompt_id": {prompt_id}, '
-            f'"chosen_id": {chosen_id}, "rejected_id": {rejected_id}, "votes": {row["votes"]}, '
+            f'"chosen_id": {chosen_id}, "rejected_id": {rejected_id}, '
+            f'"chosen_truncated": {_FLAG[row["chosen_truncated"]]}, '
+            f'"rejected_truncated": {_FLAG[row["rejected_truncated"]]}, "votes": {row["votes"]}, '
             f'"agreement": {_number_text(row["agreement"])}, "weight": {_number_text(row["weight"])}, '
             f'"round": {row["round"]}}}'
         )

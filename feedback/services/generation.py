@@ -117,20 +117,28 @@ def _round_start(*, round_id: int) -> Round | None:
 
 
 def round_write(
-    *, round_id: int, batch_size: int = 8, progress: Callable[[int, int], None] | None = None
+    *,
+    round_id: int,
+    first_batch: int = 2,
+    batch_size: int = 16,
+    progress: Callable[[int, int], None] | None = None,
 ) -> GenerationResult:
     """Write a round: choose its prompts when it starts, then K completions each, a batch of prompts at a time.
 
     Each batch's completions and its prompts' places in the round are committed together, so the
     queue only ever sees a prompt with all its completions, and a round whose worker was killed
-    resumes from what it committed, without duplicates, when it is written again. A round that
-    cannot be written is marked failed with the reason, and the reason raised as a GenerationError.
+    resumes from what it committed, without duplicates, when it is written again. The first batch
+    is small (``first_batch`` prompts) so that the first tasks reach annotators within seconds; the
+    later ones are large (``batch_size`` prompts, K rows each decoded together), which is where
+    batched decoding gets its speed. Each completion's generation_params say how many tokens it
+    has and whether the length limit cut it. A round that cannot be written is marked failed with
+    the reason, and the reason raised as a GenerationError.
     """
     round = _round_start(round_id=round_id)
     if round is None:
         return GenerationResult(prompts=0, completions=0, model="")
     try:
-        return _round_write(round=round, batch_size=batch_size, progress=progress)
+        return _round_write(round=round, first_batch=first_batch, batch_size=batch_size, progress=progress)
     except GenerationError as error:
         Round.objects.filter(pk=round.pk).update(
             status=Round.Status.FAILED, error=str(error), finished_at=timezone.now()
@@ -138,16 +146,27 @@ def round_write(
         raise
 
 
-def _round_write(*, round: Round, batch_size: int, progress: Callable[[int, int], None] | None) -> GenerationResult:
-    from training.generate import SamplingConfig, generate_completions
+def _batches(count: int, *, first_batch: int, batch_size: int) -> list[tuple[int, int]]:
+    """(start, end) of each batch of ``count`` prompts: a small first one, then full ones."""
+    starts = [0, *range(first_batch, count, batch_size)] if first_batch < count else [0]
+    return list(zip(starts, [*starts[1:], count], strict=True))
+
+
+def _round_write(
+    *, round: Round, first_batch: int, batch_size: int, progress: Callable[[int, int], None] | None
+) -> GenerationResult:
+    import torch
+
+    from training.generate import SamplingConfig, generate_completions, inference_dtype
     from training.models import ModelLoadError, load_model
 
     project = round.project
     label = " + ".join(round.writers)
+    dtype = inference_dtype(torch.device("cpu"))
     loaded = []
     for name, version in _writer_models(project=project, writers=round.writers):
         try:
-            loaded.append((load_model(name), name, version))
+            loaded.append((load_model(name, dtype=dtype), name, version))
         except ModelLoadError as error:
             raise GenerationError(str(error)) from None
     if not round.prompt_ids:
@@ -165,36 +184,38 @@ def _round_write(*, round: Round, batch_size: int, progress: Callable[[int, int]
     params = {"temperature": sampling.temperature, "top_p": sampling.top_p, "max_new_tokens": sampling.max_new_tokens}
     prompts_by_id = Prompt.objects.in_bulk(remaining)
     written = 0
-    for start in range(0, len(remaining), batch_size):
-        batch = [prompts_by_id[pk] for pk in remaining[start : start + batch_size] if pk in prompts_by_id]
+    for start, end in _batches(len(remaining), first_batch=first_batch, batch_size=batch_size):
+        batch = [prompts_by_id[pk] for pk in remaining[start:end] if pk in prompts_by_id]
         shares = _shares(k, len(loaded))
         rows = []
         for share, ((model, tokenizer), name, version) in zip(shares, loaded, strict=True):
             if not share or not batch:
                 continue
-            texts = generate_completions(model, tokenizer, [p.messages for p in batch], k=share, sampling=sampling)
-            # A byte-level tokenizer can decode a NUL, which PostgreSQL cannot store in text (and imports refuse).
-            texts = [[text.replace("\x00", "") for text in samples] for samples in texts]
-            rows += [
-                Completion(
-                    prompt=prompt,
-                    round=round,
-                    text=text,
-                    html=markdown_to_safe_html(text),
-                    model_version=version,
-                    source_model="" if version else name,
-                    generation_params=params,
-                )
-                for prompt, samples in zip(batch, texts, strict=True)
-                for text in samples[:share]
-            ]
+            samples = generate_completions(
+                model, tokenizer, [p.messages for p in batch], k=share, sampling=sampling, batch_size=len(batch) * share
+            )
+            for prompt, written_for in zip(batch, samples, strict=True):
+                for sample in written_for[:share]:
+                    # A byte-level tokenizer can decode a NUL, which PostgreSQL cannot store in text (and imports refuse).
+                    text = sample.text.replace("\x00", "")
+                    rows.append(
+                        Completion(
+                            prompt=prompt,
+                            round=round,
+                            text=text,
+                            html=markdown_to_safe_html(text),
+                            model_version=version,
+                            source_model="" if version else name,
+                            generation_params={**params, "new_tokens": sample.tokens, "truncated": sample.truncated},
+                        )
+                    )
         with transaction.atomic():
             Completion.objects.bulk_create(rows)
             RoundPrompt.objects.bulk_create(RoundPrompt(round=round, prompt=prompt) for prompt in batch)
             Round.objects.filter(pk=round.pk).update(prompts_written=F("prompts_written") + len(batch))
         written += len(rows)
         if progress:
-            progress(len(done) + min(start + batch_size, len(remaining)), len(round.prompt_ids))
+            progress(len(done) + end, len(round.prompt_ids))
     Round.objects.filter(pk=round.pk).update(status=Round.Status.DONE, finished_at=timezone.now())
     return GenerationResult(prompts=len(remaining), completions=written, model=label)
 
@@ -205,7 +226,8 @@ def completions_generate(
     prompt_limit: int | None = None,
     k: int | None = None,
     mix_previous: bool = False,
-    batch_size: int = 8,
+    first_batch: int = 2,
+    batch_size: int = 16,
     progress: Callable[[int, int], None] | None = None,
 ) -> GenerationResult:
     """Write a round over the prompts no round has answered yet (at most ``prompt_limit``), here and now.
@@ -221,7 +243,7 @@ def completions_generate(
         round = round_request(project=project, prompts=unanswered, writers=writers, k=k)
     except ValidationError as error:
         raise GenerationError(" ".join(error.messages)) from None
-    return round_write(round_id=round.pk, batch_size=batch_size, progress=progress)
+    return round_write(round_id=round.pk, first_batch=first_batch, batch_size=batch_size, progress=progress)
 
 
 def generation_schedule_tick(*, low_water: int, round_prompts: int) -> list[Project]:

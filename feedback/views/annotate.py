@@ -23,6 +23,7 @@ from django_htmx.middleware import HtmxDetails
 from feedback.ids import id_from
 from feedback.models import Membership, Project
 from feedback.selectors.access import project_for_role
+from feedback.selectors.projects import generation_progress
 from feedback.selectors.tasks import Task, task_progress
 from feedback.services.assignments import assignment_lease_next, assignment_lease_renew, assignment_skip
 from feedback.services.judgements import JudgementSubmission, judgement_submit
@@ -82,6 +83,7 @@ def _page(
     context = {
         "project": project,
         "progress": task_progress(project=project, annotator=request.user),
+        "generating": generation_progress(project=project),
         "current": _task_context(current),
         "prefetch": _task_context(prefetch),
         "errors": errors or {},
@@ -99,6 +101,13 @@ def _page(
 def annotate(request: AnnotatorRequest, slug: str) -> HttpResponse:
     project = project_for_role(user=request.user, slug=slug, role=Membership.Role.ANNOTATOR)
     current = assignment_lease_next(project=project, annotator=request.user)
+    if request.htmx:  # the "being written" card polling: wait on, or reload once there is a task or nothing to wait for
+        generating = generation_progress(project=project)
+        if current is None and generating:
+            return render(request, "annotate.html#waiting", {"project": project, "generating": generating})
+        response = HttpResponse()
+        response["HX-Refresh"] = "true"
+        return response
     return _page(request, project, current=current)
 
 

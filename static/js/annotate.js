@@ -148,6 +148,7 @@
 
   function showTemplate(id) {
     current.replaceChildren(document.getElementById(id).content.cloneNode(true));
+    window.htmx.process(current); // the "being written" card polls for new tasks
   }
 
   function promote() {

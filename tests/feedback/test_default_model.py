@@ -40,11 +40,11 @@ def test_fetch_converts_the_real_model_and_it_generates(tmp_path):
     assert (target / "model.safetensors").is_file() and (target / "config.json").is_file()
     model, tokenizer = load_model(str(target))
     assert tokenizer.chat_template
-    [[text]] = generate_completions(
+    [[sample]] = generate_completions(
         model,
         tokenizer,
         [[{"role": "user", "content": "What is the capital of France?"}]],
         k=1,
         sampling=SamplingConfig(temperature=0, max_new_tokens=12),
     )
-    assert "Paris" in text
+    assert "Paris" in sample.text

@@ -35,7 +35,14 @@ def test_prompts_no_round_answered_get_k_each_in_a_new_round_recorded_with_their
     ]
     written = Completion.objects.filter(prompt=empty).first()
     assert written.source_model == str(tiny_model_dir) and written.model_version is None
-    assert written.generation_params == {"temperature": 0.8, "top_p": 0.95, "max_new_tokens": 8}
+    params = written.generation_params
+    assert {k: params[k] for k in ("temperature", "top_p", "max_new_tokens")} == {
+        "temperature": 0.8,
+        "top_p": 0.95,
+        "max_new_tokens": 8,
+    }
+    # the tiny random model never writes EOS within 8 tokens: every answer is cut at the limit
+    assert (params["new_tokens"], params["truncated"]) == (8, True)
     assert written.html  # rendered and sanitised at creation
     assert completions_generate(project=project).completions == 0  # nothing left to do
     assert Round.objects.filter(project=project).count() == 2
@@ -61,10 +68,24 @@ def test_prompt_limit_and_progress(project):
     PromptFactory.create_batch(3, project=project)
     seen = []
     result = completions_generate(
-        project=project, prompt_limit=2, k=2, batch_size=1, progress=lambda d, t: seen.append((d, t))
+        project=project, prompt_limit=2, k=2, first_batch=1, batch_size=1, progress=lambda d, t: seen.append((d, t))
     )
     assert result.prompts == 2 and Completion.objects.count() == 4
     assert seen == [(1, 2), (2, 2)]
+
+
+def test_the_first_prompts_are_committed_in_a_small_batch_before_the_rest_are_written(project):
+    prompts = PromptFactory.create_batch(7, project=project)
+    committed = []
+
+    def progress(done, total):
+        # what an annotator's next-task would see at this moment: prompts that have their K
+        ready = [p.pk for p in prompts if p.completions.count() == 3]
+        committed.append((done, total, ready))
+
+    completions_generate(project=project, first_batch=2, batch_size=4, progress=progress)
+    ids = [p.pk for p in prompts]
+    assert committed == [(2, 7, ids[:2]), (6, 7, ids[:6]), (7, 7, ids)]
 
 
 def test_an_unloadable_model_is_a_clear_error_and_writes_nothing(project, tmp_path):

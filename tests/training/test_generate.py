@@ -1,6 +1,7 @@
 import pytest
+import torch
 
-from training.generate import SamplingConfig, generate_completions
+from training.generate import SamplingConfig, generate_completions, next_tokens, render_prompt
 from training.models import load_model
 
 HELLO = [{"role": "user", "content": "hello"}]
@@ -10,6 +11,7 @@ MULTI = [
     {"role": "assistant", "content": "Use reversed(xs)."},
     {"role": "user", "content": "And in place?"},
 ]
+CONVERSATIONS = [HELLO, MULTI, [{"role": "user", "content": "What is the capital of France?"}]]
 
 
 @pytest.fixture(scope="module")
@@ -30,11 +32,81 @@ def test_k_completions_per_conversation_in_order(tiny):
         progress=lambda done, total: calls.append((done, total)),
     )
     assert [len(c) for c in out] == [3, 3, 3]
-    assert all(isinstance(t, str) and t == t.strip() for c in out for t in c)
-    assert "<|im_end|>" not in "".join(t for c in out for t in c)
+    assert all(isinstance(s.text, str) and s.text == s.text.strip() for c in out for s in c)
+    assert "<|im_end|>" not in "".join(s.text for c in out for s in c)
     assert calls[-1] == (3, 3)
     assert [d for d, _ in calls] == sorted(d for d, _ in calls)
     assert tokenizer.padding_side == "right"
+
+
+def _plain_generate(model, tokenizer, conversations, max_new_tokens):
+    """model.generate on the whole batch, greedy: each row's new tokens up to (not including) EOS."""
+    tokenizer.padding_side = "left"
+    try:
+        enc = tokenizer([render_prompt(tokenizer, c) for c in conversations], return_tensors="pt", padding=True)
+    finally:
+        tokenizer.padding_side = "right"
+    out = model.generate(
+        **enc,
+        do_sample=False,
+        max_new_tokens=max_new_tokens,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )[:, enc["input_ids"].shape[1] :]
+    rows = []
+    for row in out.tolist():
+        ended = tokenizer.eos_token_id in row
+        rows.append((row[: row.index(tokenizer.eos_token_id)] if ended else row, not ended))
+    return rows
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_greedy_gives_the_tokens_of_model_generate_on_the_same_batch(tiny_model_dir, dtype):
+    model, tokenizer = load_model(str(tiny_model_dir), dtype=dtype)
+    # prompts of three lengths sorted shortest first, as generate_completions batches them
+    conversations = sorted(CONVERSATIONS, key=lambda c: len(tokenizer(render_prompt(tokenizer, c))["input_ids"]))
+    expected = _plain_generate(model, tokenizer, conversations, 24)
+    out = generate_completions(
+        model, tokenizer, conversations, k=1, sampling=SamplingConfig(temperature=0, max_new_tokens=24)
+    )
+    for [sample], (tokens, cut) in zip(out, expected, strict=True):
+        assert sample.text == tokenizer.decode(tokens, skip_special_tokens=True).strip()
+        assert (sample.token_ids, sample.tokens, sample.truncated) == (tuple(tokens), len(tokens), cut)
+
+
+def test_rows_that_write_eos_leave_the_batch_and_the_others_keep_their_tokens(tiny_model_dir):
+    model, tokenizer = load_model(str(tiny_model_dir))
+    with torch.no_grad():  # larger weights make the random model's greedy answers vary instead of repeating a token
+        for param in model.parameters():
+            param.mul_(10)
+    conversations = sorted(CONVERSATIONS, key=lambda c: len(tokenizer(render_prompt(tokenizer, c))["input_ids"]))
+    plain = _plain_generate(model, tokenizer, conversations, 12)
+    # Call EOS a token that the first row writes after a few others and the other rows never
+    # write, so the first row ends early and leaves the batch while the others go on to the limit.
+    first, others = plain[0][0], [tokens for tokens, _ in plain[1:]]
+    stop = next(t for t in first[2:] if t not in first[: first.index(t)] and all(t not in o for o in others))
+    tokenizer.eos_token = tokenizer.convert_ids_to_tokens(stop)
+    expected = _plain_generate(model, tokenizer, conversations, 12)
+    assert expected[0] == (first[: first.index(stop)], False)
+    assert all(cut for _, cut in expected[1:])
+    out = generate_completions(
+        model, tokenizer, conversations, k=1, sampling=SamplingConfig(temperature=0, max_new_tokens=12)
+    )
+    for [sample], (tokens, cut) in zip(out, expected, strict=True):
+        assert (sample.text, sample.token_ids, sample.truncated) == (
+            tokenizer.decode(tokens, skip_special_tokens=True).strip(),
+            tuple(tokens),
+            cut,
+        )
+
+
+def test_a_completion_cut_by_the_limit_is_marked_and_counts_its_tokens(tiny):
+    model, tokenizer = tiny
+    [[sample]] = generate_completions(
+        model, tokenizer, [HELLO], k=1, sampling=SamplingConfig(temperature=0, max_new_tokens=5)
+    )
+    expected = _plain_generate(model, tokenizer, [HELLO], 5)[0]
+    assert (sample.tokens, sample.truncated) == (len(expected[0]), expected[1])
 
 
 def test_seed_makes_sampling_reproducible_and_batching_does_not_change_greedy(tiny):
@@ -47,6 +119,15 @@ def test_seed_makes_sampling_reproducible_and_batching_does_not_change_greedy(ti
     batched = generate_completions(model, tokenizer, [HELLO, MULTI], k=1, sampling=greedy, batch_size=8)
     single = generate_completions(model, tokenizer, [HELLO, MULTI], k=1, sampling=greedy, batch_size=1)
     assert batched == single
+
+
+def test_top_p_keeps_the_smallest_set_reaching_it():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    torch.manual_seed(0)
+    draws = {int(next_tokens(logits, SamplingConfig(temperature=1, top_p=0.8))) for _ in range(300)}
+    assert draws == {0, 1}
+    greedy = next_tokens(logits, SamplingConfig(temperature=0))
+    assert greedy.tolist() == [0]
 
 
 def test_conversation_must_end_with_a_user_turn(tiny):

@@ -90,3 +90,25 @@ def test_a_reward_model_with_another_tokenizer_is_refused(tmp_path, tiny_model_d
 def test_values_out_of_range_name_the_field(field, value, message):
     with pytest.raises(ValueError, match=message):
         OnlineGRPOConfig(**{field: value}).validate()
+
+
+def test_rollouts_train_on_the_ids_the_policy_sampled(tiny_model_dir, reward_model_dir):
+    from training.generate import SamplingConfig, generate_completions
+    from training.models import load_model
+    from training.rollouts import load_scorer, sample_and_score
+
+    model, tokenizer = load_model(str(tiny_model_dir))
+    scorer = load_scorer(str(reward_model_dir), tokenizer, str(tiny_model_dir), model.device)
+    prompts = ["Tell me about cats.", "Explain rivers please."]
+    sampling = SamplingConfig(temperature=1.0, top_p=1.0, max_new_tokens=12, seed=3)
+    drawn = generate_completions(
+        model, tokenizer, [[{"role": "user", "content": p}] for p in prompts], k=3, sampling=sampling
+    )
+    samples = sample_and_score(
+        model, scorer, tokenizer, prompts, k=3, sampling=sampling, batch_size=8, precision="fp32"
+    )
+    eos = tokenizer.eos_token_id
+    # The random model writes byte pieces whose text encodes to other ids: these must not be what is trained on.
+    assert any(tokenizer(s.text, add_special_tokens=False)["input_ids"] != list(s.token_ids) for g in drawn for s in g)
+    assert samples.completions == [[*s.token_ids, *([] if s.truncated else [eos])] for g in drawn for s in g]
+    assert samples.rewards.shape == (2, 3)

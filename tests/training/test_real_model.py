@@ -36,11 +36,11 @@ def test_a_few_dpo_steps_on_the_default_model_then_save_reload_generate(tmp_path
     assert result.metrics["eval_after"]["margin"] > result.metrics["eval_before"]["margin"]
 
     model, tokenizer = load_model(str(result.out_dir))
-    [[text]] = generate_completions(
+    [[sample]] = generate_completions(
         model,
         tokenizer,
         [[{"role": "user", "content": "What is the capital of France?"}]],
         k=1,
         sampling=SamplingConfig(temperature=0, max_new_tokens=12),
     )
-    assert "Paris" in text
+    assert "Paris" in sample.text

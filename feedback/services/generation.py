@@ -196,7 +196,7 @@ def _round_write(
             )
             for prompt, written_for in zip(batch, samples, strict=True):
                 for sample in written_for[:share]:
-                    # A byte-level tokenizer can decode a NUL, which PostgreSQL cannot store in text (and imports refuse).
+                    # A byte-level tokenizer can decode a NUL, which PostgreSQL cannot store (and imports refuse).
                     text = sample.text.replace("\x00", "")
                     rows.append(
                         Completion(

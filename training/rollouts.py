@@ -163,9 +163,13 @@ def mean_sample_reward(
     batch_size: int,
     precision: str,
 ) -> dict[str, float | None]:
-    """The reward model's mean score of fresh samples on held-out prompts (the same seed before and after)."""
+    """The reward model's mean score of fresh samples on held-out prompts (the same seed before and after).
+
+    ``reward_stderr`` is the mean's standard error from the spread of each prompt's samples
+    (None with one sample a prompt): a change smaller than a few of it is sampling luck.
+    """
     if not prompts:  # None rather than NaN: metrics are stored as JSON
-        return {"reward": None, "response_length": None, "prompts": 0}
+        return {"reward": None, "reward_stderr": None, "response_length": None, "prompts": 0}
     scored = sample_and_score(
         policy,
         scorer,
@@ -176,8 +180,12 @@ def mean_sample_reward(
         batch_size=batch_size,
         precision=precision,
     )
+    g, k = scored.rewards.shape
+    # The sampling noise of the mean over these prompts: each prompt's spread of scores, not the spread between prompts.
+    stderr = float((scored.rewards.var(dim=1).mean() / (g * k)).sqrt()) if k > 1 else None
     return {
         "reward": float(scored.rewards.mean()),
+        "reward_stderr": stderr,
         "response_length": sum(map(len, scored.completions)) / len(scored.completions),
         "prompts": len(prompts),
     }

@@ -22,11 +22,13 @@ def test_ppo_raises_the_reward_of_fresh_samples_on_held_out_prompts(tmp_path, ti
     config = PPOConfig(
         **LENGTHS,
         reward_model=str(reward_model_dir),
-        epochs=3,
+        epochs=8,  # one sample a prompt per pass: PPO needs more passes than GRPO's four a prompt to learn as much
         batch_size=8,
         learning_rate=3e-2,
         max_new_tokens=12,
         warmup_ratio=0.0,
+        eval_samples=32,  # held-out prompts x 32 samples: a standard error near 0.03 against gains near 0.1
+        eval_batch_size=64,
     )
     steps = []
     result = train_ppo(
@@ -39,9 +41,10 @@ def test_ppo_raises_the_reward_of_fresh_samples_on_held_out_prompts(tmp_path, ti
     )
     before, after = result.metrics["eval_before"], result.metrics["eval_after"]
     assert before["prompts"] == after["prompts"] == 22
-    assert after["reward"] > before["reward"]
+    noise = (before["reward_stderr"] ** 2 + after["reward_stderr"] ** 2) ** 0.5
+    assert after["reward"] - before["reward"] > 2 * noise  # the gain, not sampling luck: twice its standard error
     assert all(0 <= m["kl"] < 2.0 for m in steps)
-    assert result.metrics["steps"] == len(steps) == 3 * 9 * 4  # epochs × rollout batches × ppo_epochs
+    assert result.metrics["steps"] == len(steps) == 8 * 9 * 4  # epochs × rollout batches × ppo_epochs
     assert {"reward", "kl", "value_loss", "policy_loss", "response_length"} <= set(steps[-1])
     assert (tmp_path / "policy" / "adapter_model.safetensors").is_file()
 

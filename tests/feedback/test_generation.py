@@ -6,6 +6,7 @@ from django.core.management import CommandError, call_command
 from feedback.models import Completion, Round, RoundPrompt
 from feedback.services.generation import GenerationError, completions_generate, generation_schedule_tick
 from tests.factories import CompletionFactory, ModelVersionFactory, ProjectFactory, PromptFactory
+from training.generate import Sample
 
 pytestmark = pytest.mark.django_db
 
@@ -137,7 +138,9 @@ def test_a_project_whose_queue_runs_low_gets_its_next_round(project, django_capt
 def test_a_nul_the_model_writes_is_left_out_of_the_stored_text(project, monkeypatch):
     monkeypatch.setattr(
         "training.generate.generate_completions",
-        lambda model, tokenizer, conversations, *, k, sampling: [["a\x00b"] * k for _ in conversations],
+        lambda model, tokenizer, conversations, *, k, sampling, batch_size: [
+            [Sample(text="a\x00b", token_ids=(1, 2, 3), truncated=False)] * k for _ in conversations
+        ],
     )
     PromptFactory(project=project)
     completions_generate(project=project)

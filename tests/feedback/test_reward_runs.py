@@ -130,7 +130,7 @@ def test_online_grpo_refuses_to_start_without_a_reward_model_and_uses_the_newest
     assert run.produced_version.kind == "policy" and run.produced_version.name == "v1"
     held_out = (run_dir(run) / "held_out.jsonl").read_text().splitlines()
     before = run.produced_version.metrics["eval_before"]
-    assert set(before) == {"reward", "response_length", "prompts"}
+    assert set(before) == {"reward", "reward_stderr", "response_length", "prompts"}
     assert before["prompts"] == len({json.loads(row)["prompt_id"] for row in held_out})
     assert {"reward", "kl", "response_length"} <= set(run.metrics[-1])
 

@@ -39,7 +39,8 @@ def project(tiny_model_dir):
 def test_judgements_train_a_reward_model_that_is_never_promoted(project, settings):
     judge_everything(project, UserFactory())
 
-    run = training_run_start(project=project, algorithm="reward", enqueue=False)
+    # Prompts are held out by a hash of their id: half of them, so that some are whatever the ids.
+    run = training_run_start(project=project, algorithm="reward", enqueue=False, test_fraction=0.5)
     run = training_run_execute(run_id=run.pk)
 
     assert run.status == "succeeded", run.error
@@ -47,7 +48,8 @@ def test_judgements_train_a_reward_model_that_is_never_promoted(project, setting
     version = run.produced_version
     assert version.kind == "reward" and version.name == "reward-1"
     assert not version.is_active  # auto_promote is on, and still a reward model is not promoted
-    assert version.metrics["eval_after"]["accuracy"] is not None
+    assert version.metrics["eval_after"]["pairs"] == run.data_counts["held_out"] > 0  # one pair per prompt
+    assert 0 <= version.metrics["eval_after"]["accuracy"] <= 1
     assert set(version.metrics["eval_before"]) == {"accuracy", "margin", "pairs"}
     weights = settings.MODEL_VERSIONS_DIR / version.weights_path
     assert (weights / HEAD_FILE).is_file() and not list(weights.glob("*.bin"))

@@ -134,7 +134,11 @@ def test_the_units_commands_migrate_then_serve_healthz_and_run_a_worker(tmp_path
         assert (status, json.loads(body)) == (200, {"database": "ok", "queue": "ok", "data_dir": "ok", "model": "ok"})
         # Production settings: every other plain-HTTP request is sent to HTTPS.
         assert get(f"http://127.0.0.1:{port}/login/") == (301, "https://rankwise.example.com/login/")
-        assert worker.poll() is None, (tmp_path / "services.log").read_text()
+        # Stop the worker only once it is up: a signal while it still imports the app ends it with a traceback.
+        while "consumer started" not in (tmp_path / "services.log").read_text().lower():
+            assert worker.poll() is None, (tmp_path / "services.log").read_text()
+            assert time.monotonic() < deadline, "the worker did not start: " + (tmp_path / "services.log").read_text()
+            time.sleep(0.3)
     finally:
         for process, stop in ((web, signal.SIGTERM), (worker, signal.SIGINT)):  # each unit's KillSignal
             process.send_signal(stop)

@@ -5,7 +5,7 @@ import pytest
 from playwright.sync_api import expect
 
 from feedback.models import Assignment, PairwiseJudgement, RankingJudgement
-from tests.conftest import PASSWORD
+from tests.e2e.conftest import log_in_as
 from tests.factories import CompletionFactory, MembershipFactory, ProjectFactory, PromptFactory, UserFactory
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
@@ -30,10 +30,7 @@ def make_project(*, mode: str, prompts: int, k: int, texts=None, **kwargs):
 def log_in(page, live_server, project, *, home_screenshot=None):
     user = UserFactory(username="ann")
     MembershipFactory(user=user, project=project)
-    page.goto(f"{live_server.url}/login/")
-    page.fill("#id_username", "ann")
-    page.fill("#id_password", PASSWORD)
-    page.click("button[type=submit]")
+    log_in_as(page, live_server, "ann")
     row = page.locator("tr", has_text=project.name)
     expect(row).to_contain_text("Start")
     if home_screenshot:
@@ -189,10 +186,7 @@ def test_the_page_works_without_javascript(live_server, browser):
     page = context.new_page()
     UserFactory(username="plain")
     MembershipFactory(user=UserFactory._meta.model.objects.get(username="plain"), project=project)
-    page.goto(f"{live_server.url}/login/")
-    page.fill("#id_username", "plain")
-    page.fill("#id_password", PASSWORD)
-    page.click("button[type=submit]")
+    log_in_as(page, live_server, "plain")
     page.goto(f"{live_server.url}/projects/{project.slug}/annotate/")
     page.get_by_label("B is better").check()
     page.get_by_role("button", name=re.compile("^Submit")).click()

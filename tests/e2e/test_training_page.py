@@ -14,7 +14,7 @@ from playwright.sync_api import expect
 from feedback.models import ModelVersion, Project, TrainingRun
 from feedback.services import training_runs
 from feedback.services.training_runs import training_run_execute
-from tests.conftest import PASSWORD
+from tests.e2e.conftest import log_in_as
 from tests.factories import MembershipFactory, ProjectFactory, TrainingRunFactory, UserFactory
 from tests.feedback.export_helpers import compare, make_prompt
 
@@ -74,10 +74,7 @@ def test_retrain_watch_the_run_then_promote(live_server, page, artifacts, worker
     page.on("pageerror", lambda error: violations.append(str(error)))
     page.on("console", lambda m: violations.append(m.text) if "Content Security Policy" in m.text else None)
 
-    page.goto(f"{live_server.url}/login/")
-    page.fill("#id_username", "boss")
-    page.fill("#id_password", PASSWORD)
-    page.click("button[type=submit]")
+    log_in_as(page, live_server, "boss")
     page.locator("tr", has_text="Cats").get_by_role("link", name="Training").click()
     expect(page.locator("h1")).to_have_text("Training · Cats")
     expect(page.get_by_text("No training runs yet.")).to_be_visible()
@@ -120,10 +117,7 @@ def test_retrain_watch_the_run_then_promote(live_server, page, artifacts, worker
 def test_a_scheduled_run_shows_up_on_an_open_page(live_server, page):
     project = ProjectFactory(slug="sched", name="Dogs")
     UserFactory(username="boss", is_staff=True)
-    page.goto(f"{live_server.url}/login/")
-    page.fill("#id_username", "boss")
-    page.fill("#id_password", PASSWORD)
-    page.click("button[type=submit]")
+    log_in_as(page, live_server, "boss")
     page.goto(f"{live_server.url}/projects/sched/training/")
     expect(page.get_by_text("No training runs yet.")).to_be_visible()
 

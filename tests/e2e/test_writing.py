@@ -5,7 +5,7 @@ from huey.contrib.djhuey import HUEY
 from playwright.sync_api import expect
 
 from feedback.queue import generation_lock_name
-from tests.conftest import PASSWORD
+from tests.e2e.conftest import log_in_as
 from tests.factories import CompletionFactory, MembershipFactory, ProjectFactory, PromptFactory, UserFactory
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
@@ -15,10 +15,7 @@ def test_the_annotate_page_waits_for_the_first_completions_then_shows_them(live_
     project = ProjectFactory(name="Demo", mode="ranking", completions_per_prompt=2)
     first, _ = PromptFactory.create_batch(2, project=project)
     MembershipFactory(user=UserFactory(username="ann"), project=project)
-    page.goto(f"{live_server.url}/login/")
-    page.fill("#id_username", "ann")
-    page.fill("#id_password", PASSWORD)
-    page.click("button[type=submit]")
+    log_in_as(page, live_server, "ann")
 
     with HUEY.lock_task(generation_lock_name(project.pk)):
         page.reload()

@@ -16,6 +16,7 @@ from feedback.queue import enqueue
 from feedback.rendering import markdown_to_safe_html
 from feedback.selectors.models import model_version_active, model_version_weights_dir
 from feedback.selectors.rounds import round_judged_pairs, round_prompts_by_judgements, round_prompts_by_latest_round
+from feedback.selectors.tasks import judgements_left
 from feedback.services.rounds import BASE, round_request, round_writers_default, round_writers_mix
 
 
@@ -251,8 +252,6 @@ def generation_schedule_tick(*, low_water: int, round_prompts: int) -> list[Proj
 
     For each, the worker is asked to write the next round (`round_prompts` prompts).
     """
-    from feedback.selectors.tasks import judgements_left
-
     due = []
     for project in Project.objects.all():
         if judgements_left(project=project) >= low_water:

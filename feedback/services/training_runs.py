@@ -29,6 +29,7 @@ from feedback import queue
 from feedback.models import ModelVersion, PairwiseJudgement, Project, RankingJudgement, TrainingRun
 from feedback.selectors.models import model_for_generation, model_version_weights_dir, reward_model_newest
 from feedback.selectors.preferences import ExportFormat, PreferenceExportOptions, preference_rows
+from feedback.services.model_versions import model_version_promote
 from training.config import (
     DPOConfig,
     GRPOConfig,
@@ -368,8 +369,6 @@ def training_run_execute(*, run_id: int, on_progress: ProgressCallback | None = 
     if kind == ModelVersion.Kind.REWARD:
         queue.enqueue("completion_scores_task", version.pk)  # staff see its scores beside the completions
     if project.auto_promote and kind == ModelVersion.Kind.POLICY and _improved(metrics):
-        from feedback.services.model_versions import model_version_promote
-
         model_version_promote(version=version)
     return run
 

@@ -5,6 +5,7 @@ from django.core.management import CommandError, call_command
 
 from feedback.models import Completion, Round, RoundPrompt
 from feedback.services.generation import GenerationError, completions_generate, generation_schedule_tick
+from feedback.tasks import generate_completions_task
 from tests.factories import CompletionFactory, ModelVersionFactory, ProjectFactory, PromptFactory
 from training.generate import Sample
 
@@ -98,11 +99,17 @@ def test_an_unloadable_model_is_a_clear_error_and_writes_nothing(project, tmp_pa
     assert not Completion.objects.exists()
 
 
-def test_generate_command_sync_and_queued(project, huey_immediate):
+def test_generate_command_writes_here_with_sync_and_queues_otherwise(
+    project, queue, django_capture_on_commit_callbacks
+):
     PromptFactory.create_batch(2, project=project)
-    call_command("generate", "gen", "--prompts", "1", "--k", "2", "--sync")
-    assert Completion.objects.count() == 2
-    call_command("generate", "gen")  # queued: huey runs it at once in immediate mode
+    with django_capture_on_commit_callbacks(execute=True):
+        call_command("generate", "gen", "--prompts", "1", "--k", "2", "--sync")
+    assert Completion.objects.count() == 2 and queue.args("generate_completions_task") == []
+    queue.run_with("generate_completions_task", generate_completions_task.call_local)
+    with django_capture_on_commit_callbacks(execute=True):
+        call_command("generate", "gen")
+    assert queue.args("generate_completions_task") == [(project.pk, None, None, False)]
     assert Completion.objects.count() == 2 + 3
 
 

@@ -6,7 +6,6 @@ import pytest
 from django.contrib.auth import authenticate
 from django.core.management import call_command
 
-from feedback.management.commands import seed_demo
 from feedback.models import Membership, Project
 from feedback.services import demo
 from tests.conftest import PASSWORD
@@ -15,10 +14,9 @@ from tests.factories import UserFactory
 pytestmark = pytest.mark.django_db
 
 
-def test_the_demo_is_seeded_once_with_logins_that_work(settings, monkeypatch, capsys):
-    queued = []
-    monkeypatch.setattr(seed_demo, "generate_completions_task", queued.append)
-    call_command("seed_demo")
+def test_the_demo_is_seeded_once_with_logins_that_work(settings, capsys, queue, django_capture_on_commit_callbacks):
+    with django_capture_on_commit_callbacks(execute=True):
+        call_command("seed_demo")
     out = capsys.readouterr().out
 
     project = Project.objects.get(slug="demo")
@@ -26,7 +24,8 @@ def test_the_demo_is_seeded_once_with_logins_that_work(settings, monkeypatch, ca
     topics = {p.metadata["topic"] for p in project.prompts.all()}
     assert topics == {"coding", "facts", "writing", "advice", "multi-turn"}
     assert any(len(p.messages) > 1 for p in project.prompts.all())
-    assert queued == [project.pk]  # completions are written by the worker, not while the command waits
+    # completions are written by the worker, not while the command waits
+    assert queue.args("generate_completions_task") == [(project.pk,)]
 
     credentials = json.loads((settings.DATA_DIR / "demo-credentials.json").read_text())
     assert set(credentials) == {"admin", "alice", "bob"}
@@ -43,8 +42,7 @@ def test_the_demo_is_seeded_once_with_logins_that_work(settings, monkeypatch, ca
     assert authenticate(username="alice", password=credentials["alice"]) is not None
 
 
-def test_an_existing_account_with_a_demo_name_is_left_as_it_is(settings, monkeypatch, capsys):
-    monkeypatch.setattr(seed_demo, "generate_completions_task", lambda project_id: None)
+def test_an_existing_account_with_a_demo_name_is_left_as_it_is(settings, capsys, queue):
     alice = UserFactory(username="alice", is_staff=True)
     password_hash = alice.password
     call_command("seed_demo")
@@ -61,7 +59,6 @@ def test_an_existing_account_with_a_demo_name_is_left_as_it_is(settings, monkeyp
 
 
 def test_the_credentials_file_is_private_from_its_first_byte(settings, monkeypatch):
-    monkeypatch.setattr(seed_demo, "generate_completions_task", lambda project_id: None)
     path = settings.DATA_DIR / "demo-credentials.json"
     path.write_text("{}")
     path.chmod(0o644)  # an earlier, readable file is replaced, not reused

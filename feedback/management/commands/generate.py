@@ -6,9 +6,9 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from tqdm import tqdm
 
 from feedback.models import Project, Round
+from feedback.queue import enqueue
 from feedback.services.generation import GenerationError, completions_generate, round_write
 from feedback.services.rounds import STRATEGIES, round_enqueue, round_request, round_writers_mix
-from feedback.tasks import generate_completions_task
 
 OPTIONS = {"prompts": "--prompts", "strategy": "--strategy", "versions": "--versions", "k": "--k", "round": "--round"}
 
@@ -100,7 +100,7 @@ class Command(BaseCommand):
 
     def _fill(self, target: Project, *, prompts: int | None, k: int | None, mix: bool, sync: bool) -> None:
         if not sync:
-            generate_completions_task(target.pk, prompts, k, mix)
+            enqueue("generate_completions_task", target.pk, prompts, k, mix)
             self.stdout.write(f"Queued generation for '{target.slug}'; the worker writes the completions.")
             return
         with _Bar() as progress:

@@ -2,9 +2,9 @@ from typing import Any
 
 from django.core.management.base import BaseCommand
 
+from feedback.queue import enqueue
 from feedback.services.demo import demo_seed
 from feedback.services.generation import prompts_lacking_completions
-from feedback.tasks import generate_completions_task
 
 
 class Command(BaseCommand):
@@ -15,7 +15,7 @@ class Command(BaseCommand):
         project = seed.project
         lacking = len(prompts_lacking_completions(project=project))
         if lacking:
-            generate_completions_task(project.pk)
+            enqueue("generate_completions_task", project.pk)
             self.stdout.write(
                 f"Queued completions for {lacking} demo prompts; the worker writes them in the background."
             )

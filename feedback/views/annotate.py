@@ -29,6 +29,7 @@ from feedback.services.assignments import assignment_lease_next, assignment_leas
 from feedback.services.judgements import JudgementSubmission, judgement_submit
 from feedback.views.forms import JudgementForm, SkipForm
 
+BAD_SHOWN = "shown: expected the ids of the tasks on the page, whole numbers"
 SHORTCUTS = {
     "pairwise": [
         ("1", "A is better"),
@@ -116,15 +117,22 @@ def annotate(request: AnnotatorRequest, slug: str) -> HttpResponse:
 def annotate_next(request: AnnotatorRequest, slug: str) -> HttpResponse:
     """A task to prefetch, other than the one the page shows (``shown``)."""
     project = project_for_role(user=request.user, slug=slug, role=Membership.Role.ANNOTATOR)
-    return _prefetched(request, project)
+    if (shown := _shown(request)) is None:
+        return HttpResponseBadRequest(BAD_SHOWN)
+    return _prefetched(request, project, shown=shown)
 
 
-def _prefetched(request: AnnotatorRequest, project: Project, *, event: str | None = None) -> HttpResponse:
+def _shown(request: AnnotatorRequest) -> list[int] | None:
+    """The ids of the tasks on the page (``shown``), or None when one of them is not an id."""
     source = request.POST if request.method == "POST" else request.GET
     numbers = [id_from(value) for value in source.getlist("shown")]
     shown = [number for number in numbers if number is not None]
-    if len(shown) < len(numbers):
-        return HttpResponseBadRequest("shown: expected the ids of the tasks on the page, whole numbers")
+    return shown if len(shown) == len(numbers) else None
+
+
+def _prefetched(
+    request: AnnotatorRequest, project: Project, *, shown: list[int], event: str | None = None
+) -> HttpResponse:
     # the page has just put the prefetched task on screen: its lease starts again from now
     assignment_lease_renew(project=project, annotator=request.user, task_ids=shown)
     task = assignment_lease_next(project=project, annotator=request.user, exclude_ids=shown)
@@ -157,6 +165,8 @@ def _error_dict(error: ValidationError) -> dict[str, list[str]]:
 @require_POST
 def annotate_submit(request: AnnotatorRequest, slug: str) -> HttpResponse:
     project = project_for_role(user=request.user, slug=slug, role=Membership.Role.ANNOTATOR)
+    if (shown := _shown(request)) is None:  # before anything is saved
+        return HttpResponseBadRequest(BAD_SHOWN)
     form = JudgementForm(request.POST)
     if not form.is_valid():
         errors = {
@@ -170,7 +180,7 @@ def annotate_submit(request: AnnotatorRequest, slug: str) -> HttpResponse:
     except ValidationError as error:
         return _rejected(request, project, submission.task_id, _error_dict(error))
     if request.htmx:
-        return _prefetched(request, project, event="rankwise:judged")
+        return _prefetched(request, project, shown=shown, event="rankwise:judged")
     return redirect("annotate", slug=project.slug)
 
 
@@ -178,6 +188,8 @@ def annotate_submit(request: AnnotatorRequest, slug: str) -> HttpResponse:
 @require_POST
 def annotate_skip(request: AnnotatorRequest, slug: str) -> HttpResponse:
     project = project_for_role(user=request.user, slug=slug, role=Membership.Role.ANNOTATOR)
+    if (shown := _shown(request)) is None:  # before anything is saved
+        return HttpResponseBadRequest(BAD_SHOWN)
     form = SkipForm(request.POST)
     if not form.is_valid():
         return _rejected(request, project, None, {k: [str(m) for m in v] for k, v in form.errors.items()})
@@ -187,5 +199,5 @@ def annotate_skip(request: AnnotatorRequest, slug: str) -> HttpResponse:
     except ValidationError as error:
         return _rejected(request, project, data["task_id"], _error_dict(error))
     if request.htmx:
-        return _prefetched(request, project, event="rankwise:skipped")
+        return _prefetched(request, project, shown=shown, event="rankwise:skipped")
     return redirect("annotate", slug=project.slug)

@@ -36,7 +36,7 @@ from feedback.api.serializers import (
 )
 from feedback.ids import MAX_ID, id_from
 from feedback.models import Completion, Membership, ModelVersion, Project, Prompt
-from feedback.selectors.access import membership_role, project_for_role, project_role_check, user_manages_project
+from feedback.selectors.access import project_for_role, project_role_check, user_manages_project
 from feedback.selectors.models import completion_reward_scores, reward_model_newest
 from feedback.selectors.projects import project_list_for_user
 from feedback.services.model_versions import ModelVersionError, model_version_promote
@@ -78,10 +78,10 @@ class ProjectOutputSerializer(serializers.Serializer):
     role = serializers.ChoiceField(choices=Membership.Role.choices, help_text="Yours; staff count as managers.")
 
 
-def _project_data(project: Project, role: str | None) -> dict[str, Any]:
-    """A project annotated by project_list_for_user (prompt and completion counts) with the caller's role."""
-    fields = ("slug", "name", "mode", "completions_per_prompt", "overlap", "prompt_count", "completion_count")
-    return {**{name: getattr(project, name) for name in fields}, "role": role}
+def _project_data(project: Project) -> dict[str, Any]:
+    """A project annotated by project_list_for_user (the caller's role, prompt and completion counts)."""
+    fields = ("slug", "name", "mode", "completions_per_prompt", "overlap", "prompt_count", "completion_count", "role")
+    return {name: getattr(project, name) for name in fields}
 
 
 class ProjectListApi(APIView):
@@ -101,11 +101,9 @@ class ProjectListApi(APIView):
     )
     def get(self, request: Request) -> Response:
         projects = project_list_for_user(user=request.user)
-        roles = dict(Membership.objects.filter(user_id=request.user.pk or 0).values_list("project_id", "role"))
         paginator = StrictPageNumberPagination()
         page = paginator.paginate_queryset(projects, request, view=self) or []
-        staff = getattr(request.user, "is_staff", False)
-        items = [_project_data(p, Membership.Role.MANAGER if staff else roles.get(p.pk)) for p in page]
+        items = [_project_data(p) for p in page]
         return paginator.get_paginated_response(self.OutputSerializer(items, many=True).data)
 
 
@@ -124,7 +122,7 @@ class ProjectDetailApi(APIView):
     def get(self, request: Request, slug: str) -> Response:
         project = project_for_role(user=request.user, slug=slug, role=Membership.Role.ANNOTATOR)
         counted = project_list_for_user(user=request.user).get(pk=project.pk)
-        data = _project_data(counted, membership_role(user=request.user, project=project))
+        data = _project_data(counted)
         return Response(self.OutputSerializer({**data, "guidelines": counted.guidelines}).data)
 
 

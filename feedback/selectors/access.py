@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
 from django.core.exceptions import PermissionDenied
+from django.db.models import CharField, F, QuerySet, Value
 from django.http import Http404
 
 from feedback.models import Membership, Project
@@ -30,9 +31,22 @@ def membership_role(*, user: User, project: Project) -> str | None:
     """The user's role in the project, "manager" for staff, None for anonymous users and non-members."""
     if not user.is_authenticated:
         return None
-    if getattr(user, "is_staff", False):
+    if _manages_every_project(user):
         return Role.MANAGER
     return Membership.objects.filter(user_id=user.pk, project_id=project.pk).values_list("role", flat=True).first()
+
+
+def projects_with_role(*, user: User) -> QuerySet[Project]:
+    """The projects the user may see, each annotated with ``role``: the user's, as membership_role gives it."""
+    if not user.is_authenticated:
+        return Project.objects.none()
+    if _manages_every_project(user):
+        return Project.objects.annotate(role=Value(Role.MANAGER, output_field=CharField()))
+    return Project.objects.filter(memberships__user_id=user.pk).annotate(role=F("memberships__role"))
+
+
+def _manages_every_project(user: User) -> bool:
+    return bool(getattr(user, "is_staff", False))
 
 
 def role_allows(*, held: str | None, wanted: Role) -> bool:

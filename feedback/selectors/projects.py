@@ -6,17 +6,19 @@ from django.db.models.functions import Coalesce
 
 from feedback.models import Completion, Project, Prompt
 from feedback.queue import generation_running
+from feedback.selectors.access import projects_with_role
 
 
 def project_list_for_user(*, user: User | AnonymousUser) -> QuerySet[Project]:
-    """Projects the user may see: every project for staff, their memberships otherwise."""
-    if not user.is_authenticated:
-        return Project.objects.none()
-    projects = Project.objects.all() if user.is_staff else Project.objects.filter(memberships__user=user)
-    return projects.annotate(
-        prompt_count=_count_per_project(Prompt.objects.all(), "project"),
-        completion_count=_count_per_project(Completion.objects.all(), "prompt__project"),
-    ).order_by("name")
+    """Projects the user may see (every project for staff), each with the user's ``role`` and its counts."""
+    return (
+        projects_with_role(user=user)
+        .annotate(
+            prompt_count=_count_per_project(Prompt.objects.all(), "project"),
+            completion_count=_count_per_project(Completion.objects.all(), "prompt__project"),
+        )
+        .order_by("name")
+    )
 
 
 def _count_per_project(rows: QuerySet[Any], project_field: str) -> Coalesce:

@@ -16,8 +16,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import Field, dataclass, field, fields
 from typing import Any, TypeVar, get_type_hints
 
-DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
-GRPO_LOSS_TYPES = ("grpo", "dapo", "dr_grpo")
+from training.loss_types import DPO_LOSS_TYPES, DPO_LOSSES, DPO_SMOOTHED_LOSS_TYPES, GRPO_LOSS_TYPES
+
 SCHEDULERS = ("cosine", "linear", "constant")
 PRECISIONS = ("auto", "bf16", "fp32")
 LARGEST_INT = 2**63 - 1  # what the database's JSON and torch's seeds hold
@@ -112,7 +112,12 @@ class TrainConfig:
 class DPOConfig(TrainConfig):
     beta: float = option(0.1, "DPO β: strength of the implicit KL constraint; higher stays closer to the reference")
     loss_type: str = option("sigmoid", "DPO loss", choices=DPO_LOSS_TYPES)
-    label_smoothing: float = option(0.0, "assumed share of flipped labels (sigmoid: cDPO, robust: rDPO)")
+    label_smoothing: float = option(
+        0.0,
+        "assumed share of flipped labels ("
+        + ", ".join(f"{name}: {smoothed}" for name, smoothed in DPO_LOSSES.items() if smoothed)
+        + ")",
+    )
     use_weights: bool = option(
         True, "multiply each pair's loss by its `weight` (annotator agreement)", flags=("--weights", "--no-weights")
     )
@@ -124,7 +129,7 @@ class DPOConfig(TrainConfig):
             raise ValueError("beta must be positive")
         if not 0 <= self.label_smoothing < 0.5:
             raise ValueError("label_smoothing must be in [0, 0.5)")
-        if self.label_smoothing and self.loss_type not in ("sigmoid", "robust"):
+        if self.label_smoothing and self.loss_type not in DPO_SMOOTHED_LOSS_TYPES:
             raise ValueError(f"label_smoothing has no effect with loss_type {self.loss_type!r}")
 
 

@@ -11,7 +11,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from training.config import DPO_LOSS_TYPES, GRPO_LOSS_TYPES
+from training.loss_types import DPO_LOSS_TYPES, GRPO_LOSS_TYPES
 
 
 def dpo_loss(

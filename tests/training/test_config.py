@@ -7,6 +7,7 @@ import pytest
 
 from training.__main__ import build_parser, config_from_args
 from training.config import DPOConfig, GRPOConfig, add_config_arguments, config_from_mapping, config_options
+from training.loss_types import DPO_LOSS_TYPES, GRPO_LOSS_TYPES
 
 
 def test_both_algorithms_share_the_common_fields_and_their_checks():
@@ -37,7 +38,7 @@ def test_a_field_in_both_configs_with_different_help_says_each():
     beta = options["beta"].help
     assert beta.startswith("dpo: DPO β: strength") and "; grpo: weight of the k3 KL penalty" in beta
     assert options["epochs"].help == "passes over the training data"  # the same in both: said once
-    assert options["loss_type"].choices == ("sigmoid", "ipo", "hinge", "robust", "grpo", "dapo", "dr_grpo")
+    assert options["loss_type"].choices == DPO_LOSS_TYPES + GRPO_LOSS_TYPES  # merged: each algorithm's, in order
     assert options["lora"].flags == ("--lora", "--full") and options["use_weights"].flags == (
         "--weights",
         "--no-weights",

@@ -3,6 +3,7 @@ import math
 import pytest
 import torch
 
+from training.loss_types import DPO_LOSS_TYPES, DPO_SMOOTHED_LOSS_TYPES, GRPO_LOSS_TYPES
 from training.losses import dpo_loss, group_advantages, grpo_loss
 
 # h = (pc - rc) - (pr - rr) = (-1 + 1.5) - (-2 + 1.5) = 1.0 for these numbers.
@@ -78,6 +79,24 @@ def test_dpo_rewards_carry_no_gradient_and_loss_does():
     losses.sum().backward()
     assert not chosen.requires_grad
     assert pc.grad is not None and pc.grad.item() < 0  # raising the chosen log-prob lowers the loss
+
+
+@pytest.mark.parametrize("loss_type", DPO_LOSS_TYPES)
+def test_every_named_dpo_loss_prefers_the_chosen_side_and_reads_label_smoothing_as_named(loss_type):
+    # the policy moved towards the chosen side (h = 1 > 0): more of that lowers every loss
+    better = dpo_loss(PC + 1, PR, RC, RR, beta=0.1, loss_type=loss_type)[0]
+    plain = dpo_loss(PC, PR, RC, RR, beta=0.1, loss_type=loss_type)[0]
+    assert torch.isfinite(plain).all() and better.item() < plain.item()
+    smoothed = dpo_loss(PC, PR, RC, RR, beta=0.1, loss_type=loss_type, label_smoothing=0.1)[0]
+    assert (smoothed.item() != plain.item()) == (loss_type in DPO_SMOOTHED_LOSS_TYPES)
+
+
+@pytest.mark.parametrize("loss_type", GRPO_LOSS_TYPES)
+def test_every_named_grpo_loss_is_finite(loss_type):
+    logps = torch.tensor([[-1.0, -2.0, 0.0], [-0.5, 0.0, 0.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    loss = grpo_loss(logps, logps, logps, torch.tensor([1.0, -1.0]), mask, loss_type=loss_type)
+    assert torch.isfinite(loss)
 
 
 def test_unknown_loss_type_is_rejected():

@@ -1,14 +1,20 @@
 """Brute-force protection: failed logins and failed API tokens, counted per client address in the cache.
 
 Only failures are counted, so any number of people working normally behind one address are never
-slowed. The counts live in Django's default cache, which settings make shared between processes.
+slowed. The counts live in Django's default cache, which settings make shared between processes; each
+count is read, extended and written back under a lock, so failures sent in parallel are all counted.
 """
 
 from __future__ import annotations
 
+import fcntl
+import functools
 import hashlib
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
+import redis
 from django.conf import settings
 from django.core.cache import cache
 from django.core.exceptions import ValidationError
@@ -35,6 +41,28 @@ def _login_key(kind: str, *, username: str, address: str) -> str:
     return f"rankwise:login-{kind}:{account}:{address}"
 
 
+@functools.cache
+def _redis(url: str) -> redis.Redis:
+    return redis.Redis.from_url(url)
+
+
+@contextmanager
+def _counting(key: str) -> Iterator[None]:
+    """Hold `key` while its count is read and written back, in every process that shares the cache.
+
+    The cache has no atomic read-modify-write that both its backends keep. With Redis (shared by several
+    machines) a Redis lock, which expires should its holder die; with the file cache (one machine) a file
+    lock, which the operating system frees when its process ends.
+    """
+    if settings.REDIS_URL:
+        with _redis(settings.REDIS_URL).lock(f"{key}:lock", timeout=10, blocking_timeout=10):
+            yield
+        return
+    with (settings.DATA_DIR / "throttling.lock").open("a") as lock_file:
+        fcntl.flock(lock_file, fcntl.LOCK_EX)  # freed when the file closes
+        yield
+
+
 def _recent(key: str, *, window: int, now: float) -> list[float]:
     return [moment for moment in cache.get(key, []) if moment > now - window]
 
@@ -53,14 +81,16 @@ def login_lock_check(*, username: str, address: str) -> None:
 
 def login_failure_record(*, username: str, address: str) -> None:
     """Count a failed login; the fifth within the window locks the account for this address."""
-    now = time.time()
     key = _login_key("failures", username=username, address=address)
-    failures = _recent(key, window=LOGIN_WINDOW_SECONDS, now=now) + [now]
-    if len(failures) >= LOGIN_FAILURES_ALLOWED:
-        cache.set(_login_key("lock", username=username, address=address), now + LOGIN_LOCK_SECONDS, LOGIN_LOCK_SECONDS)
-        cache.delete(key)
-    else:
-        cache.set(key, failures, LOGIN_WINDOW_SECONDS)
+    with _counting(key):
+        now = time.time()
+        failures = _recent(key, window=LOGIN_WINDOW_SECONDS, now=now) + [now]
+        if len(failures) >= LOGIN_FAILURES_ALLOWED:
+            lock_key = _login_key("lock", username=username, address=address)
+            cache.set(lock_key, now + LOGIN_LOCK_SECONDS, LOGIN_LOCK_SECONDS)
+            cache.delete(key)
+        else:
+            cache.set(key, failures, LOGIN_WINDOW_SECONDS)
 
 
 def login_failures_clear(*, username: str, address: str) -> None:
@@ -82,6 +112,8 @@ def token_failures_wait(*, address: str) -> float | None:
 
 
 def token_failure_record(*, address: str) -> None:
-    now = time.time()
-    failures = _recent(_token_key(address), window=TOKEN_WINDOW_SECONDS, now=now) + [now]
-    cache.set(_token_key(address), failures[-TOKEN_FAILURES_ALLOWED:], TOKEN_WINDOW_SECONDS)
+    key = _token_key(address)
+    with _counting(key):
+        now = time.time()
+        failures = _recent(key, window=TOKEN_WINDOW_SECONDS, now=now) + [now]
+        cache.set(key, failures[-TOKEN_FAILURES_ALLOWED:], TOKEN_WINDOW_SECONDS)

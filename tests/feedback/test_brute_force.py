@@ -1,5 +1,7 @@
 """Failed logins lock an account for one address; failed API tokens from one address get 429; nobody else slows."""
 
+import threading
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -143,3 +145,51 @@ def test_twenty_annotators_behind_one_address_working_normally_are_never_slowed(
                 "/api/v1/projects/alpha/", HTTP_AUTHORIZATION=f"Token {token}", REMOTE_ADDR="203.0.113.7"
             )
             assert response.status_code == 200
+
+
+class SlowCache:
+    """The cache, taking its time to read as a busy disk or network does: parallel read-modify-writes overlap."""
+
+    def __init__(self, cache):
+        self.cache = cache
+
+    def get(self, *args, **kwargs):
+        value = self.cache.get(*args, **kwargs)
+        time.sleep(0.02)
+        return value
+
+    def __getattr__(self, name):
+        return getattr(self.cache, name)
+
+
+def in_parallel(count: int, action) -> None:
+    start = threading.Barrier(count)
+
+    def run() -> None:
+        start.wait()
+        action()
+
+    threads = [threading.Thread(target=run) for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+
+def test_failed_logins_at_the_same_moment_are_all_counted(client, monkeypatch):
+    import feedback.services.throttling as throttling
+
+    monkeypatch.setattr(throttling, "cache", SlowCache(throttling.cache))
+    UserFactory(username="alice")
+    in_parallel(5, lambda: throttling.login_failure_record(username="alice", address="203.0.113.7"))
+    assert errors(log_in(client, "alice", PASSWORD)) == [LOCKED]
+
+
+def test_failed_tokens_at_the_same_moment_are_all_counted(monkeypatch):
+    import feedback.services.throttling as throttling
+
+    monkeypatch.setattr(throttling, "cache", SlowCache(throttling.cache))
+    good = Token.objects.create(user=UserFactory()).key
+    in_parallel(20, lambda: throttling.token_failure_record(address="203.0.113.7"))
+    assert api_get("wrong").status_code == 429
+    assert api_get(good, address="198.51.100.4").status_code == 200

@@ -1,6 +1,8 @@
 """huey tasks: thin; each loads by id and calls a service. Services queue them through feedback.queue."""
 
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 from django.conf import settings
 from django.core.cache import cache
@@ -25,23 +27,40 @@ def _generation_beat(project_id: int) -> None:
     cache.set(_generation_heartbeat_key(project_id), time.time(), timeout=None)
 
 
+@contextmanager
+def generation_writing(
+    project_id: int, progress: Callable[[int, int], None] | None = None
+) -> Iterator[Callable[[int, int], None]]:
+    """Hold the project's generation lock, beating its heartbeat, while completions are written here.
+
+    One generation per project at a time: the worker's tasks and `generate --sync` both write under
+    it, so a round a live process is writing is never queued again by the schedule. Yields the
+    progress callback to hand the writer (it beats, then calls ``progress``). Raises huey's
+    TaskLockedException when another process holds the lock.
+    """
+
+    def beat(done: int, total: int) -> None:
+        _generation_beat(project_id)
+        if progress is not None:
+            progress(done, total)
+
+    with HUEY.lock_task(generation_lock_name(project_id)):
+        _generation_beat(project_id)
+        try:
+            yield beat
+        finally:
+            cache.delete(_generation_heartbeat_key(project_id))
+
+
 @db_task()
 def generate_completions_task(
     project_id: int, prompt_limit: int | None = None, k: int | None = None, mix_previous: bool = False
 ) -> int:
     project = Project.objects.get(pk=project_id)
-    with HUEY.lock_task(generation_lock_name(project_id)):  # one generation per project at a time
-        _generation_beat(project_id)
-        try:
-            written = completions_generate(
-                project=project,
-                prompt_limit=prompt_limit,
-                k=k,
-                mix_previous=mix_previous,
-                progress=lambda done, total: _generation_beat(project_id),
-            ).completions
-        finally:
-            cache.delete(_generation_heartbeat_key(project_id))
+    with generation_writing(project_id) as progress:
+        written = completions_generate(
+            project=project, prompt_limit=prompt_limit, k=k, mix_previous=mix_previous, progress=progress
+        ).completions
     reward_model = reward_model_newest(project=project)
     if written and reward_model is not None:
         completion_scores_task(reward_model.pk)
@@ -53,16 +72,18 @@ def completion_scores_task(version_id: int) -> None:
     completion_scores_compute(version=ModelVersion.objects.get(pk=version_id))
 
 
-def _release_dead_generations() -> None:
+def _release_dead_generations(project_ids: list[int] | None = None) -> None:
     """Free the generation lock of a project whose worker died: locked, with a heartbeat gone stale.
 
     A killed worker keeps its lock. Several workers share the locks, so one starting up must not free
     them all: a lock is freed only once no batch has beaten for TRAINING_RUN_STALE_SECONDS. A lock
     found without a heartbeat (taken a moment ago, or by a worker killed before its first beat)
-    gets one now, which starts that clock.
+    gets one now, which starts that clock. Every project's, or those of ``project_ids``.
     """
     stale_before = time.time() - settings.TRAINING_RUN_STALE_SECONDS
-    for project_id in Project.objects.values_list("pk", flat=True):
+    if project_ids is None:
+        project_ids = list(Project.objects.values_list("pk", flat=True))
+    for project_id in project_ids:
         if not HUEY.is_locked(generation_lock_name(project_id)):
             continue
         beat = cache.get(_generation_heartbeat_key(project_id))
@@ -78,14 +99,8 @@ def round_write_task(round_id: int) -> int:
     project_id = Round.objects.filter(pk=round_id).values_list("project_id", flat=True).first()
     if project_id is None:
         return 0  # replaced by a newer request before a worker took it
-    with HUEY.lock_task(generation_lock_name(project_id)):  # one generation per project at a time
-        _generation_beat(project_id)
-        try:
-            written = round_write(
-                round_id=round_id, progress=lambda done, total: _generation_beat(project_id)
-            ).completions
-        finally:
-            cache.delete(_generation_heartbeat_key(project_id))
+    with generation_writing(project_id) as progress:
+        written = round_write(round_id=round_id, progress=progress).completions
     reward_model = reward_model_newest(project=Project.objects.get(pk=project_id))
     if written and reward_model is not None:
         completion_scores_task(reward_model.pk)
@@ -124,10 +139,32 @@ def _release_lock(name: str) -> None:
     HUEY.lock_task(name).clear()
 
 
+def rounds_left_running(project_ids: list[int] | None = None) -> list[Round]:
+    """Rounds marked running that no live process is writing: their project's generation lock is free.
+
+    A stale lock (its holder killed) is freed first, so a round is found once its heartbeat has been
+    silent for TRAINING_RUN_STALE_SECONDS. Writing such a round again resumes it from what it committed.
+    """
+    running = Round.objects.filter(status=Round.Status.RUNNING)
+    if project_ids is not None:
+        running = running.filter(project_id__in=project_ids)
+    found = list(running.order_by("pk"))
+    _release_dead_generations(sorted({round.project_id for round in found}))
+    return [round for round in found if not HUEY.is_locked(generation_lock_name(round.project_id))]
+
+
+def _resume_rounds_left_running() -> None:
+    # Queued again at every start-up and tick until a worker takes the lock: a second task finds the
+    # round done (or being written under the lock) and writes nothing.
+    for round in rounds_left_running():
+        round_write_task(round.pk)
+
+
 @db_periodic_task(crontab(minute=f"*/{settings.TRAINING_SCHEDULE_MINUTES}"))
 def training_schedule_task() -> None:
     _reap_and_release()
     _release_dead_generations()
+    _resume_rounds_left_running()
     training_schedule_tick()
     generation_schedule_tick(low_water=settings.GENERATION_LOW_WATER, round_prompts=settings.GENERATION_ROUND_PROMPTS)
 
@@ -138,8 +175,5 @@ def release_dead_runs_on_startup() -> None:
 
     _reap_and_release()
     _release_dead_generations()  # a generation under way when a worker died left its lock behind
-    # and its round running: a round no live worker holds the lock for is written again, from what it committed
-    for round_id, project_id in Round.objects.filter(status=Round.Status.RUNNING).values_list("pk", "project_id"):
-        if not HUEY.is_locked(generation_lock_name(project_id)):
-            round_write_task(round_id)
+    _resume_rounds_left_running()  # and its round running: written again, from what it committed
     connection.close()

@@ -18,11 +18,10 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from feedback.api.serializers import FORBIDDEN, NOT_AUTHENTICATED, NOT_FOUND, READ_ERRORS, ErrorSerializer
-from feedback.ids import MAX_ID
 from feedback.models import Membership, Round
 from feedback.selectors.access import project_for_role
 from feedback.selectors.rounds import RoundProgress, round_list
-from feedback.services.rounds import STRATEGIES, round_enqueue, round_request
+from feedback.services.rounds import MAX_ROUND_PROMPTS, STRATEGIES, round_enqueue, round_request
 
 
 class RoundOutputSerializer(serializers.Serializer):
@@ -50,16 +49,16 @@ class RoundOutputSerializer(serializers.Serializer):
         ref_name = "Round"
 
 
-def _progress(round: Round) -> RoundProgress:
-    return next(row for row in round_list(project=round.project) if row.round.pk == round.pk)
-
-
 class RoundListApi(APIView):
     """GET lists a project's rounds, newest first; POST asks for a new one (managers)."""
 
     class InputSerializer(serializers.Serializer):
         prompts = serializers.IntegerField(
-            required=False, allow_null=True, min_value=1, max_value=MAX_ID, help_text="N; all prompts when left out."
+            required=False,
+            allow_null=True,
+            min_value=1,
+            max_value=MAX_ROUND_PROMPTS,
+            help_text="N; all prompts when left out.",
         )
         strategy = serializers.ChoiceField(
             choices=STRATEGIES, required=False, help_text="How prompts are chosen (default: oldest_round_first)."
@@ -119,4 +118,6 @@ class RoundListApi(APIView):
                 return Response({"detail": " ".join(error.message_dict["round"])}, status=status.HTTP_409_CONFLICT)
             return Response(error.message_dict, status=status.HTTP_400_BAD_REQUEST)
         round_enqueue(round=requested)
-        return Response(RoundOutputSerializer(_progress(requested)).data, status=status.HTTP_202_ACCEPTED)
+        # As queued, not read back: a newer request may already have replaced it.
+        queued = RoundProgress(round=requested, completions=0, judgements=0)
+        return Response(RoundOutputSerializer(queued).data, status=status.HTTP_202_ACCEPTED)

@@ -133,7 +133,9 @@ def round_write(
     later ones are large (``batch_size`` prompts, K rows each decoded together), which is where
     batched decoding gets its speed. Each completion's generation_params say how many tokens it
     has and whether the length limit cut it. A round that cannot be written is marked failed with
-    the reason, and the reason raised as a GenerationError.
+    the reason, and the reason raised as a GenerationError; any other error fails it too, named by
+    its type, and is raised as it is, so that a new round can be asked for. Only a process that is
+    stopped (KeyboardInterrupt, SystemExit) leaves the round running, to be resumed.
     """
     round = _round_start(round_id=round_id)
     if round is None:
@@ -141,10 +143,15 @@ def round_write(
     try:
         return _round_write(round=round, first_batch=first_batch, batch_size=batch_size, progress=progress)
     except GenerationError as error:
-        Round.objects.filter(pk=round.pk).update(
-            status=Round.Status.FAILED, error=str(error), finished_at=timezone.now()
-        )
+        _round_fail(round=round, error=str(error))
         raise
+    except Exception as error:
+        _round_fail(round=round, error=f"{type(error).__name__}: {error}")
+        raise
+
+
+def _round_fail(*, round: Round, error: str) -> None:
+    Round.objects.filter(pk=round.pk).update(status=Round.Status.FAILED, error=error, finished_at=timezone.now())
 
 
 def _batches(count: int, *, first_batch: int, batch_size: int) -> list[tuple[int, int]]:

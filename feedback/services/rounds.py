@@ -21,6 +21,8 @@ from feedback.queue import enqueue
 from feedback.selectors.models import model_version_active
 
 BASE = "base"  # the writer name of the project's base model
+# The most prompts a round may ask for: the largest number Round.prompt_limit holds on every database.
+MAX_ROUND_PROMPTS = 2**31 - 1
 STRATEGIES: tuple[str, ...] = (
     Round.Strategy.OLDEST_ROUND_FIRST,
     Round.Strategy.UNJUDGED_FIRST,
@@ -97,6 +99,8 @@ def round_request(
     errors: dict[str, str] = {}
     if prompts is not None and prompts < 1:
         errors["prompts"] = f"The number of prompts must be at least 1, not {prompts}."
+    if prompts is not None and prompts > MAX_ROUND_PROMPTS:
+        errors["prompts"] = f"The number of prompts must be at most {MAX_ROUND_PROMPTS}, not {prompts}."
     if strategy not in STRATEGIES:
         errors["strategy"] = f"'{strategy}' is not a strategy; use one of {', '.join(STRATEGIES)}."
     if strategy == Round.Strategy.UNCERTAIN_FIRST and model_version_active(project=project) is None:
@@ -111,6 +115,9 @@ def round_request(
         raise ValidationError(errors)
     try:
         with transaction.atomic():
+            # Requests of one project take turns (on PostgreSQL; SQLite's write lock already does that), so
+            # the later one replaces the earlier one's queued round rather than colliding with it.
+            Project.objects.select_for_update().get(pk=project.pk)
             Round.objects.filter(project=project, status=Round.Status.QUEUED).delete()
             running = Round.objects.filter(project=project, status=Round.Status.RUNNING).first()
             if running is not None:

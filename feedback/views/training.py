@@ -30,7 +30,7 @@ from feedback.models import Membership, ModelVersion, Project, Round, TrainingRu
 from feedback.selectors.access import project_for_role, user_manages_project
 from feedback.selectors.rounds import round_list
 from feedback.services.model_versions import ModelVersionError, model_version_promote
-from feedback.services.rounds import STRATEGIES, round_enqueue, round_request
+from feedback.services.rounds import MAX_ROUND_PROMPTS, STRATEGIES, round_enqueue, round_request
 from feedback.services.training_runs import (
     TrainingRunError,
     training_config_build,
@@ -55,7 +55,9 @@ class RetrainForm(forms.Form):
 
 
 class NewRoundForm(forms.Form):
-    prompts = forms.IntegerField(required=False, help_text="All prompts when empty.")
+    prompts = forms.IntegerField(
+        required=False, min_value=1, max_value=MAX_ROUND_PROMPTS, help_text="All prompts when empty."
+    )
     strategy = forms.ChoiceField(
         choices=[(value, label) for value, label in Round.Strategy.choices if value in STRATEGIES], required=False
     )

@@ -1,12 +1,18 @@
 """Rounds: asking for one (service, API, command, page), writing it, resuming it, and serving its items."""
 
+import io
 import shutil
 import threading
+import time
 
 import pytest
+from django.contrib.auth.models import User
+from django.core.cache import cache
 from django.core.exceptions import ValidationError
 from django.core.management import CommandError, call_command
 from django.db import connection
+from django.test import Client
+from huey.contrib.djhuey import HUEY
 from rest_framework.test import APIClient
 
 from feedback.models import Assignment, Completion, Membership, Project, RankingJudgement, Round, RoundPrompt
@@ -508,3 +514,245 @@ def test_the_export_api_limits_rounds(client):
     rows = [json.loads(line) for line in b"".join(response.streaming_content).decode().splitlines()]
     assert [row["round"] for row in rows] == [2]
     assert client.get("/api/v1/projects/exp/export/?format=dpo&since_round=0").status_code == 400
+
+
+def kill_mid_round(project, round, monkeypatch):
+    """Write ``round`` under the project's generation lock until the process is killed in its second batch."""
+    from feedback.tasks import generation_writing
+    from training import generate
+
+    real = generate.generate_completions
+    calls = {"n": 0}
+
+    def dies_on_the_second_batch(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(generate, "generate_completions", dies_on_the_second_batch)
+    lock = HUEY.lock_task(f"generation-project-{project.pk}")
+    with pytest.raises(KeyboardInterrupt), generation_writing(project.pk):
+        round_write(round_id=round.pk, first_batch=1, batch_size=2)
+    monkeypatch.setattr(generate, "generate_completions", real)
+    lock.acquire()  # a killed worker never released it
+    cache.set(f"generation-heartbeat-project-{project.pk}", time.time(), timeout=None)  # its last beat
+
+
+def test_the_schedule_resumes_a_round_whose_worker_died_once_its_lock_is_stale(project, settings, monkeypatch):
+    from feedback.tasks import training_schedule_task
+
+    settings.TRAINING_RUN_STALE_SECONDS = 60
+    second = round_request(project=project, writers=["base"])
+    kill_mid_round(project, second, monkeypatch)
+    second.refresh_from_db()
+    assert (second.status, second.prompts_written) == ("running", 1)
+
+    training_schedule_task.call_local()  # the heartbeat is fresh: the worker may still be writing
+    assert Round.objects.get(pk=second.pk).status == "running"
+
+    beat = f"generation-heartbeat-project-{project.pk}"
+    cache.set(beat, time.time() - 61, timeout=None)
+    training_schedule_task.call_local()  # stale: the lock is freed and the round queued again (run here at once)
+
+    second.refresh_from_db()
+    assert (second.status, second.prompts_written) == ("done", 3)
+    assert sorted(Completion.objects.filter(round=second).values_list("prompt_id", flat=True)) == sorted(
+        second.prompt_ids * 2
+    )
+    assert not HUEY.is_locked(f"generation-project-{project.pk}") and cache.get(beat) is None
+
+
+def test_the_schedule_queues_again_a_running_round_whose_lock_is_free(project, monkeypatch):
+    from feedback.tasks import training_schedule_task
+
+    queued_again = []
+    monkeypatch.setattr("feedback.tasks.round_write_task", queued_again.append)
+    left = RoundFactory(project=project, number=2, status=Round.Status.RUNNING)
+    busy = RoundFactory(project=ProjectFactory(), number=1, status=Round.Status.RUNNING)
+    HUEY.lock_task(f"generation-project-{busy.project_id}").acquire()  # a live worker writes it
+    cache.set(f"generation-heartbeat-project-{busy.project_id}", time.time(), timeout=None)
+    training_schedule_task.call_local()
+    training_schedule_task.call_local()
+    assert queued_again == [left.pk, left.pk]  # at every tick until a worker takes it; the second writes nothing
+
+
+def test_an_unexpected_error_fails_the_round_with_it_and_a_new_round_is_accepted(project, monkeypatch, queue):
+    from training import generate
+
+    second = round_request(project=project, writers=["base"])
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr(generate, "generate_completions", out_of_memory)
+    with pytest.raises(RuntimeError, match="CUDA out of memory"):
+        round_write(round_id=second.pk)
+    second.refresh_from_db()
+    assert (second.status, second.error) == ("failed", "RuntimeError: CUDA out of memory")
+    assert second.finished_at is not None
+
+    manager = api_for(project, Membership.Role.MANAGER)
+    listed = manager.get("/api/v1/projects/loop/rounds/").json()
+    assert [(r["number"], r["status"], r["error"]) for r in listed] == [
+        (2, "failed", "RuntimeError: CUDA out of memory"),
+        (1, "done", ""),
+    ]
+    page = Client()
+    page.force_login(User.objects.get(memberships__project=project, memberships__role=Membership.Role.MANAGER))
+    assert "RuntimeError: CUDA out of memory" in page.get("/projects/loop/training/rounds/").content.decode()
+
+    response = manager.post("/api/v1/projects/loop/rounds/", {"versions": ["base"]}, format="json")
+    assert response.status_code == 202, response.content
+    assert response.json()["number"] == 3
+
+
+def test_generate_sync_finishes_a_round_its_writer_left_then_asks_for_a_new_one(project, settings, monkeypatch):
+    settings.TRAINING_RUN_STALE_SECONDS = 60
+    second = round_request(project=project, writers=["base"])
+    kill_mid_round(project, second, monkeypatch)
+
+    with pytest.raises(CommandError, match="Round 2 is being written"):  # its heartbeat is fresh
+        call_command("generate", "loop", "--round", "--sync")
+    cache.set(f"generation-heartbeat-project-{project.pk}", time.time() - 61, timeout=None)
+    out = io.StringIO()
+    call_command("generate", "loop", "--round", "--prompts", "1", "--sync", stdout=out)
+    assert "Round 2 was left unfinished; writing the rest of it here." in out.getvalue()
+    assert "Round 2: wrote 4 completions for 2 prompts" in out.getvalue()
+    second.refresh_from_db()
+    assert (second.status, Completion.objects.filter(round=second).count()) == ("done", 6)
+
+    call_command("generate", "loop", "--round", "--prompts", "1", "--sync", stdout=io.StringIO())
+    assert list(Round.objects.order_by("number").values_list("number", "status", "prompts_total")) == [
+        (1, "done", 0),
+        (2, "done", 3),
+        (3, "done", 1),
+    ]
+
+
+def test_generate_sync_while_a_worker_holds_the_lock_queues_the_round_for_it(
+    project, queue, django_capture_on_commit_callbacks
+):
+    HUEY.lock_task(f"generation-project-{project.pk}").acquire()
+    with (
+        django_capture_on_commit_callbacks(execute=True),
+        pytest.raises(CommandError, match="A worker is writing completions for 'loop'; round 2 is queued for it."),
+    ):
+        call_command("generate", "loop", "--round", "--versions", "base", "--sync")
+    asked = Round.objects.get(number=2)
+    assert asked.status == "queued" and queue.args("round_write_task") == [(asked.pk,)]
+
+
+OTHER_VERSION = "'elsewhere' is a version of project 'other', not of 'loop'."
+
+
+@pytest.fixture
+def elsewhere(project):
+    return ModelVersionFactory(project=ProjectFactory(slug="other"), name="elsewhere")
+
+
+@pytest.mark.parametrize(
+    ("body", "answer"),
+    [
+        ({"versions": ["elsewhere"]}, {"versions": [OTHER_VERSION]}),
+        ({"versions": ["base", "elsewhere"]}, {"versions": [OTHER_VERSION]}),
+        ({"prompts": 2**31}, {"prompts": ["Ensure this value is less than or equal to 2147483647."]}),
+        ({"prompts": 10**30}, {"prompts": ["Ensure this value is less than or equal to 2147483647."]}),
+    ],
+)
+def test_the_api_refuses_another_projects_version_and_an_absurd_n(project, elsewhere, body, answer):
+    before = stored()
+    response = api_for(project, Membership.Role.MANAGER).post("/api/v1/projects/loop/rounds/", body, format="json")
+    assert (response.status_code, response.json()) == (400, answer)
+    assert stored() == before
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--versions", "elsewhere"], f"--versions: {OTHER_VERSION}"),
+        (["--versions", "base,elsewhere"], f"--versions: {OTHER_VERSION}"),
+        (["--prompts", "2147483648"], "--prompts must be at most 2147483647, not 2147483648"),
+        (["--prompts", str(10**30)], f"--prompts must be at most 2147483647, not {10**30}"),
+    ],
+)
+def test_the_command_refuses_another_projects_version_and_an_absurd_n(project, elsewhere, args, message):
+    before = stored()
+    for sync in ([], ["--sync"]):
+        with pytest.raises(CommandError) as raised:
+            call_command("generate", "loop", "--round", *args, *sync)
+        assert str(raised.value) == message
+    assert stored() == before
+
+
+def test_the_service_refuses_an_absurd_n(project):
+    with pytest.raises(ValidationError) as raised:
+        round_request(project=project, prompts=2**31)
+    assert raised.value.message_dict == {
+        "prompts": ["The number of prompts must be at most 2147483647, not 2147483648."]
+    }
+    assert Round.objects.count() == 1
+
+
+@pytest.mark.parametrize(
+    ("form", "message"),
+    [
+        ({"prompts": "0"}, "prompts\n  * Ensure this value is greater than or equal to 1."),
+        ({"prompts": "-3"}, "prompts\n  * Ensure this value is greater than or equal to 1."),
+        ({"prompts": "2147483648"}, "prompts\n  * Ensure this value is less than or equal to 2147483647."),
+        ({"prompts": "9" * 5000}, "prompts\n  * Enter a whole number."),
+        ({"strategy": "loudest_first"}, "strategy\n  * Select a valid choice. loudest_first is not one of"),
+        ({"versions": "elsewhere"}, f"versions: {OTHER_VERSION}"),
+        ({"versions": "base, elsewhere"}, f"versions: {OTHER_VERSION}"),
+    ],
+)
+def test_the_new_round_form_refuses_bad_input_with_a_message_and_writes_nothing(
+    client, project, elsewhere, form, message
+):
+    from django.utils.html import escape
+
+    client.force_login(MembershipFactory(project=project, role=Membership.Role.MANAGER).user)
+    before = stored()
+    response = client.post("/projects/loop/training/rounds/new/", form, follow=True)
+    assert response.status_code == 200
+    shown = [str(m) for m in response.context["messages"]]
+    assert len(shown) == 1 and shown[0].startswith("Could not ask for a round: ")
+    assert message in shown[0]
+    assert escape(shown[0]) in response.content.decode()
+    assert stored() == before
+
+
+@pytest.mark.django_db(transaction=True)
+def test_two_concurrent_new_round_requests_over_http_make_one_round(tiny_model_dir, queue):
+    project = ProjectFactory(slug="race", base_model=str(tiny_model_dir))
+    PromptFactory(project=project)
+    manager = MembershipFactory(project=project, role=Membership.Role.MANAGER).user
+    barrier = threading.Barrier(2)
+    answers = {}
+
+    def ask(name: str) -> None:
+        client = APIClient()
+        client.force_authenticate(manager)
+        barrier.wait()
+        try:
+            response = client.post("/api/v1/projects/race/rounds/", {"versions": ["base"]}, format="json")
+            answers[name] = (response.status_code, response.json())
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=ask, args=(name,)) for name in ("a", "b")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+
+    # The requests take turns: the later one replaces the earlier one's round, still queued, and takes its number.
+    assert [status for status, _ in answers.values()] == [202, 202]
+    assert [(body["number"], body["status"]) for _, body in answers.values()] == [(1, "queued"), (1, "queued")]
+    kept = Round.objects.get(project=project)
+    ids = {name: body["id"] for name, (_, body) in answers.items()}
+    assert kept.pk in ids.values() and len(set(ids.values())) == 2
+    assert (kept.number, kept.status, kept.writers) == (1, "queued", ["base"])
+    assert sorted(queue.args("round_write_task")) == sorted((pk,) for pk in ids.values())
+    replaced = next(pk for pk in ids.values() if pk != kept.pk)
+    assert round_write(round_id=replaced).prompts == 0  # the worker finds it gone and writes nothing

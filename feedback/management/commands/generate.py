@@ -3,12 +3,20 @@ from typing import Any
 
 from django.core.exceptions import ValidationError
 from django.core.management.base import BaseCommand, CommandError, CommandParser
+from huey.exceptions import TaskLockedException
 from tqdm import tqdm
 
 from feedback.models import Project, Round
 from feedback.queue import enqueue
 from feedback.services.generation import GenerationError, completions_generate, round_write
-from feedback.services.rounds import STRATEGIES, round_enqueue, round_request, round_writers_mix
+from feedback.services.rounds import (
+    MAX_ROUND_PROMPTS,
+    STRATEGIES,
+    round_enqueue,
+    round_request,
+    round_writers_mix,
+)
+from feedback.tasks import generation_writing, rounds_left_running
 
 OPTIONS = {"prompts": "--prompts", "strategy": "--strategy", "versions": "--versions", "k": "--k", "round": "--round"}
 
@@ -56,6 +64,8 @@ class Command(BaseCommand):
             raise CommandError(f"no project '{project}'")
         if prompts is not None and prompts < 1:
             raise CommandError(f"--prompts must be at least 1, not {prompts}")
+        if prompts is not None and prompts > MAX_ROUND_PROMPTS:
+            raise CommandError(f"--prompts must be at most {MAX_ROUND_PROMPTS}, not {prompts}")
         if k is not None and not 1 <= k <= 16:
             raise CommandError(f"--k must be between 1 and 16, not {k}")
         if mix and versions is not None:
@@ -78,7 +88,11 @@ class Command(BaseCommand):
                 k=k,
             )
         except ValidationError as error:
-            raise CommandError(_named(error)) from None
+            left = rounds_left_running([target.pk]) if sync and "round" in error.message_dict else []
+            if not left:
+                raise CommandError(_named(error)) from None
+            requested = left[0]  # its writer stopped: finish it here, then a new round can be asked for
+            self.stdout.write(f"Round {requested.number} was left unfinished; writing the rest of it here.")
         if not sync:
             round_enqueue(round=requested)
             self.stdout.write(
@@ -86,11 +100,17 @@ class Command(BaseCommand):
                 "the worker writes its completions."
             )
             return
-        with _Bar() as progress:
+        with _Bar() as bar:
             try:
-                result = round_write(round_id=requested.pk, progress=progress)
+                with generation_writing(target.pk, progress=bar) as progress:
+                    result = round_write(round_id=requested.pk, progress=progress)
             except GenerationError as error:
                 raise CommandError(str(error)) from None
+            except TaskLockedException:
+                round_enqueue(round=requested)
+                raise CommandError(
+                    f"A worker is writing completions for '{target.slug}'; round {requested.number} is queued for it."
+                ) from None
         self.stdout.write(
             self.style.SUCCESS(
                 f"Round {requested.number}: wrote {result.completions} completions for {result.prompts} prompts "
@@ -103,13 +123,16 @@ class Command(BaseCommand):
             enqueue("generate_completions_task", target.pk, prompts, k, mix)
             self.stdout.write(f"Queued generation for '{target.slug}'; the worker writes the completions.")
             return
-        with _Bar() as progress:
+        with _Bar() as bar:
             try:
-                result = completions_generate(
-                    project=target, prompt_limit=prompts, k=k, mix_previous=mix, progress=progress
-                )
+                with generation_writing(target.pk, progress=bar) as progress:
+                    result = completions_generate(
+                        project=target, prompt_limit=prompts, k=k, mix_previous=mix, progress=progress
+                    )
             except GenerationError as error:
                 raise CommandError(str(error)) from None
+            except TaskLockedException:
+                raise CommandError(f"A worker is writing completions for '{target.slug}'; try again later.") from None
         self.stdout.write(
             self.style.SUCCESS(
                 f"Wrote {result.completions} completions for {result.prompts} prompts with {result.model}."

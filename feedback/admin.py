@@ -1,11 +1,15 @@
+import json
+from typing import Any
+
 from django import forms
 from django.contrib import admin, messages
-from django.db.models import QuerySet
+from django.db.models import JSONField, QuerySet
 from django.forms.models import BaseInlineFormSet
 from django.http import HttpRequest
 
 from feedback import models
 from feedback.services.completions import completion_save
+from feedback.services.prompts import completion_check, prompt_check
 from feedback.services.training_runs import TrainingRunError, training_run_cancel, training_run_start
 
 
@@ -48,8 +52,43 @@ class MembershipAdmin(admin.ModelAdmin):
     autocomplete_fields = ["user", "project"]
 
 
+class ShownJSONField(forms.JSONField):
+    """Django's JSON form field, except that text a page cannot hold (a lone surrogate) is shown escaped."""
+
+    def prepare_value(self, value: Any) -> Any:
+        shown = super().prepare_value(value)
+        try:
+            shown.encode()
+        except UnicodeEncodeError:  # refused, or stored before the checks: escaped, it stays visible and editable
+            return json.dumps(value, cls=self.encoder)
+        return shown
+
+
+class PromptAdminForm(forms.ModelForm):
+    """A prompt passes the import's checks (text the pages can show, the RANKWISE_MAX_* limits) to be saved."""
+
+    def clean(self) -> dict[str, Any]:
+        cleaned = super().clean() or {}
+        if {"messages", "external_id", "metadata"} <= cleaned.keys():  # the fields parsed
+            cleaned["messages"] = prompt_check(
+                messages=cleaned["messages"], external_id=cleaned["external_id"], metadata=cleaned["metadata"]
+            )
+        return cleaned
+
+
+class CompletionAdminForm(forms.ModelForm):
+    """A completion passes the import's checks (text the pages can show, the RANKWISE_MAX_* limits) to be saved."""
+
+    def clean(self) -> dict[str, Any]:
+        cleaned = super().clean() or {}
+        if "text" in cleaned:
+            completion_check(text=cleaned["text"], source_model=cleaned.get("source_model") or "")
+        return cleaned
+
+
 class CompletionInline(admin.StackedInline):
     model = models.Completion
+    form = CompletionAdminForm
     extra = 0
     fields = ["round", "text", "source_model", "model_version", "generation_params"]
     readonly_fields = ["model_version", "generation_params"]
@@ -58,6 +97,8 @@ class CompletionInline(admin.StackedInline):
 
 @admin.register(models.Prompt)
 class PromptAdmin(admin.ModelAdmin):
+    form = PromptAdminForm
+    formfield_overrides = {JSONField: {"form_class": ShownJSONField}}
     list_display = ["__str__", "project", "external_id", "created_at"]
     list_filter = ["project"]
     search_fields = ["external_id"]
@@ -78,6 +119,7 @@ class PromptAdmin(admin.ModelAdmin):
 
 @admin.register(models.Completion)
 class CompletionAdmin(admin.ModelAdmin):
+    form = CompletionAdminForm
     list_display = ["__str__", "prompt", "round", "source_model", "model_version", "created_at"]
     list_filter = ["prompt__project", "source_model"]
     readonly_fields = ["html"]

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from django.conf import settings
+from django.core.exceptions import ValidationError
 from django.db import connection, transaction
 from django.db.models import CharField, Field
 from django.utils import timezone
@@ -268,6 +269,51 @@ def _validated(project: Project, records: Iterable[tuple[int, Any]]) -> list[_Va
     if not valid:
         raise PromptImportError([ImportProblem(0, "", "the file holds no prompts")])
     return valid
+
+
+def prompt_check(*, messages: Any, external_id: str, metadata: Any) -> list[dict[str, str]]:
+    """The import's checks on a prompt written another way (the Django admin); its messages as stored.
+
+    Raises a ValidationError that names each field at fault, in the import's words.
+    """
+    errors: dict[str, str] = {}
+    checked: list[dict[str, str]] = []
+    try:
+        checked = _validate_messages(messages)
+    except _Invalid as invalid:  # what a record calls "prompt" is the model's "messages"
+        errors["messages"] = f"messages{invalid.field.removeprefix('prompt')} {invalid.message}"
+    try:
+        _validate_external_id(external_id)
+    except _Invalid as invalid:
+        errors["external_id"] = f"external_id {invalid.message}"
+    try:
+        if not isinstance(metadata or {}, dict):
+            raise _Invalid("metadata", "must be an object")
+        _validate_metadata(metadata or {})
+    except _Invalid as invalid:
+        errors["metadata"] = f"{invalid.field} {invalid.message}"
+    if errors:
+        raise ValidationError(errors)
+    return checked
+
+
+def completion_check(*, text: str, source_model: str) -> None:
+    """The import's checks on a completion written another way (the Django admin), before completion_save.
+
+    Raises a ValidationError that names each field at fault, in the import's words.
+    """
+    errors: dict[str, str] = {}
+    limits = {
+        "text": (text, settings.RANKWISE_MAX_COMPLETION_CHARS, "RANKWISE_MAX_COMPLETION_CHARS"),
+        "source_model": (source_model, settings.RANKWISE_MAX_MODEL_NAME_CHARS, "RANKWISE_MAX_MODEL_NAME_CHARS"),
+    }
+    for name, (value, limit, setting) in limits.items():
+        try:
+            _check_text(value, name, limit=limit, setting=setting)
+        except _Invalid as invalid:
+            errors[name] = f"{name} {invalid.message}"
+    if errors:
+        raise ValidationError(errors)
 
 
 @contextmanager

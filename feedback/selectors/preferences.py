@@ -38,7 +38,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from functools import lru_cache
+from functools import cache, lru_cache
 from itertools import groupby
 from operator import itemgetter
 from typing import Any, Literal
@@ -46,7 +46,16 @@ from typing import Any, Literal
 from django.conf import settings
 from django.db.models import Q, QuerySet
 
-from feedback.models import Completion, PairwiseJudgement, Project, Prompt, RankedCompletion, Round
+from feedback.models import (
+    Completion,
+    Judgement,
+    PairwiseJudgement,
+    Project,
+    Prompt,
+    RankedCompletion,
+    RankingJudgement,
+    Round,
+)
 
 ExportFormat = Literal["dpo", "grpo", "judgements"]
 PairMode = Literal["all", "best_vs_rest", "adjacent"]
@@ -181,9 +190,7 @@ class _Ranking:
     annotator_id: int
     ids: list[int]  # completion ids, best first
     ranks: list[int]  # their ranks
-    rationale: str = ""
-    time_ms: int | None = None
-    created_at: datetime | None = None
+    stored: dict[str, Any] | None = None  # judgements export: the judgement's stored columns (_stored_columns)
 
 
 @dataclass
@@ -320,7 +327,7 @@ def _streams(
     if spec.pairwise:
         pairwise_fields = ["prompt_id", "id", "annotator_id", "left_id", "right_id", "choice"]
         if spec.raw:
-            pairwise_fields += ["strength", "rationale", "time_ms", "created_at"]
+            pairwise_fields += [name for name in _stored_columns(PairwiseJudgement) if name not in pairwise_fields]
         pairwise = (
             PairwiseJudgement.objects.filter(prompt_id__in=project_prompts, **_judgement_filters(options, ""))
             .order_by("prompt_id", "id")
@@ -329,7 +336,7 @@ def _streams(
     # read in this order by _prompt_groups, the raw ones last
     ranked_fields = ["judgement__prompt_id", "judgement_id", "judgement__annotator_id", "completion_id", "rank"]
     if spec.raw:
-        ranked_fields += ["judgement__rationale", "judgement__time_ms", "judgement__created_at"]
+        ranked_fields += [f"judgement__{name}" for name in _stored_columns(RankingJudgement)]
     ranked = (
         RankedCompletion.objects.filter(
             judgement__prompt_id__in=project_prompts, **_judgement_filters(options, "judgement__")
@@ -347,7 +354,7 @@ def _prompt_groups(
     id_range: tuple[int, int] | None,
 ) -> Iterator[_PromptGroup]:
     prompts, completions, pairwise, ranked = _streams(project, options, id_range)
-    raw = EXPORT_FORMATS[options.format].raw
+    stored = _stored_columns(RankingJudgement) if EXPORT_FORMATS[options.format].raw else None
     size = options.chunk_size
     completion_rows = _Cursor(completions.iterator(chunk_size=size))
     pairwise_rows = _Cursor(pairwise.iterator(chunk_size=size) if pairwise is not None else None)
@@ -371,8 +378,8 @@ def _prompt_groups(
             if ranked_judgement != judgement_id:
                 judgement_id = ranked_judgement
                 ranking = _Ranking(judgement_id, annotator_id, [], [])
-                if raw:
-                    ranking.rationale, ranking.time_ms, ranking.created_at = judgement_fields
+                if stored is not None:
+                    ranking.stored = dict(zip(stored, judgement_fields, strict=True))
                 rankings.append(ranking)
                 ids, ranks = ranking.ids, ranking.ranks
             if completion_id in texts:
@@ -478,46 +485,59 @@ def _grpo_group(
 def _judgement_rows(
     group: _PromptGroup, options: PreferenceExportOptions, prompt: Any, answer: Callable
 ) -> Iterator[dict]:
+    """A row per judgement in the order of the format's columns: the judgement's stored columns as they are (None
+    where its kind has no such field), then the ones built here."""
+    pairwise_stored = _stored_columns(PairwiseJudgement)
+
     def who(annotator_id: int) -> str:
         return annotator_pseudonym(annotator_id=annotator_id) if options.pseudonymise else str(annotator_id)
 
     for row in group.pairwise:
-        yield {
-            "kind": "pairwise",
-            "judgement_id": row.id,
-            "prompt_id": group.prompt_id,
-            "prompt": prompt,
-            "annotator": who(row.annotator_id),
-            "created_at": row.created_at.isoformat(),
-            "completion_ids": [row.left_id, row.right_id],
-            "truncated": [row.left_id in group.cut, row.right_id in group.cut],
-            "completions": [answer(group.texts[row.left_id]), answer(group.texts[row.right_id])],
-            "choice": row.choice,
-            "strength": row.strength,
-            "ranks": None,
-            "rationale": row.rationale,
-            "time_ms": row.time_ms,
-            "round": group.rounds[row.left_id],
-        }
+        out = dict.fromkeys(_JUDGEMENT_COLUMNS)
+        out.update((name, getattr(row, name)) for name in pairwise_stored)
+        out.update(
+            kind="pairwise",
+            judgement_id=row.id,
+            prompt_id=group.prompt_id,
+            prompt=prompt,
+            annotator=who(row.annotator_id),
+            created_at=row.created_at.isoformat(),
+            completion_ids=[row.left_id, row.right_id],
+            truncated=[row.left_id in group.cut, row.right_id in group.cut],
+            completions=[answer(group.texts[row.left_id]), answer(group.texts[row.right_id])],
+            ranks=None,
+            round=group.rounds[row.left_id],
+        )
+        yield out
     for ranking in group.rankings:
         ids = ranking.ids
-        yield {
-            "kind": "ranking",
-            "judgement_id": ranking.judgement_id,
-            "prompt_id": group.prompt_id,
-            "prompt": prompt,
-            "annotator": who(ranking.annotator_id),
-            "created_at": ranking.created_at.isoformat() if ranking.created_at else None,
-            "completion_ids": ids,
-            "truncated": [cid in group.cut for cid in ids],
-            "completions": [answer(group.texts[cid]) for cid in ids],
-            "choice": None,
-            "strength": None,
-            "ranks": ranking.ranks,
-            "rationale": ranking.rationale,
-            "time_ms": ranking.time_ms,
-            "round": group.rounds[ids[0]],
-        }
+        out = dict.fromkeys(_JUDGEMENT_COLUMNS)
+        out.update(ranking.stored or {})
+        out.update(
+            kind="ranking",
+            judgement_id=ranking.judgement_id,
+            prompt_id=group.prompt_id,
+            prompt=prompt,
+            annotator=who(ranking.annotator_id),
+            created_at=out["created_at"].isoformat() if out["created_at"] else None,
+            completion_ids=ids,
+            truncated=[cid in group.cut for cid in ids],
+            completions=[answer(group.texts[cid]) for cid in ids],
+            ranks=ranking.ranks,
+            round=group.rounds[ids[0]],
+        )
+        yield out
+
+
+@cache
+def _stored_columns(judgement: type[Judgement]) -> tuple[str, ...]:
+    """The judgements export's columns that are stored fields of this kind of judgement (not relations).
+
+    They are read from the judgement and written as they are, so a new judgement field reaches the
+    export through its column in EXPORT_FORMATS alone.
+    """
+    stored = {f.name for f in judgement._meta.concrete_fields if not f.is_relation}
+    return tuple(name for name in _JUDGEMENT_COLUMNS if name in stored)
 
 
 def preference_rows(
@@ -619,3 +639,4 @@ EXPORT_FORMATS: dict[str, ExportFormatSpec] = {
     ),
 }
 FORMATS: tuple[str, ...] = tuple(EXPORT_FORMATS)
+_JUDGEMENT_COLUMNS = tuple(name for name, _ in EXPORT_FORMATS["judgements"].columns)

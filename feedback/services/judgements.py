@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import uuid
 from collections import Counter
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
+from typing import Any
 
 from django.contrib.auth.models import User
 from django.core.exceptions import ValidationError
@@ -37,7 +38,8 @@ class JudgementSubmission:
     """What an annotator sends for one task, from validation to the stored row.
 
     The annotate form's fields and the API's input fields have these names, so each caller builds
-    it from its parsed data in one step, and a new field is added here and there only.
+    it from its parsed data in one step, and a new field is added here and there only. A field named
+    as a field of the judgement model is stored in it as it is (after validation).
     """
 
     task_id: int
@@ -197,30 +199,26 @@ def _write(*, project: Project, annotator: User, assignment: Assignment, submiss
     )
     if not finished:
         raise _LostRace
-    shared = {  # the fields of feedback.models.Judgement
+    where = {  # who judged which lease of which round's prompt
         "project": project,
         "annotator": annotator,
         "assignment": assignment,
         "prompt_id": assignment.prompt_id,
         "round_id": assignment.round_id,
-        "rationale": submission.rationale,
-        "time_ms": submission.time_ms,
-        "client_uuid": submission.client_uuid,
     }
     judgement: Judgement
     if project.mode == Project.Mode.PAIRWISE:
         left, right = assignment.display_order
         judgement = PairwiseJudgement.objects.create(
-            **shared,
+            **where,
+            **_stored(PairwiseJudgement, submission),
             left_id=left,
             right_id=right,
             item_key=assignment.item_key,
-            choice=submission.choice,
-            strength=submission.strength,
         )
     else:
         assert submission.ranking is not None
-        judgement = RankingJudgement.objects.create(**shared)
+        judgement = RankingJudgement.objects.create(**where, **_stored(RankingJudgement, submission))
         position = {completion_id: index for index, completion_id in enumerate(assignment.display_order)}
         RankedCompletion.objects.bulk_create(
             RankedCompletion(judgement=judgement, completion_id=c, rank=rank, position=position[c])
@@ -231,3 +229,9 @@ def _write(*, project: Project, annotator: User, assignment: Assignment, submiss
         judgement_count=F("judgement_count") + 1
     )
     return judgement
+
+
+def _stored(judgement: type[Judgement], submission: JudgementSubmission) -> dict[str, Any]:
+    """The submission's values of the fields this kind of judgement has by the same names."""
+    sent = {f.name for f in fields(JudgementSubmission)}
+    return {f.name: getattr(submission, f.name) for f in judgement._meta.concrete_fields if f.name in sent}

@@ -4,7 +4,7 @@ from django.contrib.auth.models import AnonymousUser, User
 from django.db.models import Count, IntegerField, OuterRef, QuerySet, Subquery
 from django.db.models.functions import Coalesce
 
-from feedback.models import Completion, Project, Prompt
+from feedback.models import Completion, Project, Prompt, Round
 from feedback.queue import generation_running
 from feedback.selectors.access import projects_with_role
 
@@ -28,7 +28,16 @@ def _count_per_project(rows: QuerySet[Any], project_field: str) -> Coalesce:
 
 
 def generation_progress(*, project: Project) -> dict[str, int] | None:
-    """While the worker writes completions for the project: how many of its prompts have their K; else None."""
+    """While completions are being written or wait to be: how many prompts of the open round have theirs; else None.
+
+    A round that has not chosen its prompts yet has none ready. Completions written outside a round
+    (the worker holds the project's generation lock with no round open) count the prompts that have K.
+    """
+    open_round = project.rounds.filter(status__in=[Round.Status.QUEUED, Round.Status.RUNNING]).first()
+    if open_round is not None:
+        if open_round.prompts_total:
+            return {"ready": open_round.prompts_written, "prompts": open_round.prompts_total}
+        return {"ready": 0, "prompts": open_round.prompt_limit or project.prompts.count()}
     if not generation_running(project.pk):
         return None
     ready = project.prompts.annotate(n=Count("completions")).filter(n__gte=project.completions_per_prompt)

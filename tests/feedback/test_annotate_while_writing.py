@@ -5,8 +5,16 @@ from django.test import Client
 from django.urls import reverse
 from huey.contrib.djhuey import HUEY
 
+from feedback.models import Round
 from feedback.queue import generation_lock_name
-from tests.factories import CompletionFactory, MembershipFactory, ProjectFactory, PromptFactory, UserFactory
+from tests.factories import (
+    CompletionFactory,
+    MembershipFactory,
+    ProjectFactory,
+    PromptFactory,
+    RoundFactory,
+    UserFactory,
+)
 
 pytestmark = pytest.mark.django_db
 
@@ -68,6 +76,22 @@ def test_the_home_page_never_says_complete_while_completions_are_being_written(c
     assert "writing completions: 0 of 2 prompts ready" in page and 'hx-trigger="every 5s"' in page
     page = client.get(reverse("home")).content.decode()
     assert "Complete" in page and "Waiting for completions" not in page
+
+
+def test_the_counts_follow_the_open_round_not_the_completions_of_earlier_rounds(client, project):
+    for prompt in project.prompts.all():
+        CompletionFactory.create_batch(2, prompt=prompt)
+    later = RoundFactory(project=project, status=Round.Status.QUEUED)
+    home = client.get(reverse("home")).content.decode()
+    assert "writing completions: 0 of 2 prompts ready" in home and "Complete" not in home
+
+    Round.objects.filter(pk=later.pk).update(status=Round.Status.RUNNING, prompts_total=2, prompts_written=1)
+    home = client.get(reverse("home")).content.decode()
+    assert "writing completions: 1 of 2 prompts ready" in home
+
+    Round.objects.filter(pk=later.pk).update(status=Round.Status.DONE, prompts_written=2)
+    home = client.get(reverse("home")).content.decode()
+    assert "writing completions" not in home and "Waiting for completions" not in home
 
 
 @pytest.mark.parametrize("mode", ["ranking", "pairwise"])

@@ -31,7 +31,12 @@ from feedback.api.serializers import (
 from feedback.ids import MAX_ID, id_from
 from feedback.models import Membership, Project, TrainingRun
 from feedback.selectors.access import project_for_role, project_role_check
-from feedback.services.training_runs import TrainingRunError, training_run_cancel, training_run_start
+from feedback.services.training_runs import (
+    SNAPSHOT_LIMITS,
+    TrainingRunError,
+    training_run_cancel,
+    training_run_start,
+)
 
 ACTIVE = (TrainingRun.Status.QUEUED, TrainingRun.Status.RUNNING)
 
@@ -49,7 +54,10 @@ class TrainingRunOutputSerializer(serializers.Serializer):
     )
     config = serializers.DictField(help_text="The run's complete configuration, defaults included.")
     error = serializers.CharField(allow_blank=True)
-    data_counts = serializers.DictField(help_text="{train, held_out, format} of the data snapshot.")
+    data_counts = serializers.DictField(
+        help_text="{train, held_out, format} of the data snapshot, and its limits ({rounds, since_round, writers}) "
+        "when it was limited."
+    )
     data_hash = serializers.CharField(allow_blank=True, help_text="SHA-256 of the snapshot's rows.")
     parent_version = serializers.IntegerField(source="parent_version_id", allow_null=True)
     produced_version = serializers.SerializerMethodField()
@@ -123,6 +131,21 @@ class TrainingRunListApi(APIView):
             help_text='Hyperparameters over the project\'s own (e.g. {"epochs": 2, "beta": 0.1}); '
             "names and types as in training.dpo.DPOConfig / training.grpo.GRPOConfig.",
         )
+        rounds = serializers.ListField(
+            child=serializers.IntegerField(min_value=1, max_value=MAX_ID),
+            required=False,
+            max_length=200,
+            help_text="Train only on completions of these round numbers (default: every round).",
+        )
+        since_round = serializers.IntegerField(
+            required=False, min_value=1, max_value=MAX_ID, help_text="Train only on this round and later ones."
+        )
+        writers = serializers.ListField(
+            child=serializers.CharField(min_length=1, max_length=100),
+            required=False,
+            max_length=200,
+            help_text="Train only on completions by these writers: version names of the project, or base.",
+        )
 
         class Meta:
             ref_name = "TrainingRunStart"
@@ -155,7 +178,8 @@ class TrainingRunListApi(APIView):
                 OpenApiTypes.OBJECT,
                 description="Nothing was started. A malformed field answers {field: [message, ...]}; a refusal "
                 "by the service answers {detail}: an unknown setting or a bad value in `config`, GRPO on a "
-                "pairwise project, or no judgements to train on yet.",
+                "pairwise project, a writer that is not a version of the project, or no judgements to train "
+                "on yet (within the rounds asked for).",
             ),
             401: NOT_AUTHENTICATED,
             403: FORBIDDEN,
@@ -176,6 +200,7 @@ class TrainingRunListApi(APIView):
                 config=body.validated_data.get("config"),
                 triggered_by=request.user if request.user.is_authenticated else None,
                 trigger=TrainingRun.Trigger.API,
+                limits={name: body.validated_data.get(name) for name in SNAPSHOT_LIMITS},
             )
         except TrainingRunError as error:
             if _has_active_run(project) is not None:  # another request started one meanwhile

@@ -13,7 +13,7 @@ import json
 import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, replace
 from datetime import timedelta
 from pathlib import Path
@@ -28,8 +28,14 @@ from django.utils import timezone
 from feedback import queue
 from feedback.models import ModelVersion, PairwiseJudgement, Project, RankingJudgement, TrainingRun
 from feedback.selectors.models import model_for_generation, model_version_weights_dir, reward_model_newest
-from feedback.selectors.preferences import ExportFormat, PreferenceExportOptions, preference_rows
+from feedback.selectors.preferences import (
+    ExportFormat,
+    ExportOptionsError,
+    PreferenceExportOptions,
+    preference_rows,
+)
 from feedback.services.model_versions import model_version_promote
+from feedback.services.rounds import BASE
 from training.config import (
     DPOConfig,
     GRPOConfig,
@@ -47,6 +53,8 @@ HEARTBEAT_SECONDS = 20
 PROGRESS_EVERY_SECONDS = 2.0
 # Each model version is a standalone model directory, so the next run can start from it.
 WEB_DEFAULTS: dict[str, Any] = {"merge_lora": True}
+# The export options that limit a run's snapshot (by round, or by who wrote the completions).
+SNAPSHOT_LIMITS = ("rounds", "since_round", "writers")
 # Config fields this installation caps, and the setting that says how far.
 LIMITS = {
     "epochs": "RANKWISE_MAX_TRAINING_EPOCHS",
@@ -164,8 +172,32 @@ def run_dir(run: TrainingRun) -> Path:
     return Path(settings.DATA_DIR) / "runs" / str(run.pk)
 
 
-def _snapshot(project: Project, export_format: ExportFormat, test_fraction: float) -> tuple[list[dict], list[dict]]:
-    base = PreferenceExportOptions(format=export_format, test_fraction=test_fraction)
+def _snapshot_options(
+    project: Project, export_format: ExportFormat, test_fraction: float, limits: Mapping[str, Any]
+) -> PreferenceExportOptions:
+    """The export options a run's snapshot is read with: every round, or those ``limits`` keep.
+
+    ``limits`` are export options by their public names (``rounds``, ``since_round``, ``writers``),
+    read and checked by the export's own parsing; a writer must be a version of the project or base.
+    """
+    unknown = sorted(set(limits) - set(SNAPSHOT_LIMITS))
+    if unknown:
+        raise TrainingRunError(f"{unknown[0]} does not limit a snapshot; use {', '.join(SNAPSHOT_LIMITS)}")
+    try:
+        options = PreferenceExportOptions.from_mapping(
+            {**limits, "format": export_format, "test_fraction": test_fraction}
+        )
+    except ExportOptionsError as error:
+        raise TrainingRunError(f"{error.field}: {error.message}") from None
+    named = [name for name in options.writers or () if name != BASE]
+    known = set(project.model_versions.filter(name__in=named).values_list("name", flat=True))
+    missing = [name for name in named if name not in known]
+    if missing:
+        raise TrainingRunError(f"writers: {project.slug} has no version {', '.join(map(repr, missing))}")
+    return options
+
+
+def _snapshot(project: Project, base: PreferenceExportOptions) -> tuple[list[dict], list[dict]]:
     train = list(preference_rows(project=project, options=replace(base, split="train")))
     held_out = list(preference_rows(project=project, options=replace(base, split="test")))
     return train, held_out
@@ -186,12 +218,14 @@ def training_run_start(
     triggered_by: User | None = None,
     trigger: str = TrainingRun.Trigger.MANUAL,
     test_fraction: float = 0.1,
+    limits: Mapping[str, Any] | None = None,
     enqueue: bool = True,
 ) -> TrainingRun:
     """Snapshot the project's judgements and queue a run; at most one is queued or running per project.
 
-    ``enqueue=False`` leaves the run for the caller to execute itself (``train --sync``), so no
-    worker can take it too.
+    The snapshot takes every round unless ``limits`` (``rounds``, ``since_round``, ``writers``, as
+    exports take them) keep fewer; they are recorded in the run's ``data_counts``. ``enqueue=False``
+    leaves the run for the caller to execute itself (``train --sync``), so no worker can take it too.
     """
     algorithm, entry = _algorithm_for(project, algorithm)
     full_config = training_config_build(algorithm=algorithm, values={**project.training_config, **(config or {})})
@@ -204,16 +238,21 @@ def training_run_start(
     if TrainingRun.objects.filter(project=project, status__in=["queued", "running"]).exists():
         raise TrainingRunError(f"a training run of {project.slug} is already queued or running")
     export_format = entry.formats[project.mode]
-    train, held_out = _snapshot(project, export_format, test_fraction)
+    options = _snapshot_options(project, export_format, test_fraction, limits or {})
+    train, held_out = _snapshot(project, options)
     if not train:
         raise TrainingRunError(f"no {entry.data} to train on yet: collect more judgements first")
+    counts: dict[str, Any] = {"train": len(train), "held_out": len(held_out), "format": export_format}
+    limited = {name: value for name, value in options.as_mapping().items() if name in SNAPSHOT_LIMITS}
+    if limited:
+        counts["limits"] = limited
     try:
         with transaction.atomic():
             run = TrainingRun.objects.create(
                 project=project,
                 algorithm=algorithm,
                 config=full_config,
-                data_counts={"train": len(train), "held_out": len(held_out), "format": export_format},
+                data_counts=counts,
                 data_hash=_content_hash(train + held_out),
                 parent_version=parent,
                 triggered_by=triggered_by if triggered_by and triggered_by.is_authenticated else None,

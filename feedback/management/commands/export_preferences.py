@@ -13,6 +13,7 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.utils import timezone
 from tqdm import tqdm
 
+from feedback.management.arguments import round_numbers, writer_names
 from feedback.models import ModelVersion, Project
 from feedback.selectors.preferences import (
     FORMATS,
@@ -39,15 +40,6 @@ def _fraction(value: str) -> float:
         raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
 
 
-def _round_numbers(value: str) -> list[int]:
-    try:
-        return [int(part) for part in value.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected round numbers separated by commas, like 2,3; not {value!r}"
-        ) from None
-
-
 class Command(BaseCommand):
     help = "Export a project's preference data (DESIGN.md 'Formats') to a JSONL or Parquet file."
     # A read-only export: skipping the system checks saves importing every view to check the URLconf first.
@@ -66,9 +58,13 @@ class Command(BaseCommand):
         parser.add_argument("--until", type=_moment, help="judgements created before this date")
         parser.add_argument("--annotator", action="append", default=[], help="username; repeat for several")
         parser.add_argument("--model-version", action="append", default=[], help="version name; repeat for several")
-        parser.add_argument("--rounds", type=_round_numbers, help="only these rounds, e.g. 2,3 (default: every round)")
+        parser.add_argument("--rounds", type=round_numbers, help="only these rounds, e.g. 2,3 (default: every round)")
         parser.add_argument("--since-round", type=int, help="only this round and later ones")
-        parser.add_argument("--writers", help="only completions by these writers: version names or base, e.g. v3,base")
+        parser.add_argument(
+            "--writers",
+            type=writer_names,
+            help="only completions by these writers: version names or base, e.g. v3,base",
+        )
         parser.add_argument("--split", choices=SPLITS, help="write only the train or the test part (split by prompt)")
         parser.add_argument("--test-fraction", type=_fraction, default=0.1, help="share of prompts in the test part")
         parser.add_argument("--split-seed", default="rankwise", help="changes which prompts are in the test part")
@@ -126,10 +122,9 @@ class Command(BaseCommand):
             raise CommandError(f"--annotator: no user named {', '.join(map(repr, missing))}")
         return [found[name] for name in usernames]
 
-    def _writers(self, project: Project, names: str | None) -> list[str] | None:
-        if names is None:
+    def _writers(self, project: Project, writers: list[str] | None) -> list[str] | None:
+        if writers is None:
             return None
-        writers = [name.strip() for name in names.split(",") if name.strip()]
         known = set(ModelVersion.objects.filter(project=project, name__in=writers).values_list("name", flat=True))
         missing = [name for name in writers if name != "base" and name not in known]
         if missing:

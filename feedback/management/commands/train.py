@@ -6,6 +6,7 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from tqdm import tqdm
 
+from feedback.management.arguments import round_numbers, writer_names
 from feedback.models import Project, TrainingRun
 from feedback.services.training_runs import (
     ALGORITHMS,
@@ -42,8 +43,23 @@ class Command(BaseCommand):
         parser.add_argument(
             "--config", type=_json_object, default={}, help="more settings as JSON, e.g. '{\"warmup_ratio\": 0}'"
         )
+        parser.add_argument("--rounds", type=round_numbers, help="train only on these rounds, e.g. 2,3 (default: all)")
+        parser.add_argument("--since-round", type=int, help="train only on this round and later ones")
+        parser.add_argument(
+            "--writers", type=writer_names, help="train only on completions by these writers: version names or base"
+        )
 
-    def handle(self, *args: Any, project: str, algorithm: str | None, sync: bool, **options: Any) -> None:
+    def handle(
+        self,
+        *args: Any,
+        project: str,
+        algorithm: str | None,
+        sync: bool,
+        rounds: list[int] | None,
+        since_round: int | None,
+        writers: list[str] | None,
+        **options: Any,
+    ) -> None:
         target = Project.objects.filter(slug=project).first()
         if target is None:
             raise CommandError(f"no project '{project}'")
@@ -54,6 +70,7 @@ class Command(BaseCommand):
                 algorithm=algorithm,
                 config={**options["config"], **given},
                 trigger=TrainingRun.Trigger.COMMAND,
+                limits={"rounds": rounds, "since_round": since_round, "writers": writers},
                 enqueue=not sync,
             )
         except TrainingRunError as error:

@@ -178,6 +178,10 @@ SPECTACULAR_SETTINGS = {
     "TITLE": "Rankwise API",
     "VERSION": "1",
     "SERVE_INCLUDE_SCHEMA": False,
+    "POSTPROCESSING_HOOKS": [
+        "drf_spectacular.hooks.postprocess_schema_enums",
+        "feedback.api.schema.token_throttling_documented",
+    ],
     # Project modes appear as `mode` and as a task's `kind`: one name for the one choice set.
     "ENUM_NAME_OVERRIDES": {
         "ProjectModeEnum": "feedback.models.Project.Mode",

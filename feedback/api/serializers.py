@@ -74,7 +74,11 @@ CSRF_FAILED = OpenApiResponse(
     ErrorSerializer, description="A signed-in session sent this write without its CSRF token (token callers never)."
 )
 NOT_FOUND = OpenApiResponse(ErrorSerializer, description="No such project (or not one of yours), or no such page.")
-THROTTLED = OpenApiResponse(ErrorSerializer, description="Too many requests; retry after the Retry-After header.")
+THROTTLED = OpenApiResponse(
+    ErrorSerializer,
+    description="Too many requests, or too many failed token authentications from your address (more than 20 a "
+    "minute); retry after the Retry-After header.",
+)
 
 # What any member may read: only callers who are not signed in (401) and non-members (404) are refused.
 READ_ERRORS = {401: NOT_AUTHENTICATED, 404: NOT_FOUND}

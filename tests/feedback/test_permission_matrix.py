@@ -2,7 +2,8 @@
 
 The URLs come from the resolver, so a new page or endpoint without a row here fails the test. The
 API's rows are also held against the generated schema: the operation documents exactly the 401 and
-403 it answers (403 also on writes, for a session without its CSRF token) and every 404 it answers.
+403 it answers (403 also on writes, for a session without its CSRF token), every 404 it answers, and the
+429 that any operation gives an address that keeps sending wrong tokens.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from rest_framework.test import APIClient
 from feedback.models import Membership, TrainingRun
 from feedback.selectors.preferences import PreferenceExportOptions
 from feedback.services.exports import export_job_start
+from feedback.services.throttling import token_failure_record
 from tests.factories import (
     CompletionFactory,
     MembershipFactory,
@@ -192,3 +194,24 @@ def test_the_schema_documents_exactly_the_refusals(name):
     csrf = {403} if cell.method == "post" else set()
     assert documented & {401, 403} == (answered & {401, 403}) | csrf
     assert answered & {404} <= documented
+    assert 429 in documented  # any operation, to an address that keeps sending wrong tokens (below)
+
+
+@pytest.mark.parametrize("name", [name for name in TABLE if name.startswith("api:")])
+def test_every_operation_answers_429_to_an_address_that_keeps_sending_wrong_tokens(name):
+    for _ in range(21):
+        token_failure_record(address="203.0.113.7")
+    cell = TABLE[name]
+    client = APIClient(HTTP_AUTHORIZATION="Token wrong", REMOTE_ADDR="203.0.113.7")
+    ids = {"slug": "alpha", "run_id": "1", "version_id": "1", "job_id": "1"}  # refused before they are looked up
+    response = getattr(client, cell.method)(_path(name, ids) + cell.query)
+    assert response.status_code == 429
+    assert response.json()["detail"].startswith("Too many failed token authentications from your address.")
+
+
+def test_the_project_list_answers_the_404_it_documents(staff_user):
+    client = APIClient()
+    client.force_login(staff_user)
+    response = client.get("/api/v1/projects/?page=2")  # past the last page
+    assert response.status_code == 404 and response.json() == {"detail": "Invalid page."}
+    assert "404" in SCHEMA["paths"]["/api/v1/projects/"]["get"]["responses"]

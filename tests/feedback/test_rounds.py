@@ -518,7 +518,7 @@ def test_the_export_api_limits_rounds(client):
 
 def kill_mid_round(project, round, monkeypatch):
     """Write ``round`` under the project's generation lock until the process is killed in its second batch."""
-    from feedback.tasks import generation_writing
+    from feedback.queue import generation_writing
     from training import generate
 
     real = generate.generate_completions

@@ -9,6 +9,7 @@ from huey.contrib.djhuey import HUEY
 
 from feedback import tasks
 from feedback.models import TrainingRun
+from feedback.queue import release_dead_generations
 from tests.factories import ProjectFactory, TrainingRunFactory
 
 pytestmark = pytest.mark.django_db
@@ -54,10 +55,10 @@ def test_a_generation_lock_without_a_heartbeat_gets_one_and_is_freed_once_it_is_
     settings.TRAINING_RUN_STALE_SECONDS = 60
     project = ProjectFactory()
     hold(f"generation-project-{project.pk}")  # a worker killed before its first heartbeat
-    tasks._release_dead_generations()
+    release_dead_generations()
     assert HUEY.is_locked(f"generation-project-{project.pk}")
     started = cache.get(f"generation-heartbeat-project-{project.pk}")
     assert started is not None
     cache.set(f"generation-heartbeat-project-{project.pk}", started - 61, timeout=None)  # the clock runs out
-    tasks._release_dead_generations()
+    release_dead_generations()
     assert not HUEY.is_locked(f"generation-project-{project.pk}")

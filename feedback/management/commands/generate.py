@@ -7,7 +7,7 @@ from huey.exceptions import TaskLockedException
 from tqdm import tqdm
 
 from feedback.models import Project, Round
-from feedback.queue import enqueue
+from feedback.queue import enqueue, generation_writing, rounds_left_running
 from feedback.services.generation import GenerationError, completions_generate, round_write
 from feedback.services.rounds import (
     MAX_ROUND_PROMPTS,
@@ -16,7 +16,6 @@ from feedback.services.rounds import (
     round_request,
     round_writers_mix,
 )
-from feedback.tasks import generation_writing, rounds_left_running
 
 OPTIONS = {"prompts": "--prompts", "strategy": "--strategy", "versions": "--versions", "k": "--k", "round": "--round"}
 

@@ -1,6 +1,11 @@
 """Helpers for tests that start workers and commands in processes of their own."""
 
+import subprocess
+import sys
+from pathlib import Path
 from urllib.parse import quote
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def database_url_for_subprocesses() -> str:
@@ -12,3 +17,21 @@ def database_url_for_subprocesses() -> str:
         return f"sqlite:///{db['NAME']}"
     credentials = f"{quote(db['USER'], safe='')}:{quote(db['PASSWORD'], safe='')}@" if db["USER"] else ""
     return f"postgres://{credentials}{db['HOST'] or 'localhost'}:{db['PORT'] or 5432}/{db['NAME']}"
+
+
+class Consumer:
+    """A huey consumer (`manage.py run_huey`) in a process of its own, logging to <data_dir>/<name>.log."""
+
+    def __init__(self, name: str, env: dict[str, str], data_dir: Path):
+        self.log_path = data_dir / f"{name}.log"
+        self.name = name
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "manage.py", "run_huey", "--flush-locks"], cwd=ROOT, env=env, stdout=log, stderr=log
+            )
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def ran(self, task_name: str) -> int:
+        return self.log().count(f"Executing feedback.tasks.{task_name}:")

@@ -6,10 +6,7 @@ be run by the other. Runs in `make test-services`, where REDIS_URL is set.
 
 import os
 import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 from django.conf import settings
@@ -24,9 +21,7 @@ from feedback.services.training_runs import training_run_start
 from tests.factories import ProjectFactory, PromptFactory, UserFactory
 from tests.feedback.export_helpers import bulk_rankings
 from tests.feedback.test_training_runs import SMALL, judge_everything
-from tests.processes import database_url_for_subprocesses
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.processes import Consumer, database_url_for_subprocesses
 
 pytestmark = [
     pytest.mark.django_db(transaction=True),
@@ -42,22 +37,6 @@ def wait_for(condition, *, seconds: float, what: str) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.3)
-
-
-class Consumer:
-    def __init__(self, name: str, env: dict[str, str], data_dir: Path):
-        self.log_path = data_dir / f"{name}.log"
-        self.name = name
-        with self.log_path.open("ab") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "manage.py", "run_huey", "--flush-locks"], cwd=ROOT, env=env, stdout=log, stderr=log
-            )
-
-    def log(self) -> str:
-        return self.log_path.read_text()
-
-    def ran(self, task_name: str) -> int:
-        return self.log().count(f"Executing feedback.tasks.{task_name}:")
 
 
 def generated_completely(project: Project) -> bool:

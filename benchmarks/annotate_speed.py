@@ -1,7 +1,8 @@
 """How fast the annotation queue answers with a large project, and whether it stays correct under load.
 
-Usage: python benchmarks/annotate_speed.py [--prompts 100000] [--judgements-per-prompt 3] [--calls 1000]
-                                           [--annotators 20] [--seconds 60] [--seeded-db FILE] [--no-write]
+Usage: python benchmarks/annotate_speed.py [--prompts 100000] [--judgements-per-prompt 3] [--rounds 1]
+                                           [--calls 1000] [--annotators 20] [--seconds 60] [--seeded-db FILE]
+                                           [--no-write]
 
 It builds a fresh SQLite database (the production settings: WAL, immediate transactions,
 busy timeout) in a temporary data dir, or with DATABASE_URL=postgres://... a fresh PostgreSQL
@@ -10,6 +11,12 @@ projects of N prompts x 4 completions:
 
 - ranking, overlap 5, with 3 judgements on every prompt (3N judgements);
 - pairwise, overlap 1, with 3 of the 6 pairs of every prompt judged (3N judgements).
+
+With --rounds R (default 1) each project has R rounds, every prompt in each with K completions of
+that round: rounds 1..R-1 are fully judged, every item at its overlap (5N ranking, 6N pairwise
+judgements a round), and round R is judged as above. next-task reads the rounds newest first and
+finds its tasks in round R, with the older rounds' rows in the same tables and indexes (the script
+checks that every task it is given is of round R).
 
 Then, for each project:
 
@@ -23,7 +30,7 @@ Then, for each project:
 Throttling is switched off for the HTTP run (benchmarks/annotate_speed_settings.py): the
 submit throttle (120/min per user) is a policy for people, and the simulated annotators are
 far faster than people. The figures are written to benchmarks/RESULTS.md (## Annotation speed, or
-## Annotation speed on PostgreSQL).
+## Annotation speed on PostgreSQL; with --rounds R > 1, its subsection ### R rounds, ... fully judged).
 """
 
 from __future__ import annotations
@@ -52,6 +59,14 @@ RESULTS = ROOT / "benchmarks" / "RESULTS.md"
 SECTION = "## Annotation speed"
 POSTGRES_SECTION = "## Annotation speed on PostgreSQL"
 K = 4
+PROJECTS = (("ranking", 5), ("pairwise", 1))  # mode, overlap
+PAIR_PLAN = [(0, 1), (2, 3), (0, 2), (1, 3), (0, 3), (1, 2)]  # the first judgements_per_prompt pairs are judged
+
+
+def full_judgements(mode: str) -> int:
+    """Judgements a prompt holds in a fully judged round: every item at its overlap."""
+    overlap = dict(PROJECTS)[mode]
+    return overlap * (1 if mode == "ranking" else len(PAIR_PLAN))
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -115,8 +130,13 @@ def _insert(model, names: list[str], rows: list[tuple]) -> None:
             cursor.executemany(sql, prepared)
 
 
-def seed(*, prompts: int, judgements_per_prompt: int) -> dict[str, object]:
+def seed(*, prompts: int, judgements_per_prompt: int, rounds: int = 1) -> dict[str, object]:
     """Two projects with judgements already in; returns their slugs and the annotators' ids.
+
+    Each project has `rounds` rounds, every prompt in each with its own K completions: rounds
+    before the last are fully judged (every item at its overlap, so the queue skips them through
+    the RoundPrompt index), the last has `judgements_per_prompt` judgements per prompt. Rounds are
+    written one after the other, so a later round's rows have the higher ids, as in a real project.
 
     Rows go in with explicit ids through executemany (the database is new), which is what makes
     millions of rows take a minute rather than ten.
@@ -152,181 +172,195 @@ def seed(*, prompts: int, judgements_per_prompt: int) -> dict[str, object]:
     seeded_ids = list(by_name.filter(username__startswith="seeded-").values_list("pk", flat=True))
     bench_ids = list(by_name.filter(username__startswith="bench-").values_list("pk", flat=True))
 
-    pair_plan = [(0, 1), (2, 3), (0, 2), (1, 3), (0, 3), (1, 2)]  # the first judgements_per_prompt pairs are judged
     ids = {"prompt": 0, "completion": 0, "assignment": 0, "judgement": 0}
     slugs = {}
-    for mode, overlap in (("ranking", 5), ("pairwise", 1)):
+    for mode, overlap in PROJECTS:
         started = time.perf_counter()
         project = Project.objects.create(
             name=f"Bench {mode}", slug=f"bench-{mode}", mode=mode, completions_per_prompt=K, overlap=overlap
         )
         slugs[mode] = project.slug
-        round_one = Round.objects.create(project=project, number=1, writers=["bench"], status=Round.Status.DONE)
         Membership.objects.bulk_create(Membership(user_id=pk, project=project) for pk in seeded_ids + bench_ids)
-        batch = 10_000
-        for start in range(0, prompts, batch):
-            prompt_rows, completion_rows, assignment_rows, judgement_rows, ranked_rows = [], [], [], [], []
-            round_prompt_rows = []
-            for n in range(start, min(start + batch, prompts)):
-                ids["prompt"] += 1
-                prompt_id = ids["prompt"]
-                messages = [{"role": "user", "content": f"Question {n}: how do I reverse a list in Python?"}]
-                prompt_rows.append((prompt_id, project.pk, messages, "", {}, now))
-                round_prompt_rows.append((round_one.pk, prompt_id, judgements_per_prompt))
-                mine = []
-                for j in range(K):
-                    ids["completion"] += 1
-                    mine.append(ids["completion"])
-                    text = f"Answer {j} to question {n}: use `xs[::-1]` or `reversed(xs)`."
-                    html = f"<p>Answer {j} to question {n}: use <code>xs[::-1]</code> or <code>reversed(xs)</code>.</p>"
-                    completion_rows.append((ids["completion"], prompt_id, round_one.pk, text, html, "bench", {}, now))
-                for j in range(judgements_per_prompt):
-                    ids["assignment"] += 1
-                    ids["judgement"] += 1
-                    annotator = seeded_ids[(prompt_id * 7 + j * 13) % len(seeded_ids)]
-                    if mode == "ranking":
-                        order = rng.sample(mine, K)
-                        key, slot, a, b = item_key_for_prompt(prompt_id, round_one.pk), j, None, None
-                    else:
-                        x, y = pair_plan[j]
-                        order = [mine[x], mine[y]]
-                        rng.shuffle(order)
-                        key, slot, a, b = item_key_for_pair(mine[x], mine[y]), 0, order[0], order[1]
-                    assignment_rows.append(
-                        (
-                            ids["assignment"],
-                            project.pk,
-                            annotator,
-                            prompt_id,
-                            round_one.pk,
-                            a,
-                            b,
-                            key,
-                            slot,
-                            order,
-                            "done",
-                            "",
-                            now,
-                            now,
-                            now,
+        first_prompt_id = ids["prompt"] + 1
+        judged = 0
+        for number in range(1, rounds + 1):
+            the_round = Round.objects.create(
+                project=project, number=number, writers=["bench"], status=Round.Status.DONE
+            )
+            per_prompt = judgements_per_prompt if number == rounds else full_judgements(mode)
+            judged += prompts * per_prompt
+            batch = 10_000
+            for start in range(0, prompts, batch):
+                prompt_rows, completion_rows, assignment_rows, judgement_rows, ranked_rows = [], [], [], [], []
+                round_prompt_rows = []
+                for n in range(start, min(start + batch, prompts)):
+                    prompt_id = first_prompt_id + n
+                    if number == 1:
+                        ids["prompt"] += 1
+                        assert ids["prompt"] == prompt_id
+                        messages = [{"role": "user", "content": f"Question {n}: how do I reverse a list in Python?"}]
+                        prompt_rows.append((prompt_id, project.pk, messages, "", {}, now))
+                    round_prompt_rows.append((the_round.pk, prompt_id, per_prompt))
+                    mine = []
+                    for j in range(K):
+                        ids["completion"] += 1
+                        mine.append(ids["completion"])
+                        text = f"Answer {j} to question {n}: use `xs[::-1]` or `reversed(xs)`."
+                        html = (
+                            f"<p>Answer {j} to question {n}: "
+                            "use <code>xs[::-1]</code> or <code>reversed(xs)</code>.</p>"
                         )
-                    )
-                    client_uuid = uuid.UUID(int=rng.getrandbits(128))
-                    time_ms = rng.randint(2000, 60000)
-                    if mode == "ranking":
-                        judgement_rows.append(
+                        completion_rows.append(
+                            (ids["completion"], prompt_id, the_round.pk, text, html, "bench", {}, now)
+                        )
+                    for j in range(per_prompt):
+                        ids["assignment"] += 1
+                        ids["judgement"] += 1
+                        annotator = seeded_ids[(prompt_id * 7 + j * 13) % len(seeded_ids)]
+                        if mode == "ranking":
+                            order = rng.sample(mine, K)
+                            key, slot, a, b = item_key_for_prompt(prompt_id, the_round.pk), j, None, None
+                        else:
+                            x, y = PAIR_PLAN[j]
+                            order = [mine[x], mine[y]]
+                            rng.shuffle(order)
+                            key, slot, a, b = item_key_for_pair(mine[x], mine[y]), 0, order[0], order[1]
+                        assignment_rows.append(
                             (
-                                ids["judgement"],
+                                ids["assignment"],
                                 project.pk,
                                 annotator,
-                                ids["assignment"],
                                 prompt_id,
-                                round_one.pk,
-                                "",
-                                time_ms,
-                                client_uuid,
-                                now,
-                            )
-                        )
-                        ranked_rows += [(ids["judgement"], c, p + 1, p) for p, c in enumerate(order)]
-                    else:
-                        choice = rng.choice(["a", "b", "tie", "both_bad"])
-                        judgement_rows.append(
-                            (
-                                ids["judgement"],
-                                project.pk,
-                                annotator,
-                                ids["assignment"],
-                                prompt_id,
-                                round_one.pk,
-                                order[0],
-                                order[1],
+                                the_round.pk,
+                                a,
+                                b,
                                 key,
-                                choice,
+                                slot,
+                                order,
+                                "done",
                                 "",
-                                "",
-                                time_ms,
-                                client_uuid,
+                                now,
+                                now,
                                 now,
                             )
                         )
-            with transaction.atomic():
-                _insert(
-                    Prompt,
-                    ["id", "project", "messages", "external_id", "metadata", "created_at"],
-                    prompt_rows,
-                )
-                _insert(RoundPrompt, ["round", "prompt", "judgement_count"], round_prompt_rows)
-                _insert(
-                    Completion,
-                    ["id", "prompt", "round", "text", "html", "source_model", "generation_params", "created_at"],
-                    completion_rows,
-                )
-                _insert(
-                    Assignment,
-                    [
-                        "id",
-                        "project",
-                        "annotator",
-                        "prompt",
-                        "round",
-                        "completion_a",
-                        "completion_b",
-                        "item_key",
-                        "slot",
-                        "display_order",
-                        "state",
-                        "skip_reason",
-                        "expires_at",
-                        "created_at",
-                        "finished_at",
-                    ],
-                    assignment_rows,
-                )
-                if mode == "ranking":
+                        client_uuid = uuid.UUID(int=rng.getrandbits(128))
+                        time_ms = rng.randint(2000, 60000)
+                        if mode == "ranking":
+                            judgement_rows.append(
+                                (
+                                    ids["judgement"],
+                                    project.pk,
+                                    annotator,
+                                    ids["assignment"],
+                                    prompt_id,
+                                    the_round.pk,
+                                    "",
+                                    time_ms,
+                                    client_uuid,
+                                    now,
+                                )
+                            )
+                            ranked_rows += [(ids["judgement"], c, p + 1, p) for p, c in enumerate(order)]
+                        else:
+                            choice = rng.choice(["a", "b", "tie", "both_bad"])
+                            judgement_rows.append(
+                                (
+                                    ids["judgement"],
+                                    project.pk,
+                                    annotator,
+                                    ids["assignment"],
+                                    prompt_id,
+                                    the_round.pk,
+                                    order[0],
+                                    order[1],
+                                    key,
+                                    choice,
+                                    "",
+                                    "",
+                                    time_ms,
+                                    client_uuid,
+                                    now,
+                                )
+                            )
+                with transaction.atomic():
+                    if prompt_rows:
+                        _insert(
+                            Prompt,
+                            ["id", "project", "messages", "external_id", "metadata", "created_at"],
+                            prompt_rows,
+                        )
+                    _insert(RoundPrompt, ["round", "prompt", "judgement_count"], round_prompt_rows)
                     _insert(
-                        RankingJudgement,
-                        [
-                            "id",
-                            "project",
-                            "annotator",
-                            "assignment",
-                            "prompt",
-                            "round",
-                            "rationale",
-                            "time_ms",
-                            "client_uuid",
-                            "created_at",
-                        ],
-                        judgement_rows,
+                        Completion,
+                        ["id", "prompt", "round", "text", "html", "source_model", "generation_params", "created_at"],
+                        completion_rows,
                     )
-                    _insert(RankedCompletion, ["judgement", "completion", "rank", "position"], ranked_rows)
-                else:
                     _insert(
-                        PairwiseJudgement,
+                        Assignment,
                         [
                             "id",
                             "project",
                             "annotator",
-                            "assignment",
                             "prompt",
                             "round",
-                            "left",
-                            "right",
+                            "completion_a",
+                            "completion_b",
                             "item_key",
-                            "choice",
-                            "strength",
-                            "rationale",
-                            "time_ms",
-                            "client_uuid",
+                            "slot",
+                            "display_order",
+                            "state",
+                            "skip_reason",
+                            "expires_at",
                             "created_at",
+                            "finished_at",
                         ],
-                        judgement_rows,
+                        assignment_rows,
                     )
+                    if mode == "ranking":
+                        _insert(
+                            RankingJudgement,
+                            [
+                                "id",
+                                "project",
+                                "annotator",
+                                "assignment",
+                                "prompt",
+                                "round",
+                                "rationale",
+                                "time_ms",
+                                "client_uuid",
+                                "created_at",
+                            ],
+                            judgement_rows,
+                        )
+                        _insert(RankedCompletion, ["judgement", "completion", "rank", "position"], ranked_rows)
+                    else:
+                        _insert(
+                            PairwiseJudgement,
+                            [
+                                "id",
+                                "project",
+                                "annotator",
+                                "assignment",
+                                "prompt",
+                                "round",
+                                "left",
+                                "right",
+                                "item_key",
+                                "choice",
+                                "strength",
+                                "rationale",
+                                "time_ms",
+                                "client_uuid",
+                                "created_at",
+                            ],
+                            judgement_rows,
+                        )
         if mode == "ranking":
             ids["judgement"] = 0  # pairwise judgements live in their own table
         print(
-            f"seeded {mode}: {prompts} prompts, {prompts * judgements_per_prompt} judgements "
+            f"seeded {mode}: {prompts} prompts in {rounds} round(s), {judged} judgements "
             f"in {time.perf_counter() - started:.0f} s",
             flush=True,
         )
@@ -338,15 +372,18 @@ def seed(*, prompts: int, judgements_per_prompt: int) -> dict[str, object]:
         with connection.cursor() as cursor:
             for statement in connection.ops.sequence_reset_sql(no_style(), models):
                 cursor.execute(statement)
-    return {"slugs": slugs, "seeded_ids": seeded_ids, "bench_ids": bench_ids}
+    return {"slugs": slugs, "rounds": rounds, "seeded_ids": seeded_ids, "bench_ids": bench_ids}
 
 
 def seeded_from_database() -> dict[str, object]:
     from django.contrib.auth import get_user_model
 
+    from feedback.models import Round
+
     users = get_user_model().objects.order_by("pk")
     return {
         "slugs": {"ranking": "bench-ranking", "pairwise": "bench-pairwise"},
+        "rounds": Round.objects.filter(project__slug="bench-ranking").count(),
         "seeded_ids": list(users.filter(username__startswith="seeded-").values_list("pk", flat=True)),
         "bench_ids": list(users.filter(username__startswith="bench-").values_list("pk", flat=True)),
     }
@@ -363,13 +400,21 @@ def judgement_body(task: dict) -> dict:
     return body
 
 
-def in_process(*, slug: str, annotator_ids: list[int], calls: int) -> tuple[dict[str, list[float]], dict[str, int]]:
-    """Full Django request handling without a network: the server-side time of each call, and the
-    most SQL statements one call took (counted on the warm-up calls, so counting costs the timings nothing)."""
+def in_process(
+    *, slug: str, annotator_ids: list[int], calls: int
+) -> tuple[dict[str, list[float]], dict[str, int], list[int]]:
+    """Full Django request handling without a network: the server-side time of each call, the
+    most SQL statements one call took (counted on the warm-up calls, so counting costs the timings nothing),
+    and the numbers of the rounds the tasks it was given belong to."""
     from django.contrib.auth import get_user_model
     from django.db import connection
+    from django.db.models import Max
     from django.test import Client
     from django.test.utils import CaptureQueriesContext
+
+    from feedback.models import Assignment
+
+    last_before = Assignment.objects.aggregate(last=Max("pk"))["last"] or 0
 
     users = get_user_model().objects.in_bulk(annotator_ids)
     clients = []
@@ -401,7 +446,9 @@ def in_process(*, slug: str, annotator_ids: list[int], calls: int) -> tuple[dict
         timings["submit"].append((time.perf_counter() - start) * 1000)
         timings["submit cpu"].append((time.thread_time() - cpu) * 1000)
         assert response.status_code == 201, (response.status_code, response.content)
-    return timings, queries
+    leased = Assignment.objects.filter(project__slug=slug, pk__gt=last_before)
+    served = sorted(set(leased.values_list("round__number", flat=True)))
+    return timings, queries, served
 
 
 def free_port() -> int:
@@ -472,7 +519,7 @@ def over_http(*, base: str, slug: str, tokens: list[str], seconds: float) -> dic
     return {"latencies": latencies, "created": created, "errors": errors, "wall": wall, "ran_dry": empty[0]}
 
 
-def check_integrity(*, slug: str, created: list[str], before: int) -> dict[str, int]:
+def check_integrity(*, slug: str, created: list[str], before: int) -> dict[str, object]:
     from django.db.models import Count
 
     from feedback.models import Assignment, PairwiseJudgement, Project, RankingJudgement
@@ -481,7 +528,8 @@ def check_integrity(*, slug: str, created: list[str], before: int) -> dict[str, 
     judgements = PairwiseJudgement if project.mode == "pairwise" else RankingJudgement
     stored = judgements.objects.filter(project=project)
     found = set(stored.filter(client_uuid__in=created).values_list("client_uuid", flat=True))
-    key = "item_key" if project.mode == "pairwise" else "prompt_id"
+    # an item: a pair of one round's completions, or one round's completions of a prompt
+    item = ["item_key"] if project.mode == "pairwise" else ["prompt_id", "round_id"]
     return {
         "new judgements stored": stored.count() - before,
         "201 answers": len(created),
@@ -492,18 +540,37 @@ def check_integrity(*, slug: str, created: list[str], before: int) -> dict[str, 
         .annotate(n=Count("pk"))
         .filter(n__gt=project.overlap)
         .count(),
-        "items judged twice by one annotator": stored.values("annotator_id", key)
+        "items judged twice by one annotator": stored.values("annotator_id", *item)
         .annotate(n=Count("pk"))
         .filter(n__gt=1)
         .count(),
+        "rounds judged": sorted(set(stored.filter(client_uuid__in=created).values_list("round__number", flat=True))),
     }
 
 
-def write_results(text: str, section: str) -> None:
+def write_results(text: str, section: str, parent: str | None = None) -> None:
+    """Replace `section` (a "## " section, or a "### " subsection of the section `parent`) in RESULTS.md,
+    or add it: a subsection at the end of its parent, a section at the end of the file."""
     body = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    pattern = re.compile(rf"^{re.escape(section)}\n.*?(?=^## |\Z)", re.S | re.M)
-    found = pattern.search(body)
-    body = pattern.sub(lambda _: text, body) if found else body.rstrip("\n") + "\n\n" + text
+    text = text.rstrip("\n") + "\n\n"
+    if parent is not None:
+        found = re.compile(rf"^{re.escape(parent)}\n.*?(?=^## |\Z)", re.S | re.M).search(body)
+        if found is None:
+            body = body.rstrip("\n") + f"\n\n{parent}\n\n"
+            start = end = len(body)
+        else:
+            start, end = found.span()
+        within = body[start:end]
+        pattern = re.compile(rf"^{re.escape(section)}\n.*?(?=^##+ |\Z)", re.S | re.M)  # up to the next heading
+        if pattern.search(within):
+            within = pattern.sub(lambda _: text, within, count=1)
+        else:
+            within = within.rstrip("\n") + "\n\n" + text if within else text
+        body = body[:start] + within + body[end:]
+    else:
+        pattern = re.compile(rf"^{re.escape(section)}\n.*?(?=^## |\Z)", re.S | re.M)
+        found = pattern.search(body)
+        body = pattern.sub(lambda _: text, body, count=1) if found else body.rstrip("\n") + "\n\n" + text
     RESULTS.write_text(body.rstrip("\n") + "\n")
 
 
@@ -511,6 +578,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prompts", type=int, default=100_000)
     parser.add_argument("--judgements-per-prompt", type=int, default=3)
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="rounds per project: the older ones fully judged, the last with --judgements-per-prompt",
+    )
     parser.add_argument("--calls", type=int, default=1000)
     parser.add_argument("--annotators", type=int, default=20)
     parser.add_argument("--seconds", type=float, default=60)
@@ -521,6 +594,8 @@ def main() -> None:
         help="a copy of the seeded database: made on the first run, copied in (and migrated) on later ones",
     )
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error("--rounds must be 1 or more")
 
     server_url = os.environ.get("DATABASE_URL", "")
     postgres = server_url.startswith(("postgres://", "postgresql://"))
@@ -554,8 +629,12 @@ def run(args: argparse.Namespace, data_dir: Path, *, postgres: bool) -> None:
     started = time.perf_counter()
     if reuse:
         seeded = seeded_from_database()
+        if seeded["rounds"] != args.rounds:
+            raise SystemExit(
+                f"{args.seeded_db} was seeded with {seeded['rounds']} round(s), not --rounds {args.rounds}"
+            )
     else:
-        seeded = seed(prompts=args.prompts, judgements_per_prompt=args.judgements_per_prompt)
+        seeded = seed(prompts=args.prompts, judgements_per_prompt=args.judgements_per_prompt, rounds=args.rounds)
     seed_seconds = time.perf_counter() - started
     with connection.cursor() as cursor:
         cursor.execute("ANALYZE")
@@ -570,13 +649,31 @@ def run(args: argparse.Namespace, data_dir: Path, *, postgres: bool) -> None:
     else:
         database = f"SQLite {connection.Database.sqlite_version} (WAL, immediate transactions)"
         command = "python benchmarks/annotate_speed.py"
+    parent = POSTGRES_SECTION if postgres else SECTION
+    if args.rounds == 1:
+        heading, under = parent, None
+        data = (
+            f"Each project: {args.prompts:,} prompts x {K} completions "
+            f"and {args.prompts * args.judgements_per_prompt:,} judgements already stored "
+        )
+    else:
+        older = "round 1" if args.rounds == 2 else f"rounds 1-{args.rounds - 1}"
+        heading, under = f"### {args.rounds} rounds, {older} fully judged", parent
+        command += f" --rounds {args.rounds}"
+        full = {mode: args.prompts * full_judgements(mode) for mode, _ in PROJECTS}
+        data = (
+            f"Each project: {args.rounds} rounds, each of the same {args.prompts:,} prompts x {K} completions "
+            f"of that round; {older} fully judged, every item at its overlap "
+            f"({full['ranking']:,} ranking and {full['pairwise']:,} pairwise judgements a round), so they offer "
+            f"no task; round {args.rounds} with {args.prompts * args.judgements_per_prompt:,} judgements "
+            "already stored "
+        )
     lines = [
-        POSTGRES_SECTION if postgres else SECTION,
+        heading,
         "",
         f"`{command}` on {platform.machine()} with {os.cpu_count()} cores, "
         f"Python {platform.python_version()}, {database}; {time.strftime('%Y-%m-%d')}. "
-        f"Each project: {args.prompts:,} prompts x {K} completions "
-        f"and {args.prompts * args.judgements_per_prompt:,} judgements already stored "
+        + data
         + ("(a copy of a database seeded earlier)." if reuse else f"(seeding took {seed_seconds:.0f} s)."),
         "",
         "Server-side time (Django's full request handling in process: middleware, session auth, DRF, services; "
@@ -588,7 +685,9 @@ def run(args: argparse.Namespace, data_dir: Path, *, postgres: bool) -> None:
         "|---|---|---|---|---|---|",
     ]
     for mode, slug in seeded["slugs"].items():
-        timings, queries = in_process(slug=slug, annotator_ids=in_process_ids, calls=args.calls)
+        timings, queries, served = in_process(slug=slug, annotator_ids=in_process_ids, calls=args.calls)
+        print(f"{mode}: in process, next-task answered tasks of round(s) {served}", flush=True)
+        assert served == [args.rounds], served  # the newest round; the older ones are fully judged
         lines.append(
             f"| {mode} | {summary(timings['next-task'])} | {summary(timings['submit'])} | "
             f"{summary(timings['next-task cpu'])} | {summary(timings['submit cpu'])} | "
@@ -653,6 +752,7 @@ def run(args: argparse.Namespace, data_dir: Path, *, postgres: bool) -> None:
             )
             print(lines[-1], json.dumps(checks), run["errors"][:5], flush=True)
             assert checks["new judgements stored"] == checks["201 answers"], checks
+            assert checks["rounds judged"] in ([], [args.rounds]), checks
     finally:
         server.terminate()
         server.wait(timeout=30)
@@ -660,7 +760,13 @@ def run(args: argparse.Namespace, data_dir: Path, *, postgres: bool) -> None:
         "",
         "Lost = answered 201 but not in the database; over overlap = items holding more slots than the project's "
         "overlap; judged twice = an annotator with two judgements on one item. The number of new rows equals the "
-        "number of 201 answers (checked by the script).",
+        "number of 201 answers (checked by the script)."
+        + (
+            f" Every task next-task answered, in process and over HTTP, was of round {args.rounds} "
+            "(checked by the script)."
+            if args.rounds > 1
+            else ""
+        ),
         "",
     ]
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
@@ -668,7 +774,7 @@ def run(args: argparse.Namespace, data_dir: Path, *, postgres: bool) -> None:
     text = "\n".join(lines)
     print(text)
     if not args.no_write:
-        write_results(text, lines[0])
+        write_results(text, heading, under)
 
 
 if __name__ == "__main__":

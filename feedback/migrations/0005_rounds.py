@@ -2,8 +2,9 @@
 """Rounds (0005-0006): every project's existing completions, leases and judgements become its round 1.
 
 The round columns are added nullable here and filled; 0006 makes them required and drops the
-per-prompt judgement count, so that on PostgreSQL the rows are written and the tables altered in
-separate transactions.
+per-prompt judgement count. On PostgreSQL this migration is one transaction whose indexes are created
+at its end, after the rows are written: each data step runs the foreign-key checks its writes queued
+before it returns (see _check_foreign_keys_now).
 """
 
 import django.core.validators
@@ -14,6 +15,19 @@ from django.db.models import CharField, Max, Min, Q, Value
 from django.db.models.functions import Cast, Concat
 
 BATCH = 2000
+
+
+def _check_foreign_keys_now(schema_editor) -> None:
+    """Run the deferred foreign-key checks that this transaction's writes have queued.
+
+    PostgreSQL's foreign keys are DEFERRABLE INITIALLY DEFERRED, so rows written here queue their
+    checks until commit, and it refuses to ALTER or index a table with checks still pending
+    ("pending trigger events"); the indexes of the new round columns are created after the data
+    steps, in the same transaction. Checking now keeps the migration one transaction (all of it or
+    none of it) and the database no less checked: a row that breaks a key still stops it here.
+    """
+    if schema_editor.connection.vendor == "postgresql":
+        schema_editor.execute("SET CONSTRAINTS ALL IMMEDIATE")
 
 
 def _writers(Completion, project) -> list[str]:
@@ -85,6 +99,7 @@ def into_round_one(apps, schema_editor):
             (RoundPrompt(round=round_one, prompt_id=pk, judgement_count=count) for pk, count in rows.iterator()),
             batch_size=BATCH,
         )
+    _check_foreign_keys_now(schema_editor)
 
 
 def out_of_rounds(apps, schema_editor):
@@ -99,6 +114,7 @@ def out_of_rounds(apps, schema_editor):
         Prompt.objects.filter(pk=prompt_id).update(judgement_count=count)
     for pk, prompt_id in Assignment.objects.filter(item_key__startswith="p").values_list("pk", "prompt_id"):
         Assignment.objects.filter(pk=pk).update(item_key=f"p{prompt_id}")
+    _check_foreign_keys_now(schema_editor)
 
 
 class Migration(migrations.Migration):

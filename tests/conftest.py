@@ -116,7 +116,9 @@ def real_model_dir() -> Path:
 
 
 def pytest_collection_modifyitems(config, items) -> None:
-    """Skip `sqlite_only(reason)` tests on other databases, with the reason the marker gives."""
+    """Skip `sqlite_only(reason)` tests on other databases, with the reason the marker gives, and `gpu` tests
+    where torch sees no GPU."""
+    _skip_gpu_tests_without_cuda(items)
     from django.conf import settings
 
     engine = settings.DATABASES["default"]["ENGINE"]
@@ -126,3 +128,15 @@ def pytest_collection_modifyitems(config, items) -> None:
         marker = item.get_closest_marker("sqlite_only")
         if marker is not None:
             item.add_marker(pytest.mark.skip(reason=f"SQLite only ({marker.args[0]}); this run is on {engine}"))
+
+
+def _skip_gpu_tests_without_cuda(items) -> None:
+    gpu = [item for item in items if item.get_closest_marker("gpu") is not None]
+    if not gpu:
+        return
+    import torch  # only when a gpu test was collected
+
+    if torch.cuda.is_available():
+        return
+    for item in gpu:
+        item.add_marker(pytest.mark.skip(reason="needs CUDA: torch sees no GPU here"))

@@ -81,7 +81,7 @@ def _decode_batch(
     batch = input_ids.shape[0]
     written: list[list[int]] = [[] for _ in range(batch)]
     truncated = [True] * batch
-    alive = torch.arange(batch)  # batch row of each row still writing
+    alive = torch.arange(batch, device=input_ids.device)  # batch row of each row still writing
     positions = (attention_mask.cumsum(dim=-1) - 1).clamp(min=0)  # (B, T), as model.generate counts them
     cache = DynamicCache()
     out = model(

@@ -218,23 +218,24 @@ def plackett_luce_loss(rewards: torch.Tensor, ranks: torch.Tensor) -> torch.Tens
 
 def _tier_log_probability(tier: torch.Tensor, later: torch.Tensor) -> torch.Tensor:
     """log P(the ``tier`` rewards (t,) are all drawn, in any order, before the ``later`` ones (L,))."""
-    t = tier.shape[0]
-    masks = torch.arange(1 << t)
-    members = (masks.unsqueeze(1) >> torch.arange(t)) & 1 == 1  # (2^t, t): which tier items each subset holds
+    t, device = tier.shape[0], tier.device  # the index tensors live beside the rewards (CPU or GPU)
+    items = torch.arange(t, device=device)
+    masks = torch.arange(1 << t, device=device)
+    members = (masks.unsqueeze(1) >> items) & 1 == 1  # (2^t, t): which tier items each subset holds
     size = members.sum(dim=1)
     # log Σ exp(r) over what is still undrawn once subset S is drawn: the rest of the tier and the later ones
     undrawn = torch.where(members, -math.inf, tier)  # (2^t, t)
     if later.numel():
         undrawn = torch.cat([undrawn, later.logsumexp(0).expand(1 << t, 1)], dim=1)
     log_pool = undrawn.logsumexp(dim=1)  # (2^t,)
-    position = torch.zeros(1 << t, dtype=torch.long)  # each subset's index inside its size layer
+    position = torch.zeros(1 << t, dtype=torch.long, device=device)  # each subset's index inside its size layer
     layers = [tier.new_zeros(1)]  # log f over the subsets of each size; f(∅) = 1
     for s in range(1, t + 1):
         layer_masks = masks[size == s]  # (M,)
-        position[layer_masks] = torch.arange(len(layer_masks))
+        position[layer_masks] = torch.arange(len(layer_masks), device=device)
         holds = members[layer_masks]  # (M, t)
         # (M, t): the subset without item i, where it holds i (else the empty set, masked out below)
-        before = torch.where(holds, layer_masks.unsqueeze(1) ^ (1 << torch.arange(t)), 0)
+        before = torch.where(holds, layer_masks.unsqueeze(1) ^ (1 << items), 0)
         terms = layers[s - 1][position[before]] + tier - log_pool[before]  # (M, t)
         layers.append(torch.where(holds, terms, -math.inf).logsumexp(dim=1))
     return layers[t][0]

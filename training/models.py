@@ -41,15 +41,25 @@ class ModelLoadError(Exception):
     """A base model or checkpoint could not be loaded; the message says which and why."""
 
 
+def default_device() -> torch.device:
+    """Where training, the reference pass, generation and scoring run: CUDA when torch sees a GPU, else the CPU.
+
+    ``CUDA_VISIBLE_DEVICES=`` (empty) keeps a run on the CPU; under several processes each one's
+    ``torch.cuda.set_device`` picks its GPU.
+    """
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
 def load_model(
-    name_or_path: str, *, dtype: torch.dtype | None = None
+    name_or_path: str, *, dtype: torch.dtype | None = None, device: torch.device | None = None
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer from a local directory or a hub id.
 
     A directory holding a LoRA adapter written by this library (``adapter_config.json``)
     is loaded by loading its base model (recursively) and merging the adapter in.
     Weights are read with safetensors only. ``dtype`` defaults to float32, the dtype
-    training keeps its master weights in.
+    training keeps its master weights in. The model is read on the CPU and moved to
+    ``device`` when one is given (``default_device()`` picks CUDA when it is there).
 
     Raises:
         ModelLoadError: the path or id does not hold a loadable model.
@@ -60,7 +70,8 @@ def load_model(
     if looks_local and not path.is_dir():
         raise ModelLoadError(f"model directory {name_or_path!r} does not exist")
     if looks_local and (path / "adapter_config.json").is_file():
-        return _load_adapter_dir(path, dtype=dtype)
+        merged, merged_tokenizer = _load_adapter_dir(path, dtype=dtype)
+        return (merged if device is None else merged.to(device)), merged_tokenizer  # type: ignore[arg-type]
     if looks_local and not (path / "config.json").is_file():
         raise ModelLoadError(f"{name_or_path!r} is not a model directory (no config.json)")
     try:
@@ -72,6 +83,8 @@ def load_model(
         raise ModelLoadError(f"cannot load model {name_or_path!r}: {exc}") from exc
     _ensure_pad_token(tokenizer)
     model.config.pad_token_id = tokenizer.pad_token_id
+    if device is not None:
+        model = model.to(device)  # type: ignore[arg-type]
     return model, tokenizer
 
 
@@ -212,18 +225,25 @@ def tune_for_training(model: torch.nn.Module, *, precision: str, bf16_frozen_bas
     tensor (query, key and value; gate and up; their adapters) share one bf16 cast of it where
     autocast would make one for each. The forward numbers are unchanged; the gradients of such a
     tensor's users are summed in bf16 before the one cast back, as for any bf16 tensor used twice.
+
+    On a GPU: SDPA stays (its fused kernels are the fast attention there) and linear layers cast
+    their inputs as autocast does (the shared cast was measured on the CPU only, and on a GPU it
+    trades a small cast kernel for a Python hook in every layer). The bf16-stored frozen base
+    (half the memory, no weight casts) and the adapters taking their input as it comes are right
+    on both devices and apply to both.
     """
     base = model.get_base_model() if is_lora(model) else model
     assert isinstance(base, PreTrainedModel)
-    if next(model.parameters()).device.type == "cpu":
+    on_cpu = next(model.parameters()).device.type == "cpu"
+    if on_cpu:  # CPU only
         base.set_attn_implementation("eager")
     if precision != "bf16":
         return
     shared_cast = _SharedInputCast()
     for module in model.modules():
-        if hasattr(module, "cast_input_dtype_enabled"):  # a peft adapter layer
+        if hasattr(module, "cast_input_dtype_enabled"):  # a peft adapter layer; both devices
             module.cast_input_dtype_enabled = False  # type: ignore[assignment]
-        if isinstance(module, torch.nn.Linear):
+        if on_cpu and isinstance(module, torch.nn.Linear):  # CPU only
             module.register_forward_pre_hook(shared_cast)
     if not bf16_frozen_base:
         return

@@ -74,13 +74,15 @@ def new_head(lm: torch.nn.Module) -> torch.nn.Linear:
     return head.to(next(lm.parameters()).device)
 
 
-def load_reward_model(path: str | Path) -> tuple[RewardModel, PreTrainedTokenizerBase]:
-    """A reward model directory written by ``train_reward``, ready to score (eval mode, frozen)."""
+def load_reward_model(
+    path: str | Path, *, device: torch.device | None = None
+) -> tuple[RewardModel, PreTrainedTokenizerBase]:
+    """A reward model directory written by ``train_reward``, ready to score (eval mode, frozen), on ``device``."""
     path = Path(path)
     if not (path / HEAD_FILE).is_file():
         raise ModelLoadError(f"{path} is not a reward model (no {HEAD_FILE})")
-    lm, tokenizer = load_model(str(path))
-    head = new_head(lm)
+    lm, tokenizer = load_model(str(path), device=device)
+    head = new_head(lm)  # on the body's device
     try:
         head.load_state_dict(load_file(path / HEAD_FILE))
     except RuntimeError as exc:

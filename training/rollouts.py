@@ -24,13 +24,13 @@ from training.reward import RewardModel, load_reward_model, score_sequences
 
 def load_scorer(reward_model: str, tokenizer: Any, policy_name: str, device: torch.device) -> RewardModel:
     """The reward model at ``reward_model``, on the policy's device; refused if its tokenizer differs."""
-    scorer, scorer_tokenizer = load_reward_model(reward_model)
+    scorer, scorer_tokenizer = load_reward_model(reward_model, device=device)
     if scorer_tokenizer.get_vocab() != tokenizer.get_vocab():
         raise ModelLoadError(
             f"reward model {reward_model} uses another tokenizer than the policy {policy_name}: "
             "train the reward model from the same base model"
         )
-    return scorer.to(device)
+    return scorer
 
 
 def frozen_reference(policy: torch.nn.Module) -> torch.nn.Module | None:

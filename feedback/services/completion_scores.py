@@ -16,9 +16,10 @@ def completion_scores_compute(*, version: ModelVersion) -> int:
     """
     if version.kind != ModelVersion.Kind.REWARD:
         raise ValueError(f"{version.name} is not a reward model")
+    from training.models import default_device
     from training.reward import load_reward_model, score_texts
 
-    model, tokenizer = load_reward_model(model_version_weights_dir(version=version))
+    model, tokenizer = load_reward_model(model_version_weights_dir(version=version), device=default_device())
     pending = (
         Completion.objects.filter(prompt__project_id=version.project_id)
         .exclude(scores__reward_model=version)

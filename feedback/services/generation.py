@@ -93,13 +93,13 @@ def _round_prompt_ids(*, round: Round) -> list[int]:
     if round.strategy == Round.Strategy.UNJUDGED_FIRST:
         return round_prompts_by_judgements(project=project, limit=round.prompt_limit)
     if round.strategy == Round.Strategy.UNCERTAIN_FIRST:
-        from training.models import ModelLoadError, load_model
+        from training.models import ModelLoadError, default_device, load_model
 
         active = model_version_active(project=project)
         if active is None:
             raise GenerationError("uncertain_first needs an active version, whose margins order the prompts")
         try:
-            model, tokenizer = load_model(str(model_version_weights_dir(version=active)))
+            model, tokenizer = load_model(str(model_version_weights_dir(version=active)), device=default_device())
         except (ModelLoadError, ValueError) as error:
             raise GenerationError(str(error)) from None
         return prompts_by_uncertainty(project=project, limit=round.prompt_limit, model=model, tokenizer=tokenizer)
@@ -163,18 +163,17 @@ def _batches(count: int, *, first_batch: int, batch_size: int) -> list[tuple[int
 def _round_write(
     *, round: Round, first_batch: int, batch_size: int, progress: Callable[[int, int], None] | None
 ) -> GenerationResult:
-    import torch
-
     from training.generate import SamplingConfig, generate_completions, inference_dtype
-    from training.models import ModelLoadError, load_model
+    from training.models import ModelLoadError, default_device, load_model
 
     project = round.project
     label = " + ".join(round.writers)
-    dtype = inference_dtype(torch.device("cpu"))
+    device = default_device()  # CUDA when the worker has a GPU
+    dtype = inference_dtype(device)
     loaded = []
     for name, version in _writer_models(project=project, writers=round.writers):
         try:
-            loaded.append((load_model(name, dtype=dtype), name, version))
+            loaded.append((load_model(name, dtype=dtype, device=device), name, version))
         except ModelLoadError as error:
             raise GenerationError(str(error)) from None
     if not round.prompt_ids:

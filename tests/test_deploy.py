@@ -1,5 +1,6 @@
 """deploy/: the systemd units are checked by systemd-analyze and their commands started here as systemd would
-(there is no systemd to run them), with the environment the units give them."""
+(there is no systemd to run them), with the environment the units give them: on PostgreSQL and Redis when the
+suite runs with DATABASE_URL and REDIS_URL (`make test-services`), on SQLite and huey's SQLite queue otherwise."""
 
 import json
 import os
@@ -12,6 +13,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -40,7 +42,9 @@ def as_here(value: str) -> str:
 
 
 def unit_environment(name: str, overrides: dict[str, str]) -> dict[str, str]:
-    """EnvironmentFile (the example stands in for /etc/rankwise/rankwise.env), then Environment=, then overrides."""
+    """EnvironmentFile (the example stands in for /etc/rankwise/rankwise.env), then Environment=, then overrides.
+
+    The example's REDIS_URL is dropped: the overrides give the suite's Redis, or none (huey's SQLite queue)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DATABASE_URL", "REDIS_URL", "DJANGO_"))}
     for key, value in unit_entries(name):
         if key == "EnvironmentFile":
@@ -95,10 +99,36 @@ class NoRedirect(urllib.request.HTTPRedirectHandler):
         return None
 
 
-def test_the_units_commands_migrate_then_serve_healthz_and_run_a_worker(tmp_path, tiny_model_dir):
+@pytest.fixture
+def deploy_database(tmp_path) -> Iterator[str]:
+    """The units' DATABASE_URL: a new PostgreSQL database beside the suite's when it runs on PostgreSQL (dropped
+    afterwards), else a SQLite file in the data dir."""
+    server = os.environ.get("DATABASE_URL", "")
+    if not server.startswith(("postgres://", "postgresql://")):
+        yield f"sqlite:///{tmp_path / 'data' / 'rankwise.sqlite3'}"
+        return
+    import psycopg
+
+    name = f"rankwise_deploy_{os.getpid()}"
+    with psycopg.connect(server, autocommit=True) as admin:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield server.rsplit("/", 1)[0] + "/" + name
+    finally:
+        with psycopg.connect(server, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def test_the_units_commands_migrate_then_serve_healthz_and_run_a_worker(
+    tmp_path, tiny_model_dir, deploy_database, shared_queue
+):
+    from django.conf import settings
+
     port = free_port()
-    overrides = {
-        "DATABASE_URL": f"sqlite:///{tmp_path / 'data' / 'rankwise.sqlite3'}",
+    services = {"REDIS_URL": settings.REDIS_URL} if settings.REDIS_URL else {}
+    overrides = services | {
+        "DATABASE_URL": deploy_database,
         "RANKWISE_DATA_DIR": str(tmp_path / "data"),
         "RANKWISE_BASE_MODEL": str(tiny_model_dir),
         "RANKWISE_BIND": f"127.0.0.1:{port}",
@@ -145,3 +175,11 @@ def test_the_units_commands_migrate_then_serve_healthz_and_run_a_worker(tmp_path
         codes = [process.wait(timeout=60) for process in started]
         log.close()
     assert codes == [0, 0], (tmp_path / "services.log").read_text()
+    # What answered was the database and queue named: no SQLite file stood in for either.
+    made = sorted(path.name for path in (tmp_path / "data").glob("*.sqlite3"))
+    assert made == ([] if services else ["huey.sqlite3", "rankwise.sqlite3"])
+    if deploy_database.startswith("postgres"):
+        import psycopg
+
+        with psycopg.connect(deploy_database) as database:
+            assert database.execute("SELECT count(*) FROM django_migrations").fetchone()[0] > 0

@@ -13,12 +13,15 @@ import hashlib
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
-import redis
 from django.conf import settings
 from django.core.cache import cache
 from django.core.exceptions import ValidationError
 from django.http import HttpRequest
+
+if TYPE_CHECKING:
+    from redis import Redis
 
 LOGIN_FAILURES_ALLOWED = 5
 LOGIN_WINDOW_SECONDS = 15 * 60
@@ -42,8 +45,10 @@ def _login_key(kind: str, *, username: str, address: str) -> str:
 
 
 @functools.cache
-def _redis(url: str) -> redis.Redis:
-    return redis.Redis.from_url(url)
+def _redis(url: str) -> Redis:
+    from redis import Redis  # the `redis` extra, installed where REDIS_URL is used
+
+    return Redis.from_url(url)
 
 
 @contextmanager

@@ -13,11 +13,11 @@ from django.conf import settings
 from django.db.models import Count
 
 from feedback import tasks
-from feedback.models import Project, TrainingRun
+from feedback.models import ModelVersion, Project, TrainingRun
 from feedback.queue import generation_running
 from feedback.selectors.preferences import PreferenceExportOptions
 from feedback.services.exports import export_job_get, export_job_start
-from feedback.services.training_runs import training_run_start
+from feedback.services.training_runs import training_run_cancel, training_run_start
 from tests.factories import ProjectFactory, PromptFactory, UserFactory
 from tests.feedback.export_helpers import bulk_rankings
 from tests.feedback.test_training_runs import SMALL, judge_everything
@@ -131,6 +131,78 @@ def test_two_consumers_share_the_work_keep_the_locks_and_survive_a_kill(
         again.refresh_from_db()
         assert again.status == TrainingRun.Status.SUCCEEDED, again.error + logs()
         assert other.ran("training_run_task") == 1
+    finally:
+        for consumer in consumers:
+            if consumer.process.poll() is None:
+                consumer.process.send_signal(signal.SIGINT)
+        for consumer in consumers:
+            consumer.process.wait(timeout=60)
+
+
+def test_runs_of_one_project_started_at_once_on_two_consumers_never_both_run(
+    settings, tiny_model_dir, shared_queue, huey_immediate
+):
+    """The schedule's tick on both consumers at once (each consumer's scheduler queues it) starts one run of a
+    project due for training, and that run's task taken by the second consumer while the first trains it is
+    refused by the project's training lock."""
+    huey_immediate.immediate = False
+    project = ProjectFactory(
+        slug="due",
+        mode="pairwise",
+        completions_per_prompt=2,
+        base_model=str(tiny_model_dir),
+        training_config={**SMALL, "epochs": 500, "batch_size": 1},  # long enough to be running when asked twice
+        auto_train=True,
+        auto_train_threshold=1,
+    )
+    judge_everything(project, UserFactory())
+    env = {
+        **os.environ,
+        "DATABASE_URL": database_url_for_subprocesses(),
+        "REDIS_URL": settings.REDIS_URL,
+        "RANKWISE_DATA_DIR": str(settings.DATA_DIR),
+        "RANKWISE_MAX_TRAINING_EPOCHS": "500",
+        "RANKWISE_GENERATION_LOW_WATER": "0",
+    }
+    consumers = [Consumer(name, env, settings.DATA_DIR) for name in ("first", "second")]
+    logs = lambda: "\n".join(f"--- {c.name}\n{c.log()[-3000:]}" for c in consumers)  # noqa: E731
+    runs = TrainingRun.objects.filter(project=project)
+    try:
+        wait_for(
+            lambda: all("consumer started" in c.log().lower() for c in consumers), seconds=120, what="the consumers"
+        )
+        tasks.training_schedule_task()
+        tasks.training_schedule_task()
+        wait_for(
+            lambda: sum(c.ran("training_schedule_task") for c in consumers) >= 2 and runs.filter(step__gte=1).exists(),
+            seconds=180,
+            what="both ticks and the run: " + logs(),
+        )
+        (run,) = runs
+        (trainer,) = [c for c in consumers if c.ran("training_run_task") == 1]
+        (other,) = [c for c in consumers if c is not trainer]
+        assert other.ran("training_schedule_task") >= 1, logs()  # both ticks ran, one on each consumer or in turn
+
+        tasks.training_run_task(run.pk)  # the run's task again, as a retry would queue it: the free consumer takes it
+        wait_for(lambda: other.ran("training_run_task") == 1, seconds=60, what="the second task: " + logs())
+        wait_for(
+            lambda: f"unable to acquire lock training-project-{project.pk}" in other.log(),
+            seconds=30,
+            what="the lock to refuse it: " + logs(),
+        )
+        run.refresh_from_db()
+        assert run.status == TrainingRun.Status.RUNNING
+        assert list(runs) == [run]
+
+        training_run_cancel(run=run)
+        wait_for(
+            lambda: TrainingRun.objects.get(pk=run.pk).status == TrainingRun.Status.CANCELLED,
+            seconds=120,
+            what="the run to stop: " + logs(),
+        )
+        assert list(runs) == [run]
+        assert not ModelVersion.objects.filter(project=project).exists()
+        assert "Traceback" not in logs()
     finally:
         for consumer in consumers:
             if consumer.process.poll() is None:

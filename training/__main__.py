@@ -1,11 +1,15 @@
 """Command line: ``python -m training dpo|grpo|reward|grpo_online|ppo --data FILE --model PATH --out DIR [options]``.
 
 ``--data`` for grpo_online and ppo is any file of rows with a ``prompt`` (an export, or a prompts file).
+dpo and grpo also run data-parallel under ``torchrun --nproc-per-node N -m training ...`` or
+``accelerate launch --num_processes N -m training ...`` (see ``training.parallel``); the main
+process alone shows progress, writes files and prints the summary.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Callable
 from dataclasses import fields
@@ -27,6 +31,7 @@ from training.dpo import train_dpo
 from training.grpo import train_grpo
 from training.grpo_online import train_grpo_online
 from training.models import ModelLoadError
+from training.parallel import join_processes, leave_processes
 from training.ppo import train_ppo
 from training.reward import train_reward
 
@@ -44,6 +49,8 @@ ALGORITHMS: dict[str, tuple[type[TrainConfig], Callable[..., TrainResult], str]]
     ),
     "ppo": (PPOConfig, train_ppo, "PPO against --reward-model with a value head and GAE, on any rows with a `prompt`"),
 }
+# The loops that split their batches over the processes of torchrun or accelerate launch.
+DATA_PARALLEL = ("dpo", "grpo")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,6 +73,16 @@ def build_parser() -> argparse.ArgumentParser:
         )
         p.add_argument("--cache-dir", type=Path, help="directory for cached reference log-probs")
         p.add_argument("--no-resume", action="store_true", help="start over even if a checkpoint of this run exists")
+        p.add_argument(
+            "--progress-log",
+            type=Path,
+            help="append each step's figures to this file as JSON lines (step, total, metrics) for a program",
+        )
+        p.add_argument(
+            "--stop-file",
+            type=Path,
+            help="stop before the next step once this file exists, writing no model (as a cancelled run)",
+        )
         add_config_arguments(p, config_options(config_class), show_defaults=True)
         p.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
@@ -103,13 +120,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
 
+    ranks = join_processes()
+    if ranks.parallel and args.algorithm not in DATA_PARALLEL:
+        parser.error(f"{args.algorithm} runs in one process; only {' and '.join(DATA_PARALLEL)} run in several")
     bar = None
-    if not args.quiet:
+    if not args.quiet and ranks.main:
         from tqdm import tqdm
 
         bar = tqdm(total=0, unit="step", desc=args.algorithm)
 
     def progress(step: int, total: int, metrics: dict[str, float]) -> None:
+        if args.progress_log is not None:
+            with args.progress_log.open("a") as log:
+                log.write(json.dumps({"step": step, "total": total, "metrics": metrics}) + "\n")
         if bar is None:
             return
         bar.total = total
@@ -127,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
             out_dir=args.out,
             cache_dir=args.cache_dir,
             progress=progress,
+            should_stop=None if args.stop_file is None else args.stop_file.exists,
             resume=not args.no_resume,
         )
     except (DataFormatError, ModelLoadError, ValueError) as exc:
@@ -135,8 +159,13 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if bar is not None:
             bar.close()
+        leave_processes()
 
-    print(summary(result.metrics, result.out_dir))
+    if ranks.main:
+        if result.cancelled:
+            print(f"stopped: {args.stop_file} appeared; no model written")
+        else:
+            print(summary(result.metrics, result.out_dir))
     return 0
 
 

@@ -380,3 +380,15 @@ def add_config_arguments(parser: argparse.ArgumentParser, options: list[ConfigOp
         parser.add_argument(
             *o.flags, dest=o.name, type=o.kind, choices=o.choices or None, default=default, help=o.help + suffix
         )
+
+
+def config_arguments(config: TrainConfig) -> list[str]:
+    """The command-line options that give ``config`` back to ``python -m training`` (a None leaves its default)."""
+    arguments = []
+    for o in config_options(type(config)):
+        value = getattr(config, o.name)
+        if o.kind is bool:
+            arguments.append(o.flags[0] if value else o.flags[1])
+        elif value is not None:
+            arguments += [o.flags[0], str(value)]
+    return arguments

@@ -5,6 +5,8 @@ The loop, top to bottom: tokenize the pairs; compute the reference log-probs onc
 score held-out pairs; then for each optimizer step run chosen and rejected through the
 policy in one forward pass, apply ``dpo_loss`` against the cached reference numbers,
 clip, step. The reference never runs during training, so no second model copy exists.
+Under several processes (``training.parallel``) each takes its share of every micro-batch,
+scaled by the step's whole count of pairs, and the gradients are summed before the step.
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ def train_dpo(
     started = time.perf_counter()
     out_dir = Path(out_dir)
     setup = load_policy(config, model)
-    policy, pad_id, device, precision = setup.model, setup.pad_id, setup.device, setup.precision
+    policy, pad_id, device, precision, ranks = setup.model, setup.pad_id, setup.device, setup.precision, setup.ranks
 
     lengths_kw: dict[str, Any] = {"max_length": config.max_length, "max_prompt_length": config.max_prompt_length}
     train = tokenize_pairs(train_examples, setup.tokenizer, **lengths_kw)
@@ -99,17 +101,20 @@ def train_dpo(
     train_started = time.perf_counter()
     trained_tokens = 0
     for step in range(start_step, total_steps):
-        if should_stop is not None and should_stop():
+        if ranks.agree(ranks.main and should_stop is not None and should_stop()):
             cancelled = True
             break
         step_started = time.perf_counter()
         micro_batches = plan[step]
-        n_pairs = sum(len(idx) for idx in micro_batches)
+        n_pairs = sum(len(idx) for idx in micro_batches)  # of the whole step, over all processes
         sums = {"loss": 0.0, "chosen": 0.0, "rejected": 0.0, "correct": 0.0, "logps_chosen": 0.0, "logps_rejected": 0.0}
-        step_tokens = 0
-        for idx in micro_batches:
+        sums["tokens"] = 0.0
+        for whole in micro_batches:
+            idx = ranks.share(whole)
+            if not idx:
+                continue
             batch = collate_pairs([pairs[i] for i in idx], pad_id)  # 2B rows: chosen, then rejected
-            step_tokens += batch.num_tokens
+            sums["tokens"] += batch.num_tokens
             b = len(idx)
             with autocast_context(precision, device):
                 if config.share_prompt:
@@ -144,6 +149,9 @@ def train_dpo(
             sums["correct"] += float((chosen_rewards > rejected_rewards).float().sum())
             sums["logps_chosen"] += float(logps[:b].detach().sum())
             sums["logps_rejected"] += float(logps[b:].detach().sum())
+        ranks.sum_gradients(params)
+        sums = ranks.total(sums)
+        step_tokens = int(sums["tokens"])
         if config.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
         lr = float(scheduler.get_last_lr()[0])
@@ -163,7 +171,7 @@ def train_dpo(
             "learning_rate": lr,
             "tokens_per_second": step_tokens / max(time.perf_counter() - step_started, 1e-9),
         }
-        if progress is not None:
+        if progress is not None and ranks.main:
             progress(step + 1, total_steps, last)
         if config.save_every and (step + 1) % config.save_every == 0 and step + 1 < total_steps:
             checkpoint.save(policy, optimizer, scheduler, step + 1)
@@ -200,4 +208,5 @@ def train_dpo(
         cancelled=cancelled,
         evaluate_after=lambda: evaluate_pairs(policy, eval_pairs, ref, precision=precision, **eval_kwargs),
         started=started,
+        ranks=ranks,
     )

@@ -25,6 +25,10 @@ to a frozen reference. This module keeps the objective and departs from the proc
 - **Loss normalisation** is selectable: ``grpo`` (per sequence, as in the paper), ``dapo``
   (per token over the batch) or ``dr_grpo`` (sum / (N × T), with ``advantage_scale="none"``
   for Dr. GRPO proper).
+
+Under several processes (``training.parallel``) each takes its share of every micro-batch's
+groups and scales its loss by ``loss_share``, so that the gradients summed before the step
+are those of the whole micro-batch.
 """
 
 from __future__ import annotations
@@ -79,7 +83,7 @@ def train_grpo(
     started = time.perf_counter()
     out_dir = Path(out_dir)
     setup = load_policy(config, model)
-    policy, pad_id, device, precision = setup.model, setup.pad_id, setup.device, setup.precision
+    policy, pad_id, device, precision, ranks = setup.model, setup.pad_id, setup.device, setup.precision, setup.ranks
 
     lengths_kw: dict[str, Any] = {"max_length": config.max_length, "max_prompt_length": config.max_prompt_length}
     train = tokenize_groups(train_examples, setup.tokenizer, **lengths_kw)
@@ -115,27 +119,30 @@ def train_grpo(
     policy.train()
     cancelled = False
     last: dict[str, float] = {}
-    old_logps: list[torch.Tensor] = []  # per micro-batch, snapshotted at the batch's first iteration
+    old_logps: dict[int, torch.Tensor] = {}  # by micro-batch, snapshotted at the batch's first iteration
     train_started = time.perf_counter()
     trained_tokens = 0
     steps_since_save = 0
     for step in range(start_step, total_steps):
-        if should_stop is not None and should_stop():
+        if ranks.agree(ranks.main and should_stop is not None and should_stop()):
             cancelled = True
             break
         step_started = time.perf_counter()
         micro_batches = plan[step // config.num_iterations]
         iteration = step % config.num_iterations
         if iteration == 0:
-            old_logps = []
+            old_logps = {}
         sums = {"loss": 0.0, "kl": 0.0, "clipped": 0.0, "tokens": 0.0, "advantage": 0.0, "sequences": 0.0}
-        step_tokens = 0
-        for m, idx in enumerate(micro_batches):
+        sums["batch_tokens"] = 0.0
+        for m, whole in enumerate(micro_batches):
+            idx = ranks.share(whole)
+            if not idx:
+                continue
             batch_groups = [groups[i] for i in idx]
             prompts = [g.prompt_ids for g in batch_groups for _ in g.completion_ids]
             completions = [c for g in batch_groups for c in g.completion_ids]
             batch = collate_sequences(prompts, completions, pad_id)  # N = sum of K over the groups
-            step_tokens += batch.num_tokens
+            sums["batch_tokens"] += batch.num_tokens
             advantages = torch.cat(
                 [group_advantages(torch.tensor([g.rewards]), config.advantage_scale)[0] for g in batch_groups]
             ).to(device)  # (N,)
@@ -159,7 +166,7 @@ def train_grpo(
                     logps = completion_logps(policy, batch, chunk_size=config.logprob_chunk_size)  # (N, T)
                 logps = logps.float()
             if iteration == 0:
-                old_logps.append(logps.detach())
+                old_logps[m] = logps.detach()
             old = old_logps[m]
             loss = grpo_loss(
                 logps,
@@ -172,6 +179,8 @@ def train_grpo(
                 beta=config.beta,
                 loss_type=config.loss_type,
             )
+            if ranks.parallel:
+                loss = loss * loss_share(config.loss_type, batch_groups, [groups[i] for i in whole])
             (loss / len(micro_batches)).backward()
 
             with torch.no_grad():
@@ -187,6 +196,9 @@ def train_grpo(
                 sums["tokens"] += float(mask.sum())
                 sums["advantage"] += float(advantages.abs().sum())
                 sums["sequences"] += advantages.shape[0]
+        ranks.sum_gradients(params)
+        sums = ranks.total(sums)
+        step_tokens = int(sums["batch_tokens"])
         if config.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
         lr = float(scheduler.get_last_lr()[0])
@@ -204,7 +216,7 @@ def train_grpo(
             "learning_rate": lr,
             "tokens_per_second": step_tokens / max(time.perf_counter() - step_started, 1e-9),
         }
-        if progress is not None:
+        if progress is not None and ranks.main:
             progress(step + 1, total_steps, last)
         steps_since_save += 1
         at_batch_end = (step + 1) % config.num_iterations == 0
@@ -244,4 +256,24 @@ def train_grpo(
         cancelled=cancelled,
         evaluate_after=lambda: evaluate_pairs(policy, eval_pairs, ref, precision=precision, **eval_kwargs),
         started=started,
+        ranks=ranks,
     )
+
+
+def loss_share(loss_type: str, mine: list[GroupExample], whole: list[GroupExample]) -> float:
+    """The part of a micro-batch's ``grpo_loss`` that one process's groups (``mine``, out of ``whole``) make up.
+
+    ``grpo_loss`` divides by the sequences (``grpo``), the completion tokens (``dapo``) or the
+    sequences × the longest completion (``dr_grpo``) of the batch it is given; a process's loss
+    over its share times this, summed over the processes, is the loss of the whole micro-batch.
+    """
+
+    def normaliser(batch: list[GroupExample]) -> int:
+        lengths = [len(c) for g in batch for c in g.completion_ids]
+        if loss_type == "grpo":
+            return len(lengths)
+        if loss_type == "dapo":
+            return sum(lengths)
+        return len(lengths) * max(lengths)  # dr_grpo
+
+    return normaliser(mine) / normaliser(whole)

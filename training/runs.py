@@ -7,6 +7,7 @@ own examples, ``policy.reference(...)`` (the cached reference pass), plan its st
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -41,6 +42,7 @@ from training.models import (
     trainable_state_dict,
     tune_for_training,
 )
+from training.parallel import Ranks, join_processes
 
 ProgressCallback = Callable[[int, int, dict[str, float]], None]
 
@@ -62,23 +64,28 @@ class Policy:
     device: torch.device
     precision: str  # resolved: bf16 or fp32
     fingerprint: str  # identity of the reference (the base model at this precision)
+    ranks: Ranks = field(default_factory=Ranks)  # this process among the run's processes (one by default)
 
     def reference(
         self, config: TrainConfig, sequences: Sequence[tuple[list[int], list[int]]], cache_dir: Path | None
     ) -> tuple[dict[str, torch.Tensor], int, float]:
         """Reference log-probs of each (prompt, completion): once, no grad, from the cache where this reference
-        already saw the sequence. Returns (per-token log-probs by sequence key, how many were computed, seconds)."""
+        already saw the sequence. Returns (per-token log-probs by sequence key, how many were computed, seconds).
+
+        Under several processes with a cache, the main process computes and writes what is missing and the
+        others then read all of it from the cache; without a cache each process computes all of it."""
         started = time.perf_counter()
-        ref, computed = reference_logps(
-            self.model,
-            sequences,
-            ReferenceCache(cache_dir, self.fingerprint),
-            pad_id=self.pad_id,
-            batch_size=2 * config.eval_batch_size,
-            precision=self.precision,
-            chunk_size=config.logprob_chunk_size,
-            share_prompt=config.share_prompt,
-        )
+        with self.ranks.main_first() if cache_dir is not None else contextlib.nullcontext():
+            ref, computed = reference_logps(
+                self.model,
+                sequences,
+                ReferenceCache(cache_dir, self.fingerprint),
+                pad_id=self.pad_id,
+                batch_size=2 * config.eval_batch_size,
+                precision=self.precision,
+                chunk_size=config.logprob_chunk_size,
+                share_prompt=config.share_prompt,
+            )
         return ref, computed, time.perf_counter() - started
 
 
@@ -86,7 +93,9 @@ def load_policy(config: TrainConfig, model: str) -> Policy:
     """Seed, load the base model, pick the precision for its device, attach LoRA adapters and tune for training.
 
     With LoRA the reference is the same model with its adapters off, so no second copy is loaded.
+    Under ``torchrun`` or ``accelerate launch`` it first joins the run's other processes (``training.parallel``).
     """
+    ranks = join_processes()  # before the model is placed: on CUDA it picks this process's GPU
     torch.manual_seed(config.seed)
     policy: torch.nn.Module
     policy, tokenizer = load_model(model, device=default_device())
@@ -102,6 +111,7 @@ def load_policy(config: TrainConfig, model: str) -> Policy:
         device=device,
         precision=precision,
         fingerprint=model_fingerprint(model, precision),
+        ranks=ranks,
     )
 
 
@@ -130,7 +140,7 @@ def start_optimization(
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_factor(config.lr_scheduler, int(config.warmup_ratio * total_steps), total_steps)
     )
-    checkpoint = RunCheckpoint(out_dir, run_fingerprint(asdict(config), policy.fingerprint, data_keys))
+    checkpoint = RunCheckpoint(out_dir, run_fingerprint(asdict(config), policy.fingerprint, data_keys), policy.ranks)
     start_step = checkpoint.load(policy.model, optimizer, scheduler) if resume else 0
     return Optimization(optimizer, params, scheduler, checkpoint, start_step)
 
@@ -202,12 +212,14 @@ class RunCheckpoint:
 
     It lives in a hidden ``.<out_dir name>.checkpoint`` directory (written atomically),
     holds the trainable weights (safetensors), the optimizer and the step reached, and
-    is only used by a run with the same config, base model and data.
+    is only used by a run with the same config, base model and data. Under several processes
+    every one reads it and the main one alone writes and discards it.
     """
 
-    def __init__(self, out_dir: Path, fingerprint: str):
+    def __init__(self, out_dir: Path, fingerprint: str, ranks: Ranks | None = None):
         self.dir = Path(out_dir).parent / f".{Path(out_dir).name}.checkpoint"
         self.fingerprint = fingerprint
+        self.ranks = ranks or Ranks()
 
     def load(
         self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler
@@ -230,6 +242,9 @@ class RunCheckpoint:
         scheduler: torch.optim.lr_scheduler.LRScheduler,
         step: int,
     ) -> None:
+        if not self.ranks.main:
+            self.ranks.barrier()  # the others go on once it is written
+            return
         weights = {k: v.detach().contiguous() for k, v in trainable_state_dict(model).items()}
         with atomic_directory(self.dir) as tmp:
             save_file(_untie(weights), tmp / "weights.safetensors")
@@ -240,9 +255,11 @@ class RunCheckpoint:
                 "optimizer": _optimizer_state_save(optimizer, tmp),
             }
             (tmp / "state.json").write_text(json.dumps(state))
+        self.ranks.barrier()
 
     def discard(self) -> None:
-        shutil.rmtree(self.dir, ignore_errors=True)
+        if self.ranks.main:
+            shutil.rmtree(self.dir, ignore_errors=True)
 
 
 def _optimizer_state_save(optimizer: torch.optim.Optimizer, folder: Path) -> dict[str, Any]:
@@ -348,10 +365,13 @@ def finish_run(
     evaluate_after: Callable[[], dict[str, Any]],
     started: float,
     extra_tensors: dict[str, dict[str, torch.Tensor]] | None = None,
+    ranks: Ranks | None = None,
 ) -> TrainResult:
     """End a run: a cancelled one writes no model directory; a finished one is scored on the
-    held-out pairs and saved with its config and metrics. Either way its checkpoint goes."""
-    if cancelled:
+    held-out pairs and saved with its config and metrics. Either way its checkpoint goes.
+    Under several processes the main one alone scores and writes, and all return once it has."""
+    ranks = ranks or Ranks()
+    if cancelled or not ranks.main:
         metrics["seconds"] = time.perf_counter() - started
     else:
         metrics["eval_after"] = evaluate_after()
@@ -367,4 +387,5 @@ def finish_run(
             extra_tensors=extra_tensors,
         )
     checkpoint.discard()
+    ranks.barrier()
     return TrainResult(out_dir=out_dir, metrics=metrics, cancelled=cancelled)

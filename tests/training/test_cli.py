@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from tests.training.synthetic import less_likely_pairs, preference_pairs, ranked_groups
-from training.__main__ import build_parser, main
+from training.__main__ import build_parser, config_from_args, main
+from training.config import DPOConfig, GRPOConfig
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = ["--max-length", "64", "--max-prompt-length", "48", "--lr", "1e-3", "--batch-size", "8", "--quiet"]
@@ -136,3 +137,30 @@ def test_help_documents_every_option():
     )
     assert result.returncode == 0
     assert "--num-iterations" in result.stdout and "--lora" in result.stdout and "--full" in result.stdout
+
+
+@pytest.mark.parametrize("algorithm", ["dpo", "grpo"])
+def test_config_arguments_give_the_config_back(algorithm):
+    from training.config import config_arguments
+
+    config_class = {"dpo": DPOConfig, "grpo": GRPOConfig}[algorithm]
+    changed = {"lora": False, "learning_rate": 3.3e-7, "batch_size": 3, "lr_scheduler": "linear", "seed": 7}
+    changed |= {"beta": 0.25, "share_prompt": False} | ({"epsilon_high": 0.28} if algorithm == "grpo" else {})
+    config = config_class(**changed)
+    args = build_parser().parse_args(
+        [algorithm, "--data", "d", "--model", "m", "--out", "o", *config_arguments(config)]
+    )
+    assert config_from_args(args) == config
+
+
+def test_a_stop_file_stops_the_run_before_its_first_step_and_writes_no_model(tmp_path, tiny_model_dir, capsys):
+    data = write_jsonl(tmp_path / "pairs.jsonl", preference_pairs(4))
+    stop = tmp_path / "stop"
+    stop.touch()
+    out = tmp_path / "out"
+    code = main(
+        ["dpo", "--data", str(data), "--model", str(tiny_model_dir), "--out", str(out), "--stop-file", str(stop)]
+    )
+    assert code == 0
+    assert f"stopped: {stop} appeared; no model written" in capsys.readouterr().out
+    assert not out.exists()

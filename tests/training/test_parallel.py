@@ -2,6 +2,7 @@
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -69,8 +70,25 @@ def losses(progress_log: Path) -> list[float]:
     return [s["metrics"]["loss"] for s in steps]
 
 
-@pytest.mark.parametrize("algorithm", ALGORITHMS)
-def test_two_processes_train_as_one_with_the_same_batch(tmp_path, tiny_model_dir, algorithm):
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def launch(launcher: str) -> list[str]:
+    """Two processes on this machine; accelerate's multi-GPU mode is torchrun underneath and runs on the CPU too."""
+    if launcher == "torchrun":
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    accelerate = Path(sys.executable).with_name("accelerate")
+    options = ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no"]
+    return [str(accelerate), "launch", *options, "--dynamo_backend", "no", "--main_process_port", str(free_port())]
+
+
+@pytest.mark.parametrize(("algorithm", "launcher"), [("dpo", "torchrun"), ("grpo", "torchrun"), ("dpo", "accelerate")])
+def test_two_processes_train_as_one_with_the_same_batch(tmp_path, tiny_model_dir, algorithm, launcher):
+    if launcher == "accelerate":
+        pytest.importorskip("accelerate")
     rows, options = ALGORITHMS[algorithm]
     data = write_jsonl(tmp_path / "data.jsonl", rows)
 
@@ -96,8 +114,7 @@ def test_two_processes_train_as_one_with_the_same_batch(tmp_path, tiny_model_dir
     env = {**os.environ, "PYTHONPATH": f"{watch}{os.pathsep}{REPO}", "OMP_NUM_THREADS": "1"}
     env |= {"WATCHED_DIR": str(tmp_path / "two"), "WRITES_DIR": str(writes)}
     done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-        + ["-m", "training", *run("two")],
+        [*launch(launcher), "-m", "training", *run("two")],
         cwd=REPO,
         env=env,
         capture_output=True,

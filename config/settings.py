@@ -32,7 +32,7 @@ REFERENCE_CACHE_DIR = DATA_DIR / "reference-cache"
 
 
 def _limit(name: str, default: int) -> int:
-    """A RANKWISE_MAX_* setting: a whole number of at least 1, or start-up stops naming it."""
+    """A RANKWISE_MAX_* (or other count) setting: a whole number of at least 1, or start-up stops naming it."""
     value = env.str(name, default=str(default))
     if not (value.isascii() and value.isdigit()) or int(value) < 1:
         raise ImproperlyConfigured(f"{name} must be a whole number of at least 1, not {value!r}")
@@ -227,6 +227,9 @@ TRAINING_SCHEDULE_MINUTES = env.int("RANKWISE_TRAINING_SCHEDULE_MINUTES", defaul
 # the epochs of a run, and its batch sizes (examples per training and per evaluation forward pass).
 RANKWISE_MAX_TRAINING_EPOCHS = _limit("RANKWISE_MAX_TRAINING_EPOCHS", 100)
 RANKWISE_MAX_TRAINING_BATCH_SIZE = _limit("RANKWISE_MAX_TRAINING_BATCH_SIZE", 512)
+# Processes a DPO or GRPO run trains in (data-parallel, one per GPU): above 1 the worker starts the run
+# under torchrun (feedback.services.training_runs); 1 trains inside the worker itself.
+TRAIN_PROCESSES = _limit("RANKWISE_TRAIN_PROCESSES", 1)
 # When a project's queue wants fewer judgements than this, the worker writes the next round of
 # completions for this many prompts that lack them.
 GENERATION_LOW_WATER = env.int("RANKWISE_GENERATION_LOW_WATER", default=20)

@@ -11,6 +11,8 @@ import hashlib
 import importlib
 import json
 import math
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -43,6 +45,7 @@ from training.config import (
     PPOConfig,
     RewardConfig,
     TrainConfig,
+    config_arguments,
     config_from_mapping,
 )
 
@@ -51,6 +54,8 @@ if TYPE_CHECKING:
 
 HEARTBEAT_SECONDS = 20
 PROGRESS_EVERY_SECONDS = 2.0
+# The algorithms whose loops split their batches over several processes (RANKWISE_TRAIN_PROCESSES).
+DATA_PARALLEL = (TrainingRun.Algorithm.DPO, TrainingRun.Algorithm.GRPO)
 # Each model version is a standalone model directory, so the next run can start from it.
 WEB_DEFAULTS: dict[str, Any] = {"merge_lora": True}
 # The export options that limit a run's snapshot (by round, or by who wrote the completions).
@@ -428,6 +433,9 @@ def _train(run: TrainingRun, out_dir: Path, on_progress: ProgressCallback | None
         version = _reward_version(run.project, values["reward_model"], run.algorithm)
         values["reward_model"] = str(model_version_weights_dir(version=version))
     config = algorithm.config_class(**values)
+    if settings.TRAIN_PROCESSES > 1 and run.algorithm in DATA_PARALLEL:
+        with _Heartbeat(run.pk):
+            return _train_in_processes(run, config, model, out_dir, _progress_writer(run, on_progress))
     with _Heartbeat(run.pk):
         return algorithm.train_function()(
             config,
@@ -439,6 +447,68 @@ def _train(run: TrainingRun, out_dir: Path, on_progress: ProgressCallback | None
             progress=_progress_writer(run, on_progress),
             should_stop=_cancel_checker(run),
         )
+
+
+def _train_in_processes(
+    run: TrainingRun, config: TrainConfig, model: str, out_dir: Path, progress: ProgressCallback
+) -> TrainResult:
+    """Train under torchrun with RANKWISE_TRAIN_PROCESSES processes, on the run's snapshot files.
+
+    The command line's rank 0 appends each step's figures to ``progress.jsonl`` in the run's
+    folder, which this follows; a cancel request becomes the ``stop`` file there, which the
+    processes check before each step. Their output goes to ``train.log`` beside them.
+    """
+    from training.runs import TrainResult
+
+    folder = run_dir(run)
+    progress_log, stop_file = folder / "progress.jsonl", folder / "stop"
+    progress_log.unlink(missing_ok=True)
+    stop_file.unlink(missing_ok=True)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node"]
+    command += [str(settings.TRAIN_PROCESSES), "-m", "training", run.algorithm, "--quiet"]
+    held_out = folder / "held_out.jsonl"  # may be empty, which the command line refuses as a file of examples
+    command += ["--data", str(folder / "train.jsonl")]
+    command += ["--eval-data", str(held_out)] if held_out.stat().st_size else ["--eval-fraction", "0"]
+    command += ["--model", model, "--out", str(out_dir), "--cache-dir", str(settings.REFERENCE_CACHE_DIR)]
+    command += ["--progress-log", str(progress_log), "--stop-file", str(stop_file), *config_arguments(config)]
+    cancel_requested = _cancel_checker(run)
+    followed = 0
+    with (folder / "train.log").open("w") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            while process.poll() is None:
+                time.sleep(1)
+                followed = _follow(progress_log, followed, progress)
+                if not stop_file.exists() and cancel_requested():
+                    stop_file.touch()
+        finally:
+            if process.poll() is None:  # this worker is being stopped: so are they
+                process.terminate()
+                process.wait()
+    _follow(progress_log, followed, progress)
+    if process.returncode != 0:
+        output = (folder / "train.log").read_text().splitlines()
+        errors = list(dict.fromkeys(line for line in output if line.startswith("error: "))) or output[-5:]
+        raise TrainingRunError(f"training processes exited with {process.returncode}: {' | '.join(errors)}")
+    metrics_file = out_dir / "metrics.json"
+    if stop_file.exists() and not metrics_file.is_file():
+        return TrainResult(out_dir=out_dir, cancelled=True)
+    return TrainResult(out_dir=out_dir, metrics=json.loads(metrics_file.read_text()))
+
+
+def _follow(progress_log: Path, position: int, progress: ProgressCallback) -> int:
+    """Pass on the whole lines of ``progress_log`` after byte ``position``; return where they end."""
+    if not progress_log.is_file():
+        return position
+    with progress_log.open("rb") as lines:
+        lines.seek(position)
+        for line in lines:
+            if not line.endswith(b"\n"):
+                break  # still being written
+            entry = json.loads(line)
+            progress(entry["step"], entry["total"], entry["metrics"])
+            position += len(line)
+    return position
 
 
 def training_runs_reap() -> list[int]:

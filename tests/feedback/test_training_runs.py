@@ -473,3 +473,55 @@ def test_a_version_moved_outside_the_data_dir_after_the_start_fails_the_run_unre
     assert done.status == "failed"
     assert done.error.startswith("ValueError: model version loop/v0 points outside ")
     assert not ModelVersion.objects.filter(produced_by_run=run).exists()
+
+
+def test_with_two_train_processes_the_worker_trains_under_torchrun(project, settings):
+    settings.TRAIN_PROCESSES = 2
+    judge_everything(project, UserFactory())
+
+    run = training_run_start(project=project)  # huey immediate: runs at once
+    run.refresh_from_db()
+
+    assert run.status == "succeeded", run.error
+    folder = training_runs.run_dir(run)
+    assert (folder / "train.log").is_file() and (folder / "progress.jsonl").is_file()
+    assert [m["step"] for m in run.metrics] == list(range(1, run.total_steps + 1))  # followed from rank 0's log
+    version = run.produced_version
+    assert version.metrics["steps"] == run.total_steps and "eval_after" in version.metrics
+    weights = training_runs.settings.MODEL_VERSIONS_DIR / version.weights_path
+    assert (weights / "config.json").is_file() and any(weights.glob("*.safetensors"))
+
+
+def test_a_wrong_number_of_train_processes_stops_start_up_naming_it(tmp_path):
+    show = "import django; django.setup(); from django.conf import settings; print(settings.TRAIN_PROCESSES)"
+    env = {
+        **{k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL")},
+        "DJANGO_SETTINGS_MODULE": "config.settings",
+        "SECRET_KEY": "k3Y-" * 16,
+        "RANKWISE_DATA_DIR": str(tmp_path),
+    }
+
+    def start(**more: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-c", show], cwd=ROOT, env={**env, **more}, capture_output=True, text=True
+        )
+
+    assert start().stdout.strip() == "1"
+    assert start(RANKWISE_TRAIN_PROCESSES="2").stdout.strip() == "2"
+    for value in ("0", "two", "1.5"):
+        wrong = start(RANKWISE_TRAIN_PROCESSES=value)
+        message = f"RANKWISE_TRAIN_PROCESSES must be a whole number of at least 1, not {value!r}"
+        assert wrong.returncode != 0 and message in wrong.stderr
+
+
+def test_a_cancel_request_stops_the_train_processes_and_records_no_version(project, settings, monkeypatch):
+    settings.TRAIN_PROCESSES = 2
+    judge_everything(project, UserFactory())
+    # asked at once: the stop file is there within a second, long before the processes have loaded the model
+    monkeypatch.setattr(training_runs, "_cancel_checker", lambda run: lambda: True)
+
+    run = training_run_start(project=project)
+    run.refresh_from_db()
+
+    assert run.status == "cancelled", run.error
+    assert (training_runs.run_dir(run) / "stop").is_file() and not ModelVersion.objects.exists()

@@ -464,7 +464,7 @@ def _train_in_processes(
     progress_log, stop_file = folder / "progress.jsonl", folder / "stop"
     progress_log.unlink(missing_ok=True)
     stop_file.unlink(missing_ok=True)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node"]
+    command = [*ending_with_this_process(), "-m", "torch.distributed.run", "--standalone", "--nproc-per-node"]
     command += [str(settings.TRAIN_PROCESSES), "-m", "training", run.algorithm, "--quiet"]
     held_out = folder / "held_out.jsonl"  # may be empty, which the command line refuses as a file of examples
     command += ["--data", str(folder / "train.jsonl")]
@@ -494,6 +494,22 @@ def _train_in_processes(
     if stop_file.exists() and not metrics_file.is_file():
         return TrainResult(out_dir=out_dir, cancelled=True)
     return TrainResult(out_dir=out_dir, metrics=json.loads(metrics_file.read_text()))
+
+
+def ending_with_this_process() -> list[str]:
+    """The start of a Python command line whose process gets SIGTERM when this one ends, even killed (Linux).
+
+    A worker killed with SIGKILL cannot stop the training processes it launched, and they would go on
+    writing a run the reaper has failed. The kernel sends the launcher SIGTERM instead (the parent-death
+    signal, kept across exec), and torchrun passes it on to its processes.
+    """
+    if sys.platform != "linux":
+        return [sys.executable]
+    arm = (  # PR_SET_PDEATHSIG is 1; then the command proper replaces this process
+        "import ctypes, os, signal, sys; ctypes.CDLL(None).prctl(1, signal.SIGTERM); "
+        "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])"
+    )
+    return [sys.executable, "-c", arm]
 
 
 def _follow(progress_log: Path, position: int, progress: ProgressCallback) -> int:

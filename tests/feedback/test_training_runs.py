@@ -20,6 +20,7 @@ from feedback.services.judgements import JudgementSubmission, judgement_submit
 from feedback.services.model_versions import model_version_promote
 from feedback.services.training_runs import (
     TrainingRunError,
+    ending_with_this_process,
     training_config_build,
     training_run_cancel,
     training_run_execute,
@@ -525,3 +526,30 @@ def test_a_cancel_request_stops_the_train_processes_and_records_no_version(proje
 
     assert run.status == "cancelled", run.error
     assert (training_runs.run_dir(run) / "stop").is_file() and not ModelVersion.objects.exists()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the parent-death signal is Linux's")
+def test_training_processes_end_when_the_worker_that_launched_them_is_killed(tmp_path):
+    pid_file = tmp_path / "pid"
+    sleeper = f"import os, pathlib, time; pathlib.Path({str(pid_file)!r}).write_text(str(os.getpid())); time.sleep(60)"
+    launch = f"import subprocess; subprocess.Popen({[*ending_with_this_process(), '-c', sleeper]!r}); input()"
+    worker = subprocess.Popen([sys.executable, "-c", launch], stdin=subprocess.PIPE)
+    deadline = time.monotonic() + 30
+    while not (pid_file.is_file() and pid_file.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    launched = int(pid_file.read_text())
+    assert running(launched)
+
+    worker.kill()  # SIGKILL: the worker cannot stop anything itself
+    worker.wait()
+    while running(launched) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not running(launched)
+
+
+def running(pid: int) -> bool:
+    """Whether the process is there and not a zombie waiting to be reaped."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False

@@ -30,6 +30,7 @@ from django.conf import settings
 from django.db import connections
 from django.utils import timezone
 
+from feedback.db import use_own_connections
 from feedback.models import Project, Prompt
 from feedback.queue import enqueue
 from feedback.selectors.preferences import EXPORT_FORMATS, PreferenceExportOptions, preference_rows
@@ -150,7 +151,6 @@ def export_jsonl(
         return
     workers = min(workers, len(slices))
     context = multiprocessing.get_context("fork")
-    connections.close_all()  # a forked process must open its own connection, not share this one's
     helpers: list[tuple[BaseProcess, Connection]] = []
     try:
         for worker in range(1, workers):
@@ -207,6 +207,7 @@ def _export_slices(
     project: Project, options: PreferenceExportOptions, slices: list[tuple[int, int, int]], sender: Connection
 ) -> None:
     """In a forked process: export each slice and send its JSONL, or the error that stopped it."""
+    use_own_connections()  # never the parent's, whatever state it left them in
     try:
         for first, end, _ in slices:
             rows = preference_rows(project=project, options=options, id_range=(first, end))

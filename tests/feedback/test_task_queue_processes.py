@@ -15,6 +15,7 @@ from django.db import connections
 from django.urls import reverse
 from rest_framework.test import APIClient
 
+from feedback.db import use_own_connections
 from feedback.models import Assignment, PairwiseJudgement, Project, RankingJudgement
 from feedback.selectors.tasks import judgements_left
 from feedback.services.assignments import assignment_lease_next
@@ -31,11 +32,11 @@ FORK = multiprocessing.get_context("fork")
 def in_processes(target, calls: list[tuple]) -> list:
     """target(*args) for each args in calls, each in its own process, all started together; results in order."""
     APIClient().get(reverse("api:projects"))  # load the views and DRF once here, not in every child
-    connections.close_all()  # a child must not share the parent's SQLite connection
     barrier = FORK.Barrier(len(calls))
     results = FORK.Queue()
 
     def run(index: int, args: tuple) -> None:
+        use_own_connections()  # as the export's helpers do: never the parent's connection
         try:
             barrier.wait(timeout=60)
             results.put((index, target(*args), None))

@@ -62,13 +62,8 @@ services-env:
 # The slow real-model tests run in `make test` only: they exercise the model, not the database or queue.
 test-services: export DEBUG = 1
 test-services: export RANKWISE_ENV_FILE = /dev/null
-# Left to `make test` for now: the two suites that fork processes mid-test pass on PostgreSQL on their own
-# but not yet within the whole leg (a forked process's new connection is closed under it), and the two that
-# migrate a database holding data back and forth stop on PostgreSQL with "pending trigger events".
 test-services: services-env setup
-	SECRET_KEY=$(NEW_SECRET) $(PY) -m pytest -m "not slow" \
-		--deselect tests/feedback/test_export_parallel.py --deselect tests/feedback/test_task_queue_processes.py \
-		--deselect tests/feedback/test_migration_lease_places.py --deselect tests/feedback/test_migration_rounds.py
+	SECRET_KEY=$(NEW_SECRET) $(PY) -m pytest -m "not slow"
 
 lint: setup
 	$(VENV)/bin/ruff check .

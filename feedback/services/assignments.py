@@ -32,6 +32,7 @@ from feedback.selectors.tasks import (
 )
 
 SKIP_REASON_MAX = 500
+UNSHOWABLE_SKIP_PREFIX = "Cannot be shown:"  # a skip the app made, not the annotator
 
 logger = logging.getLogger(__name__)
 
@@ -127,7 +128,7 @@ def assignment_lease_next(
         try:
             return task_for_assignment(assignment=assignment)
         except TaskUnrenderable as error:
-            reason = f"Cannot be shown: {error}."[:SKIP_REASON_MAX]
+            reason = f"{UNSHOWABLE_SKIP_PREFIX} {error}."[:SKIP_REASON_MAX]
             logger.warning(
                 "Skipped task %s (prompt %s) for %s: %s", assignment.pk, assignment.prompt_id, annotator, reason
             )

@@ -183,18 +183,32 @@ def summary(metrics: dict[str, Any], out_dir: Path) -> str:
         lines.append(
             f"reference log-probs: {metrics['reference_computed']} computed, {metrics['reference_cached']} from cache"
         )
-    if before.get("pairs"):
-        line = (
+    if before.get("pairs") and "logp_accuracy" in after:
+        lines.append(
+            f"held-out accuracy ({before['pairs']} pairs), parent -> trained, chosen answer more likely: "
+            f"{_figure(before['logp_accuracy'])} -> {_figure(after['logp_accuracy'])}; "
+            f"per token {_figure(before['logp_accuracy_per_token'])} -> {_figure(after['logp_accuracy_per_token'])}; "
+            f"log-prob margin {_figure(before.get('logp_margin'))} -> {_figure(after.get('logp_margin'))}"
+        )
+        if "kendall_tau" in after:
+            lines.append(
+                f"Kendall tau with the human ranks ({after['groups']} groups): "
+                f"{_figure(before.get('kendall_tau'))} -> {_figure(after['kendall_tau'])}"
+            )
+        lines.append(f"implicit-reward accuracy {_figure(after['accuracy'])}, margin {_figure(after['margin'])}")
+    elif before.get("pairs"):  # the reward model's own accuracy and margin
+        lines.append(
             f"held-out accuracy ({before['pairs']} pairs): {before['accuracy']:.3f} -> {after['accuracy']:.3f}; "
             f"margin {before['margin']:.4f} -> {after['margin']:.4f}"
         )
-        if "logp_accuracy" in before:
-            line += f"; chosen answer more likely {before['logp_accuracy']:.3f} -> {after['logp_accuracy']:.3f}"
-        lines.append(line)
     else:
         lines.append("held-out accuracy: no held-out pairs")
     lines.append(f"model written to {out_dir}")
     return "\n".join(lines)
+
+
+def _figure(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
 
 
 if __name__ == "__main__":

@@ -53,9 +53,10 @@ def train_dpo(
 
     ``train_examples`` / ``eval_examples`` are DPO export rows (``prompt``, ``chosen``,
     ``rejected``, optional ``weight``); held-out pairs whose prompt also occurs in the
-    training pairs are left out of evaluation. ``progress(step, total, metrics)`` is
-    called after every optimizer step; ``should_stop()`` is checked before each one and
-    a stopped run writes no model directory.
+    training pairs are left out of evaluation. ``eval_before`` scores the parent (``model``)
+    and ``eval_after`` the trained policy on the same held-out pairs (``evaluate_pairs``).
+    ``progress(step, total, metrics)`` is called after every optimizer step; ``should_stop()``
+    is checked before each one and a stopped run writes no model directory.
     """
     config.validate()
     started = time.perf_counter()

@@ -77,7 +77,8 @@ def train_grpo(
 
     ``train_examples`` / ``eval_examples`` are GRPO export rows (``prompt``,
     ``completions``, ``rewards`` or ``ranks``). Held-out groups are scored as every
-    (better, worse) pair inside them. Callbacks behave as in ``train_dpo``.
+    (better, worse) pair inside them, and by Kendall's tau between the model's log-probs and
+    the human rewards, before (the parent) and after training. Callbacks behave as in ``train_dpo``.
     """
     config.validate()
     started = time.perf_counter()
@@ -95,13 +96,15 @@ def train_grpo(
             f"{train.dropped_long_prompt} with a prompt longer than {config.max_prompt_length} tokens)"
         )
     train_prompts = {g.prompt_key for g in groups}
-    eval_pairs = pairs_from_groups([g for g in held.examples if g.prompt_key not in train_prompts])
+    eval_groups = [g for g in held.examples if g.prompt_key not in train_prompts]
+    eval_pairs = pairs_from_groups(eval_groups)
 
     sequences = [(g.prompt_ids, c) for g in groups for c in g.completion_ids]
     sequences += [(p.prompt_ids, c) for p in eval_pairs for c in (p.chosen_ids, p.rejected_ids)]
     ref, ref_computed, ref_seconds = setup.reference(config, sequences, cache_dir)
 
     eval_kwargs: dict[str, Any] = {"beta": config.eval_beta, "pad_id": pad_id, "batch_size": config.eval_batch_size}
+    eval_kwargs["groups"] = eval_groups
     before = evaluate_pairs(None, eval_pairs, ref, precision=precision, **eval_kwargs)
 
     lengths = [len(g.prompt_ids) * len(g.completion_ids) + sum(map(len, g.completion_ids)) for g in groups]

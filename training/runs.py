@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from training.config import TrainConfig
-from training.data import PairExample, collate_pairs, length_sorted_batches, sequence_key
+from training.data import GroupExample, PairExample, collate_pairs, length_sorted_batches, sequence_key
 from training.logprobs import (
     ReferenceCache,
     autocast_context,
@@ -298,30 +298,75 @@ def _untie(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def preference_metrics(
+def implicit_reward_metrics(
     policy_chosen: torch.Tensor,
     policy_rejected: torch.Tensor,
     ref_chosen: torch.Tensor,
     ref_rejected: torch.Tensor,
     beta: float,
 ) -> dict[str, float | None]:
-    """Held-out preference accuracy and mean margin of the implicit reward ``β·(log π − log π_ref)``.
+    """Held-out accuracy and mean margin of the implicit reward ``β·(log π − log π_ref)``; all (B,).
 
-    A pair counts when the chosen side's implicit reward is higher; an exact tie (the
-    untrained policy is the reference) counts half. ``logp_accuracy`` is the share of
-    pairs whose chosen completion is simply more likely under the policy.
+    A pair counts when the chosen side's implicit reward is higher; an exact tie counts half.
+    It says how far the trained policy moved from its reference in the direction of the
+    pairs, so it means something only after training: before, the policy is the reference
+    and every margin is 0.
     """
     margin = beta * ((policy_chosen - ref_chosen) - (policy_rejected - ref_rejected))  # (B,)
     if len(margin) == 0:  # None rather than NaN: metrics are stored as JSON
-        return {"accuracy": None, "margin": None, "logp_accuracy": None, "pairs": 0}
+        return {"accuracy": None, "margin": None}
     accuracy = (margin > 0).float() + 0.5 * (margin == 0).float()
-    logp_accuracy = (policy_chosen > policy_rejected).float()
+    return {"accuracy": float(accuracy.mean()), "margin": float(margin.mean())}
+
+
+def logp_metrics(
+    chosen: torch.Tensor,
+    rejected: torch.Tensor,
+    *,
+    chosen_lengths: torch.Tensor,
+    rejected_lengths: torch.Tensor,
+) -> dict[str, float | None]:
+    """A model's own preference on held-out pairs, from its summed completion log-probs; all (B,).
+
+    ``logp_accuracy``: share of pairs whose chosen completion is the more likely one;
+    ``logp_accuracy_per_token``: the same with each side's log-prob divided by its length
+    (so a short answer is not favoured for being short); ``logp_margin``: the mean of
+    chosen minus rejected. The same numbers for the parent and the trained model compare them.
+    """
+    if len(chosen) == 0:
+        return {"logp_accuracy": None, "logp_accuracy_per_token": None, "logp_margin": None, "pairs": 0}
+    per_token = chosen / chosen_lengths.clamp(min=1) > rejected / rejected_lengths.clamp(min=1)  # (B,)
     return {
-        "accuracy": float(accuracy.mean()),
-        "margin": float(margin.mean()),
-        "logp_accuracy": float(logp_accuracy.mean()),
-        "pairs": len(margin),
+        "logp_accuracy": float((chosen > rejected).float().mean()),
+        "logp_accuracy_per_token": float(per_token.float().mean()),
+        "logp_margin": float((chosen - rejected).mean()),
+        "pairs": len(chosen),
     }
+
+
+def kendall_tau(scores: Sequence[float], rewards: Sequence[float]) -> float | None:
+    """Kendall's tau-b between a model's scores and the human rewards of one group (ties in either allowed).
+
+    None when either side is all ties (the coefficient is undefined)."""
+    concordant = discordant = tied_scores = tied_rewards = 0
+    n = len(scores)
+    for i in range(n):
+        for j in range(i + 1, n):
+            ds, dr = scores[i] - scores[j], rewards[i] - rewards[j]
+            if ds == 0 and dr == 0:
+                tied_scores += 1
+                tied_rewards += 1
+            elif ds == 0:
+                tied_scores += 1
+            elif dr == 0:
+                tied_rewards += 1
+            elif (ds > 0) == (dr > 0):
+                concordant += 1
+            else:
+                discordant += 1
+    total = n * (n - 1) // 2
+    denominator = math.sqrt((total - tied_scores) * (total - tied_rewards))
+    return None if denominator == 0 else (concordant - discordant) / denominator
 
 
 def evaluate_pairs(
@@ -329,26 +374,55 @@ def evaluate_pairs(
     pairs: Sequence[PairExample],
     ref: dict[str, torch.Tensor],
     *,
+    groups: Sequence[GroupExample] = (),
     beta: float,
     pad_id: int,
     batch_size: int,
     precision: str,
 ) -> dict[str, float | None]:
-    """Preference metrics on held-out pairs; ``model=None`` scores the reference itself (before training)."""
-    ref_chosen = torch.tensor([float(ref[sequence_key(p.prompt_ids, p.chosen_ids)].sum()) for p in pairs])
+    """Held-out figures of a model on the same pairs: its own log-prob preference (``logp_metrics``) and,
+    for a trained model, the implicit reward against the reference (``implicit_reward_metrics``).
+
+    ``model=None`` scores the parent, the model the run started from: it is the reference, so its
+    log-probs are the reference pass's and no implicit reward is reported. With ``groups`` (GRPO's
+    held-out groups, whose completions are the pairs'), ``kendall_tau`` is the mean over the groups of
+    tau-b between the model's summed log-probs of the completions and the human rewards.
+    """
+    ref_chosen = torch.tensor([float(ref[sequence_key(p.prompt_ids, p.chosen_ids)].sum()) for p in pairs])  # (B,)
     ref_rejected = torch.tensor([float(ref[sequence_key(p.prompt_ids, p.rejected_ids)].sum()) for p in pairs])
     if model is None:
-        return preference_metrics(ref_chosen, ref_rejected, ref_chosen, ref_rejected, beta)
-    policy_chosen = torch.zeros(len(pairs))
-    policy_rejected = torch.zeros(len(pairs))
-    device = next(model.parameters()).device
-    lengths = [len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs]
-    with evaluation(model), autocast_context(precision, device):
-        for idx in length_sorted_batches(lengths, batch_size, seed=0, shuffle=False):
-            logps = sequence_logps(model, collate_pairs([pairs[i] for i in idx], pad_id)).float().cpu()  # (2b,)
-            policy_chosen[idx] = logps[: len(idx)]
-            policy_rejected[idx] = logps[len(idx) :]
-    return preference_metrics(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta)
+        chosen, rejected = ref_chosen, ref_rejected
+    else:
+        chosen, rejected = torch.zeros(len(pairs)), torch.zeros(len(pairs))
+        device = next(model.parameters()).device
+        lengths = [len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs]
+        with evaluation(model), autocast_context(precision, device):
+            for idx in length_sorted_batches(lengths, batch_size, seed=0, shuffle=False):
+                logps = sequence_logps(model, collate_pairs([pairs[i] for i in idx], pad_id)).float().cpu()  # (2b,)
+                chosen[idx] = logps[: len(idx)]
+                rejected[idx] = logps[len(idx) :]
+    metrics = logp_metrics(
+        chosen,
+        rejected,
+        chosen_lengths=torch.tensor([len(p.chosen_ids) for p in pairs]),
+        rejected_lengths=torch.tensor([len(p.rejected_ids) for p in pairs]),
+    )
+    if model is not None:
+        metrics |= implicit_reward_metrics(chosen, rejected, ref_chosen, ref_rejected, beta)
+    if groups:
+        logp_by_key: dict[str, float] = {}
+        for p, c, r in zip(pairs, chosen.tolist(), rejected.tolist(), strict=True):
+            logp_by_key[sequence_key(p.prompt_ids, p.chosen_ids)] = c
+            logp_by_key[sequence_key(p.prompt_ids, p.rejected_ids)] = r
+        taus = [
+            tau
+            for g in groups
+            if (tau := kendall_tau([logp_by_key[sequence_key(g.prompt_ids, c)] for c in g.completion_ids], g.rewards))
+            is not None
+        ]
+        metrics["kendall_tau"] = sum(taus) / len(taus) if taus else None
+        metrics["groups"] = len(taus)
+    return metrics
 
 
 def finish_run(

@@ -418,8 +418,9 @@ def training_run_execute(*, run_id: int, on_progress: ProgressCallback | None = 
 
 
 def _improved(metrics: dict[str, Any]) -> bool:
-    before = (metrics.get("eval_before") or {}).get("accuracy")
-    after = (metrics.get("eval_after") or {}).get("accuracy")
+    """The trained version prefers the chosen answers of the held-out pairs more often than its parent did."""
+    before = (metrics.get("eval_before") or {}).get("logp_accuracy")
+    after = (metrics.get("eval_after") or {}).get("logp_accuracy")
     return before is not None and after is not None and after > before
 
 

@@ -553,3 +553,11 @@ def running(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def test_auto_promotion_compares_the_parent_and_the_trained_version_on_the_same_pairs():
+    parent, better = {"logp_accuracy": 0.5, "pairs": 8}, {"logp_accuracy": 0.75, "accuracy": 1.0, "pairs": 8}
+    assert training_runs._improved({"eval_before": parent, "eval_after": better})
+    assert not training_runs._improved({"eval_before": better, "eval_after": parent | {"accuracy": 1.0}})
+    # The implicit reward alone (0.5 before by construction) no longer promotes anything.
+    assert not training_runs._improved({"eval_before": {"accuracy": 0.5}, "eval_after": {"accuracy": 1.0}})

@@ -58,7 +58,9 @@ def running_run(project, **kwargs):
 
 
 def versions(project):
-    metrics = {"eval_before": {"accuracy": 0.5, "margin": 0.0}, "eval_after": {"accuracy": 0.875, "margin": 0.42}}
+    before = {"logp_accuracy": 0.25, "logp_accuracy_per_token": 0.375, "logp_margin": -1.5, "pairs": 8}
+    after = {"logp_accuracy": 0.875, "logp_accuracy_per_token": 0.75, "logp_margin": 2.25, "pairs": 8}
+    metrics = {"eval_before": before, "eval_after": after | {"accuracy": 0.9375, "margin": 0.42}}
     old = ModelVersionFactory(project=project, name="v1", metrics=metrics)
     new = ModelVersionFactory(project=project, name="v2", parent=old, metrics=metrics)
     return old, new
@@ -101,7 +103,9 @@ def test_the_page_shows_runs_versions_and_settings(client, project, staff_user):
     assert "ValueError: learning_rate too high" in page
     assert "Django admin by staff" in page
     assert POLLING not in page  # a failed run is not polled
-    assert "0.500 → 0.875" in page and "0.000 → 0.420" in page
+    assert "0.250 → 0.875" in page and "per token 0.375 → 0.750" in page and "-1.500 → 2.250" in page
+    implicit = page.split('class="implicit-reward">')[1].split("</td>")[0]
+    assert "0.938" in implicit and "margin 0.420" in implicit and "→" not in implicit  # after training only
     assert page.count(">Promote</button>") == 2  # nothing active yet
     assert "data-metrics=" in page and "chart-4.6.1.umd.min.js" in page
     assert 'name="auto_train" id="id_auto_train" checked' in page and 'value="50"' in page
@@ -344,3 +348,30 @@ def test_the_home_page_links_to_training_for_managers_only(client, project, staf
     for user, shown in [(annotator, False), (manager, True), (staff_user, True)]:
         client.force_login(user)
         assert (b'href="/projects/loop/training/"' in client.get("/").content) == shown
+
+
+def test_a_grpo_version_shows_kendall_tau_and_a_reward_model_its_own_accuracy(client, project, staff_user):
+    figures = {"logp_accuracy": 0.5, "logp_accuracy_per_token": 0.5, "logp_margin": 0.0, "pairs": 6}
+    ModelVersionFactory(
+        project=project,
+        name="v1",
+        metrics={
+            "eval_before": figures | {"kendall_tau": -0.25, "groups": 2},
+            "eval_after": figures | {"kendall_tau": 0.75, "groups": 2, "accuracy": 1.0, "margin": 0.3},
+        },
+    )
+    ModelVersionFactory(
+        project=project,
+        name="reward-1",
+        kind="reward",
+        metrics={
+            "eval_before": {"accuracy": 0.4, "margin": 0.0, "pairs": 6},
+            "eval_after": {"accuracy": 0.8, "margin": 1.5, "pairs": 6},
+        },
+    )
+    client.force_login(staff_user)
+
+    page = client.get("/projects/loop/training/").content.decode()
+
+    assert "Kendall τ -0.250 → 0.750" in page
+    assert "0.400 → 0.800" in page and "0.000 → 1.500" in page

@@ -4,6 +4,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.tiny_model import make_tiny_model_dir
 from tests.training.synthetic import less_likely_pairs, preference_pairs, split
 from training.data import tokenize_pairs
 from training.dpo import DPOConfig, train_dpo
@@ -27,8 +28,8 @@ def tiny_config(**overrides) -> DPOConfig:
 
 
 def test_dpo_makes_the_chosen_answer_the_more_likely_one(tmp_path, tiny_model_dir):
-    # Before training the implicit-reward accuracy is 0.5 by construction (the policy is the reference);
-    # logp_accuracy, how often the chosen answer is the more likely one, is the model's own and moves.
+    # logp_accuracy, how often the chosen answer is the more likely one, is the model's own: the parent's
+    # before, the trained policy's after. The implicit reward has no before (the policy is the reference).
     train, held = split(less_likely_pairs())
     kwargs = {"train_examples": train, "eval_examples": held, "model": str(tiny_model_dir)}
     result = train_dpo(tiny_config(learning_rate=1e-2, save_every=0), out_dir=tmp_path / "v1", **kwargs)
@@ -36,6 +37,37 @@ def test_dpo_makes_the_chosen_answer_the_more_likely_one(tmp_path, tiny_model_di
     assert before["pairs"] == after["pairs"] == len(held)
     assert before["logp_accuracy"] <= 0.25
     assert after["logp_accuracy"] >= 0.9
+    assert after["logp_margin"] > before["logp_margin"]
+    assert after["logp_accuracy_per_token"] >= before["logp_accuracy_per_token"]
+    assert set(before) == {"logp_accuracy", "logp_accuracy_per_token", "logp_margin", "pairs"}
+    assert set(after) == set(before) | {"accuracy", "margin"}
+
+
+def test_before_is_the_parents_own_figures_and_differs_between_base_models(tmp_path, tiny_model_dir):
+    train, held = split(preference_pairs())
+    other_base = make_tiny_model_dir(tmp_path / "other", seed=1)
+    before = {}
+    for name, base in (("seed0", tiny_model_dir), ("seed1", other_base)):
+        config = tiny_config(epochs=1, save_every=0)
+        result = train_dpo(config, train_examples=train, eval_examples=held, model=str(base), out_dir=tmp_path / name)
+        before[name] = result.metrics["eval_before"]
+        # The same figures as the parent itself evaluated on the same pairs as a candidate would be.
+        model, tokenizer = load_model(str(base))
+        pairs = tokenize_pairs(held, tokenizer, max_length=64, max_prompt_length=48).examples
+        ref, _ = reference_logps(
+            model,
+            [(p.prompt_ids, c) for p in pairs for c in (p.chosen_ids, p.rejected_ids)],
+            ReferenceCache(None, "x"),
+            pad_id=tokenizer.pad_token_id,
+            batch_size=8,
+            precision="fp32",
+        )
+        kwargs = {"beta": 0.1, "pad_id": tokenizer.pad_token_id, "batch_size": 8, "precision": "fp32"}
+        scored = evaluate_pairs(model, pairs, ref, **kwargs)
+        for figure in ("logp_accuracy", "logp_accuracy_per_token", "pairs"):
+            assert before[name][figure] == scored[figure]
+        assert before[name]["logp_margin"] == pytest.approx(scored["logp_margin"], abs=1e-4)
+    assert before["seed0"]["logp_margin"] != pytest.approx(before["seed1"]["logp_margin"], abs=1e-3)
 
 
 def test_dpo_lora_learns_a_human_preference_on_held_out_prompts(tmp_path, tiny_model_dir):

@@ -19,7 +19,7 @@ def tiny_config(**overrides) -> GRPOConfig:
 
 
 def test_grpo_makes_the_better_answer_the_more_likely_one(tmp_path, tiny_model_dir):
-    # As in DPO: logp_accuracy can move; the implicit-reward accuracy starts at 0.5 by construction.
+    # As in DPO: the parent's figures before, the trained policy's after; the implicit reward after only.
     train, held = split(less_likely_groups())
     kwargs = {"train_examples": train, "eval_examples": held, "model": str(tiny_model_dir)}
     result = train_grpo(tiny_config(learning_rate=1e-2, save_every=0), out_dir=tmp_path / "g1", **kwargs)
@@ -27,6 +27,10 @@ def test_grpo_makes_the_better_answer_the_more_likely_one(tmp_path, tiny_model_d
     assert before["pairs"] == after["pairs"] == len(held)
     assert before["logp_accuracy"] <= 0.25
     assert after["logp_accuracy"] >= 0.9
+    # Kendall's tau between the model's log-probs and the human rewards, one per held-out group.
+    assert before["groups"] == after["groups"] == len(held)
+    assert before["kendall_tau"] < 0 < after["kendall_tau"]
+    assert "accuracy" not in before and "accuracy" in after
 
 
 def test_grpo_learns_a_human_ranking_on_held_out_prompts(tmp_path, tiny_model_dir):

@@ -4,11 +4,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from training.runs import lr_factor, preference_metrics, resolve_precision, step_plan
+from training.runs import (
+    implicit_reward_metrics,
+    kendall_tau,
+    logp_metrics,
+    lr_factor,
+    resolve_precision,
+    step_plan,
+)
 
 
-def test_preference_metrics_by_hand():
-    m = preference_metrics(
+def test_implicit_reward_metrics_by_hand():
+    m = implicit_reward_metrics(
         policy_chosen=torch.tensor([-1.0, -2.0, -3.0, -1.0]),
         policy_rejected=torch.tensor([-2.0, -1.0, -3.0, -1.5]),
         ref_chosen=torch.tensor([-1.5, -1.0, -3.0, -1.0]),
@@ -18,15 +25,45 @@ def test_preference_metrics_by_hand():
     # margins: 0.1·(0.5 + 0.5), 0.1·(-1 - 0.5), 0, 0.1·(0 + 0.5)
     assert m["accuracy"] == pytest.approx((1 + 0 + 0.5 + 1) / 4)
     assert m["margin"] == pytest.approx((0.1 - 0.15 + 0 + 0.05) / 4, abs=1e-7)
-    assert m["logp_accuracy"] == pytest.approx(2 / 4)
+
+
+def test_logp_metrics_by_hand():
+    m = logp_metrics(
+        torch.tensor([-1.0, -2.0, -3.0, -6.0]),
+        torch.tensor([-2.0, -1.0, -3.0, -4.0]),
+        chosen_lengths=torch.tensor([1, 1, 1, 6]),
+        rejected_lengths=torch.tensor([1, 1, 1, 2]),
+    )
+    # summed: wins, loses, tie (not a win), loses; per token: -1 > -2, -2 < -1, -3 = -3, -1 > -2
+    assert m["logp_accuracy"] == pytest.approx(1 / 4)
+    assert m["logp_accuracy_per_token"] == pytest.approx(2 / 4)
+    assert m["logp_margin"] == pytest.approx((1 - 1 + 0 - 2) / 4)
     assert m["pairs"] == 4
 
 
 def test_no_held_out_pairs_gives_json_safe_metrics():
     empty = torch.zeros(0)
-    m = preference_metrics(empty, empty, empty, empty, beta=0.1)
-    assert m == {"accuracy": None, "margin": None, "logp_accuracy": None, "pairs": 0}
+    m = logp_metrics(empty, empty, chosen_lengths=empty, rejected_lengths=empty)
+    m |= implicit_reward_metrics(empty, empty, empty, empty, beta=0.1)
+    assert m == {
+        "logp_accuracy": None,
+        "logp_accuracy_per_token": None,
+        "logp_margin": None,
+        "pairs": 0,
+        "accuracy": None,
+        "margin": None,
+    }
     json.loads(json.dumps(m, allow_nan=False))
+
+
+def test_kendall_tau_b_by_hand():
+    assert kendall_tau([3.0, 2.0, 1.0], [1.0, 0.5, 0.0]) == pytest.approx(1.0)
+    assert kendall_tau([1.0, 2.0, 3.0], [1.0, 0.5, 0.0]) == pytest.approx(-1.0)
+    # pairs (0,1) concordant, (0,2) concordant, (1,2) tied in the rewards: tau-b = 2 / sqrt(3 · 2)
+    assert kendall_tau([3.0, 2.0, 1.0], [1.0, 0.0, 0.0]) == pytest.approx(2 / 6**0.5)
+    # (0,1) tied in the scores, (0,2) and (1,2) discordant, the other three concordant: (3 - 2) / sqrt(5 · 6)
+    assert kendall_tau([1.0, 1.0, 2.0, 0.0], [1.0, 0.5, 0.25, 0.0]) == pytest.approx(1 / 30**0.5)
+    assert kendall_tau([1.0, 1.0], [1.0, 0.0]) is None  # the scores are all tied
 
 
 @pytest.mark.parametrize(

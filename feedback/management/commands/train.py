@@ -100,8 +100,10 @@ class Command(BaseCommand):
         if run.status != TrainingRun.Status.SUCCEEDED:
             raise CommandError(f"run {run.pk} {run.status}: {run.error}")
         version = run.produced_version
-        before = version.metrics.get("eval_before", {}).get("accuracy")
-        after = version.metrics.get("eval_after", {}).get("accuracy")
+        eval_before, eval_after = version.metrics.get("eval_before", {}), version.metrics.get("eval_after", {})
+        # a DPO or GRPO version: the chosen answer more likely, parent -> trained; a reward model: its own accuracy
+        figure = "logp_accuracy" if "logp_accuracy" in eval_after else "accuracy"
+        before, after = eval_before.get(figure), eval_after.get(figure)
         self.stdout.write(
             self.style.SUCCESS(
                 f"Run {run.pk} succeeded: model version {version.name} in {version.weights_path}; "

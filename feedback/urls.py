@@ -1,6 +1,6 @@
 from django.urls import path
 
-from feedback.views import annotate, exports, pages, training
+from feedback.views import annotate, exports, pages, quality, training
 
 urlpatterns = [
     path("", pages.home, name="home"),
@@ -9,6 +9,7 @@ urlpatterns = [
     path("projects/<slug:slug>/annotate/submit/", annotate.annotate_submit, name="annotate-submit"),
     path("projects/<slug:slug>/annotate/skip/", annotate.annotate_skip, name="annotate-skip"),
     path("projects/<slug:slug>/export/", exports.export_page, name="export"),
+    path("projects/<slug:slug>/quality/", quality.quality_page, name="quality"),
     path("projects/<slug:slug>/training/", training.training_page, name="training"),
     path("projects/<slug:slug>/training/history/", training.training_history, name="training-history"),
     path("projects/<slug:slug>/training/watch/", training.training_watch, name="training-watch"),

@@ -1,6 +1,6 @@
 from django.urls import path
 
-from feedback.api import annotation, exports, projects, rounds, training
+from feedback.api import annotation, exports, projects, quality, rounds, training
 
 app_name = "api"
 
@@ -18,6 +18,12 @@ urlpatterns: list = [
         "model-versions/<str:version_id>/promote/",
         projects.ModelVersionPromoteApi.as_view(),
         name="model-version-promote",
+    ),
+    path("projects/<str:slug>/quality/", quality.QualityApi.as_view(), name="project-quality"),
+    path(
+        "projects/<str:slug>/quality/annotators/<str:username>/",
+        quality.AnnotatorQualityApi.as_view(),
+        name="project-quality-annotator",
     ),
     path("projects/<str:slug>/rounds/", rounds.RoundListApi.as_view(), name="project-rounds"),
     path("projects/<str:slug>/training-runs/", training.TrainingRunListApi.as_view(), name="project-training-runs"),

@@ -111,7 +111,9 @@ def quality_filters_parse(*, project: Project, data: Mapping[str, str]) -> Quali
     for name, raw in data.items():
         if name not in FILTER_NAMES:
             errors[name] = f"is not a filter; use {', '.join(FILTER_NAMES)}."
-        elif raw != "":
+        elif raw == "":
+            errors[name] = "must not be empty; leave it out for every judgement."
+        else:
             values[name] = raw
     for name in ("created_from", "created_before"):
         if name in values:

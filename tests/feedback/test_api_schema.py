@@ -29,6 +29,7 @@ from tests.feedback.export_helpers import fast_password_hashing, make_prompt, ra
 SCHEMA = SchemaGenerator().get_schema(request=None, public=True)
 SLUG = "schema"
 JOB_ID = "5c4e0f6a0d8e4c1f9b7a2e3d4c5b6a79"
+ANNOTATOR = "schema-annotator"
 VERSION_ID = 424242
 RUN_ID = 434343
 
@@ -45,6 +46,8 @@ def _aimed_at_the_test_data(schema: dict) -> dict:
                     parameter["schema"] = {"type": "string", "enum": [JOB_ID]}
                 if parameter["in"] == "path" and parameter["name"] == "version_id":
                     parameter["schema"] = {"type": "integer", "enum": [VERSION_ID]}
+                if parameter["in"] == "path" and parameter["name"] == "username":
+                    parameter["schema"] = {"type": "string", "enum": [ANNOTATOR]}
                 if parameter["in"] == "path" and parameter["name"] == "run_id":
                     parameter["schema"] = {"type": "integer", "enum": [RUN_ID]}
     return aimed
@@ -77,7 +80,7 @@ def api_world(db, settings, monkeypatch, queue):
     request_finished.disconnect(close_old_connections)
     project = ProjectFactory(slug=SLUG)
     manager = MembershipFactory(project=project, role=Membership.Role.MANAGER, user=UserFactory()).user
-    annotator = MembershipFactory(project=project, user=UserFactory()).user
+    annotator = MembershipFactory(project=project, user=UserFactory(username=ANNOTATOR)).user
     for _ in range(3):
         prompt, completions = make_prompt(project, k=3)
         rank(annotator, prompt, [[completions[0]], completions[1:]])
@@ -113,5 +116,9 @@ def test_api_keeps_to_its_schema(case, api_world):
     if case.operation.label == "POST /api/v1/projects/{slug}/training-runs/":
         # Hyperparameter rules (ranges, combinations, known names per algorithm, an algorithm that fits the
         # project's data) are beyond JSON Schema: a schema-valid body may be refused with the documented 400.
+        excluded.append(positive_data_acceptance)
+    if case.operation.label.startswith("GET /api/v1/projects/{slug}/quality/"):
+        # A model version must be one of the project's, metadata_key and metadata_value come together and
+        # created_before must follow created_from, which JSON Schema cannot say: the documented 400 names the field.
         excluded.append(positive_data_acceptance)
     case.validate_response(response, headers=auth, excluded_checks=excluded)

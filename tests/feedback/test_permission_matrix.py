@@ -46,6 +46,10 @@ def managers(ok: int) -> dict[str, int]:
     return {"annotator": 403, "reviewer": 403, "other manager": 404, "manager": ok, "staff": ok}
 
 
+def reviewers(ok: int) -> dict[str, int]:
+    return {"annotator": 403, "reviewer": ok, "other manager": 404, "manager": ok, "staff": ok}
+
+
 def everyone(ok: int) -> dict[str, int]:
     return dict.fromkeys(WHO[1:], ok)
 
@@ -74,6 +78,7 @@ TABLE: dict[str, Cell] = {
     "annotate-submit": Cell("post", members(400)),
     "annotate-skip": Cell("post", members(400)),
     "export": Cell("get", managers(200)),
+    "quality": Cell("get", reviewers(200)),
     "training": Cell("get", members(200)),
     "training-history": Cell("get", members(200)),
     "training-watch": Cell("get", members(200), query="?after=0"),  # the queued run is newer
@@ -95,6 +100,8 @@ TABLE: dict[str, Cell] = {
     "api:project-export": Cell("get", managers(200), query="?format=dpo"),
     "api:project-exports": Cell("post", managers(400)),
     "api:model-version-promote": Cell("post", managers(200)),
+    "api:project-quality": Cell("get", reviewers(200)),
+    "api:project-quality-annotator": Cell("get", reviewers(200)),
     "api:project-rounds": Cell("get", members(200)),
     "api:project-rounds POST": Cell("post", managers(202)),
     "api:project-training-runs": Cell("get", members(200)),
@@ -147,7 +154,13 @@ def world(staff_user, settings, tiny_model_dir):
     version = ModelVersionFactory(project=project)
     run = TrainingRunFactory(project=project, status=TrainingRun.Status.QUEUED)
     job = export_job_start(project=project, options=PreferenceExportOptions(), file_type="jsonl", requested_by_id=None)
-    ids = {"slug": "alpha", "run_id": str(run.pk), "version_id": str(version.pk), "job_id": job.id}
+    ids = {
+        "slug": "alpha",
+        "run_id": str(run.pk),
+        "version_id": str(version.pk),
+        "job_id": job.id,
+        "username": users["annotator"].username,
+    }
     return {"users": users, "ids": ids}
 
 
@@ -203,7 +216,8 @@ def test_every_operation_answers_429_to_an_address_that_keeps_sending_wrong_toke
         token_failure_record(address="203.0.113.7")
     cell = TABLE[name]
     client = APIClient(HTTP_AUTHORIZATION="Token wrong", REMOTE_ADDR="203.0.113.7")
-    ids = {"slug": "alpha", "run_id": "1", "version_id": "1", "job_id": "1"}  # refused before they are looked up
+    # refused before they are looked up
+    ids = {"slug": "alpha", "run_id": "1", "version_id": "1", "job_id": "1", "username": "someone"}
     response = getattr(client, cell.method)(_path(name, ids) + cell.query)
     assert response.status_code == 429
     assert response.json()["detail"].startswith("Too many failed token authentications from your address.")

@@ -1,0 +1,177 @@
+"""Quality figures over the API: a project's agreement and annotator statistics, and one annotator's.
+
+Reviewers, managers and staff read them; annotators get 403 and non-members 404. A filter that
+cannot be used is a 400 naming it ({field: [message]}), as the Quality page shows it.
+"""
+
+from __future__ import annotations
+
+from django.core.exceptions import ValidationError
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
+from rest_framework import serializers, status
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from feedback.api.serializers import FORBIDDEN, NOT_AUTHENTICATED, NOT_FOUND, query_data
+from feedback.models import Membership, Project
+from feedback.selectors.access import project_for_role
+from feedback.selectors.quality import (
+    GOLD_NOT_AVAILABLE,
+    PAIRWISE_CATEGORIES,
+    QualityFilters,
+    annotator_quality,
+    project_quality,
+    quality_filters_parse,
+)
+
+
+class QualityFiltersSerializer(serializers.Serializer):
+    """The filters as query parameters; every one may be left out (quality_filters_parse reads them)."""
+
+    created_from = serializers.DateTimeField(required=False, help_text="Judgements made at or after (ISO).")
+    created_before = serializers.DateTimeField(required=False, help_text="Judgements made strictly before (ISO).")
+    model_version = serializers.CharField(
+        required=False, max_length=100, help_text="Items with a completion written by this version (its name)."
+    )
+    metadata_key = serializers.CharField(
+        required=False, max_length=200, help_text="Items whose prompt's metadata has this key (with metadata_value)."
+    )
+    metadata_value = serializers.CharField(required=False, help_text="... set to this string.")
+
+    class Meta:
+        ref_name = "QualityFilters"
+
+
+class FlagSerializer(serializers.Serializer):
+    code = serializers.ChoiceField(choices=["too_fast", "position_bias"])
+    message = serializers.CharField(help_text="What was seen, with the threshold.")
+
+    class Meta:
+        ref_name = "QualityFlag"
+
+
+class AnnotatorStatsSerializer(serializers.Serializer):
+    username = serializers.CharField()
+    judgements = serializers.IntegerField()
+    median_seconds = serializers.FloatField(allow_null=True, help_text="Time per task, lease to judgement.")
+    p10_seconds = serializers.FloatField(allow_null=True, help_text="Its 10th percentile.")
+    timed = serializers.IntegerField(help_text="Judgements with a lease to time them from.")
+    loo_agreement = serializers.FloatField(
+        allow_null=True, help_text="Share of votes equal to the other annotators' majority on the unit."
+    )
+    loo_compared = serializers.IntegerField(help_text="Votes on units where the others had a majority.")
+    first_chosen = serializers.IntegerField(help_text='"A" chosen (ranking: the first shown above the second).')
+    position_decisions = serializers.IntegerField(help_text="A/B choices (ranking: the first two not tied).")
+    first_share = serializers.FloatField(allow_null=True)
+    position_p_value = serializers.FloatField(allow_null=True, help_text="Exact two-sided binomial test against 0.5.")
+    tie_rate = serializers.FloatField(allow_null=True, help_text="Ranking: the share of rankings with a tie.")
+    both_bad_rate = serializers.FloatField(allow_null=True, help_text="Pairwise only.")
+    skips = serializers.IntegerField(help_text="Tasks the annotator skipped.")
+    gold_accuracy = serializers.FloatField(allow_null=True, help_text="Null: gold items are not available yet.")
+    flags = FlagSerializer(many=True)
+
+    class Meta:
+        ref_name = "AnnotatorQuality"
+
+
+class AgreementSerializer(serializers.Serializer):
+    level = serializers.ChoiceField(choices=["nominal", "ordinal"])
+    units = serializers.IntegerField(help_text="Units judged by two or more (pairwise: items; ranking: completions).")
+    votes = serializers.IntegerField()
+    alpha = serializers.FloatField(allow_null=True, help_text="Krippendorff's alpha; null with the reason in detail.")
+    raw = serializers.FloatField(allow_null=True, help_text="Share of pairs of votes on a unit that agree.")
+    detail = serializers.CharField(allow_blank=True)
+
+
+class SplitUnitSerializer(serializers.Serializer):
+    prompt_id = serializers.IntegerField()
+    round = serializers.IntegerField(source="round_number")
+    unit = serializers.CharField(help_text='Pairwise: the item key; ranking: "completion <id>".')
+    votes = serializers.DictField(
+        child=serializers.IntegerField(),
+        help_text=f"Votes per category: {', '.join(PAIRWISE_CATEGORIES)} (first: the lower completion id "
+        "preferred), or the rank.",
+    )
+    top_share = serializers.FloatField()
+
+
+class SplitsSerializer(serializers.Serializer):
+    unanimous = serializers.IntegerField()
+    majority = serializers.IntegerField()
+    no_majority = serializers.IntegerField()
+    most_split = SplitUnitSerializer(many=True, help_text="Units without a majority, most votes first (20 at most).")
+
+
+class ThresholdsSerializer(serializers.Serializer):
+    min_judgements = serializers.IntegerField()
+    too_fast_median_seconds = serializers.FloatField()
+    position_share = serializers.FloatField()
+    position_p_value = serializers.FloatField()
+
+
+class QualityOutputSerializer(serializers.Serializer):
+    mode = serializers.ChoiceField(choices=Project.Mode.choices)
+    filters = serializers.DictField(source="filters.as_mapping", child=serializers.CharField())
+    judgements = serializers.IntegerField()
+    agreement = AgreementSerializer()
+    splits = SplitsSerializer()
+    annotators = AnnotatorStatsSerializer(many=True)
+    thresholds = ThresholdsSerializer()
+    gold = serializers.CharField(default=GOLD_NOT_AVAILABLE, help_text="Gold accuracy, once gold items exist.")
+
+    class Meta:
+        ref_name = "ProjectQuality"
+
+
+REVIEWER_ERRORS = {
+    400: OpenApiResponse(OpenApiTypes.OBJECT, description="A filter that cannot be used: {field: [message]}."),
+    401: NOT_AUTHENTICATED,
+    403: FORBIDDEN,
+    404: NOT_FOUND,
+}
+
+
+def _filters(request: Request, project: Project) -> QualityFilters:
+    return quality_filters_parse(project=project, data=query_data(request))
+
+
+class QualityApi(APIView):
+    @extend_schema(
+        operation_id="projects_quality",
+        summary="Agreement and every annotator's statistics (reviewers and managers)",
+        parameters=[QualityFiltersSerializer],
+        responses={200: QualityOutputSerializer, **REVIEWER_ERRORS},
+    )
+    def get(self, request: Request, slug: str) -> Response:
+        project = project_for_role(user=request.user, slug=slug, role=Membership.Role.REVIEWER)
+        try:
+            filters = _filters(request, project)
+        except ValidationError as error:
+            return Response(error.message_dict, status=status.HTTP_400_BAD_REQUEST)
+        return Response(QualityOutputSerializer(project_quality(project=project, filters=filters)).data)
+
+
+class AnnotatorQualityApi(APIView):
+    @extend_schema(
+        operation_id="projects_quality_annotator",
+        summary="One annotator's statistics (reviewers and managers)",
+        parameters=[
+            QualityFiltersSerializer,
+            OpenApiParameter("username", str, OpenApiParameter.PATH, description="A member of the project."),
+        ],
+        responses={
+            200: AnnotatorStatsSerializer,
+            **REVIEWER_ERRORS,
+            404: OpenApiResponse(description="No such project (or not one of yours), or no such annotator in it."),
+        },
+    )
+    def get(self, request: Request, slug: str, username: str) -> Response:
+        project = project_for_role(user=request.user, slug=slug, role=Membership.Role.REVIEWER)
+        try:
+            filters = _filters(request, project)
+        except ValidationError as error:
+            return Response(error.message_dict, status=status.HTTP_400_BAD_REQUEST)
+        stats = annotator_quality(project=project, username=username, filters=filters)
+        return Response(AnnotatorStatsSerializer(stats).data)

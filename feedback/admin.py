@@ -9,7 +9,7 @@ from django.http import HttpRequest
 
 from feedback import models
 from feedback.services.completions import completion_save
-from feedback.services.prompts import completion_check, prompt_check
+from feedback.services.prompts import completion_check, prompt_check, prompts_split_set
 from feedback.services.training_runs import TrainingRunError, training_run_cancel, training_run_start
 
 
@@ -99,11 +99,22 @@ class CompletionInline(admin.StackedInline):
 class PromptAdmin(admin.ModelAdmin):
     form = PromptAdminForm
     formfield_overrides = {JSONField: {"form_class": ShownJSONField}}
-    list_display = ["__str__", "project", "external_id", "created_at"]
-    list_filter = ["project"]
+    list_display = ["__str__", "project", "external_id", "split", "created_at"]
+    list_filter = ["project", "split"]
     search_fields = ["external_id"]
     list_select_related = ["project"]
     inlines = [CompletionInline]
+    actions = ["mark_as_evaluation", "mark_as_training"]
+
+    @admin.action(description="Mark as evaluation prompts (never trained on)")
+    def mark_as_evaluation(self, request: HttpRequest, queryset: QuerySet[models.Prompt]) -> None:
+        changed = prompts_split_set(prompts=queryset, split=models.Prompt.Split.EVAL)
+        self.message_user(request, f"{changed} prompt(s) marked as evaluation prompts.", messages.SUCCESS)
+
+    @admin.action(description="Mark as training prompts")
+    def mark_as_training(self, request: HttpRequest, queryset: QuerySet[models.Prompt]) -> None:
+        changed = prompts_split_set(prompts=queryset, split=models.Prompt.Split.TRAIN)
+        self.message_user(request, f"{changed} prompt(s) marked as training prompts.", messages.SUCCESS)
 
     def save_formset(
         self, request: HttpRequest, form: forms.ModelForm, formset: BaseInlineFormSet, change: bool

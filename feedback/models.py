@@ -61,6 +61,12 @@ class Project(models.Model):
         validators=[MinValueValidator(1)],
         help_text="Prompts in the round a promotion starts; empty for all prompts.",
     )
+    eval_prompt_share = models.FloatField(
+        default=0.0,
+        validators=[MinValueValidator(0.0), MaxValueValidator(1.0)],
+        help_text="Share (0 to 1) of newly imported prompts that become evaluation prompts when a record "
+        "does not say its split; drawn from a hash of the prompt's messages.",
+    )
     created_at = models.DateTimeField(auto_now_add=True)
     members = models.ManyToManyField(settings.AUTH_USER_MODEL, through="Membership", related_name="projects")
 
@@ -72,6 +78,9 @@ class Project(models.Model):
             models.CheckConstraint(condition=Q(overlap__gte=1), name="project_overlap_at_least_1"),
             models.CheckConstraint(condition=Q(top_p__gt=0, top_p__lte=1), name="project_top_p_range"),
             models.CheckConstraint(condition=Q(temperature__gte=0), name="project_temperature_non_negative"),
+            models.CheckConstraint(
+                condition=Q(eval_prompt_share__gte=0, eval_prompt_share__lte=1), name="project_eval_prompt_share_range"
+            ),
         ]
 
     def __str__(self) -> str:
@@ -101,15 +110,26 @@ class Membership(models.Model):
 
 
 class Prompt(models.Model):
+    class Split(models.TextChoices):
+        TRAIN = "train", "Training"
+        EVAL = "eval", "Evaluation"
+
     project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="prompts")
     messages = models.JSONField(help_text="[{role, content}, ...] ending with a user turn.")
     external_id = models.CharField(max_length=200, blank=True)
     metadata = models.JSONField(default=dict, blank=True)
+    split = models.CharField(
+        max_length=8,
+        choices=Split.choices,
+        default=Split.TRAIN,
+        help_text="An evaluation prompt never reaches training data, training exports or ordinary rounds.",
+    )
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
         ordering = ["id"]
         constraints = [
+            models.CheckConstraint(condition=Q(split__in=["train", "eval"]), name="prompt_split_valid"),
             models.UniqueConstraint(
                 fields=["project", "external_id"],
                 condition=~Q(external_id=""),

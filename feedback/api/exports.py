@@ -80,7 +80,12 @@ class ExportOptionsSerializer(serializers.Serializer):
         max_length=200,
         help_text="Only completions by these writers: version names, or base.",
     )
-    split = serializers.ChoiceField(choices=SPLITS, required=False, help_text="Only the train or the test prompts.")
+    split = serializers.ChoiceField(
+        choices=SPLITS,
+        required=False,
+        help_text="Only the train or the test part of the training prompts, or eval: the evaluation prompts alone "
+        "(for analysis; left out, every training prompt).",
+    )
     test_fraction = serializers.FloatField(default=0.1, min_value=0.001, max_value=0.999)
     split_seed = serializers.CharField(default="rankwise", min_length=1, max_length=100)
     pseudonymise = serializers.BooleanField(default=False, help_text="judgements: HMAC pseudonyms.")

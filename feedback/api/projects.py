@@ -163,6 +163,9 @@ class PromptsApi(APIView):
         messages = MessageSerializer(many=True)
         external_id = serializers.CharField()
         metadata = serializers.DictField()
+        split = serializers.ChoiceField(
+            choices=Prompt.Split.choices, help_text="eval: an evaluation prompt, never in training data."
+        )
         completion_count = serializers.IntegerField()
         created_at = serializers.DateTimeField()
 
@@ -176,7 +179,8 @@ class PromptsApi(APIView):
             max_length=MAX_IMPORT_RECORDS,
             help_text=(
                 "Import records as in DESIGN.md: {prompt: string or [{role, content}] ending with a user turn, "
-                "completions?: [string or {text, model}], id?: string, metadata?: object}."
+                "completions?: [string or {text, model}], id?: string, metadata?: object, split?: train|eval}; "
+                "a record without split is an evaluation prompt for the project's eval_prompt_share of prompts."
             ),
         )
 

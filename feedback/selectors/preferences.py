@@ -59,10 +59,10 @@ from feedback.models import (
 
 ExportFormat = Literal["dpo", "grpo", "judgements"]
 PairMode = Literal["all", "best_vs_rest", "adjacent"]
-Split = Literal["train", "test"]
+Split = Literal["train", "test", "eval"]
 
 PAIR_MODES: tuple[str, ...] = ("all", "best_vs_rest", "adjacent")
-SPLITS: tuple[str, ...] = ("train", "test")
+SPLITS: tuple[str, ...] = ("train", "test", "eval")
 
 
 class ExportOptionsError(ValueError):
@@ -89,7 +89,9 @@ class PreferenceExportOptions:
     rounds: tuple[int, ...] | None = None  # only completions of these round numbers
     since_round: int | None = None  # only completions of this round number and later ones
     writers: tuple[str, ...] | None = None  # only completions by these round writers: version names or "base"
-    split: Split | None = None  # None: every prompt; else the train or test part
+    # None: every training prompt; train or test: that part of them; eval: the evaluation prompts alone, for
+    # analysis (no other value reads them, so training snapshots and the training formats never hold them)
+    split: Split | None = None
     test_fraction: float = 0.1  # share of prompts in the test part
     split_seed: str = "rankwise"  # changes which prompts land in the test part
     pseudonymise: bool = False  # judgements: HMAC pseudonyms instead of annotator ids
@@ -103,7 +105,7 @@ class PreferenceExportOptions:
         if not 0.0 <= self.min_agreement <= 1.0:
             raise ExportOptionsError("min_agreement", "must be between 0 and 1")
         if self.split is not None and self.split not in SPLITS:
-            raise ExportOptionsError("split", f"must be train or test, not {self.split!r}")
+            raise ExportOptionsError("split", f"must be train, test or eval, not {self.split!r}")
         if not 0.0 < self.test_fraction < 1.0:
             raise ExportOptionsError("test_fraction", "must be strictly between 0 and 1")
         if self.chunk_size < 1:
@@ -205,8 +207,9 @@ class _PromptGroup:
 
 
 def prompt_in_split(*, prompt_id: int, options: PreferenceExportOptions) -> bool:
-    """Whether a prompt belongs to the requested split: a hash of the seed and the prompt id, stable across runs."""
-    if options.split is None:
+    """Whether a training prompt belongs to the requested part: a hash of the seed and the prompt id, stable
+    across runs. Which prompts are evaluation prompts is the prompt's own ``split`` (``_streams`` reads it)."""
+    if options.split is None or options.split == "eval":
         return True
     digest = hashlib.sha256(f"{options.split_seed}:{prompt_id}".encode()).digest()
     is_test = int.from_bytes(digest[:8], "big") / 2**64 < options.test_fraction
@@ -296,7 +299,9 @@ def _judgement_filters(options: PreferenceExportOptions, prefix: str) -> dict[st
 def _streams(
     project: Project, options: PreferenceExportOptions, id_range: tuple[int, int] | None
 ) -> tuple[QuerySet, QuerySet, QuerySet | None, QuerySet | None]:
-    chosen_prompts = Prompt.objects.filter(project=project)
+    chosen_prompts = Prompt.objects.filter(
+        project=project, split=Prompt.Split.EVAL if options.split == "eval" else Prompt.Split.TRAIN
+    )
     if id_range is not None:
         chosen_prompts = chosen_prompts.filter(id__gte=id_range[0], id__lt=id_range[1])
     prompts = chosen_prompts.order_by("id").values_list("id", "messages")

@@ -13,9 +13,11 @@ from feedback.models import PairwiseJudgement, Project, Prompt, RankedCompletion
 
 
 def round_prompts_by_latest_round(*, project: Project, limit: int | None) -> list[int]:
-    """Prompt ids whose latest round is oldest first; prompts never answered come before any."""
+    """Training prompt ids whose latest round is oldest first; prompts never answered come before any.
+
+    Evaluation prompts are never chosen for an ordinary round (nor by ``round_prompts_by_judgements``)."""
     prompts = (
-        Prompt.objects.filter(project=project)
+        Prompt.objects.filter(project=project, split=Prompt.Split.TRAIN)
         .annotate(latest=Max("round_prompts__round__number"))
         .order_by(F("latest").asc(nulls_first=True), "pk")
         .values_list("pk", flat=True)
@@ -24,9 +26,10 @@ def round_prompts_by_latest_round(*, project: Project, limit: int | None) -> lis
 
 
 def round_prompts_by_judgements(*, project: Project, limit: int | None) -> list[int]:
-    """Prompt ids with the fewest judgements over all their rounds first; ties go to the oldest latest round."""
+    """Training prompt ids with the fewest judgements over all their rounds first; ties go to the oldest latest
+    round."""
     prompts = (
-        Prompt.objects.filter(project=project)
+        Prompt.objects.filter(project=project, split=Prompt.Split.TRAIN)
         .annotate(
             judged=Coalesce(Sum("round_prompts__judgement_count"), 0),
             latest=Max("round_prompts__round__number"),

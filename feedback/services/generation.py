@@ -32,8 +32,8 @@ class GenerationResult:
 
 
 def prompts_lacking_completions(*, project: Project, limit: int | None = None) -> list[Prompt]:
-    """Prompts no round has answered yet, oldest first."""
-    prompts = project.prompts.filter(completions__isnull=True).order_by("id")
+    """Training prompts no round has answered yet, oldest first (evaluation prompts are not for ordinary rounds)."""
+    prompts = project.prompts.filter(split=Prompt.Split.TRAIN, completions__isnull=True).order_by("id")
     return list(prompts[:limit] if limit else prompts)
 
 
@@ -70,7 +70,13 @@ def prompts_by_uncertainty(*, project: Project, limit: int | None, model: Any, t
     """
     from training.logprobs import completion_logprob_sums
 
-    pairs = {prompt_id: found for prompt_id, found in round_judged_pairs(project=project).items() if found}
+    training = round_prompts_by_latest_round(project=project, limit=None)
+    allowed = set(training)
+    pairs = {
+        prompt_id: found
+        for prompt_id, found in round_judged_pairs(project=project).items()
+        if found and prompt_id in allowed  # a prompt marked for evaluation since it was judged is left out
+    }
     completion_ids = sorted({c for found in pairs.values() for pair in found for c in pair})
     completions = Completion.objects.select_related("prompt").in_bulk(completion_ids)
     logps = dict(
@@ -84,7 +90,7 @@ def prompts_by_uncertainty(*, project: Project, limit: int | None, model: Any, t
     )
     margins = {prompt_id: sum(logps[a] - logps[b] for a, b in found) for prompt_id, found in pairs.items()}
     ordered = sorted(margins, key=lambda prompt_id: (margins[prompt_id], prompt_id))
-    ordered += [pk for pk in round_prompts_by_latest_round(project=project, limit=None) if pk not in margins]
+    ordered += [pk for pk in training if pk not in margins]
     return ordered[:limit] if limit else ordered
 
 

@@ -7,6 +7,7 @@ nothing and every problem names its line (or item) and field.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
 import multiprocessing
@@ -21,7 +22,7 @@ from typing import Any
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import connection, transaction
-from django.db.models import CharField, Field
+from django.db.models import CharField, Field, QuerySet
 from django.utils import timezone
 
 from feedback.models import Completion, Project, Prompt, RoundPrompt
@@ -77,6 +78,7 @@ class _ValidRecord:
     external_id: str
     metadata: dict[str, Any]
     completions: list[tuple[str, str]] = field(default_factory=list)  # (text, source model)
+    split: str | None = None  # "train" or "eval"; None when the record does not say
 
 
 class _Invalid(Exception):
@@ -208,16 +210,25 @@ def _validate_metadata(metadata: dict[str, Any]) -> None:
             )
 
 
+def _validate_split(value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or value not in Prompt.Split.values:
+        got = repr(value[:40]) if isinstance(value, str) else f"a {type(value).__name__}"
+        raise _Invalid("split", f"must be 'train' or 'eval'; it is {got}")
+    return value
+
+
 def _validate_record(record: Any) -> _ValidRecord:
     if not isinstance(record, dict):
         raise _Invalid("", "must be a JSON object")
     if "prompt" not in record:
         raise _Invalid("prompt", "is missing")
-    unknown = set(record) - {"prompt", "completions", "id", "metadata"}
+    unknown = set(record) - {"prompt", "completions", "id", "metadata", "split"}
     if unknown:
         name = sorted(str(key) for key in unknown)[0]
         _check_text(name, "field name")
-        raise _Invalid(name[:100], "is not a known field (prompt, completions, id, metadata)")
+        raise _Invalid(name[:100], "is not a known field (prompt, completions, id, metadata, split)")
     messages = _validate_messages(record["prompt"])
     completions = record.get("completions") or []
     if not isinstance(completions, list):
@@ -238,7 +249,22 @@ def _validate_record(record: Any) -> _ValidRecord:
         external_id=external_id,
         metadata=metadata,
         completions=[_validate_completion(c, i) for i, c in enumerate(completions)],
+        split=_validate_split(record.get("split")),
     )
+
+
+def prompt_split_drawn(*, messages: list[dict[str, str]], eval_share: float) -> str:
+    """The split of a prompt whose record did not say: ``eval`` for a share ``eval_share`` of prompts.
+
+    Drawn from a hash of the prompt's messages, not at random: the same prompt falls on the same side
+    in every import (a prompt imported twice cannot be trained on and evaluated on), and an import
+    run again gives the same splits.
+    """
+    if eval_share <= 0:
+        return Prompt.Split.TRAIN
+    digest = hashlib.sha256(json.dumps(messages, sort_keys=True, ensure_ascii=False).encode("utf-8")).digest()
+    draw = int.from_bytes(digest[:8], "big") / 2**64  # uniform in [0, 1)
+    return Prompt.Split.EVAL if draw < eval_share else Prompt.Split.TRAIN
 
 
 def _validated(project: Project, records: Iterable[tuple[int, Any]]) -> list[_ValidRecord]:
@@ -295,6 +321,17 @@ def prompt_check(*, messages: Any, external_id: str, metadata: Any) -> list[dict
     if errors:
         raise ValidationError(errors)
     return checked
+
+
+def prompts_split_set(*, prompts: QuerySet[Prompt], split: str) -> int:
+    """Mark prompts as evaluation or training prompts; returns how many changed.
+
+    A prompt marked for evaluation leaves training data at once: snapshots and training exports
+    read the split when they run, so its earlier judgements are no longer trained on.
+    """
+    if split not in Prompt.Split.values:
+        raise ValidationError({"split": f"must be 'train' or 'eval'; it is {split!r}"})
+    return prompts.exclude(split=split).update(split=split)
 
 
 def completion_check(*, text: str, source_model: str) -> None:
@@ -357,12 +394,18 @@ def _insert_completions(round_id: int, rows: list[tuple[int, str, str, str]]) ->
 
 
 def _write(project: Project, records: list[_ValidRecord], progress: Callable[[int], None] | None) -> ImportResult:
-    """Write the prompts; the completions that came with them make a round of their own, the project's newest."""
+    """Write the prompts; the completions that came with them make a round of their own, the project's newest.
+
+    An evaluation prompt's completions are stored but not put in that round's queue: evaluation prompts
+    get no ordinary tasks."""
     result = ImportResult()
+    share = project.eval_prompt_share
+    for record in records:
+        record.split = record.split or prompt_split_drawn(messages=record.messages, eval_share=share)
     texts = [text for record in records for text, _ in record.completions]
     with _rendered(texts) as htmls, transaction.atomic():
-        answered = [record for record in records if record.completions]
-        writers = sorted({model for record in answered for _, model in record.completions} - {""})
+        answered = [record for record in records if record.completions and record.split == Prompt.Split.TRAIN]
+        writers = sorted({model for record in records for _, model in record.completions} - {""})
         imported = (
             round_of_imported_completions(project=project, writers=writers, prompts=len(answered)) if texts else None
         )
@@ -370,7 +413,13 @@ def _write(project: Project, records: list[_ValidRecord], progress: Callable[[in
             batch = records[start : start + BATCH_SIZE]
             prompts = Prompt.objects.bulk_create(
                 [
-                    Prompt(project=project, messages=r.messages, external_id=r.external_id, metadata=r.metadata)
+                    Prompt(
+                        project=project,
+                        messages=r.messages,
+                        external_id=r.external_id,
+                        metadata=r.metadata,
+                        split=r.split or Prompt.Split.TRAIN,  # drawn above; the default never applies
+                    )
                     for r in batch
                 ]
             )
@@ -384,7 +433,7 @@ def _write(project: Project, records: list[_ValidRecord], progress: Callable[[in
                 RoundPrompt.objects.bulk_create(
                     RoundPrompt(round=imported, prompt=prompt)
                     for prompt, record in zip(prompts, batch, strict=True)
-                    if record.completions
+                    if record.completions and record.split == Prompt.Split.TRAIN
                 )
             result.prompts += len(prompts)
             result.completions += len(rows)
@@ -449,7 +498,7 @@ def _csv_records(lines: Iterable[str]) -> Iterator[tuple[int, Any]]:
         yield 1, _Invalid("prompt", "the header has no 'prompt' column")
         return
     completion_columns = [c for c in columns if c.startswith("completion")]
-    others = [c for c in columns if c not in completion_columns and c not in ("prompt", "id")]
+    others = [c for c in columns if c not in completion_columns and c not in ("prompt", "id", "split")]
     while True:
         try:
             row = next(reader)
@@ -467,6 +516,8 @@ def _csv_records(lines: Iterable[str]) -> Iterator[tuple[int, Any]]:
         if row.get("id"):
             record["id"] = row["id"]
         record["completions"] = [row[c] for c in completion_columns if row[c]]
+        if row.get("split"):  # an empty cell: the project's share decides
+            record["split"] = row["split"]
         if others:
             record["metadata"] = {c: row[c] for c in others if row[c] is not None}
         yield line, record
@@ -475,5 +526,6 @@ def _csv_records(lines: Iterable[str]) -> Iterator[tuple[int, Any]]:
 def prompts_import_csv(
     *, project: Project, lines: Iterable[str], progress: Callable[[int], None] | None = None
 ) -> ImportResult:
-    """Import CSV: a `prompt` column, optional `id`, `completion_*` columns; other columns become metadata."""
+    """Import CSV: a `prompt` column, optional `id`, `split` (train or eval) and `completion_*` columns;
+    other columns become metadata."""
     return _write(project, _validated(project, _csv_records(lines)), progress)

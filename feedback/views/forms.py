@@ -69,7 +69,15 @@ class ExportForm(forms.Form):
     created_until = forms.DateField(required=False, help_text="to this day, inclusive")
     annotators = forms.ModelMultipleChoiceField(queryset=get_user_model().objects.none(), required=False)
     model_versions = forms.ModelMultipleChoiceField(queryset=ModelVersion.objects.none(), required=False)
-    split = forms.ChoiceField(choices=[("", "all prompts"), ("train", "train"), ("test", "test")], required=False)
+    split = forms.ChoiceField(
+        choices=[
+            ("", "all training prompts"),
+            ("train", "train"),
+            ("test", "test"),
+            ("eval", "evaluation prompts (analysis, never training)"),
+        ],
+        required=False,
+    )
     test_fraction = forms.FloatField(min_value=0.001, max_value=0.999, initial=0.1)
     pseudonymise = forms.BooleanField(required=False, help_text="judgements: pseudonyms instead of user ids")
 

@@ -86,6 +86,7 @@ def test_a_prompt_added_with_bad_text_stores_nothing(client, staff_user):
             "messages": '[{"role": "user", "content": "\\u0000"}]',
             "external_id": "",
             "metadata": "{}",
+            "split": "train",
             "completions-TOTAL_FORMS": 0,
             "completions-INITIAL_FORMS": 0,
         },

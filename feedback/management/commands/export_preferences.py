@@ -65,7 +65,12 @@ class Command(BaseCommand):
             type=writer_names,
             help="only completions by these writers: version names or base, e.g. v3,base",
         )
-        parser.add_argument("--split", choices=SPLITS, help="write only the train or the test part (split by prompt)")
+        parser.add_argument(
+            "--split",
+            choices=SPLITS,
+            help="write only the train or the test part of the training prompts (split by prompt), or eval: "
+            "the evaluation prompts alone, for analysis (default: every training prompt)",
+        )
         parser.add_argument("--test-fraction", type=_fraction, default=0.1, help="share of prompts in the test part")
         parser.add_argument("--split-seed", default="rankwise", help="changes which prompts are in the test part")
         parser.add_argument("--pseudonymise", action="store_true", help="judgements: HMAC pseudonyms for annotators")

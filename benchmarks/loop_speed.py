@@ -160,8 +160,12 @@ def main() -> None:
             )
         )
         print(line("second run: whole run", m2["seconds"]))
-        before, after = metrics["eval_before"]["accuracy"], metrics["eval_after"]["accuracy"]
-        print(f"\nheld-out preference accuracy of the first run: {before:.2f} -> {after:.2f}")
+        before, after = metrics["eval_before"]["logp_accuracy"], metrics["eval_after"]["logp_accuracy"]
+        implicit = metrics["eval_after"]["accuracy"]
+        print(
+            f"\nheld-out accuracy of the first run (chosen answer more likely), parent -> trained: "
+            f"{before:.2f} -> {after:.2f}; implicit-reward accuracy after training {implicit:.2f}"
+        )
 
 
 if __name__ == "__main__":

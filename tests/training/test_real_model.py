@@ -33,7 +33,9 @@ def test_a_few_dpo_steps_on_the_default_model_then_save_reload_generate(tmp_path
         cache_dir=tmp_path / "cache",
     )
     assert result.metrics["steps"] == 2
-    assert result.metrics["eval_after"]["margin"] > result.metrics["eval_before"]["margin"]
+    before, after = result.metrics["eval_before"], result.metrics["eval_after"]
+    assert after["logp_margin"] > before["logp_margin"]  # the parent's own margin, then the trained model's
+    assert after["margin"] > 0 and "margin" not in before  # the implicit reward: after training only
 
     model, tokenizer = load_model(str(result.out_dir))
     [[sample]] = generate_completions(

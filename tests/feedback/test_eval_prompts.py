@@ -15,7 +15,12 @@ from feedback.models import Membership, Project, Round, RoundPrompt
 from feedback.selectors.preferences import PreferenceExportOptions, preference_rows
 from feedback.selectors.tasks import judgements_left
 from feedback.services.assignments import assignment_lease_next
-from feedback.services.generation import completions_generate, prompts_lacking_completions, round_write
+from feedback.services.generation import (
+    completions_generate,
+    prompts_by_uncertainty,
+    prompts_lacking_completions,
+    round_write,
+)
 from feedback.services.judgements import JudgementSubmission, judgement_submit
 from feedback.services.prompts import (
     PromptImportError,
@@ -227,3 +232,12 @@ def test_imported_completions_of_evaluation_prompts_are_kept_but_give_no_task():
         submission = JudgementSubmission(task_id=task.task_id, client_uuid=uuid.uuid4(), kind="pairwise", choice="a")
         judgement_submit(project=project, annotator=annotator, submission=submission)
     assert len(served) == 1 and held_back.pk not in served
+
+
+def test_the_uncertainty_order_leaves_out_judged_evaluation_prompts(judged, monkeypatch):
+    project, prompts = judged
+    monkeypatch.setattr(
+        "training.logprobs.completion_logprob_sums", lambda model, tokenizer, examples, **kwargs: [0.0] * len(examples)
+    )
+    order = prompts_by_uncertainty(project=project, limit=None, model=None, tokenizer=None)
+    assert order == [p.pk for p in prompts[2:]]

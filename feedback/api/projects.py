@@ -358,7 +358,12 @@ class ModelVersionOutputSerializer(serializers.Serializer):
     name = serializers.CharField()
     parent_version = serializers.IntegerField(source="parent_id", allow_null=True)
     produced_by_run = serializers.IntegerField(source="produced_by_run_id", allow_null=True)
-    metrics = serializers.DictField()
+    metrics = serializers.DictField(
+        help_text="The run's figures. DPO and GRPO: eval_before (the parent) and eval_after (this version) on the "
+        "same held-out pairs, each {logp_accuracy, logp_accuracy_per_token, logp_margin, pairs}, GRPO also "
+        "{kendall_tau, groups}; eval_after alone adds the implicit reward's {accuracy, margin}. Reward models: "
+        "{accuracy, margin, pairs}; online GRPO and PPO: {reward, reward_stderr, response_length, prompts}."
+    )
     kind = serializers.ChoiceField(
         choices=ModelVersion.Kind.choices, help_text="policy (writes completions) or reward (scores them)."
     )

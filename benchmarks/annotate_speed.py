@@ -199,7 +199,7 @@ def seed(*, prompts: int, judgements_per_prompt: int, rounds: int = 1) -> dict[s
                         ids["prompt"] += 1
                         assert ids["prompt"] == prompt_id
                         messages = [{"role": "user", "content": f"Question {n}: how do I reverse a list in Python?"}]
-                        prompt_rows.append((prompt_id, project.pk, messages, "", {}, now))
+                        prompt_rows.append((prompt_id, project.pk, messages, "", {}, "train", now))
                     round_prompt_rows.append((the_round.pk, prompt_id, per_prompt))
                     mine = []
                     for j in range(K):
@@ -287,7 +287,7 @@ def seed(*, prompts: int, judgements_per_prompt: int, rounds: int = 1) -> dict[s
                     if prompt_rows:
                         _insert(
                             Prompt,
-                            ["id", "project", "messages", "external_id", "metadata", "created_at"],
+                            ["id", "project", "messages", "external_id", "metadata", "split", "created_at"],
                             prompt_rows,
                         )
                     _insert(RoundPrompt, ["round", "prompt", "judgement_count"], round_prompt_rows)

@@ -113,6 +113,8 @@ def quality_filters_parse(*, project: Project, data: Mapping[str, str]) -> Quali
             errors[name] = f"is not a filter; use {', '.join(FILTER_NAMES)}."
         elif raw == "":
             errors[name] = "must not be empty; leave it out for every judgement."
+        elif "\x00" in raw:  # no stored name or value holds one, and PostgreSQL refuses it in a query
+            errors[name] = "must not hold a NUL character."
         else:
             values[name] = raw
     for name in ("created_from", "created_before"):
@@ -127,7 +129,7 @@ def quality_filters_parse(*, project: Project, data: Mapping[str, str]) -> Quali
             errors["model_version"] = f"{values['model_version']!r} is not a model version of this project."
         values["model_version"] = version
     for given, missing in (("metadata_key", "metadata_value"), ("metadata_value", "metadata_key")):
-        if given in values and missing not in values:
+        if given in values and missing not in values and missing not in errors:
             errors[missing] = f"Give {missing} with {given}."
     if len(values.get("metadata_key", "")) > 200:
         errors["metadata_key"] = "Keep the key under 200 characters."

@@ -70,6 +70,13 @@ def test_a_bad_filter_is_a_400_naming_the_field(judged, query, field):
         assert field in response.json()
 
 
+@pytest.mark.parametrize("field", ["model_version", "metadata_key", "metadata_value"])
+def test_a_nul_in_a_filter_is_a_400_naming_the_field(judged, field):
+    query = {"metadata_key": "topic", "metadata_value": "python", field: "v1\x00"}
+    response = _client(judged["reviewer"]).get("/api/v1/projects/judged/quality/", query)
+    assert (response.status_code, response.json()) == (400, {field: ["must not hold a NUL character."]})
+
+
 def test_filters_are_echoed_and_applied(judged):
     body = _client(judged["reviewer"]).get("/api/v1/projects/judged/quality/?created_from=2100-01-01").json()
     assert body["filters"] == {"created_from": "2100-01-01T00:00:00+00:00"}

@@ -148,6 +148,8 @@ class PreferenceExportOptions:
                 value = tuple(value)
             elif not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
                 raise ExportOptionsError(name, f"{value!r} is not a {_TYPE_NAMES[kind]}")
+            if not all(_storable(v) for v in (value if kind is list else [value]) if isinstance(v, str)):
+                raise ExportOptionsError(name, "must not hold a NUL character or a lone surrogate")
             values[field_name] = value
         return cls(**values)
 
@@ -163,6 +165,15 @@ class PreferenceExportOptions:
                 value = value.isoformat()
             data[name] = list(value) if isinstance(value, tuple) else value
         return data
+
+
+def _storable(text: str) -> bool:
+    """Text every database stores (an export job keeps its options): no NUL, no lone surrogate."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return "\x00" not in text
 
 
 # The options a user may set: public name -> (field, type). chunk_size is not one of them.

@@ -87,12 +87,15 @@ def test_a_posted_job_is_built_by_the_worker_and_downloads(manager, django_captu
         ({"file": "parquet", "min_agreement": True}, "min_agreement", "True is not a number"),
         ({"file": "parquet", "conversational": 1}, "conversational", "1 is not a boolean"),
         ({"file": "parquet", "split_seed": 0}, "split_seed", "0 is not a string"),
+        ({"file": "jsonl", "split_seed": "a\x00"}, "split_seed", "must not hold a NUL character or a lone surrogate"),
+        ({"file": "jsonl", "writers": ["\ud800"]}, "writers", "must not hold a NUL character or a lone surrogate"),
         ({"file": "parquet", "annotators": ["x"]}, "annotators", "must be a list of ids"),
         ({"file": "parquet", "annotators": [0]}, "annotators", None),
     ],
 )
 def test_bad_job_options_are_a_400_naming_the_field_and_start_nothing(manager, queue, body, field, message):
-    response = api(manager).post(JOBS, body, format="json")
+    # sent as ASCII JSON, the way a client escapes a lone surrogate
+    response = api(manager).post(JOBS, json.dumps(body), content_type="application/json")
 
     assert response.status_code == 400
     errors = response.json()

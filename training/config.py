@@ -307,8 +307,19 @@ def _check_type(name: str, value: Any, hint: Any) -> None:
             raise ValueError(f"{name} must be a number, not {_shown(value)}")
         if (_is_int(value) and abs(value) > LARGEST_INT) or not math.isfinite(value):
             raise ValueError(f"{name} must be a finite number, not {_shown(value)}")
-    elif kind is str and not isinstance(value, str):
-        raise ValueError(f"{name} must be a string, not {_shown(value)}")
+    elif kind is str:
+        if not isinstance(value, str):
+            raise ValueError(f"{name} must be a string, not {_shown(value)}")
+        if "\x00" in value or not _encodes(value):  # configs are stored as JSON, which PostgreSQL keeps as UTF-8
+            raise ValueError(f"{name} must not hold a NUL character or a lone surrogate")
+
+
+def _encodes(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:  # a lone surrogate
+        return False
+    return True
 
 
 def _shown(value: Any) -> str:

@@ -31,6 +31,9 @@ def test_config_from_mapping_names_the_field_and_stores_numbers_as_floats():
         config_from_mapping(DPOConfig, {"seed": 2**64})
     with pytest.raises(ValueError, match="^save_every must not be negative$"):
         config_from_mapping(DPOConfig, {"save_every": -1})
+    for text in ("cosine\x00", "\ud800"):
+        with pytest.raises(ValueError, match="^lr_scheduler must not hold a NUL character or a lone surrogate$"):
+            config_from_mapping(DPOConfig, {"lr_scheduler": text})
 
 
 def test_a_field_in_both_configs_with_different_help_says_each():

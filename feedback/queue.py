@@ -24,7 +24,12 @@ from huey.contrib.djhuey import HUEY
 from feedback.models import Project, Round
 
 TaskName = Literal[
-    "generate_completions_task", "round_write_task", "export_file_task", "training_run_task", "completion_scores_task"
+    "generate_completions_task",
+    "round_write_task",
+    "export_file_task",
+    "training_run_task",
+    "completion_scores_task",
+    "quality_figures_task",
 ]
 TASKS_MODULE = "feedback.tasks"
 

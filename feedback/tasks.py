@@ -13,6 +13,7 @@ from feedback.queue import (
     training_lock_name,
 )
 from feedback.selectors.models import reward_model_newest
+from feedback.selectors.quality import quality_figures_refresh
 from feedback.services.completion_scores import completion_scores_compute
 from feedback.services.exports import export_job_run
 from feedback.services.generation import completions_generate, generation_schedule_tick, round_write
@@ -50,6 +51,13 @@ def round_write_task(round_id: int) -> int:
     if written and reward_model is not None:
         completion_scores_task(reward_model.pk)
     return written
+
+
+@db_task()
+def quality_figures_task(project_id: int) -> None:
+    project = Project.objects.filter(pk=project_id).first()
+    if project is not None:  # deleted since
+        quality_figures_refresh(project=project)
 
 
 @db_task()

@@ -21,8 +21,8 @@ from feedback.selectors.quality import (
     GOLD_NOT_AVAILABLE,
     PAIRWISE_CATEGORIES,
     QualityFilters,
-    annotator_quality,
-    project_quality,
+    annotator_quality_report,
+    project_quality_cached,
     quality_filters_parse,
 )
 
@@ -120,6 +120,15 @@ class QualityOutputSerializer(serializers.Serializer):
     annotators = AnnotatorStatsSerializer(many=True)
     thresholds = ThresholdsSerializer()
     gold = serializers.CharField(default=GOLD_NOT_AVAILABLE, help_text="Gold accuracy, once gold items exist.")
+    computed_at = serializers.DateTimeField(
+        help_text="When the judgements were read. Unfiltered figures come from a cache; filtered ones are computed "
+        "for the request."
+    )
+    stale = serializers.BooleanField(
+        help_text="Judgements or skips came since computed_at (or the figures are over 30 minutes old): "
+        "new figures are being computed."
+    )
+    freshness = serializers.CharField(help_text="How fresh the figures are, in words.")
 
     class Meta:
         ref_name = "ProjectQuality"
@@ -150,7 +159,7 @@ class QualityApi(APIView):
             filters = _filters(request, project)
         except ValidationError as error:
             return Response(error.message_dict, status=status.HTTP_400_BAD_REQUEST)
-        return Response(QualityOutputSerializer(project_quality(project=project, filters=filters)).data)
+        return Response(QualityOutputSerializer(project_quality_cached(project=project, filters=filters)).data)
 
 
 class AnnotatorQualityApi(APIView):
@@ -162,7 +171,12 @@ class AnnotatorQualityApi(APIView):
             OpenApiParameter("username", str, OpenApiParameter.PATH, description="A member of the project."),
         ],
         responses={
-            200: AnnotatorStatsSerializer,
+            200: OpenApiResponse(
+                AnnotatorStatsSerializer,
+                description="The annotator's figures; headers Quality-Computed-At (when the judgements were read) "
+                "and Quality-Stale (true: judgements came since and new figures are being computed), as the "
+                "project's computed_at and stale.",
+            ),
             **REVIEWER_ERRORS,
             404: OpenApiResponse(description="No such project (or not one of yours), or no such annotator in it."),
         },
@@ -173,5 +187,9 @@ class AnnotatorQualityApi(APIView):
             filters = _filters(request, project)
         except ValidationError as error:
             return Response(error.message_dict, status=status.HTTP_400_BAD_REQUEST)
-        stats = annotator_quality(project=project, username=username, filters=filters)
-        return Response(AnnotatorStatsSerializer(stats).data)
+        stats, report = annotator_quality_report(project=project, username=username, filters=filters)
+        headers = {
+            "Quality-Computed-At": report.computed_at.isoformat(),
+            "Quality-Stale": "true" if report.stale else "false",
+        }
+        return Response(AnnotatorStatsSerializer(stats).data, headers=headers)

@@ -18,6 +18,8 @@ scans, not with Python objects (benchmarks/quality_speed.py):
   most common); position bias; tie and both-bad rates; skips the annotator chose (not tasks the
   app could not show). Flags name their threshold (THRESHOLDS).
 
+The unfiltered figures are cached (`project_quality_cached`): see "Freshness" there.
+
 Position bias: pairwise, the share of "A" among A/B choices; ranking, the share of rankings placing
 the completion shown first above the one shown second (ties left out), so 0.5 is no bias in both
 modes. Its two-sided exact binomial test against 0.5 is computed here (`binomial_p_value`).
@@ -26,15 +28,17 @@ modes. Its two-sided exact binomial test against 0.5 is computed here (`binomial
 from __future__ import annotations
 
 import math
+import time
 from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 import krippendorff
 import numpy as np
 from django.contrib.auth import get_user_model
+from django.core.cache import cache
 from django.core.exceptions import ValidationError
 from django.db import connection
 from django.db.models import Case, Count, F, FloatField, IntegerField, Max, Q, QuerySet, Value, When, functions
@@ -52,6 +56,7 @@ from feedback.models import (
     RankingJudgement,
     Round,
 )
+from feedback.queue import enqueue
 from feedback.services.assignments import UNSHOWABLE_SKIP_PREFIX
 
 PAIRWISE_CATEGORIES = ("first", "second", "tie", "both_bad")
@@ -211,6 +216,9 @@ class QualityReport:
     splits: Splits
     annotators: list[AnnotatorStats]
     thresholds: Thresholds = THRESHOLDS
+    computed_at: datetime = field(default_factory=timezone.now)  # when the judgements were read
+    stale: bool = False  # judgements or skips came since, or the figures are older than MAX_AGE
+    freshness: str = "Computed for this request."  # how fresh the figures are, in words
 
 
 GOLD_NOT_AVAILABLE = "Gold items are not available yet."
@@ -239,16 +247,128 @@ def annotator_quality(*, project: Project, username: str, filters: QualityFilter
 
     Http404 for a user who is neither a member of the project nor has judged in it.
     """
+    return annotator_quality_report(project=project, username=username, filters=filters)[0]
+
+
+def annotator_quality_report(
+    *, project: Project, username: str, filters: QualityFilters | None = None
+) -> tuple[AnnotatorStats, QualityReport]:
+    """`annotator_quality` and the report the statistics come from (for its freshness): unfiltered, the cached
+    one `project_quality_cached` serves."""
     user = get_user_model().objects.filter(username=username).first()
     if user is None:
         raise Http404("No such annotator in this project.")
-    report = project_quality(project=project, filters=filters)
+    report = project_quality_cached(project=project, filters=filters)
     for stats in report.annotators:
         if stats.annotator_id == user.pk:
-            return stats
+            return stats, report
     if not project.memberships.filter(user_id=user.pk).exists():
         raise Http404("No such annotator in this project.")
-    return AnnotatorStats(annotator_id=user.pk, username=username)
+    return AnnotatorStats(annotator_id=user.pk, username=username), report
+
+
+# --- freshness: the unfiltered figures, cached ----------------------------------------------------------------
+#
+# A full pass reads every judgement: about 2 s (pairwise) and 7 s (ranking) at 100,000 prompts on SQLite
+# (benchmarks/RESULTS.md, "Quality figures"). So the unfiltered figures are kept in Django's cache (shared by
+# every process: Redis or files in the data dir) with the time the judgements were read (`computed_at`) and a
+# stamp of what they read (the judgements' count and highest id, the skips' count). A request compares the
+# stamp with the project's now (three indexed counts) and:
+#
+# - nothing cached (the first request, or the cache was cleared): computes them in the request and keeps them;
+# - cached, same stamp and younger than MAX_AGE: serves them, saying when they were computed;
+# - cached but stale (judgements or skips since, or older than MAX_AGE): if the last full pass took under
+#   INLINE_SECONDS, computes them again in the request; otherwise serves the cached figures marked stale, saying
+#   what changed since, and queues `quality_figures_task` (once: a flag in the cache) to compute them again.
+#
+# Filtered figures are always computed in the request.
+
+MAX_AGE = timedelta(minutes=30)
+INLINE_SECONDS = 0.5
+CACHE_VERSION = 1
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Stamp:
+    judgements: int
+    last_judgement_id: int
+    skips: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Cached:
+    report: QualityReport
+    stamp: _Stamp
+    seconds: float  # how long the full pass took
+
+
+def _cache_key(project: Project) -> str:
+    # the creation time too: a test database (or a restored one) may give a new project an old project's id
+    return f"quality-figures-{CACHE_VERSION}-{project.pk}-{project.created_at.timestamp():.6f}"
+
+
+def _refresh_key(project: Project) -> str:
+    return f"{_cache_key(project)}-refreshing"
+
+
+def _stamp(project: Project) -> _Stamp:
+    judged = RankingJudgement if project.mode == Project.Mode.RANKING else PairwiseJudgement
+    counts = judged.objects.filter(project=project).order_by().aggregate(n=Count("id"), last=Max("id"))
+    skips = Assignment.objects.filter(project=project, state=Assignment.State.SKIPPED).count()
+    return _Stamp(judgements=counts["n"], last_judgement_id=counts["last"] or 0, skips=skips)
+
+
+def quality_figures_refresh(*, project: Project) -> QualityReport:
+    """Compute the unfiltered figures and keep them in the cache (the worker's task, or a request's)."""
+    stamp = _stamp(project)  # read before the figures: a judgement made meanwhile makes them stale, never lost
+    started = time.perf_counter()
+    report = project_quality(project=project)
+    seconds = time.perf_counter() - started
+    report = replace(report, freshness=f"Computed at {_when(report.computed_at)} from every judgement.")
+    cache.set(_cache_key(project), _Cached(report=report, stamp=stamp, seconds=seconds), timeout=None)
+    cache.delete(_refresh_key(project))
+    return report
+
+
+def project_quality_cached(*, project: Project, filters: QualityFilters | None = None) -> QualityReport:
+    """`project_quality`, the unfiltered figures from the cache with their freshness (see above)."""
+    if filters is not None and filters.any:
+        return project_quality(project=project, filters=filters)
+    cached = cache.get(_cache_key(project))
+    if not isinstance(cached, _Cached):
+        return quality_figures_refresh(project=project)
+    now = _stamp(project)
+    changes = _changes(cached.stamp, now)
+    age = timezone.now() - cached.report.computed_at
+    if not changes and age < MAX_AGE:
+        return cached.report
+    if cached.seconds < INLINE_SECONDS:
+        return quality_figures_refresh(project=project)
+    if cache.add(_refresh_key(project), True, timeout=int(MAX_AGE.total_seconds())):
+        enqueue("quality_figures_task", project.pk)
+    why = changes or f"older than {int(MAX_AGE.total_seconds() // 60)} minutes"
+    return replace(
+        cached.report,
+        stale=True,
+        freshness=f"Computed at {_when(cached.report.computed_at)}, before {why}: new figures are being "
+        "computed; reload in a minute.",
+    )
+
+
+def _changes(then: _Stamp, now: _Stamp) -> str:
+    """What changed between two stamps, in words ("" for nothing)."""
+    said = []
+    if now.judgements != then.judgements or now.last_judgement_id != then.last_judgement_id:
+        new = now.judgements - then.judgements
+        said.append(f"{new} new judgement{'s' if new != 1 else ''}" if new > 0 else "judgements changed")
+    if now.skips != then.skips:
+        new = now.skips - then.skips
+        said.append(f"{new} new skip{'s' if new != 1 else ''}" if new > 0 else "skips changed")
+    return " and ".join(said)
+
+
+def _when(moment: datetime) -> str:
+    return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 # --- the votes ----------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from django.views.decorators.http import require_GET
 
 from feedback.models import Membership
 from feedback.selectors.access import project_for_role
-from feedback.selectors.quality import FILTER_NAMES, GOLD_NOT_AVAILABLE, project_quality, quality_filters_parse
+from feedback.selectors.quality import FILTER_NAMES, GOLD_NOT_AVAILABLE, project_quality_cached, quality_filters_parse
 
 
 @login_required
@@ -31,5 +31,5 @@ def quality_page(request: HttpRequest, slug: str) -> HttpResponse:
     except ValidationError as error:
         context["errors"] = error.message_dict
         return render(request, "quality.html", context, status=400)
-    context["report"] = project_quality(project=project, filters=filters)
+    context["report"] = project_quality_cached(project=project, filters=filters)
     return render(request, "quality.html", context)

@@ -412,16 +412,27 @@ def training_run_execute(*, run_id: int, on_progress: ProgressCallback | None = 
     run.refresh_from_db()
     if kind == ModelVersion.Kind.REWARD:
         queue.enqueue("completion_scores_task", version.pk)  # staff see its scores beside the completions
-    if project.auto_promote and kind == ModelVersion.Kind.POLICY and _improved(metrics):
+    online = ALGORITHMS[run.algorithm].uses_reward_model
+    if project.auto_promote and kind == ModelVersion.Kind.POLICY and _improved(metrics, online=online):
         model_version_promote(version=version)
     return run
 
 
-def _improved(metrics: dict[str, Any]) -> bool:
-    """The trained version prefers the chosen answers of the held-out pairs more often than its parent did."""
-    before = (metrics.get("eval_before") or {}).get("logp_accuracy")
-    after = (metrics.get("eval_after") or {}).get("logp_accuracy")
-    return before is not None and after is not None and after > before
+def _improved(metrics: dict[str, Any], *, online: bool = False) -> bool:
+    """Whether the trained version beats its parent on the held-out figure its algorithm reports.
+
+    DPO and GRPO: it prefers the chosen answers of the held-out pairs more often (``logp_accuracy``).
+    Online runs: the reward model's mean score of fresh samples on held-out prompts (``reward``) rose
+    by more than twice the standard error of the difference, so that sampling luck promotes nothing.
+    """
+    before, after = metrics.get("eval_before") or {}, metrics.get("eval_after") or {}
+    names = ("reward", "reward_stderr") if online else ("logp_accuracy",)
+    if any(figures.get(name) is None for figures in (before, after) for name in names):
+        return False  # no held-out data, or one sample a prompt (no standard error): nothing to judge by
+    if not online:
+        return bool(after["logp_accuracy"] > before["logp_accuracy"])
+    gain = after["reward"] - before["reward"]
+    return bool(gain > 2 * math.hypot(before["reward_stderr"], after["reward_stderr"]))
 
 
 def _train(run: TrainingRun, out_dir: Path, on_progress: ProgressCallback | None) -> Any:

@@ -11,6 +11,7 @@ from django.core.management import call_command
 from rest_framework.test import APIClient
 
 from feedback.models import CompletionScore, ModelVersion, TrainingRun
+from feedback.services import training_runs
 from feedback.services.completion_scores import completion_scores_compute
 from feedback.services.model_versions import ModelVersionError, model_version_promote
 from feedback.services.training_runs import TrainingRunError, run_dir, training_run_execute, training_run_start
@@ -18,6 +19,7 @@ from tests.factories import MembershipFactory, ProjectFactory, UserFactory
 from tests.feedback.test_training_runs import ROOT, SMALL, judge_everything, wait_for
 from tests.processes import database_url_for_subprocesses
 from training.reward import HEAD_FILE, load_reward_model, score_texts
+from training.runs import TrainResult
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -158,6 +160,28 @@ def test_ppo_runs_against_the_project_reward_model_it_names(project):
     assert run.produced_version.kind == "policy"
     assert run.produced_version.metrics["reward_model"].endswith("run-" + str(reward.pk))
     assert {"reward", "kl", "value_loss", "response_length"} <= set(run.metrics[-1])
+
+
+@pytest.mark.parametrize(("after", "promoted"), [(0.5, True), (-0.9, False)])
+def test_auto_promotion_promotes_an_online_version_whose_held_out_reward_clearly_rose(
+    project, monkeypatch, after, promoted
+):
+    judge_everything(project, UserFactory())
+    ModelVersion.objects.create(project=project, name="reward-1", weights_path="rm/reward-1", kind="reward")
+    run = training_run_start(project=project, algorithm="ppo", enqueue=False)
+    metrics = {
+        "steps": 2,
+        "eval_before": {"reward": -1.0, "reward_stderr": 0.1, "response_length": 4.0, "prompts": 3},
+        "eval_after": {"reward": after, "reward_stderr": 0.1, "response_length": 4.0, "prompts": 3},
+    }
+    monkeypatch.setattr(training_runs, "_train", lambda run, out_dir, progress: TrainResult(out_dir, metrics))
+    promotions = []
+    monkeypatch.setattr(training_runs, "model_version_promote", lambda *, version: promotions.append(version.name))
+
+    run = training_run_execute(run_id=run.pk)
+
+    assert run.status == "succeeded", run.error
+    assert promotions == (["v1"] if promoted else [])
 
 
 def test_the_training_page_charts_a_ppo_run_and_shows_its_versions_score(client, project):

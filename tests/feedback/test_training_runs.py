@@ -561,3 +561,23 @@ def test_auto_promotion_compares_the_parent_and_the_trained_version_on_the_same_
     assert not training_runs._improved({"eval_before": better, "eval_after": parent | {"accuracy": 1.0}})
     # The implicit reward alone (0.5 before by construction) no longer promotes anything.
     assert not training_runs._improved({"eval_before": {"accuracy": 0.5}, "eval_after": {"accuracy": 1.0}})
+
+
+def test_auto_promotion_of_an_online_run_asks_the_reward_gain_to_beat_twice_its_standard_error():
+    def figures(before, after, stderr=0.1):
+        return {
+            "eval_before": {"reward": before, "reward_stderr": stderr, "prompts": 4},
+            "eval_after": {"reward": after, "reward_stderr": stderr, "prompts": 4},
+        }
+
+    # The difference's standard error is hypot(0.1, 0.1) ≈ 0.141: a gain above 0.283 promotes.
+    assert training_runs._improved(figures(-1.0, -0.7), online=True)
+    assert not training_runs._improved(figures(-1.0, -0.75), online=True)  # within sampling luck
+    assert not training_runs._improved(figures(-1.0, -1.5), online=True)
+    assert not training_runs._improved(figures(-1.0, 5.0, stderr=None), online=True)  # one sample a prompt
+    assert not training_runs._improved(figures(None, None, stderr=None), online=True)  # no held-out prompts
+    # logp_accuracy is not what an online run reports, and the reward is not what DPO reports.
+    assert not training_runs._improved(figures(-1.0, 5.0))
+    assert not training_runs._improved(
+        {"eval_before": {"logp_accuracy": 0.5}, "eval_after": {"logp_accuracy": 0.9}}, online=True
+    )

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
+from training.models import CACHE_KWARG
+
 
 @dataclass
 class SamplingConfig:
@@ -88,7 +90,7 @@ def _decode_batch(
         input_ids=input_ids,
         attention_mask=attention_mask,
         position_ids=positions,
-        cache=cache,
+        **{CACHE_KWARG: cache},
         use_cache=True,
         logits_to_keep=1,
     )
@@ -116,7 +118,7 @@ def _decode_batch(
             input_ids=tokens[:, None],
             attention_mask=attention_mask,
             position_ids=position,
-            cache=cache,
+            **{CACHE_KWARG: cache},
             use_cache=True,
         )
     return list(zip(written, truncated, strict=True))

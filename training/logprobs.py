@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import inspect
 import os
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
@@ -21,17 +20,7 @@ from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel
 
 from training.data import SequenceBatch, collate_sequences, encode_completion, encode_prompt, sequence_key
-from training.models import is_lora, reference_mode
-
-
-def _cache_keyword() -> str:
-    # transformers 5 renamed the models' `past_key_values` argument to `cache`.
-    from transformers.models.llama.modeling_llama import LlamaModel
-
-    return "cache" if "cache" in inspect.signature(LlamaModel.forward).parameters else "past_key_values"
-
-
-_CACHE_KWARG = _cache_keyword()
+from training.models import CACHE_KWARG, is_lora, reference_mode
 
 
 def backbone_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -186,7 +175,7 @@ def shared_prompt_logps(
         attention_mask=torch.cat([prompt_mask[index], own_mask], dim=1),  # (N, P + C)
         position_ids=positions,
         use_cache=True,
-        **{_CACHE_KWARG: cache},
+        **{CACHE_KWARG: cache},
     ).last_hidden_state  # (N, C, H)
     # Token j of a completion is predicted from position j-1; token 0 from the prompt's last position.
     predicting = torch.cat([out.last_hidden_state[:, -1][index].unsqueeze(1), hidden[:, :-1]], dim=1)  # (N, C, H)

@@ -11,6 +11,7 @@ directory that looks finished but is not.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import os
 import shutil
@@ -35,6 +36,17 @@ CHATML_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
+
+
+def _cache_keyword() -> str:
+    # transformers 5 renamed the models' `past_key_values` argument to `cache`.
+    from transformers.models.llama.modeling_llama import LlamaModel
+
+    return "cache" if "cache" in inspect.signature(LlamaModel.forward).parameters else "past_key_values"
+
+
+# The keyword a model's forward takes its KV cache by, for this transformers: `model(**{CACHE_KWARG: cache})`.
+CACHE_KWARG = _cache_keyword()
 
 
 class ModelLoadError(Exception):

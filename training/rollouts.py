@@ -1,7 +1,7 @@
 """What the online loops (online GRPO, PPO) share: the reward model beside the policy, sampling and scoring.
 
 Rollouts are sampled with ``training.generate`` from the policy as it is, and scored by a
-reward model that must share the policy's tokenizer (the scores are of the same token ids).
+reward model of the policy's base model and tokenizer (the scores are of the same token ids).
 """
 
 from __future__ import annotations
@@ -17,13 +17,20 @@ from transformers import PreTrainedModel
 from training.config import OnlineGRPOConfig, PPOConfig
 from training.data import SequenceBatch, encode_prompt, prompt_key, prompt_messages
 from training.generate import SamplingConfig, generate_completions
+from training.lineage import base_model_of
 from training.logprobs import autocast_context, completion_logps, evaluation
 from training.models import ModelLoadError, is_lora, reference_mode
 from training.reward import RewardModel, load_reward_model, score_sequences
 
 
 def load_scorer(reward_model: str, tokenizer: Any, policy_name: str, device: torch.device) -> RewardModel:
-    """The reward model at ``reward_model``, on the policy's device; refused if its tokenizer differs."""
+    """The reward model at ``reward_model``, on the policy's device; refused if its base model or tokenizer differs."""
+    reward_base, policy_base = base_model_of(reward_model), base_model_of(policy_name)
+    if reward_base != policy_base:
+        raise ModelLoadError(
+            f"reward model {reward_model} was trained on base model {reward_base}, "
+            f"but the policy {policy_name} is of base model {policy_base}: train the reward model from {policy_base}"
+        )
     scorer, scorer_tokenizer = load_reward_model(reward_model, device=device)
     if scorer_tokenizer.get_vocab() != tokenizer.get_vocab():
         raise ModelLoadError(

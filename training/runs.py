@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from training.config import TrainConfig
 from training.data import GroupExample, PairExample, collate_pairs, length_sorted_batches, sequence_key
+from training.lineage import base_model_of
 from training.logprobs import (
     ReferenceCache,
     autocast_context,
@@ -455,7 +456,12 @@ def finish_run(
             tokenizer,
             out_dir,
             base_model=base_model,
-            config={"algorithm": algorithm, "base_model": base_model, **asdict(config)},
+            config={
+                "algorithm": algorithm,
+                "base_model": base_model,
+                "origin_model": base_model_of(base_model),
+                **asdict(config),
+            },
             metrics=metrics,
             merge_lora=config.merge_lora,
             extra_tensors=extra_tensors,

@@ -48,6 +48,7 @@ from training.config import (
     config_arguments,
     config_from_mapping,
 )
+from training.lineage import base_model_of
 
 if TYPE_CHECKING:
     from training.runs import TrainResult
@@ -173,6 +174,17 @@ def _reward_version(project: Project, name: str, algorithm: str) -> ModelVersion
     )
 
 
+def _check_reward_base(reward: ModelVersion, policy: str, algorithm: str) -> None:
+    """Refuse a reward model trained on another base model than the policy's: it scores another model's text."""
+    reward_base = base_model_of(str(model_version_weights_dir(version=reward)))
+    policy_base = base_model_of(policy)
+    if reward_base != policy_base:
+        raise TrainingRunError(
+            f"{algorithm} settings: reward_model: {reward.name} was trained on base model {reward_base}, "
+            f"but the policy is of base model {policy_base}: train a reward model from {policy_base}"
+        )
+
+
 def run_dir(run: TrainingRun) -> Path:
     return Path(settings.DATA_DIR) / "runs" / str(run.pk)
 
@@ -235,11 +247,13 @@ def training_run_start(
     algorithm, entry = _algorithm_for(project, algorithm)
     full_config = training_config_build(algorithm=algorithm, values={**project.training_config, **(config or {})})
     try:
-        _, parent = model_for_generation(project=project)
+        model, parent = model_for_generation(project=project)
+        if entry.uses_reward_model:
+            reward = _reward_version(project, full_config["reward_model"], algorithm)
+            _check_reward_base(reward, model, algorithm)
+            full_config["reward_model"] = reward.name
     except ValueError as error:  # a version's weights path outside the versions folder: never read
         raise TrainingRunError(str(error)) from None
-    if entry.uses_reward_model:
-        full_config["reward_model"] = _reward_version(project, full_config["reward_model"], algorithm).name
     if TrainingRun.objects.filter(project=project, status__in=["queued", "running"]).exists():
         raise TrainingRunError(f"a training run of {project.slug} is already queued or running")
     export_format = entry.formats[project.mode]

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from django.core.management import call_command
@@ -162,12 +163,38 @@ def test_ppo_runs_against_the_project_reward_model_it_names(project):
     assert {"reward", "kl", "value_loss", "response_length"} <= set(run.metrics[-1])
 
 
+def reward_version_trained_on(project, base_model, settings):
+    """A reward version whose saved config says which base model it was trained on (its weights are not needed)."""
+    folder = settings.MODEL_VERSIONS_DIR / project.slug / "reward-1"
+    folder.mkdir(parents=True)
+    (folder / "training_config.json").write_text(json.dumps({"algorithm": "reward", "base_model": base_model}))
+    return ModelVersion.objects.create(
+        project=project, name="reward-1", weights_path=f"{project.slug}/reward-1", kind="reward"
+    )
+
+
+@pytest.mark.parametrize("algorithm", ["ppo", "grpo_online"])
+def test_a_reward_model_of_another_base_model_is_refused_naming_both(project, settings, tmp_path, algorithm):
+    judge_everything(project, UserFactory())
+    other = tmp_path / "other-base"
+    other.mkdir()
+    reward_version_trained_on(project, str(other), settings)
+    with pytest.raises(TrainingRunError) as refused:
+        training_run_start(project=project, algorithm=algorithm, enqueue=False)
+    assert str(refused.value) == (
+        f"{algorithm} settings: reward_model: reward-1 was trained on base model {other.resolve()}, "
+        f"but the policy is of base model {Path(project.base_model).resolve()}: "
+        f"train a reward model from {Path(project.base_model).resolve()}"
+    )
+    assert not TrainingRun.objects.exists()
+
+
 @pytest.mark.parametrize(("after", "promoted"), [(0.5, True), (-0.9, False)])
 def test_auto_promotion_promotes_an_online_version_whose_held_out_reward_clearly_rose(
-    project, monkeypatch, after, promoted
+    project, monkeypatch, settings, after, promoted
 ):
     judge_everything(project, UserFactory())
-    ModelVersion.objects.create(project=project, name="reward-1", weights_path="rm/reward-1", kind="reward")
+    reward_version_trained_on(project, project.base_model, settings)
     run = training_run_start(project=project, algorithm="ppo", enqueue=False)
     metrics = {
         "steps": 2,

@@ -1,6 +1,10 @@
+import json
+import shutil
+
 import pytest
 
 from tests.training.synthetic import preference_pairs, split
+from training.__main__ import main
 from training.config import PPOConfig, RewardConfig
 from training.ppo import train_ppo
 from training.reward import train_reward
@@ -70,6 +74,36 @@ def test_ppo_with_no_prompts_is_a_clear_error(tmp_path, tiny_model_dir, reward_m
             out_dir=tmp_path / "policy",
         )
     assert not (tmp_path / "policy").exists()
+
+
+def reward_model_of_another_base(reward_model_dir, tiny_model_dir, folder):
+    """The reward model as if trained on a copy of the tiny model: the same tokenizer, another base model."""
+    other_base, reward = folder / "other-base", folder / "other-rm"
+    shutil.copytree(tiny_model_dir, other_base)
+    shutil.copytree(reward_model_dir, reward)
+    config = json.loads((reward / "training_config.json").read_text())
+    config.update(base_model=str(other_base), origin_model=str(other_base))
+    (reward / "training_config.json").write_text(json.dumps(config))
+    return other_base, reward
+
+
+def test_a_saved_reward_model_records_its_base_model(reward_model_dir, tiny_model_dir):
+    config = json.loads((reward_model_dir / "training_config.json").read_text())
+    assert config["origin_model"] == str(tiny_model_dir.resolve())
+
+
+def test_a_reward_model_of_another_base_is_refused_naming_both(tmp_path, tiny_model_dir, reward_model_dir, capsys):
+    other_base, reward = reward_model_of_another_base(reward_model_dir, tiny_model_dir, tmp_path)
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in preference_pairs()))
+    for algorithm in ("ppo", "grpo_online"):
+        args = ["--data", str(data), "--reward-model", str(reward), "--model", str(tiny_model_dir)]
+        code = main([algorithm, *args, "--out", str(tmp_path / algorithm), "--max-new-tokens", "4", "--quiet"])
+        error = capsys.readouterr().err
+        assert code == 1
+        assert f"was trained on base model {other_base.resolve()}" in error
+        assert f"the policy {tiny_model_dir} is of base model {tiny_model_dir.resolve()}" in error
+        assert not (tmp_path / algorithm).exists()
 
 
 @pytest.mark.parametrize(

@@ -8,6 +8,7 @@ from django.forms.models import BaseInlineFormSet
 from django.http import HttpRequest
 
 from feedback import models
+from feedback.selectors.models import completion_newest_reward_scores
 from feedback.services.completions import completion_save
 from feedback.services.prompts import completion_check, prompt_check, prompts_split_set
 from feedback.services.training_runs import TrainingRunError, training_run_cancel, training_run_start
@@ -131,10 +132,19 @@ class PromptAdmin(admin.ModelAdmin):
 @admin.register(models.Completion)
 class CompletionAdmin(admin.ModelAdmin):
     form = CompletionAdminForm
-    list_display = ["__str__", "prompt", "round", "source_model", "model_version", "created_at"]
+    list_display = ["__str__", "prompt", "round", "source_model", "model_version", "reward", "created_at"]
     list_filter = ["prompt__project", "source_model"]
     readonly_fields = ["html"]
     raw_id_fields = ["prompt", "round"]
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[models.Completion]:
+        return super().get_queryset(request).annotate(reward=completion_newest_reward_scores())
+
+    @admin.display(description="reward", ordering="reward", empty_value="—")
+    def reward(self, completion: models.Completion) -> str | None:
+        """The project's newest reward model's score; empty before one is trained or while it scores."""
+        score = getattr(completion, "reward", None)
+        return None if score is None else f"{score:.3f}"
 
     def save_model(self, request: HttpRequest, obj: models.Completion, form: forms.ModelForm, change: bool) -> None:
         completion_save(completion=obj)

@@ -89,6 +89,11 @@ class ExportOptionsSerializer(serializers.Serializer):
     test_fraction = serializers.FloatField(default=0.1, min_value=0.001, max_value=0.999)
     split_seed = serializers.CharField(default="rankwise", min_length=1, max_length=100)
     pseudonymise = serializers.BooleanField(default=False, help_text="judgements: HMAC pseudonyms.")
+    reward_scores = serializers.BooleanField(
+        default=False,
+        help_text="Each completion's score by the newest reward model (null if unscored): dpo chosen_reward and "
+        "rejected_reward, grpo and judgements reward_scores beside completion_ids.",
+    )
 
     def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
         try:

@@ -39,3 +39,13 @@ def completion_reward_scores(*, reward_model: ModelVersion | None) -> Any:
         return Value(None, output_field=FloatField())
     scores = CompletionScore.objects.filter(completion=OuterRef("pk"), reward_model=reward_model)
     return Subquery(scores.values("score")[:1], output_field=FloatField())
+
+
+def completion_newest_reward_scores() -> Any:
+    """An expression for completions of any projects: each one's score by its own project's newest reward model."""
+    reward_models = ModelVersion.objects.filter(
+        project=OuterRef(OuterRef("prompt__project")), kind=ModelVersion.Kind.REWARD
+    )
+    newest = reward_models.order_by("-created_at", "-id").values("pk")[:1]
+    scores = CompletionScore.objects.filter(completion=OuterRef("pk"), reward_model=Subquery(newest))
+    return Subquery(scores.values("score")[:1], output_field=FloatField())

@@ -56,6 +56,7 @@ from feedback.models import (
     RankingJudgement,
     Round,
 )
+from feedback.selectors.models import completion_reward_scores, reward_model_newest
 
 ExportFormat = Literal["dpo", "grpo", "judgements"]
 PairMode = Literal["all", "best_vs_rest", "adjacent"]
@@ -95,6 +96,7 @@ class PreferenceExportOptions:
     test_fraction: float = 0.1  # share of prompts in the test part
     split_seed: str = "rankwise"  # changes which prompts land in the test part
     pseudonymise: bool = False  # judgements: HMAC pseudonyms instead of annotator ids
+    reward_scores: bool = False  # each completion's score by the project's newest reward model (None if unscored)
     chunk_size: int = 2000  # rows fetched from the database at a time
 
     def __post_init__(self) -> None:
@@ -193,6 +195,7 @@ _OPTIONS: dict[str, tuple[str, Any]] = {
     "test_fraction": ("test_fraction", float | int),
     "split_seed": ("split_seed", str),
     "pseudonymise": ("pseudonymise", bool),
+    "reward_scores": ("reward_scores", bool),
 }
 _TYPE_NAMES = {str: "string", bool: "boolean", int: "whole number", float | int: "number", datetime: "date-time"}
 
@@ -215,6 +218,7 @@ class _PromptGroup:
     cut: set[int]  # ids of those completions that the length limit cut (generation_params' truncated)
     pairwise: list[Any]  # rows of _streams' pairwise query, fields by name
     rankings: list[_Ranking]
+    rewards: dict[int, float | None] | None  # completion id -> reward model score, with the reward_scores option
 
 
 def prompt_in_split(*, prompt_id: int, options: PreferenceExportOptions) -> bool:
@@ -334,9 +338,11 @@ def _streams(
 
     # Completions and ranked completions come K to a prompt or a judgement, by far the most rows: plain tuples,
     # unpacked by name where they are read, as named rows cost about 10 % of a dpo export (benchmarks/RESULTS.md).
-    completions = written.order_by("prompt_id", "id").values_list(
-        "prompt_id", "id", "text", "round__number", "generation_params__truncated"
-    )
+    completion_fields = ["prompt_id", "id", "text", "round__number", "generation_params__truncated"]
+    if options.reward_scores:
+        written = written.annotate(reward=completion_reward_scores(reward_model=reward_model_newest(project=project)))
+        completion_fields.append("reward")
+    completions = written.order_by("prompt_id", "id").values_list(*completion_fields)
 
     spec = EXPORT_FORMATS[options.format]
     pairwise = None
@@ -385,9 +391,10 @@ def _prompt_groups(
             continue
         if options.split is not None and not prompt_in_split(prompt_id=prompt_id, options=options):
             continue
-        texts = {completion_id: text for _, completion_id, text, _, _ in written}
-        rounds = {completion_id: number for _, completion_id, _, number, _ in written}
-        cut = {completion_id for _, completion_id, _, _, truncated in written if truncated}
+        texts = {completion_id: text for _, completion_id, text, *_ in written}
+        rounds = {completion_id: number for _, completion_id, _, number, *_ in written}
+        cut = {completion_id for _, completion_id, _, _, truncated, *_ in written if truncated}
+        rewards = {row[1]: row[5] for row in written} if options.reward_scores else None
         rankings: list[_Ranking] = []
         judgement_id = None
         for _, ranked_judgement, annotator_id, completion_id, rank, *judgement_fields in ranked_entries:
@@ -412,6 +419,7 @@ def _prompt_groups(
                 cut=cut,
                 pairwise=kept_pairs,
                 rankings=kept_rankings,
+                rewards=rewards,
             )
 
 
@@ -445,7 +453,7 @@ def _dpo_rows(group: _PromptGroup, options: PreferenceExportOptions, prompt: Any
         agreement = majority / total
         if agreement < options.min_agreement:
             continue
-        yield {
+        row: dict[str, Any] = {
             "prompt": prompt,
             "chosen": shaped[chosen],
             "rejected": shaped[rejected],
@@ -459,6 +467,9 @@ def _dpo_rows(group: _PromptGroup, options: PreferenceExportOptions, prompt: Any
             "weight": agreement,
             "round": group.rounds[chosen],
         }
+        if group.rewards is not None:
+            row.update(chosen_reward=group.rewards[chosen], rejected_reward=group.rewards[rejected])
+        yield row
 
 
 def _grpo_rows(group: _PromptGroup, options: PreferenceExportOptions, prompt: Any, answer: Callable) -> Iterator[dict]:
@@ -485,7 +496,7 @@ def _grpo_group(
     if len(totals) < 2:
         return
     ids = sorted(totals)
-    yield {
+    row: dict[str, Any] = {
         "prompt": prompt,
         "completions": [answer(group.texts[cid]) for cid in ids],
         "ranks": [totals[cid][0] / totals[cid][2] for cid in ids],
@@ -496,6 +507,9 @@ def _grpo_group(
         "annotators": len(rankings),
         "round": number,
     }
+    if group.rewards is not None:
+        row["reward_scores"] = [group.rewards[cid] for cid in ids]
+    yield row
 
 
 def _judgement_rows(
@@ -524,6 +538,8 @@ def _judgement_rows(
             ranks=None,
             round=group.rounds[row.left_id],
         )
+        if group.rewards is not None:
+            out["reward_scores"] = [group.rewards[row.left_id], group.rewards[row.right_id]]
         yield out
     for ranking in group.rankings:
         ids = ranking.ids
@@ -542,6 +558,8 @@ def _judgement_rows(
             ranks=ranking.ranks,
             round=group.rounds[ids[0]],
         )
+        if group.rewards is not None:
+            out["reward_scores"] = [group.rewards[cid] for cid in ids]
         yield out
 
 
@@ -592,6 +610,7 @@ class ExportFormatSpec:
     columns: tuple[tuple[str, str], ...]
     pairwise: bool  # whether pairwise judgements are read (rankings always are)
     raw: bool  # whether each judgement's strength, rationale, time and creation are read
+    reward_columns: tuple[tuple[str, str], ...]  # the columns the reward_scores option adds at the end
 
 
 # The one place a format is named (with ExportFormat above): a new one adds its builder and its entry here.
@@ -614,6 +633,7 @@ EXPORT_FORMATS: dict[str, ExportFormatSpec] = {
         ),
         pairwise=True,
         raw=False,
+        reward_columns=(("chosen_reward", "float64"), ("rejected_reward", "float64")),
     ),
     "grpo": ExportFormatSpec(
         rows=_grpo_rows,
@@ -630,6 +650,7 @@ EXPORT_FORMATS: dict[str, ExportFormatSpec] = {
         ),
         pairwise=False,
         raw=False,
+        reward_columns=(("reward_scores", "list<float64>"),),
     ),
     "judgements": ExportFormatSpec(
         rows=_judgement_rows,
@@ -652,7 +673,16 @@ EXPORT_FORMATS: dict[str, ExportFormatSpec] = {
         ),
         pairwise=True,
         raw=True,
+        reward_columns=(("reward_scores", "list<float64>"),),
     ),
 }
 FORMATS: tuple[str, ...] = tuple(EXPORT_FORMATS)
+
+
+def export_columns(*, options: PreferenceExportOptions) -> tuple[tuple[str, str], ...]:
+    """The columns of an export's rows in order, with their types: its format's, and the reward scores if asked."""
+    spec = EXPORT_FORMATS[options.format]
+    return spec.columns + (spec.reward_columns if options.reward_scores else ())
+
+
 _JUDGEMENT_COLUMNS = tuple(name for name, _ in EXPORT_FORMATS["judgements"].columns)

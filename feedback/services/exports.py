@@ -33,7 +33,7 @@ from django.utils import timezone
 from feedback.db import use_own_connections
 from feedback.models import Project, Prompt
 from feedback.queue import enqueue
-from feedback.selectors.preferences import EXPORT_FORMATS, PreferenceExportOptions, preference_rows
+from feedback.selectors.preferences import EXPORT_FORMATS, PreferenceExportOptions, export_columns, preference_rows
 
 FILE_TYPES = ("jsonl", "parquet")  # the kinds of file an export writes, by their extension
 JSONL_LINES_PER_CHUNK = 1000
@@ -70,7 +70,7 @@ def export_schema(*, options: PreferenceExportOptions) -> pa.Schema:
             return pa.list_(arrow_type(kind.removeprefix("list<").removesuffix(">")))
         return text if kind == "text" else _ARROW_TYPES[kind]
 
-    return pa.schema([(name, arrow_type(kind)) for name, kind in EXPORT_FORMATS[options.format].columns])
+    return pa.schema([(name, arrow_type(kind)) for name, kind in export_columns(options=options)])
 
 
 DPO_KEYS = tuple(name for name, _ in EXPORT_FORMATS["dpo"].columns)

@@ -74,6 +74,9 @@ class Command(BaseCommand):
         parser.add_argument("--test-fraction", type=_fraction, default=0.1, help="share of prompts in the test part")
         parser.add_argument("--split-seed", default="rankwise", help="changes which prompts are in the test part")
         parser.add_argument("--pseudonymise", action="store_true", help="judgements: HMAC pseudonyms for annotators")
+        parser.add_argument(
+            "--reward-scores", action="store_true", help="each completion's score by the newest reward model"
+        )
 
     def handle(self, *args: Any, **opts: Any) -> None:
         out: Path = opts["out"]
@@ -104,6 +107,7 @@ class Command(BaseCommand):
                     "test_fraction": opts["test_fraction"],
                     "split_seed": opts["split_seed"],
                     "pseudonymise": opts["pseudonymise"],
+                    "reward_scores": opts["reward_scores"],
                 }
             )
         except ExportOptionsError as error:

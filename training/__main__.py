@@ -1,6 +1,8 @@
-"""Command line: ``python -m training dpo|grpo|reward|grpo_online|ppo --data FILE --model PATH --out DIR [options]``.
+"""Command line: ``python -m training dpo|grpo|reward --data FILE --model PATH --out DIR [options]``, and
+``python -m training grpo_online|ppo --prompts FILE --reward-model DIR --model PATH --out DIR [options]``.
 
-``--data`` for grpo_online and ppo is any file of rows with a ``prompt`` (an export, or a prompts file).
+``--prompts`` (``--data`` is the same option) is any file of rows with a ``prompt``: a prompts file or an export;
+only the distinct prompts are read.
 dpo and grpo also run data-parallel under ``torchrun --nproc-per-node N -m training ...`` or
 ``accelerate launch --num_processes N -m training ...`` (see ``training.parallel``); the main
 process alone shows progress, writes files and prints the summary.
@@ -51,6 +53,8 @@ ALGORITHMS: dict[str, tuple[type[TrainConfig], Callable[..., TrainResult], str]]
 }
 # The loops that split their batches over the processes of torchrun or accelerate launch.
 DATA_PARALLEL = ("dpo", "grpo")
+# The loops that sample from the policy on prompts and score with a reward model.
+ONLINE = ("grpo_online", "ppo")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,7 +65,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="algorithm", required=True, metavar="|".join(ALGORITHMS))
     for name, (config_class, _, summary) in ALGORITHMS.items():
         p = sub.add_parser(name, help=summary, description=summary)
-        p.add_argument("--data", type=Path, required=True, help="training examples, .jsonl or .parquet")
+        if name in ONLINE:  # they read only the rows' prompts; --data is the same option under its older name
+            p.add_argument(
+                "--prompts",
+                "--data",
+                dest="data",
+                metavar="FILE",
+                type=Path,
+                required=True,
+                help="training prompts: rows with a `prompt` (a prompts file or any export), .jsonl or .parquet",
+            )
+        else:
+            p.add_argument("--data", type=Path, required=True, help="training examples, .jsonl or .parquet")
         p.add_argument("--model", required=True, help="base model: a Hugging Face model directory or hub id")
         p.add_argument("--out", type=Path, required=True, help="directory to write the trained model to")
         p.add_argument("--eval-data", type=Path, help="held-out examples (default: split off --eval-fraction)")

@@ -231,6 +231,17 @@ def prompt_in_split(*, prompt_id: int, options: PreferenceExportOptions) -> bool
     return is_test == (options.split == "test")
 
 
+def training_prompt_rows(*, project: Project, options: PreferenceExportOptions) -> Iterator[dict[str, Any]]:
+    """Every training prompt of the project, judged or not, in the part ``options.split`` names (both when None),
+    as ``{"prompt", "prompt_id"}`` rows in id order: what PPO and online GRPO roll out on. The prompt has the
+    export's shape, as the reward model saw it. Evaluation prompts are never read."""
+    shape_prompt, _ = _shapers(options)
+    prompts = Prompt.objects.filter(project=project, split=Prompt.Split.TRAIN).order_by("id")
+    for prompt_id, messages in prompts.values_list("id", "messages").iterator(chunk_size=options.chunk_size):
+        if prompt_in_split(prompt_id=prompt_id, options=options):
+            yield {"prompt": shape_prompt(messages), "prompt_id": prompt_id}
+
+
 def annotator_pseudonym(*, annotator_id: int) -> str:
     """A stable pseudonym for an annotator: an HMAC of the id keyed with SECRET_KEY, not reversible without it."""
     key = settings.SECRET_KEY.encode()

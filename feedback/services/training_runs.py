@@ -1,8 +1,10 @@
 """Training runs: start (snapshot the judgements, queue), execute in the worker, cancel, reap, schedule.
 
 The snapshot uses the export selector, so a run trains on exactly the rows an export of
-the same options would give. It is written to the run's folder before the task is queued,
-and its counts and content hash are kept on the run row.
+the same options would give; PPO and online GRPO snapshot the project's training prompts,
+judged or not, split into train and held-out parts as the export splits them. It is written
+to the run's folder before the task is queued, and its counts and content hash are kept on
+the run row.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from feedback.selectors.preferences import (
     ExportOptionsError,
     PreferenceExportOptions,
     preference_rows,
+    training_prompt_rows,
 )
 from feedback.services.model_versions import model_version_promote
 from feedback.services.rounds import BASE
@@ -82,7 +85,9 @@ class Algorithm:
     train: str  # "module:function"; imported only when a run executes, so the web process never loads torch
     data: str  # what it trains on, for the message when there is none
     makes: str = ModelVersion.Kind.POLICY  # the kind of model version a finished run records
-    uses_reward_model: bool = False  # its config names a reward version of the project (the newest by default)
+    # Its config names a reward version of the project (the newest by default), and it rolls out on the
+    # project's training prompts, judged or not, rather than training on judgements.
+    uses_reward_model: bool = False
 
     def train_function(self) -> Callable[..., TrainResult]:
         module, name = self.train.split(":")
@@ -104,19 +109,19 @@ ALGORITHMS: dict[str, Algorithm] = {
         "pairs or ranked groups",
         makes=ModelVersion.Kind.REWARD,
     ),
-    # Only the prompts of the snapshot are used; the policy writes and the reward model scores.
+    # Their snapshot is the project's training prompts, judged or not; the policy writes and the reward model scores.
     TrainingRun.Algorithm.GRPO_ONLINE: Algorithm(
         OnlineGRPOConfig,
         {Project.Mode.PAIRWISE: "dpo", Project.Mode.RANKING: "grpo"},
         "training.grpo_online:train_grpo_online",
-        "judged prompts",
+        "training prompts",
         uses_reward_model=True,
     ),
     TrainingRun.Algorithm.PPO: Algorithm(
         PPOConfig,
         {Project.Mode.PAIRWISE: "dpo", Project.Mode.RANKING: "grpo"},
         "training.ppo:train_ppo",
-        "judged prompts",
+        "training prompts",
         uses_reward_model=True,
     ),
 }
@@ -214,9 +219,11 @@ def _snapshot_options(
     return options
 
 
-def _snapshot(project: Project, base: PreferenceExportOptions) -> tuple[list[dict], list[dict]]:
-    train = list(preference_rows(project=project, options=replace(base, split="train")))
-    held_out = list(preference_rows(project=project, options=replace(base, split="test")))
+def _snapshot(project: Project, base: PreferenceExportOptions, *, prompts: bool) -> tuple[list[dict], list[dict]]:
+    """The training and held-out rows: the export's, or with ``prompts`` every training prompt (same split)."""
+    rows = training_prompt_rows if prompts else preference_rows
+    train = list(rows(project=project, options=replace(base, split="train")))
+    held_out = list(rows(project=project, options=replace(base, split="test")))
     return train, held_out
 
 
@@ -258,11 +265,20 @@ def training_run_start(
         raise TrainingRunError(f"a training run of {project.slug} is already queued or running")
     export_format = entry.formats[project.mode]
     options = _snapshot_options(project, export_format, test_fraction, limits or {})
-    train, held_out = _snapshot(project, options)
-    if not train:
-        raise TrainingRunError(f"no {entry.data} to train on yet: collect more judgements first")
-    counts: dict[str, Any] = {"train": len(train), "held_out": len(held_out), "format": export_format}
     limited = {name: value for name, value in options.as_mapping().items() if name in SNAPSHOT_LIMITS}
+    if entry.uses_reward_model and limited:
+        raise TrainingRunError(
+            f"{next(iter(limited))} does not limit a {algorithm} run: it rolls out every training prompt"
+        )
+    train, held_out = _snapshot(project, options, prompts=entry.uses_reward_model)
+    if not train:
+        hint = "import prompts first" if entry.uses_reward_model else "collect more judgements first"
+        raise TrainingRunError(f"no {entry.data} to train on yet: {hint}")
+    counts: dict[str, Any] = {
+        "train": len(train),
+        "held_out": len(held_out),
+        "format": "prompts" if entry.uses_reward_model else export_format,
+    }
     if limited:
         counts["limits"] = limited
     try:

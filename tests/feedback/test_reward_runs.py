@@ -16,7 +16,7 @@ from feedback.services import training_runs
 from feedback.services.completion_scores import completion_scores_compute
 from feedback.services.model_versions import ModelVersionError, model_version_promote
 from feedback.services.training_runs import TrainingRunError, run_dir, training_run_execute, training_run_start
-from tests.factories import MembershipFactory, ProjectFactory, UserFactory
+from tests.factories import MembershipFactory, ProjectFactory, PromptFactory, UserFactory
 from tests.feedback.test_training_runs import ROOT, SMALL, judge_everything, wait_for
 from tests.processes import database_url_for_subprocesses
 from training.reward import HEAD_FILE, load_reward_model, score_texts
@@ -25,6 +25,7 @@ from training.runs import TrainResult
 pytestmark = pytest.mark.django_db(transaction=True)
 
 REWARD = {**SMALL, "epochs": 4, "learning_rate": 3e-3}
+FILES = ("train.jsonl", "held_out.jsonl")
 
 
 @pytest.fixture
@@ -209,6 +210,37 @@ def test_auto_promotion_promotes_an_online_version_whose_held_out_reward_clearly
 
     assert run.status == "succeeded", run.error
     assert promotions == (["v1"] if promoted else [])
+
+
+@pytest.mark.parametrize("algorithm", ["ppo", "grpo_online"])
+def test_online_runs_roll_out_every_training_prompt_judged_or_not_and_never_evaluation_prompts(
+    project, settings, algorithm
+):
+    judge_everything(project, UserFactory(), prompts=4)
+    unjudged = [PromptFactory(project=project, messages=[{"role": "user", "content": f"New {i}"}]) for i in range(8)]
+    evaluation = PromptFactory(project=project, split="eval")
+    reward_version_trained_on(project, project.base_model, settings)
+
+    run = training_run_start(project=project, algorithm=algorithm, enqueue=False, test_fraction=0.5)
+
+    train, held_out = ([json.loads(row) for row in (run_dir(run) / name).read_text().splitlines()] for name in FILES)
+    training_prompts = set(project.prompts.filter(split="train").values_list("pk", flat=True))
+    assert {row["prompt_id"] for row in train + held_out} == training_prompts
+    assert {p.pk for p in unjudged} <= training_prompts and evaluation.pk not in training_prompts
+    assert train and held_out and not {row["prompt_id"] for row in train} & {row["prompt_id"] for row in held_out}
+    assert {"prompt": "New 0", "prompt_id": unjudged[0].pk} in train + held_out
+    assert run.data_counts == {"train": len(train), "held_out": len(held_out), "format": "prompts"}
+
+
+def test_an_online_run_needs_prompts_and_takes_no_round_limits(tiny_model_dir, settings):
+    project = ProjectFactory(slug="empty", base_model=str(tiny_model_dir), training_config=REWARD)
+    reward_version_trained_on(project, project.base_model, settings)
+    with pytest.raises(TrainingRunError, match="no training prompts to train on yet: import prompts first"):
+        training_run_start(project=project, algorithm="ppo", enqueue=False)
+    PromptFactory(project=project)
+    with pytest.raises(TrainingRunError, match="since_round does not limit a ppo run: it rolls out every training"):
+        training_run_start(project=project, algorithm="ppo", limits={"since_round": 2}, enqueue=False)
+    assert not TrainingRun.objects.exists()
 
 
 def test_the_training_page_charts_a_ppo_run_and_shows_its_versions_score(client, project):

@@ -164,3 +164,19 @@ def test_a_stop_file_stops_the_run_before_its_first_step_and_writes_no_model(tmp
     assert code == 0
     assert f"stopped: {stop} appeared; no model written" in capsys.readouterr().out
     assert not out.exists()
+
+
+@pytest.mark.parametrize("algorithm", ["ppo", "grpo_online"])
+def test_online_algorithms_take_their_prompts_as_prompts_or_data(algorithm, capsys):
+    rest = ["--reward-model", "rm", "--model", "m", "--out", "o"]
+    for option in ("--prompts", "--data"):
+        assert build_parser().parse_args([algorithm, option, "p.jsonl", *rest]).data == Path("p.jsonl")
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([algorithm, "--help"])
+    assert f"python -m training {algorithm} [-h] --prompts FILE" in capsys.readouterr().out
+
+
+def test_offline_algorithms_take_no_prompts_option(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["dpo", "--prompts", "p.jsonl", "--model", "m", "--out", "o"])
+    assert "--data" in capsys.readouterr().err

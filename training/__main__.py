@@ -52,7 +52,7 @@ ALGORITHMS: dict[str, tuple[type[TrainConfig], Callable[..., TrainResult], str]]
     "ppo": (PPOConfig, train_ppo, "PPO against --reward-model with a value head and GAE, on any rows with a `prompt`"),
 }
 # The loops that split their batches over the processes of torchrun or accelerate launch.
-DATA_PARALLEL = ("dpo", "grpo")
+DATA_PARALLEL = tuple(name for name, (config_class, _, _) in ALGORITHMS.items() if config_class.data_parallel)
 # The loops that sample from the policy on prompts and score with a reward model.
 ONLINE = ("grpo_online", "ppo")
 

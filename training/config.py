@@ -14,7 +14,7 @@ import math
 import types
 from collections.abc import Mapping, Sequence
 from dataclasses import Field, dataclass, field, fields
-from typing import Any, TypeVar, get_type_hints
+from typing import Any, ClassVar, TypeVar, get_type_hints
 
 from training.loss_types import DPO_LOSS_TYPES, DPO_LOSSES, DPO_SMOOTHED_LOSS_TYPES, GRPO_LOSS_TYPES
 
@@ -32,6 +32,8 @@ def option(default: Any, help: str, *, flags: tuple[str, ...] = (), choices: Seq
 class TrainConfig:
     """What every algorithm's loop shares: optimisation, lengths, LoRA, precision, checkpoints."""
 
+    # Whether its loop splits each batch over the processes of torchrun or accelerate launch (not a setting).
+    data_parallel: ClassVar[bool] = False
     learning_rate: float = option(
         5e-5, "peak AdamW learning rate (LoRA; use ~5e-7..5e-6 for full fine-tuning)", flags=("--lr",)
     )
@@ -110,6 +112,7 @@ class TrainConfig:
 
 @dataclass
 class DPOConfig(TrainConfig):
+    data_parallel: ClassVar[bool] = True
     beta: float = option(0.1, "DPO β: strength of the implicit KL constraint; higher stays closer to the reference")
     loss_type: str = option("sigmoid", "DPO loss", choices=DPO_LOSS_TYPES)
     label_smoothing: float = option(
@@ -135,6 +138,7 @@ class DPOConfig(TrainConfig):
 
 @dataclass
 class GRPOConfig(TrainConfig):
+    data_parallel: ClassVar[bool] = True
     beta: float = option(0.04, "weight of the k3 KL penalty to the frozen reference; 0 disables it")
     epsilon: float = option(0.2, "lower clip range of the probability ratio")
     epsilon_high: float | None = option(None, "upper clip range (DAPO clip-higher; default: same as epsilon)")
@@ -188,6 +192,7 @@ class RewardConfig(TrainConfig):
 
 @dataclass
 class OnlineGRPOConfig(GRPOConfig):
+    data_parallel: ClassVar[bool] = False  # it samples at every step, in one process
     reward_model: str = option(
         "", "reward model directory (in the app: a reward version's name; empty: the project's newest)"
     )

@@ -58,8 +58,6 @@ if TYPE_CHECKING:
 
 HEARTBEAT_SECONDS = 20
 PROGRESS_EVERY_SECONDS = 2.0
-# The algorithms whose loops split their batches over several processes (RANKWISE_TRAIN_PROCESSES).
-DATA_PARALLEL = (TrainingRun.Algorithm.DPO, TrainingRun.Algorithm.GRPO)
 # Each model version is a standalone model directory, so the next run can start from it.
 WEB_DEFAULTS: dict[str, Any] = {"merge_lora": True}
 # The export options that limit a run's snapshot (by round, or by who wrote the completions).
@@ -475,10 +473,9 @@ def _train(run: TrainingRun, out_dir: Path, on_progress: ProgressCallback | None
         version = _reward_version(run.project, values["reward_model"], run.algorithm)
         values["reward_model"] = str(model_version_weights_dir(version=version))
     config = algorithm.config_class(**values)
-    if settings.TRAIN_PROCESSES > 1 and run.algorithm in DATA_PARALLEL:
-        with _Heartbeat(run.pk):
-            return _train_in_processes(run, config, model, out_dir, _progress_writer(run, on_progress))
     with _Heartbeat(run.pk):
+        if settings.TRAIN_PROCESSES > 1 and config.data_parallel:
+            return _train_in_processes(run, config, model, out_dir, _progress_writer(run, on_progress))
         return algorithm.train_function()(
             config,
             train_examples=train,

@@ -114,7 +114,16 @@ def generate(data_dir: Path, judgements: int) -> dict:
     from django.utils import timezone
     from rest_framework.authtoken.models import Token
 
-    from feedback.models import Completion, Membership, Project, Prompt, RankedCompletion, RankingJudgement
+    from feedback.models import (
+        Completion,
+        Membership,
+        Project,
+        Prompt,
+        RankedCompletion,
+        RankingJudgement,
+        Round,
+        RoundPrompt,
+    )
 
     rng = random.Random(0)
     now = connection.ops.adapt_datetimefield_value(timezone.now())
@@ -132,6 +141,10 @@ def generate(data_dir: Path, judgements: int) -> dict:
     annotators = [User.objects.create_user(f"bench-annotator-{i}") for i in range(ANNOTATORS)]
     for user in annotators:
         Membership.objects.create(user=user, project=project)
+    # every completion and judgement in the project's one round, as imported completions are
+    round_one = Round.objects.create(
+        project=project, number=1, writers=["bench"], strategy=Round.Strategy.IMPORTED, status=Round.Status.DONE
+    )
 
     started = time.perf_counter()
     batch = 20_000
@@ -152,6 +165,11 @@ def generate(data_dir: Path, judgements: int) -> dict:
                     for p in ids
                 ],
             )
+            _insert(
+                cursor,
+                RoundPrompt,
+                [{"round_id": round_one.pk, "prompt_id": p, "judgement_count": ANNOTATORS} for p in ids],
+            )
             completion_rows, judgement_rows, ranked_rows = [], [], []
             for p in ids:
                 completion_ids = [(p - 1) * K + j + 1 for j in range(K)]
@@ -161,6 +179,7 @@ def generate(data_dir: Path, judgements: int) -> dict:
                         {
                             "id": cid,
                             "prompt_id": p,
+                            "round_id": round_one.pk,
                             "text": text,
                             "html": f"<p>{text}</p>",
                             "source_model": "bench",
@@ -176,6 +195,7 @@ def generate(data_dir: Path, judgements: int) -> dict:
                             "project_id": project.pk,
                             "annotator_id": annotator.pk,
                             "prompt_id": p,
+                            "round_id": round_one.pk,
                             "client_uuid": uuid.UUID(int=rng.getrandbits(128)).hex,
                             "created_at": now,
                         }

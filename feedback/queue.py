@@ -30,6 +30,7 @@ TaskName = Literal[
     "training_run_task",
     "completion_scores_task",
     "quality_figures_task",
+    "side_by_side_task",
 ]
 TASKS_MODULE = "feedback.tasks"
 

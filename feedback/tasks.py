@@ -17,6 +17,7 @@ from feedback.selectors.quality import quality_figures_refresh
 from feedback.services.completion_scores import completion_scores_compute
 from feedback.services.exports import export_job_run
 from feedback.services.generation import completions_generate, generation_schedule_tick, round_write
+from feedback.services.side_by_side import side_by_side_write
 from feedback.services.training_runs import training_run_execute, training_runs_reap, training_schedule_tick
 
 
@@ -58,6 +59,11 @@ def quality_figures_task(project_id: int) -> None:
     project = Project.objects.filter(pk=project_id).first()
     if project is not None:  # deleted since
         quality_figures_refresh(project=project)
+
+
+@db_task()
+def side_by_side_task(version_id: int) -> None:
+    side_by_side_write(version_id=version_id)
 
 
 @db_task()

@@ -24,6 +24,11 @@ urlpatterns = [
     path("projects/<slug:slug>/training/rounds/", training.training_rounds, name="training-rounds"),
     path("projects/<slug:slug>/training/rounds/new/", training.training_round_new, name="training-round-new"),
     path(
+        "projects/<slug:slug>/training/versions/<int:version_id>/side-by-side/",
+        training.training_side_by_side,
+        name="training-side-by-side",
+    ),
+    path(
         "projects/<slug:slug>/training/versions/<int:version_id>/promote/",
         training.training_version_promote,
         name="training-version-promote",

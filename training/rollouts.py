@@ -135,14 +135,17 @@ def sample_and_score(
     precision: str,
 ) -> Samples:
     """Sample ``k`` completions per prompt from the policy and score each with the reward model."""
-    texts = generate_completions(
-        _generator(policy),
-        tokenizer,
-        [prompt_messages(p) for p in prompts],
-        k=k,
-        sampling=sampling,
-        batch_size=batch_size,
-    )
+    # Under bf16 the LoRA policy's frozen base weights are stored in bf16 (tune_for_training): its
+    # linear layers take float32 input only under autocast, when sampling as when training.
+    with autocast_context(precision, next(policy.parameters()).device):
+        texts = generate_completions(
+            _generator(policy),
+            tokenizer,
+            [prompt_messages(p) for p in prompts],
+            k=k,
+            sampling=sampling,
+            batch_size=batch_size,
+        )
     prompt_ids = [encode_prompt(tokenizer, prompt_messages(p)) for p in prompts]
     # The ids as sampled, not the text encoded again: a sampled sequence need not be its text's own
     # tokenization, and the gradient and the KL must be of the tokens the policy drew.

@@ -29,8 +29,9 @@ from feedback.api.serializers import (
     paginated,
 )
 from feedback.ids import MAX_ID, id_from
-from feedback.models import Membership, Project, TrainingRun
+from feedback.models import Membership, ModelVersion, Project, TrainingRun
 from feedback.selectors.access import project_for_role, project_role_check
+from feedback.selectors.side_by_side import side_by_side_read
 from feedback.services.training_runs import (
     SNAPSHOT_LIMITS,
     TrainingRunError,
@@ -243,3 +244,75 @@ class TrainingRunCancelApi(APIView):
         except TrainingRunError as error:
             return _conflict(str(error))
         return Response(_run_data(_runs().get(pk=run.pk)))
+
+
+class SideBySidePairSerializer(serializers.Serializer):
+    prompt_id = serializers.IntegerField()
+    messages = serializers.ListField(child=serializers.DictField(child=serializers.CharField()))
+    parent_text = serializers.CharField(allow_blank=True)
+    parent_html = serializers.CharField(allow_blank=True, help_text="parent_text as sanitized HTML.")
+    parent_truncated = serializers.BooleanField(help_text="The length limit cut the parent's answer.")
+    candidate_text = serializers.CharField(allow_blank=True)
+    candidate_html = serializers.CharField(allow_blank=True, help_text="candidate_text as sanitized HTML.")
+    candidate_truncated = serializers.BooleanField(help_text="The length limit cut this version's answer.")
+
+    class Meta:
+        ref_name = "SideBySidePair"
+
+
+class SideBySideOutputSerializer(serializers.Serializer):
+    version = serializers.CharField(help_text="The version the run made.")
+    parent_name = serializers.CharField(
+        source="parent", help_text="The version it was trained from, or base for the base model."
+    )
+    status = serializers.ChoiceField(
+        choices=["queued", "writing", "done", "failed"], help_text="pairs are filled in once it is done."
+    )
+    error = serializers.CharField(allow_blank=True, help_text="Why the answers could not be written (failed).")
+    prompts_from = serializers.CharField(
+        source="source",
+        allow_blank=True,
+        help_text="eval: the project's evaluation prompts; held_out: prompts held out of the run's data; "
+        "empty until known.",
+    )
+    sampling = serializers.DictField(help_text="{temperature, top_p, max_new_tokens, seed}, the same for both.")
+    pairs = SideBySidePairSerializer(many=True)
+
+    class Meta:
+        ref_name = "SideBySide"
+
+
+class ModelVersionSideBySideApi(APIView):
+    @extend_schema(
+        operation_id="projects_model_versions_side_by_side",
+        summary="A version's answers beside its parent's on a few held-out prompts (managers)",
+        description="Written by the worker after the run that made the version: up to 5 of the project's "
+        "evaluation prompts (else of the prompts held out of the run's data), answered by the parent and by the "
+        "version with the project's sampling settings and one seed. Poll while `status` is queued or writing.",
+        parameters=[
+            OpenApiParameter("version_name", OpenApiTypes.STR, OpenApiParameter.PATH, description="e.g. v2."),
+        ],
+        responses={
+            200: SideBySideOutputSerializer,
+            401: NOT_AUTHENTICATED,
+            403: FORBIDDEN,
+            404: OpenApiResponse(
+                ErrorSerializer,
+                description="No such project (or not one of yours), no version of that name in it, or a version "
+                "without side-by-side answers (a reward model, or one recorded before runs wrote them).",
+            ),
+        },
+    )
+    def get(self, request: Request, slug: str, version_name: str) -> Response:
+        project = project_for_role(user=request.user, slug=slug, role=Membership.Role.MANAGER)
+        # A name the column cannot hold (too long, or a NUL, which PostgreSQL refuses in a query) names no version.
+        version = None
+        if "\x00" not in version_name and len(version_name) <= (ModelVersion._meta.get_field("name").max_length or 0):
+            version = ModelVersion.objects.filter(project=project, name=version_name).select_related("parent").first()
+        if version is None:
+            raise NotFound(f"{project.slug} has no version named '{version_name}'.")
+        side_by_side = side_by_side_read(version=version)
+        if side_by_side is None:
+            reason = "it is a reward model" if version.kind == ModelVersion.Kind.REWARD else "none were written"
+            raise NotFound(f"{version.name} has no side-by-side answers: {reason}.")
+        return Response(SideBySideOutputSerializer(side_by_side).data)

@@ -10,6 +10,11 @@ urlpatterns: list = [
     path("projects/<str:slug>/prompts/", projects.PromptsApi.as_view(), name="project-prompts"),
     path("projects/<str:slug>/completions/", projects.CompletionListApi.as_view(), name="project-completions"),
     path("projects/<str:slug>/model-versions/", projects.ModelVersionListApi.as_view(), name="project-model-versions"),
+    path(
+        "projects/<str:slug>/model-versions/<str:version_name>/side-by-side/",
+        training.ModelVersionSideBySideApi.as_view(),
+        name="project-model-version-side-by-side",
+    ),
     path("projects/<str:slug>/next-task/", annotation.NextTaskApi.as_view(), name="project-next-task"),
     path("projects/<str:slug>/judgements/", annotation.JudgementSubmitApi.as_view(), name="project-judgements"),
     path("projects/<str:slug>/export/", exports.ExportApi.as_view(), name="project-export"),

@@ -233,6 +233,36 @@ def _round_write(
     return GenerationResult(prompts=len(remaining), completions=written, model=label)
 
 
+def answers_sample(
+    *,
+    model: str,
+    conversations: list[list[dict[str, str]]],
+    temperature: float,
+    top_p: float,
+    max_new_tokens: int,
+    seed: int,
+) -> list[tuple[str, bool]]:
+    """One answer per conversation by ``model`` (a directory or id), loaded and decoded as round writers are.
+
+    Returns each answer's text and whether the length limit cut it. The seed is set before sampling,
+    so two models given the same conversations and settings draw from the same random stream.
+    """
+    from training.generate import SamplingConfig, generate_completions, inference_dtype
+    from training.models import ModelLoadError, default_device, load_model
+
+    device = default_device()
+    try:
+        loaded, tokenizer = load_model(model, dtype=inference_dtype(device), device=device)
+    except ModelLoadError as error:
+        raise GenerationError(str(error)) from None
+    sampling = SamplingConfig(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed)
+    samples = generate_completions(
+        loaded, tokenizer, conversations, k=1, sampling=sampling, batch_size=max(len(conversations), 1)
+    )
+    # A byte-level tokenizer can decode a NUL, which PostgreSQL cannot store.
+    return [(written[0].text.replace("\x00", ""), written[0].truncated) for written in samples]
+
+
 def completions_generate(
     *,
     project: Project,

@@ -41,6 +41,7 @@ from feedback.selectors.preferences import (
 )
 from feedback.services.model_versions import model_version_promote
 from feedback.services.rounds import BASE
+from feedback.services.side_by_side import side_by_side_request
 from training.config import (
     DPOConfig,
     GRPOConfig,
@@ -434,6 +435,7 @@ def training_run_execute(*, run_id: int, on_progress: ProgressCallback | None = 
             produced_by_run=run,
             metrics=metrics,
         )
+        side_by_side_request(version=version)  # the parent's and the new version's answers, for the training page
         TrainingRun.objects.filter(pk=run.pk).update(
             status=TrainingRun.Status.SUCCEEDED, finished_at=timezone.now(), step=metrics.get("steps", run.step)
         )

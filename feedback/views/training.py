@@ -19,7 +19,7 @@ from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.contrib.auth.models import User
 from django.core.exceptions import ValidationError
-from django.http import HttpRequest, HttpResponse, HttpResponseBadRequest
+from django.http import Http404, HttpRequest, HttpResponse, HttpResponseBadRequest
 from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
@@ -29,6 +29,7 @@ from feedback.ids import whole_number
 from feedback.models import Membership, ModelVersion, Project, Round, TrainingRun
 from feedback.selectors.access import project_for_role, user_manages_project
 from feedback.selectors.rounds import round_list
+from feedback.selectors.side_by_side import side_by_side_read
 from feedback.services.model_versions import ModelVersionError, model_version_promote
 from feedback.services.rounds import MAX_ROUND_PROMPTS, STRATEGIES, round_enqueue, round_request
 from feedback.services.training_runs import (
@@ -110,9 +111,10 @@ def _duration(run: TrainingRun) -> float | None:
     return max((end - run.started_at).total_seconds(), 0.0)
 
 
-def _run_context(run: TrainingRun | None) -> dict[str, Any]:
+def _run_context(run: TrainingRun | None, manages: bool) -> dict[str, Any]:
     if run is None:
         return {"run": None}
+    version = ModelVersion.objects.filter(produced_by_run=run).first()
     return {
         "run": run,
         "run_active": run.status in ACTIVE,
@@ -120,6 +122,8 @@ def _run_context(run: TrainingRun | None) -> dict[str, Any]:
         "run_config": json.dumps(run.config, indent=2, sort_keys=True),
         # A data attribute, not json_script: htmx (allowScriptTags off) drops script elements from swapped content.
         "run_chart": json.dumps({"algorithm": run.algorithm, "metrics": run.metrics}),
+        # Managers only: they promote, and annotators are not shown which model wrote what.
+        "side_by_side": side_by_side_read(version=version) if manages and version is not None else None,
     }
 
 
@@ -169,7 +173,7 @@ def _page_context(
         "round_form": NewRoundForm(),
         **_rounds_context(project),
         "settings_form": settings_form or TrainingSettingsForm(instance=project),
-        **_run_context(run),
+        **_run_context(run, manages),
     }
 
 
@@ -280,11 +284,23 @@ def training_run_live(request: TrainingRequest, slug: str, run_id: int) -> HttpR
     project = project_for_role(user=request.user, slug=slug, role=Membership.Role.ANNOTATOR)
     manages = user_manages_project(user=request.user, project=project)
     run = get_object_or_404(TrainingRun, pk=run_id, project=project)
-    context = {"project": project, "manages": manages, **_run_context(run)}
+    context = {"project": project, "manages": manages, **_run_context(run, manages)}
     response = render(request, "training.html#run_live", context)
     if request.htmx and not context["run_active"]:
         response["HX-Trigger"] = json.dumps({RUN_ENDED_EVENT: {"run": run.pk}})
     return response
+
+
+@login_required
+@require_GET
+def training_side_by_side(request: TrainingRequest, slug: str, version_id: int) -> HttpResponse:
+    """A version's side-by-side answers (managers); polled while they are being written."""
+    project = project_for_role(user=request.user, slug=slug, role=Membership.Role.MANAGER)
+    version = get_object_or_404(ModelVersion, pk=version_id, project=project)
+    side_by_side = side_by_side_read(version=version)
+    if side_by_side is None:
+        raise Http404(f"{version.name} has no side-by-side answers")
+    return render(request, "training.html#side_by_side", {"project": project, "side_by_side": side_by_side})
 
 
 @login_required

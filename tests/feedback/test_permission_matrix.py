@@ -87,6 +87,7 @@ TABLE: dict[str, Cell] = {
     "training-run-live": Cell("get", members(200)),
     "training-run-cancel": Cell("post", managers(302)),
     "training-version-promote": Cell("post", managers(302)),
+    "training-side-by-side": Cell("get", managers(200)),
     "training-rounds": Cell("get", members(200)),
     "training-round-new": Cell("post", managers(302)),
     "api:projects": Cell("get", everyone(200)),
@@ -95,6 +96,7 @@ TABLE: dict[str, Cell] = {
     "api:project-prompts POST": Cell("post", managers(400)),
     "api:project-completions": Cell("get", members(200)),
     "api:project-model-versions": Cell("get", members(200)),
+    "api:project-model-version-side-by-side": Cell("get", managers(200)),
     "api:project-next-task": Cell("get", members(200)),
     "api:project-judgements": Cell("post", members(400)),
     "api:project-export": Cell("get", managers(200), query="?format=dpo"),
@@ -151,13 +153,14 @@ def world(staff_user, settings, tiny_model_dir):
         ("other manager", other, Membership.Role.MANAGER),
     ]:
         users[who] = MembershipFactory(project=where, role=role, user=UserFactory()).user
-    version = ModelVersionFactory(project=project)
+    version = ModelVersionFactory(project=project, metrics={"side_by_side": {"status": "queued"}})
     run = TrainingRunFactory(project=project, status=TrainingRun.Status.QUEUED)
     job = export_job_start(project=project, options=PreferenceExportOptions(), file_type="jsonl", requested_by_id=None)
     ids = {
         "slug": "alpha",
         "run_id": str(run.pk),
         "version_id": str(version.pk),
+        "version_name": version.name,
         "job_id": job.id,
         "username": users["annotator"].username,
     }
@@ -217,7 +220,14 @@ def test_every_operation_answers_429_to_an_address_that_keeps_sending_wrong_toke
     cell = TABLE[name]
     client = APIClient(HTTP_AUTHORIZATION="Token wrong", REMOTE_ADDR="203.0.113.7")
     # refused before they are looked up
-    ids = {"slug": "alpha", "run_id": "1", "version_id": "1", "job_id": "1", "username": "someone"}
+    ids = {
+        "slug": "alpha",
+        "run_id": "1",
+        "version_id": "1",
+        "version_name": "v1",
+        "job_id": "1",
+        "username": "someone",
+    }
     response = getattr(client, cell.method)(_path(name, ids) + cell.query)
     assert response.status_code == 429
     assert response.json()["detail"].startswith("Too many failed token authentications from your address.")

@@ -115,3 +115,26 @@ def test_rollouts_train_on_the_ids_the_policy_sampled(tiny_model_dir, reward_mod
     assert any(tokenizer(s.text, add_special_tokens=False)["input_ids"] != list(s.token_ids) for g in drawn for s in g)
     assert samples.completions == [[*s.token_ids, *([] if s.truncated else [eos])] for g in drawn for s in g]
     assert samples.rewards.shape == (2, 3)
+
+
+def test_online_grpo_runs_in_bf16_with_the_lora_base_stored_in_bf16(tmp_path, tiny_model_dir, reward_model_dir):
+    # The defaults where the CPU has bf16 units: rollouts sample from a base whose frozen weights are bf16.
+    train_rows, eval_rows = split(preference_pairs())
+    config = OnlineGRPOConfig(
+        **{**LENGTHS, "precision": "bf16"},
+        reward_model=str(reward_model_dir),
+        batch_size=2,
+        num_iterations=1,
+        max_new_tokens=6,
+        eval_samples=1,
+    )
+    result = train_grpo_online(
+        config,
+        train_examples=train_rows[:2],
+        eval_examples=eval_rows[:2],
+        model=str(tiny_model_dir),
+        out_dir=tmp_path / "policy",
+    )
+    assert result.metrics["precision"] == "bf16"
+    assert result.metrics["steps"] == 1
+    assert result.metrics["eval_after"]["reward"] is not None

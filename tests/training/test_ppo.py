@@ -121,3 +121,26 @@ def test_a_reward_model_of_another_base_is_refused_naming_both(tmp_path, tiny_mo
 def test_values_out_of_range_name_the_field(field, value, message):
     with pytest.raises(ValueError, match=message):
         PPOConfig(**{field: value}).validate()
+
+
+def test_ppo_runs_in_bf16_with_the_lora_base_stored_in_bf16(tmp_path, tiny_model_dir, reward_model_dir):
+    # The defaults where the CPU has bf16 units: rollouts sample from a base whose frozen weights are bf16.
+    train_rows, eval_rows = split(preference_pairs())
+    config = PPOConfig(
+        **{**LENGTHS, "precision": "bf16"},
+        reward_model=str(reward_model_dir),
+        batch_size=8,
+        ppo_epochs=1,
+        max_new_tokens=6,
+        eval_samples=1,
+    )
+    result = train_ppo(
+        config,
+        train_examples=train_rows[:8],
+        eval_examples=eval_rows[:2],
+        model=str(tiny_model_dir),
+        out_dir=tmp_path / "policy",
+    )
+    assert result.metrics["precision"] == "bf16"
+    assert result.metrics["steps"] == 1
+    assert result.metrics["eval_after"]["reward"] is not None

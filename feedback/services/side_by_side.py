@@ -73,14 +73,19 @@ def _held_out_prompt_ids(version: ModelVersion) -> set[int]:
 
 
 def side_by_side_write(*, version_id: int) -> dict[str, Any] | None:
-    """Write a version's side-by-side answers here and now; returns what was stored (None: no such policy).
+    """Write a version's side-by-side answers here and now; returns what is stored (None: no such policy).
 
-    Running it again writes them again, the same prompts with the same seed. Any error is stored as the
-    reason, with its type when it is not one of generation's own messages.
+    Answers already written are kept as they are (``train --sync`` writes them itself, and a worker may
+    take the queued task later); anything else (queued, failed, or left writing by a killed worker) is
+    written again, the same prompts with the same seed. Any error is stored as the reason, with its type
+    when it is not one of generation's own messages.
     """
     version = ModelVersion.objects.select_related("project", "parent", "produced_by_run").filter(pk=version_id).first()
     if version is None or version.kind != ModelVersion.Kind.POLICY:
         return None
+    written = version.metrics.get("side_by_side")
+    if isinstance(written, dict) and written.get("status") == "done":
+        return written
     project = version.project
     sampling: dict[str, Any] = {
         "temperature": project.temperature,

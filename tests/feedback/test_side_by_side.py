@@ -75,6 +75,7 @@ def test_a_run_writes_the_parents_and_the_new_versions_answers_to_held_out_promp
     assert [(pair["parent_text"], pair["parent_truncated"]) for pair in side["pairs"]] == base
     assert [(pair["candidate_text"], pair["candidate_truncated"]) for pair in side["pairs"]] == trained
     assert base != trained  # the run changed what the model writes
+    assert side_by_side_write(version_id=version.pk) == side  # a worker taking the task again keeps them
     # the other figures of the run are still there
     assert "eval_before" in version.metrics and "eval_after" in version.metrics
 

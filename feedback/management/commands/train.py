@@ -7,7 +7,8 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from tqdm import tqdm
 
 from feedback.management.arguments import round_numbers, writer_names
-from feedback.models import Project, TrainingRun
+from feedback.models import ModelVersion, Project, TrainingRun
+from feedback.services.side_by_side import side_by_side_write
 from feedback.services.training_runs import (
     ALGORITHMS,
     TrainingRunError,
@@ -110,6 +111,13 @@ class Command(BaseCommand):
                 f"held-out preference accuracy {_pct(before)} -> {_pct(after)}."
             )
         )
+        if version.kind == ModelVersion.Kind.POLICY:  # here too: there may be no worker to take the queued task
+            self.stdout.write("Writing the parent's and the new version's answers side by side...")
+            written = side_by_side_write(version_id=version.pk) or {}
+            if written.get("status") == "done":
+                self.stdout.write(f"{len(written['pairs'])} side-by-side answers: on the training page.")
+            else:
+                self.stdout.write(f"The side-by-side answers could not be written: {written.get('error')}")
 
 
 def _pct(value: float | None) -> str:

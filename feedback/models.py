@@ -67,6 +67,17 @@ class Project(models.Model):
         help_text="Share (0 to 1) of newly imported prompts that become evaluation prompts when a record "
         "does not say its split; drawn from a hash of the prompt's messages.",
     )
+    battle_share = models.FloatField(
+        default=0.2,
+        validators=[MinValueValidator(0.0), MaxValueValidator(1.0)],
+        help_text="Share (0 to 1) of an annotator's tasks that are blind battles between model versions while "
+        "a battle wants judgements; 0 serves none.",
+    )
+    promote_when_preferred = models.BooleanField(
+        default=False,
+        help_text="A finished run's version is put in blind battles against the active version and promoted "
+        "only when people prefer it (a sequential test); instead of auto-promote's rule.",
+    )
     created_at = models.DateTimeField(auto_now_add=True)
     members = models.ManyToManyField(settings.AUTH_USER_MODEL, through="Membership", related_name="projects")
 
@@ -80,6 +91,9 @@ class Project(models.Model):
             models.CheckConstraint(condition=Q(temperature__gte=0), name="project_temperature_non_negative"),
             models.CheckConstraint(
                 condition=Q(eval_prompt_share__gte=0, eval_prompt_share__lte=1), name="project_eval_prompt_share_range"
+            ),
+            models.CheckConstraint(
+                condition=Q(battle_share__gte=0, battle_share__lte=1), name="project_battle_share_range"
             ),
         ]
 
@@ -162,6 +176,12 @@ class ModelVersion(models.Model):
         help_text="A reward model scores completions for PPO and online GRPO; it is never promoted.",
     )
     is_active = models.BooleanField(default=False)
+    gate = models.JSONField(
+        default=dict,
+        blank=True,
+        help_text="The promotion gate's decision on this version: promote, reject or wait, against which "
+        "version, with the battles and the test's figures, and when.",
+    )
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
@@ -187,7 +207,8 @@ class Round(models.Model):
     ``writers`` names model versions of the project, ``base`` for the project's base model, or (for a round
     of imported completions) the models the import named. The round's prompts are chosen when it starts
     (``RoundPrompt`` rows) and each gets K completions, so a worker that dies mid-round resumes from what
-    it committed.
+    it committed. A battle round has two writers and the project's evaluation prompts: one completion from
+    each writer per prompt, judged blind as a pair whatever the project's mode, never trained on.
     """
 
     class Strategy(models.TextChoices):
@@ -195,6 +216,11 @@ class Round(models.Model):
         UNJUDGED_FIRST = "unjudged_first", "Prompts with the fewest judgements first"
         UNCERTAIN_FIRST = "uncertain_first", "Prompts the active version is least sure of first"
         IMPORTED = "imported", "Completions that came with imported prompts"
+        EVALUATION = "evaluation", "Evaluation prompts, for a battle"
+
+    class Kind(models.TextChoices):
+        TRAINING = "training", "Completions to judge and train on"
+        BATTLE = "battle", "A blind battle between two writers on evaluation prompts"
 
     class Status(models.TextChoices):
         QUEUED = "queued"
@@ -204,6 +230,7 @@ class Round(models.Model):
 
     project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="rounds")
     number = models.PositiveIntegerField(help_text="1, 2, ... within the project.")
+    kind = models.CharField(max_length=8, choices=Kind.choices, default=Kind.TRAINING)
     writers = models.JSONField(default=list, help_text="Version names, or 'base', that write its completions.")
     strategy = models.CharField(max_length=20, choices=Strategy.choices, default=Strategy.OLDEST_ROUND_FIRST)
     prompt_limit = models.PositiveIntegerField(null=True, blank=True, help_text="N; empty for all prompts.")
@@ -228,8 +255,14 @@ class Round(models.Model):
                 condition=Q(status__in=["queued", "running", "done", "failed"]), name="round_status_valid"
             ),
             models.CheckConstraint(
-                condition=Q(strategy__in=["oldest_round_first", "unjudged_first", "uncertain_first", "imported"]),
+                condition=Q(
+                    strategy__in=["oldest_round_first", "unjudged_first", "uncertain_first", "imported", "evaluation"]
+                ),
                 name="round_strategy_valid",
+            ),
+            models.CheckConstraint(condition=Q(kind__in=["training", "battle"]), name="round_kind_valid"),
+            models.CheckConstraint(
+                condition=Q(kind="training") | Q(strategy="evaluation"), name="round_battle_on_evaluation_prompts"
             ),
         ]
 

@@ -31,6 +31,7 @@ TaskName = Literal[
     "completion_scores_task",
     "quality_figures_task",
     "side_by_side_task",
+    "promotion_gate_task",
 ]
 TASKS_MODULE = "feedback.tasks"
 

@@ -17,6 +17,7 @@ from feedback.selectors.quality import quality_figures_refresh
 from feedback.services.completion_scores import completion_scores_compute
 from feedback.services.exports import export_job_run
 from feedback.services.generation import completions_generate, generation_schedule_tick, round_write
+from feedback.services.promotion_gate import promotion_gate_check, promotion_gate_tick
 from feedback.services.side_by_side import side_by_side_write
 from feedback.services.training_runs import training_run_execute, training_runs_reap, training_schedule_tick
 
@@ -52,6 +53,13 @@ def round_write_task(round_id: int) -> int:
     if written and reward_model is not None:
         completion_scores_task(reward_model.pk)
     return written
+
+
+@db_task()
+def promotion_gate_task(project_id: int) -> None:
+    project = Project.objects.filter(pk=project_id).first()
+    if project is not None:  # deleted since
+        promotion_gate_check(project=project)
 
 
 @db_task()
@@ -105,6 +113,7 @@ def training_schedule_task() -> None:
     release_dead_generations()
     _resume_rounds_left_running()
     training_schedule_tick()
+    promotion_gate_tick()
     generation_schedule_tick(low_water=settings.GENERATION_LOW_WATER, round_prompts=settings.GENERATION_ROUND_PROMPTS)
 
 

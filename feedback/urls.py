@@ -1,6 +1,6 @@
 from django.urls import path
 
-from feedback.views import annotate, exports, pages, quality, training
+from feedback.views import annotate, evaluation, exports, pages, quality, training
 
 urlpatterns = [
     path("", pages.home, name="home"),
@@ -10,6 +10,8 @@ urlpatterns = [
     path("projects/<slug:slug>/annotate/skip/", annotate.annotate_skip, name="annotate-skip"),
     path("projects/<slug:slug>/export/", exports.export_page, name="export"),
     path("projects/<slug:slug>/quality/", quality.quality_page, name="quality"),
+    path("projects/<slug:slug>/models/", evaluation.models_page, name="models"),
+    path("projects/<slug:slug>/models/evaluate/", evaluation.models_evaluate, name="models-evaluate"),
     path("projects/<slug:slug>/training/", training.training_page, name="training"),
     path("projects/<slug:slug>/training/history/", training.training_history, name="training-history"),
     path("projects/<slug:slug>/training/watch/", training.training_watch, name="training-watch"),

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from django.conf import settings
-from django.db.models import Count, QuerySet
+from django.db.models import CharField, Count, F, IntegerField, QuerySet, Value
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema, inline_serializer
 from rest_framework import serializers, status
 from rest_framework.exceptions import NotFound, ParseError
@@ -312,8 +312,12 @@ class CompletionListApi(APIView):
         prompt = serializers.IntegerField(source="prompt_id")
         text = serializers.CharField()
         html = serializers.CharField(help_text="Sanitised HTML rendered from the Markdown text.")
-        model_version = serializers.IntegerField(source="model_version_id", allow_null=True)
-        source_model = serializers.CharField()
+        model_version = serializers.IntegerField(
+            source="writer_version", allow_null=True, help_text="The version that wrote it; for managers only."
+        )
+        source_model = serializers.CharField(
+            source="writer_model", help_text="The model that wrote it when no version did; for managers only."
+        )
         reward = serializers.FloatField(
             allow_null=True,
             help_text="The project's newest reward model's score, for its managers; null for others and until "
@@ -338,17 +342,25 @@ class CompletionListApi(APIView):
         project = project_for_role(user=request.user, slug=slug, role=Membership.Role.ANNOTATOR)
         params = self.InputSerializer(data=query_data(request))
         params.is_valid(raise_exception=True)
+        manager = user_manages_project(user=request.user, project=project)
         completions = Completion.objects.filter(prompt__project=project)
         if "prompt" in params.validated_data:
             completions = completions.filter(prompt_id=params.validated_data["prompt"])
         if "model_version" in params.validated_data:
+            if not manager:  # battles are blind: only managers may ask who wrote what
+                return Response(
+                    {
+                        "model_version": [
+                            "Only the project's managers can filter completions by the version that wrote them."
+                        ]
+                    },
+                    status=status.HTTP_400_BAD_REQUEST,
+                )
             completions = completions.filter(model_version_id=params.validated_data["model_version"])
         completions = completions.annotate(
-            reward=completion_reward_scores(
-                reward_model=reward_model_newest(project=project)
-                if user_manages_project(user=request.user, project=project)
-                else None
-            )
+            reward=completion_reward_scores(reward_model=reward_model_newest(project=project) if manager else None),
+            writer_version=F("model_version_id") if manager else Value(None, output_field=IntegerField()),
+            writer_model=F("source_model") if manager else Value("", output_field=CharField()),
         )
         return _page(request, self, completions.order_by(params.validated_data["ordering"]), self.OutputSerializer)
 
@@ -368,6 +380,11 @@ class ModelVersionOutputSerializer(serializers.Serializer):
         choices=ModelVersion.Kind.choices, help_text="policy (writes completions) or reward (scores them)."
     )
     is_active = serializers.BooleanField()
+    gate = serializers.DictField(
+        help_text="The promotion gate's decision when the project promotes only what people prefer: {decision: "
+        "wait|promote|reject, against, wins, losses, ties, log_likelihood_ratio, promote_above, reject_below, "
+        "round, problem, opened_at, checked_at, decided_at}; {} otherwise."
+    )
     created_at = serializers.DateTimeField()
 
     class Meta:

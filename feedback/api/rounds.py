@@ -19,7 +19,7 @@ from rest_framework.views import APIView
 
 from feedback.api.serializers import FORBIDDEN, NOT_AUTHENTICATED, NOT_FOUND, READ_ERRORS, ErrorSerializer
 from feedback.models import Membership, Round
-from feedback.selectors.access import project_for_role
+from feedback.selectors.access import project_for_role, user_manages_project
 from feedback.selectors.rounds import RoundProgress, round_list
 from feedback.services.rounds import MAX_ROUND_PROMPTS, STRATEGIES, round_enqueue, round_request
 
@@ -27,8 +27,13 @@ from feedback.services.rounds import MAX_ROUND_PROMPTS, STRATEGIES, round_enqueu
 class RoundOutputSerializer(serializers.Serializer):
     id = serializers.IntegerField(source="round.pk")
     number = serializers.IntegerField(source="round.number")
+    kind = serializers.ChoiceField(
+        source="round.kind", choices=Round.Kind.choices, help_text="training, or battle (blind, never trained on)."
+    )
     writers = serializers.ListField(
-        source="round.writers", child=serializers.CharField(), help_text="Version names, or 'base'."
+        source="round.writers",
+        child=serializers.CharField(),
+        help_text="Version names, or 'base'; a battle's writers are shown to its project's managers only.",
     )
     strategy = serializers.ChoiceField(source="round.strategy", choices=Round.Strategy.choices)
     prompts = serializers.IntegerField(
@@ -80,7 +85,12 @@ class RoundListApi(APIView):
     )
     def get(self, request: Request, slug: str) -> Response:
         project = project_for_role(user=request.user, slug=slug, role=Membership.Role.ANNOTATOR)
-        return Response(RoundOutputSerializer(round_list(project=project), many=True).data)
+        rounds = round_list(project=project)
+        if not user_manages_project(user=request.user, project=project):
+            for progress in rounds:  # what an annotator reads says nothing about who wrote a battle's answers
+                if progress.round.kind == Round.Kind.BATTLE:
+                    progress.round.writers = []
+        return Response(RoundOutputSerializer(rounds, many=True).data)
 
     @extend_schema(
         operation_id="projects_rounds_create",

@@ -1,6 +1,6 @@
 from django.urls import path
 
-from feedback.api import annotation, exports, projects, quality, rounds, training
+from feedback.api import annotation, evaluations, exports, projects, quality, rounds, training
 
 app_name = "api"
 
@@ -31,6 +31,8 @@ urlpatterns: list = [
         name="project-quality-annotator",
     ),
     path("projects/<str:slug>/rounds/", rounds.RoundListApi.as_view(), name="project-rounds"),
+    path("projects/<str:slug>/evaluations/", evaluations.EvaluationStartApi.as_view(), name="project-evaluations"),
+    path("projects/<str:slug>/leaderboard/", evaluations.LeaderboardApi.as_view(), name="project-leaderboard"),
     path("projects/<str:slug>/training-runs/", training.TrainingRunListApi.as_view(), name="project-training-runs"),
     path("training-runs/<str:run_id>/", training.TrainingRunDetailApi.as_view(), name="training-run"),
     path("training-runs/<str:run_id>/cancel/", training.TrainingRunCancelApi.as_view(), name="training-run-cancel"),

@@ -56,9 +56,10 @@ from feedback.models import (
     RankingJudgement,
     Round,
 )
+from feedback.selectors.battles import battle_rows
 from feedback.selectors.models import completion_reward_scores, reward_model_newest
 
-ExportFormat = Literal["dpo", "grpo", "judgements"]
+ExportFormat = Literal["dpo", "grpo", "judgements", "battles"]
 PairMode = Literal["all", "best_vs_rest", "adjacent"]
 Split = Literal["train", "test", "eval"]
 
@@ -118,6 +119,12 @@ class PreferenceExportOptions:
             raise ExportOptionsError("since_round", "must be a round number, 1 or more")
         if self.writers is not None and not self.writers:
             raise ExportOptionsError("writers", "must name at least one version, or base")
+        applies = EXPORT_FORMATS[self.format].options
+        if applies is not None:
+            defaults = PreferenceExportOptions()
+            for name, (field_name, _) in _OPTIONS.items():
+                if name not in applies and getattr(self, field_name) != getattr(defaults, field_name):
+                    raise ExportOptionsError(name, f"does not apply to the {self.format} format")
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any]) -> PreferenceExportOptions:
@@ -335,6 +342,10 @@ def _streams(
     # prompt order and sorts little (the texts not at all) instead of sorting a whole project's rows up front.
     project_prompts = chosen_prompts.values("id")
     written = Completion.objects.filter(prompt_id__in=project_prompts)
+    # Battles are for telling versions apart, never for training: their completions and judgements stay out.
+    battles = list(Round.objects.filter(project=project, kind=Round.Kind.BATTLE).values_list("pk", flat=True))
+    if battles:
+        written = written.exclude(round_id__in=battles)
     if options.model_version_ids is not None:
         written = written.filter(model_version_id__in=list(options.model_version_ids))
     if options.rounds is not None:
@@ -363,6 +374,7 @@ def _streams(
             pairwise_fields += [name for name in _stored_columns(PairwiseJudgement) if name not in pairwise_fields]
         pairwise = (
             PairwiseJudgement.objects.filter(prompt_id__in=project_prompts, **_judgement_filters(options, ""))
+            .exclude(round_id__in=battles)
             .order_by("prompt_id", "id")
             .values_list(*pairwise_fields, named=True)
         )
@@ -599,13 +611,42 @@ def preference_rows(
     ``first <= id < end``: the rows of consecutive ranges, one after the other, are the
     rows of the whole.
     """
+    spec = EXPORT_FORMATS[options.format]
+    if spec.project_rows is not None:
+        yield from spec.project_rows(project, options, id_range)
+        return
     shape_prompt, answer = _shapers(options)
-    build_rows = EXPORT_FORMATS[options.format].rows
+    assert spec.rows is not None
     for group in _prompt_groups(project, options, on_prompt, id_range):
-        yield from build_rows(group, options, shape_prompt(group.messages), answer)
+        yield from spec.rows(group, options, shape_prompt(group.messages), answer)
+
+
+def _battle_rows(
+    project: Project, options: PreferenceExportOptions, id_range: tuple[int, int] | None
+) -> Iterator[dict[str, Any]]:
+    """A row per battle judgement, in FastChat's battle format (``model_a``, ``model_b``, ``winner``), with the
+    prompt, both answers' lengths in characters, the annotator and the time (``tstamp``, Unix seconds)."""
+    filters = _judgement_filters(options, "")
+    if id_range is not None:
+        filters |= {"prompt_id__gte": id_range[0], "prompt_id__lt": id_range[1]}
+    for row in battle_rows(project=project, filters=filters):
+        annotator_id = row.annotator_id
+        yield {
+            "model_a": row.model_a,
+            "model_b": row.model_b,
+            "winner": row.winner,
+            "prompt_id": row.prompt_id,
+            "length_a": row.length_a,
+            "length_b": row.length_b,
+            "annotator": annotator_pseudonym(annotator_id=annotator_id) if options.pseudonymise else str(annotator_id),
+            "judgement_id": row.judgement_id,
+            "round": row.round,
+            "tstamp": row.created_at.timestamp(),
+        }
 
 
 RowBuilder = Callable[[_PromptGroup, PreferenceExportOptions, Any, Callable[[str], Any]], Iterator[dict[str, Any]]]
+ProjectRowBuilder = Callable[[Project, PreferenceExportOptions, tuple[int, int] | None], Iterator[dict[str, Any]]]
 
 
 @dataclass(frozen=True)
@@ -617,11 +658,14 @@ class ExportFormatSpec:
     ``string``, ``bool``, ``int32``, ``int64``, ``float64``, and ``list<...>`` of any of them.
     """
 
-    rows: RowBuilder  # (prompt group, options, the shaped prompt, answer: completion text -> shaped) -> rows
+    rows: RowBuilder | None  # (prompt group, options, the shaped prompt, answer: completion text -> shaped) -> rows
     columns: tuple[tuple[str, str], ...]
     pairwise: bool  # whether pairwise judgements are read (rankings always are)
     raw: bool  # whether each judgement's strength, rationale, time and creation are read
     reward_columns: tuple[tuple[str, str], ...]  # the columns the reward_scores option adds at the end
+    # A format read from the project's battles rather than prompt by prompt: (project, options, id range) -> rows
+    project_rows: ProjectRowBuilder | None = None
+    options: frozenset[str] | None = None  # the options that apply to it, by public name; None: all of them
 
 
 # The one place a format is named (with ExportFormat above): a new one adds its builder and its entry here.
@@ -685,6 +729,27 @@ EXPORT_FORMATS: dict[str, ExportFormatSpec] = {
         pairwise=True,
         raw=True,
         reward_columns=(("reward_scores", "list<float64>"),),
+    ),
+    # Blind battles between versions, never training data: FastChat's rating code reads them as they are.
+    "battles": ExportFormatSpec(
+        rows=None,
+        project_rows=_battle_rows,
+        columns=(
+            ("model_a", "string"),
+            ("model_b", "string"),
+            ("winner", "string"),
+            ("prompt_id", "int64"),
+            ("length_a", "int64"),
+            ("length_b", "int64"),
+            ("annotator", "string"),
+            ("judgement_id", "int64"),
+            ("round", "int64"),
+            ("tstamp", "float64"),
+        ),
+        pairwise=False,
+        raw=False,
+        reward_columns=(),
+        options=frozenset({"format", "created_from", "created_before", "annotators", "pseudonymise"}),
     ),
 }
 FORMATS: tuple[str, ...] = tuple(EXPORT_FORMATS)

@@ -4,6 +4,9 @@ An item is one round's completions of a prompt (ranking mode) or an unordered pa
 (pairwise mode); a task never mixes two rounds. A task covers the first K of the prompt's
 completions in that round by id, K being the project's completions per prompt, so in pairwise
 mode a prompt has K(K-1)/2 items per round and every completion meets every other once.
+A battle round's items are always pairs, one completion of each writer, whatever the project's
+mode; they are served at the project's battle share of an annotator's tasks (before ordinary items
+when the annotator's share of battles is below it, after them otherwise).
 Rounds are served newest first; within a round prompts are visited least-judged first through
 the (round, judgement_count, id) index of RoundPrompt; within a prompt the pair held fewest
 times wins, then the pair whose completions have been shown least, so completions meet each
@@ -40,12 +43,15 @@ def item_key_for_pair(completion_id: int, other_id: int) -> str:
     return f"c{low}-{high}"
 
 
-def items_per_prompt(*, project: Project, completions: int) -> int:
-    """How many items a prompt with this many completions (at most K count) makes."""
+def items_per_prompt(*, project: Project, completions: int, pairwise: bool | None = None) -> int:
+    """How many items a prompt with this many completions (at most K count) makes, in pairs when ``pairwise``
+    (by default: when the project is in pairwise mode)."""
     n = min(completions, project.completions_per_prompt)
     if n < 2:
         return 0
-    return 1 if project.mode == Project.Mode.RANKING else n * (n - 1) // 2
+    if pairwise is None:
+        pairwise = project.mode == Project.Mode.PAIRWISE
+    return n * (n - 1) // 2 if pairwise else 1
 
 
 @dataclass(frozen=True)
@@ -58,6 +64,7 @@ class ItemCandidate:
     completion_ids: tuple[int, ...]
     slot: int
     expired_lease_id: int | None  # an abandoned lease on that slot, to be deleted when the slot is taken
+    pairwise: bool  # a pair of completions (pairwise mode, or a battle) rather than a ranking of the group
 
 
 @dataclass(frozen=True)
@@ -108,15 +115,17 @@ def _candidates_for_prompt(
     prompt_id: int,
     round_id: int,
     completion_ids: list[int],
+    pairwise: bool,
     rows_by_item: dict[str, list[dict[str, Any]]],
     now: datetime,
 ) -> list[ItemCandidate]:
     if len(completion_ids) < 2:
         return []
-    if project.mode == Project.Mode.RANKING:
-        items = [(item_key_for_prompt(prompt_id, round_id), tuple(completion_ids))]
-    else:
+    items: list[tuple[str, tuple[int, ...]]]
+    if pairwise:
         items = [(item_key_for_pair(a, b), (a, b)) for a, b in combinations(completion_ids, 2)]
+    else:
+        items = [(item_key_for_prompt(prompt_id, round_id), tuple(completion_ids))]
 
     shown: dict[int, int] = defaultdict(int)  # completion id -> live slots on pairs that include it
     options = []
@@ -137,7 +146,8 @@ def _candidates_for_prompt(
         key=lambda o: (o[0], sum(shown[m] for m in o[2]), random.random()),
     )
     return [
-        ItemCandidate(prompt_id, round_id, key, members, slot, expired) for _, key, members, slot, expired in ranked
+        ItemCandidate(prompt_id, round_id, key, members, slot, expired, pairwise)
+        for _, key, members, slot, expired in ranked
     ]
 
 
@@ -149,19 +159,36 @@ def task_candidates_for_annotator(*, project: Project, annotator: User, now: dat
     are all judged costs one empty read. The first batch is small (the first candidate usually wins);
     batches double while they yield nothing. What a batch offers is read from one snapshot; the
     caller takes a slot with an insert that the database refuses if someone was faster, and moves
-    on to the next candidate.
+    on to the next candidate. Battle rounds come first when a battle is due (``_battle_due``), last otherwise.
     """
-    capacity = project.overlap * items_per_prompt(project=project, completions=project.completions_per_prompt)
-    if capacity == 0:
-        return
-    for round_id in Round.objects.filter(project=project).order_by("-number").values_list("pk", flat=True):
+    rounds = list(Round.objects.filter(project=project).order_by("-number").values_list("pk", "kind"))
+    battles = [pk for pk, kind in rounds if kind == Round.Kind.BATTLE] if project.battle_share > 0 else []
+    training = [pk for pk, kind in rounds if kind == Round.Kind.TRAINING]
+    ordered = (
+        battles + training if battles and _battle_due(project=project, annotator=annotator) else training + battles
+    )
+    for round_id in ordered:
+        pairwise = round_id in battles or project.mode == Project.Mode.PAIRWISE
+        capacity = project.overlap * items_per_prompt(
+            project=project, completions=project.completions_per_prompt, pairwise=pairwise
+        )
+        if capacity == 0:
+            continue
         yield from _round_candidates(
-            project=project, annotator=annotator, round_id=round_id, capacity=capacity, now=now
+            project=project, annotator=annotator, round_id=round_id, pairwise=pairwise, capacity=capacity, now=now
         )
 
 
+def _battle_due(*, project: Project, annotator: User) -> bool:
+    """Whether one more battle keeps the annotator's share of battle tasks within the project's battle share."""
+    taken = Assignment.objects.filter(project=project, annotator=annotator).aggregate(
+        tasks=Count("pk"), battles=Count("pk", filter=Q(round__kind=Round.Kind.BATTLE))
+    )
+    return bool(taken["battles"] + 1 <= project.battle_share * (taken["tasks"] + 1))
+
+
 def _round_candidates(
-    *, project: Project, annotator: User, round_id: int, capacity: int, now: datetime
+    *, project: Project, annotator: User, round_id: int, pairwise: bool, capacity: int, now: datetime
 ) -> Iterator[ItemCandidate]:
     queue = RoundPrompt.objects.filter(round_id=round_id, judgement_count__lt=capacity).order_by(
         "judgement_count", "pk"
@@ -192,6 +219,7 @@ def _round_candidates(
                 prompt_id=prompt_id,
                 round_id=round_id,
                 completion_ids=completions.get(prompt_id, []),
+                pairwise=pairwise,
                 rows_by_item=rows_by_item,
                 now=now,
             )
@@ -246,8 +274,20 @@ def task_for_assignment(*, assignment: Assignment) -> Task:
     problem = _messages_problem(messages)
     if problem:
         raise TaskUnrenderable(problem)
-    kind = Project.Mode.PAIRWISE if assignment.completion_a_id else Project.Mode.RANKING
-    return Task(assignment=assignment, kind=kind, messages=messages, completions=completions)
+    return Task(
+        assignment=assignment, kind=task_kind(assignment=assignment), messages=messages, completions=completions
+    )
+
+
+def task_kind(*, assignment: Assignment) -> str:
+    """A task is a pair (pairwise mode, or a battle in any mode) or a ranking of the prompt's group."""
+    return Project.Mode.PAIRWISE if assignment.completion_a_id else Project.Mode.RANKING
+
+
+def task_kind_by_id(*, project: Project, task_id: int) -> str:
+    """The kind of the project's task with this id; the project's mode when there is no such task."""
+    assignment = Assignment.objects.filter(pk=task_id, project=project).only("completion_a_id").first()
+    return task_kind(assignment=assignment) if assignment is not None else project.mode
 
 
 def judgements_left(*, project: Project) -> int:
@@ -281,11 +321,10 @@ def judgements_left(*, project: Project) -> int:
 
 
 def task_progress(*, project: Project, annotator: User) -> TaskProgress:
-    """Judgements by this annotator, by everyone, and how many the project still wants."""
-    judgements = PairwiseJudgement if project.mode == Project.Mode.PAIRWISE else RankingJudgement
-    in_project = judgements.objects.filter(project=project)
+    """Judgements by this annotator, by everyone (battles included), and how many the project still wants."""
+    kinds = (PairwiseJudgement, RankingJudgement)
     return TaskProgress(
-        judged_by_me=in_project.filter(annotator=annotator).count(),
-        judged_total=in_project.count(),
+        judged_by_me=sum(kind.objects.filter(project=project, annotator=annotator).count() for kind in kinds),
+        judged_total=sum(kind.objects.filter(project=project).count() for kind in kinds),
         left=judgements_left(project=project),
     )

@@ -42,7 +42,7 @@ def _lease_take(
 ) -> Assignment | None:
     display_order = list(candidate.completion_ids)
     random.shuffle(display_order)
-    pairwise = project.mode == Project.Mode.PAIRWISE
+    pairwise = candidate.pairwise
     try:
         with transaction.atomic():
             if candidate.expired_lease_id is not None:

@@ -1,5 +1,6 @@
 """Writing rounds: sampling K completions for each of a round's prompts with its writers and settings."""
 
+import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -96,6 +97,10 @@ def prompts_by_uncertainty(*, project: Project, limit: int | None, model: Any, t
 
 def _round_prompt_ids(*, round: Round) -> list[int]:
     project = round.project
+    if round.strategy == Round.Strategy.EVALUATION:
+        evaluation = Prompt.objects.filter(project=project, split=Prompt.Split.EVAL).order_by("pk")
+        ids = evaluation.values_list("pk", flat=True)
+        return list(ids[: round.prompt_limit] if round.prompt_limit else ids)
     if round.strategy == Round.Strategy.UNJUDGED_FIRST:
         return round_prompts_by_judgements(project=project, limit=round.prompt_limit)
     if round.strategy == Round.Strategy.UNCERTAIN_FIRST:
@@ -222,6 +227,14 @@ def _round_write(
                             generation_params={**params, "new_tokens": sample.tokens, "truncated": sample.truncated},
                         )
                     )
+        # A prompt's completions get their ids in random order, so that no id says which writer wrote which.
+        by_prompt: dict[int, list[Completion]] = {}
+        for row in rows:
+            by_prompt.setdefault(row.prompt.pk, []).append(row)
+        rows = []
+        for shuffled in by_prompt.values():
+            random.shuffle(shuffled)
+            rows += shuffled
         with transaction.atomic():
             Completion.objects.bulk_create(rows)
             RoundPrompt.objects.bulk_create(RoundPrompt(round=round, prompt=prompt) for prompt in batch)

@@ -26,8 +26,11 @@ from feedback.models import (
     Project,
     RankedCompletion,
     RankingJudgement,
+    Round,
     RoundPrompt,
 )
+from feedback.queue import enqueue
+from feedback.selectors.tasks import task_kind
 
 RATIONALE_MAX = 5000
 TIME_MS_MAX = 24 * 60 * 60 * 1000
@@ -64,9 +67,15 @@ class _LostRace(Exception):
 
 
 def judgement_find(*, project: Project, client_uuid: uuid.UUID) -> Judgement | None:
-    """The judgement of the project's kind with this client UUID, if any."""
-    judgements = PairwiseJudgement if project.mode == Project.Mode.PAIRWISE else RankingJudgement
-    return judgements.objects.filter(client_uuid=client_uuid).first()
+    """The judgement with this client UUID, if any, of either kind (a ranking project's battles are pairs)."""
+    kinds: tuple[type[PairwiseJudgement] | type[RankingJudgement], ...] = (PairwiseJudgement, RankingJudgement)
+    if project.mode == Project.Mode.RANKING:
+        kinds = kinds[::-1]
+    for kind in kinds:
+        found = kind.objects.filter(client_uuid=client_uuid).first()
+        if found is not None:
+            return found
+    return None
 
 
 def judgement_ranking(*, judgement: RankingJudgement) -> list[list[int]]:
@@ -77,10 +86,13 @@ def judgement_ranking(*, judgement: RankingJudgement) -> list[list[int]]:
     return [groups[rank] for rank in sorted(groups)]
 
 
-def _validate_fields(*, project: Project, submission: JudgementSubmission) -> dict[str, str]:
+def _validate_fields(*, project: Project, submission: JudgementSubmission, kind: str) -> dict[str, str]:
     errors: dict[str, str] = {}
-    if submission.kind != project.mode:
-        errors["kind"] = f"This project is in {project.mode} mode; send kind '{project.mode}'."
+    if submission.kind != kind:
+        if kind == project.mode:
+            errors["kind"] = f"This project is in {project.mode} mode; send kind '{project.mode}'."
+        else:
+            errors["kind"] = f"This task is a blind comparison of two answers; send kind '{kind}'."
         return errors
     choice, strength = submission.choice, submission.strength
     if submission.kind == Project.Mode.PAIRWISE:
@@ -159,12 +171,13 @@ def judgement_submit(*, project: Project, annotator: User, submission: Judgement
     # A repeated client UUID is not looked up here: its task is already done, so it fails validation
     # (or, racing, the insert) below, and both of those paths return the first judgement.
     submission = replace(submission, rationale=submission.rationale.strip())
-    errors = _validate_fields(project=project, submission=submission)
     assignment = Assignment.objects.filter(pk=submission.task_id, project=project).first()
+    kind = task_kind(assignment=assignment) if assignment is not None else project.mode
+    errors = _validate_fields(project=project, submission=submission, kind=kind)
     task_error = _validate_task(assignment=assignment, annotator=annotator)
     if task_error:
         errors["task_id"] = task_error
-    elif assignment is not None and submission.ranking and submission.kind == project.mode == Project.Mode.RANKING:
+    elif assignment is not None and submission.ranking and submission.kind == kind == Project.Mode.RANKING:
         ranking_error = _validate_ranking(ranking=submission.ranking, assignment=assignment)
         if ranking_error:
             errors["ranking"] = ranking_error
@@ -188,6 +201,8 @@ def judgement_submit(*, project: Project, annotator: User, submission: Judgement
         raise ValidationError(
             {"task_id": _validate_task(assignment=fresh, annotator=annotator) or "This task changed; try again."}
         ) from None
+    if kind == Project.Mode.PAIRWISE and Round.objects.filter(pk=assignment.round_id, kind=Round.Kind.BATTLE).exists():
+        enqueue("promotion_gate_task", project.pk)  # a battle judgement may decide a waiting version
     ranking = submission.ranking if isinstance(judgement, RankingJudgement) else None
     return SubmittedJudgement(judgement=judgement, created=True, ranking=ranking)
 
@@ -207,7 +222,7 @@ def _write(*, project: Project, annotator: User, assignment: Assignment, submiss
         "round_id": assignment.round_id,
     }
     judgement: Judgement
-    if project.mode == Project.Mode.PAIRWISE:
+    if task_kind(assignment=assignment) == Project.Mode.PAIRWISE:
         left, right = assignment.display_order
         judgement = PairwiseJudgement.objects.create(
             **where,

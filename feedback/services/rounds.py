@@ -10,19 +10,21 @@ chooses the prompts when the round starts.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from django.core.exceptions import ValidationError
 from django.db import IntegrityError, transaction
 from django.db.models import Max
 from django.utils import timezone
 
-from feedback.models import ModelVersion, Project, Round
+from feedback.models import ModelVersion, Project, Prompt, Round
 from feedback.queue import enqueue
 from feedback.selectors.models import model_version_active
 
 BASE = "base"  # the writer name of the project's base model
 # The most prompts a round may ask for: the largest number Round.prompt_limit holds on every database.
 MAX_ROUND_PROMPTS = 2**31 - 1
+MIN_BATTLE_PROMPTS = 10  # fewer battles than this say little about which version people prefer
 STRATEGIES: tuple[str, ...] = (
     Round.Strategy.OLDEST_ROUND_FIRST,
     Round.Strategy.UNJUDGED_FIRST,
@@ -44,15 +46,19 @@ def round_writers_mix(*, project: Project) -> list[str]:
     return [active.name, active.parent.name if active.parent is not None else BASE]
 
 
-def _writers_problem(*, project: Project, writers: Sequence[str]) -> str | None:
+def _writers_problem(*, project: Project, writers: Sequence[str], role: str = "writer") -> str | None:
     if not writers:
         return "Name at least one writer: a model version of this project, or 'base'."
     repeated = sorted({name for name in writers if writers.count(name) > 1})
     if repeated:
         return f"Each writer is named once; {', '.join(repeated)} appear more than once."
     named = [name for name in writers if name != BASE]
-    known = set(ModelVersion.objects.filter(project=project, name__in=named).values_list("name", flat=True))
+    versions = ModelVersion.objects.filter(project=project, name__in=named)
+    known = set(versions.values_list("name", flat=True))
+    reward_models = set(versions.filter(kind=ModelVersion.Kind.REWARD).values_list("name", flat=True))
     for name in named:
+        if name in reward_models:
+            return f"'{name}' is a reward model: it scores completions and writes none, so it cannot be a {role}."
         if name in known:
             continue
         elsewhere = ModelVersion.objects.filter(name=name).exclude(project=project).first()
@@ -75,9 +81,12 @@ def _sampling(*, project: Project, k: int | None) -> dict[str, float | int]:
     }
 
 
-def _running_message(running: Round) -> str:
+def _open_message(open_round: Round) -> str:
+    name = f"Round {open_round.number}" + (" (a battle)" if open_round.kind == Round.Kind.BATTLE else "")
+    if open_round.status == Round.Status.QUEUED:
+        return f"{name} is queued; ask for a new round when it has been written."
     return (
-        f"Round {running.number} is being written ({running.prompts_written} of {running.prompts_total} prompts); "
+        f"{name} is being written ({open_round.prompts_written} of {open_round.prompts_total} prompts); "
         "ask for a new round when it has finished."
     )
 
@@ -113,28 +122,77 @@ def round_request(
         errors["versions"] = problem
     if errors:
         raise ValidationError(errors)
+    return _round_create(
+        project=project,
+        writers=names,
+        strategy=strategy,
+        prompt_limit=prompts,
+        sampling=_sampling(project=project, k=k),
+    )
+
+
+def battle_request(
+    *, project: Project, candidate: str, against: str | None = None, prompts: int | None = None
+) -> Round:
+    """Queue a blind battle: ``candidate`` against ``against`` (the active version, else the base model) on
+    the project's evaluation prompts (the first ``prompts`` of them; all when None, at least
+    MIN_BATTLE_PROMPTS), one completion from each writer per prompt with the project's sampling settings.
+
+    The two completions of a prompt are judged as a pair whatever the project's mode, and never trained on.
+    """
+    errors: dict[str, str] = {}
+    opponent = against if against else round_writers_default(project=project)[0]
+    problem = _writers_problem(project=project, writers=[candidate], role="candidate")
+    if problem:
+        errors["candidate"] = problem
+    elif candidate == BASE:
+        errors["candidate"] = "The candidate is a version of the project; the base model can only be the opponent."
+    problem = _writers_problem(project=project, writers=[opponent], role="opponent")
+    if problem:
+        errors["against"] = problem
+    elif opponent == candidate:
+        errors["against"] = f"A version cannot battle itself; choose an opponent other than '{candidate}'."
+    available = Prompt.objects.filter(project=project, split=Prompt.Split.EVAL).count()
+    if prompts is not None and not MIN_BATTLE_PROMPTS <= prompts <= MAX_ROUND_PROMPTS:
+        errors["prompts"] = f"A battle needs at least {MIN_BATTLE_PROMPTS} evaluation prompts, not {prompts}."
+    elif available < (prompts or MIN_BATTLE_PROMPTS):
+        errors["prompts"] = (
+            f"A battle needs {prompts or MIN_BATTLE_PROMPTS} evaluation prompts; project '{project.slug}' has "
+            f"{available}. Import prompts with split 'eval', or mark some for evaluation in the admin."
+        )
+    if errors:
+        raise ValidationError(errors)
+    return _round_create(
+        project=project,
+        kind=Round.Kind.BATTLE,
+        writers=[candidate, opponent],
+        strategy=Round.Strategy.EVALUATION,
+        prompt_limit=prompts,
+        sampling=_sampling(project=project, k=2),
+    )
+
+
+def _round_create(*, project: Project, kind: str = Round.Kind.TRAINING, **fields: Any) -> Round:
+    """Create the project's next round, queued; the one-open-round constraint decides between requests."""
     try:
         with transaction.atomic():
             # Requests of one project take turns (on PostgreSQL; SQLite's write lock already does that), so
-            # the later one replaces the earlier one's queued round rather than colliding with it.
+            # the later one replaces the earlier one's queued round of the same kind rather than colliding with it.
             Project.objects.select_for_update().get(pk=project.pk)
-            Round.objects.filter(project=project, status=Round.Status.QUEUED).delete()
-            running = Round.objects.filter(project=project, status=Round.Status.RUNNING).first()
-            if running is not None:
-                raise ValidationError({"round": _running_message(running)})
+            Round.objects.filter(project=project, status=Round.Status.QUEUED, kind=kind).delete()
+            open_round = Round.objects.filter(
+                project=project, status__in=[Round.Status.QUEUED, Round.Status.RUNNING]
+            ).first()
+            if open_round is not None:
+                raise ValidationError({"round": _open_message(open_round)})
             return Round.objects.create(
-                project=project,
-                number=_round_number_next(project=project),
-                writers=names,
-                strategy=strategy,
-                prompt_limit=prompts,
-                sampling=_sampling(project=project, k=k),
+                project=project, number=_round_number_next(project=project), kind=kind, **fields
             )
     except IntegrityError:
         # Another request made its round between our read and our insert: one round, theirs.
         other = Round.objects.filter(project=project, status__in=[Round.Status.QUEUED, Round.Status.RUNNING]).first()
-        if other is not None and other.status == Round.Status.RUNNING:
-            raise ValidationError({"round": _running_message(other)}) from None
+        if other is not None and (other.status == Round.Status.RUNNING or other.kind != kind):
+            raise ValidationError({"round": _open_message(other)}) from None
         raise ValidationError(
             {"round": "Another round was asked for at the same moment and is queued; it will be written first."}
         ) from None

@@ -30,7 +30,7 @@ from django.db.models import Q
 from django.utils import timezone
 
 from feedback import queue
-from feedback.models import ModelVersion, PairwiseJudgement, Project, RankingJudgement, TrainingRun
+from feedback.models import ModelVersion, PairwiseJudgement, Project, RankingJudgement, Round, TrainingRun
 from feedback.selectors.models import model_for_generation, model_version_weights_dir, reward_model_newest
 from feedback.selectors.preferences import (
     ExportFormat,
@@ -40,6 +40,7 @@ from feedback.selectors.preferences import (
     training_prompt_rows,
 )
 from feedback.services.model_versions import model_version_promote
+from feedback.services.promotion_gate import promotion_gate_open
 from feedback.services.rounds import BASE
 from feedback.services.side_by_side import side_by_side_request
 from training.config import (
@@ -443,7 +444,9 @@ def training_run_execute(*, run_id: int, on_progress: ProgressCallback | None = 
     if kind == ModelVersion.Kind.REWARD:
         queue.enqueue("completion_scores_task", version.pk)  # staff see its scores beside the completions
     online = ALGORITHMS[run.algorithm].uses_reward_model
-    if project.auto_promote and kind == ModelVersion.Kind.POLICY and _improved(metrics, online=online):
+    if kind == ModelVersion.Kind.POLICY and project.promote_when_preferred:
+        promotion_gate_open(version=version)  # people decide, in blind battles against the active version
+    elif project.auto_promote and kind == ModelVersion.Kind.POLICY and _improved(metrics, online=online):
         model_version_promote(version=version)
     return run
 
@@ -589,7 +592,8 @@ def training_runs_reap() -> list[int]:
 
 
 def judgements_since(*, project: Project, since: Any) -> int:
-    filters = {"project": project} | ({"created_at__gt": since} if since else {})
+    """Judgements made since ``since`` that a run can learn from: battles are not counted."""
+    filters = {"project": project, "round__kind": Round.Kind.TRAINING} | ({"created_at__gt": since} if since else {})
     return PairwiseJudgement.objects.filter(**filters).count() + RankingJudgement.objects.filter(**filters).count()
 
 

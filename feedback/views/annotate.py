@@ -21,10 +21,10 @@ from django.views.decorators.http import require_GET, require_POST
 from django_htmx.middleware import HtmxDetails
 
 from feedback.ids import id_from
-from feedback.models import Membership, Project
+from feedback.models import Membership, Project, Round
 from feedback.selectors.access import project_for_role
 from feedback.selectors.projects import generation_progress
-from feedback.selectors.tasks import Task, task_progress
+from feedback.selectors.tasks import Task, task_kind_by_id, task_progress
 from feedback.services.assignments import assignment_lease_next, assignment_lease_renew, assignment_skip
 from feedback.services.judgements import JudgementSubmission, judgement_submit
 from feedback.views.forms import JudgementForm, SkipForm
@@ -68,6 +68,13 @@ def _task_context(task: Task | None) -> dict[str, Any] | None:
     return {"task": task, "client_uuid": uuid.uuid4(), "ranks": range(1, len(task.completions) + 1)}
 
 
+def _shortcuts(project: Project) -> list[tuple[str, str]]:
+    """The keys of the project's tasks: a ranking project's battles are pairs."""
+    battles = project.mode == Project.Mode.RANKING and Round.objects.filter(project=project, kind=Round.Kind.BATTLE)
+    pairs = SHORTCUTS["pairwise"] if battles and battles.exists() else []
+    return SHORTCUTS[project.mode] + pairs + SHORTCUTS["common"]
+
+
 def _page(
     request: AnnotatorRequest,
     project: Project,
@@ -88,7 +95,7 @@ def _page(
         "current": _task_context(current),
         "prefetch": _task_context(prefetch),
         "errors": errors or {},
-        "shortcuts": SHORTCUTS[project.mode] + SHORTCUTS["common"],
+        "shortcuts": _shortcuts(project),
         "config": {
             "mode": project.mode,
             "nextUrl": reverse("annotate-next", args=[project.slug]),
@@ -174,7 +181,9 @@ def annotate_submit(request: AnnotatorRequest, slug: str) -> HttpResponse:
             for name, messages in form.errors.items()
         }
         return _rejected(request, project, form.cleaned_data.get("task_id"), errors)
-    submission = JudgementSubmission(kind=project.mode, **form.cleaned_data)
+    # the page shows one task: its kind is the lease's (a battle is a pair in a ranking project too)
+    kind = task_kind_by_id(project=project, task_id=form.cleaned_data["task_id"])
+    submission = JudgementSubmission(kind=kind, **form.cleaned_data)
     try:
         judgement_submit(project=project, annotator=request.user, submission=submission)
     except ValidationError as error:

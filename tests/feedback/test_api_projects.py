@@ -273,9 +273,10 @@ def test_model_versions_list(world):
         "metrics",
         "kind",
         "is_active",
+        "gate",
         "created_at",
     }
-    assert results[0]["kind"] == "policy"
+    assert results[0]["kind"] == "policy" and results[0]["gate"] == {}
 
 
 def test_token_auth_works(world):

@@ -82,7 +82,7 @@ def test_a_posted_job_is_built_by_the_worker_and_downloads(manager, django_captu
     [
         ({}, "file", "This field is required."),
         ({"file": "zip"}, "file", '"zip" is not a valid choice.'),
-        ({"file": "parquet", "format": "xml"}, "format", "must be one of dpo, grpo, judgements, not 'xml'"),
+        ({"file": "parquet", "format": "xml"}, "format", "must be one of dpo, grpo, judgements, battles, not 'xml'"),
         ({"file": "parquet", "min_agreement": 2}, "min_agreement", "must be between 0 and 1"),
         ({"file": "parquet", "min_agreement": True}, "min_agreement", "True is not a number"),
         ({"file": "parquet", "conversational": 1}, "conversational", "1 is not a boolean"),

@@ -79,6 +79,8 @@ TABLE: dict[str, Cell] = {
     "annotate-skip": Cell("post", members(400)),
     "export": Cell("get", managers(200)),
     "quality": Cell("get", reviewers(200)),
+    "models": Cell("get", reviewers(200)),
+    "models-evaluate": Cell("post", managers(400)),
     "training": Cell("get", members(200)),
     "training-history": Cell("get", members(200)),
     "training-watch": Cell("get", members(200), query="?after=0"),  # the queued run is newer
@@ -106,6 +108,8 @@ TABLE: dict[str, Cell] = {
     "api:project-quality-annotator": Cell("get", reviewers(200)),
     "api:project-rounds": Cell("get", members(200)),
     "api:project-rounds POST": Cell("post", managers(202)),
+    "api:project-evaluations": Cell("post", managers(400)),
+    "api:project-leaderboard": Cell("get", reviewers(200)),
     "api:project-training-runs": Cell("get", members(200)),
     "api:project-training-runs POST": Cell("post", managers(409)),
     "api:training-run": Cell("get", members(200)),

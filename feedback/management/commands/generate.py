@@ -99,23 +99,7 @@ class Command(BaseCommand):
                 "the worker writes its completions."
             )
             return
-        with _Bar() as bar:
-            try:
-                with generation_writing(target.pk, progress=bar) as progress:
-                    result = round_write(round_id=requested.pk, progress=progress)
-            except GenerationError as error:
-                raise CommandError(str(error)) from None
-            except TaskLockedException:
-                round_enqueue(round=requested)
-                raise CommandError(
-                    f"A worker is writing completions for '{target.slug}'; round {requested.number} is queued for it."
-                ) from None
-        self.stdout.write(
-            self.style.SUCCESS(
-                f"Round {requested.number}: wrote {result.completions} completions for {result.prompts} prompts "
-                f"with {result.model}."
-            )
-        )
+        round_write_here(self, target=target, requested=requested)
 
     def _fill(self, target: Project, *, prompts: int | None, k: int | None, mix: bool, sync: bool) -> None:
         if not sync:
@@ -137,6 +121,28 @@ class Command(BaseCommand):
                 f"Wrote {result.completions} completions for {result.prompts} prompts with {result.model}."
             )
         )
+
+
+def round_write_here(command: BaseCommand, *, target: Project, requested: Round) -> None:
+    """Write a queued round in this process, with a progress bar on a terminal; a worker busy with the
+    project's completions gets the round queued instead (a CommandError says so)."""
+    with _Bar() as bar:
+        try:
+            with generation_writing(target.pk, progress=bar) as progress:
+                result = round_write(round_id=requested.pk, progress=progress)
+        except GenerationError as error:
+            raise CommandError(str(error)) from None
+        except TaskLockedException:
+            round_enqueue(round=requested)
+            raise CommandError(
+                f"A worker is writing completions for '{target.slug}'; round {requested.number} is queued for it."
+            ) from None
+    command.stdout.write(
+        command.style.SUCCESS(
+            f"Round {requested.number}: wrote {result.completions} completions for {result.prompts} prompts "
+            f"with {result.model}."
+        )
+    )
 
 
 class _Bar:

@@ -89,9 +89,11 @@ class RoundProgress:
 
 
 def round_list(*, project: Project) -> list[RoundProgress]:
-    """The project's rounds, newest first, with the completions written and the judgements made so far."""
-    judgements = "pairwisejudgements" if project.mode == Project.Mode.PAIRWISE else "rankingjudgements"
+    """The project's rounds, newest first, with the completions written and the judgements made so far (a ranking
+    project's battles are pairwise judgements)."""
     rounds = Round.objects.filter(project=project).order_by("-number")
     completions = dict(rounds.annotate(n=Count("completions")).values_list("pk", "n"))
-    judged = dict(rounds.annotate(n=Count(judgements)).values_list("pk", "n"))
+    judged = dict(rounds.annotate(n=Count("rankingjudgements")).values_list("pk", "n"))
+    for pk, n in rounds.annotate(n=Count("pairwisejudgements")).values_list("pk", "n"):
+        judged[pk] += n
     return [RoundProgress(round=r, completions=completions[r.pk], judgements=judged[r.pk]) for r in rounds]

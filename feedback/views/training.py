@@ -74,6 +74,8 @@ class TrainingSettingsForm(forms.ModelForm):
             "auto_train",
             "auto_train_threshold",
             "auto_promote",
+            "promote_when_preferred",
+            "battle_share",
             "round_size",
             "training_algorithm",
             "training_config",
@@ -83,6 +85,8 @@ class TrainingSettingsForm(forms.ModelForm):
             "auto_train": "Train automatically",
             "auto_train_threshold": "after this many new judgements",
             "auto_promote": "Promote a new version when its held-out accuracy improves",
+            "promote_when_preferred": "Promote only when people prefer it (blind battles; replaces the rule above)",
+            "battle_share": "Share of an annotator's tasks that are battles (0 to 1)",
             "round_size": "Prompts in the round a promotion starts (empty: all)",
             "training_algorithm": "Algorithm",
             "training_config": "Hyperparameters (JSON)",
@@ -246,7 +250,8 @@ def training_watch(request: TrainingRequest, slug: str) -> HttpResponse:
 def training_rounds(request: TrainingRequest, slug: str) -> HttpResponse:
     """The rounds table with each round's progress; polled while a round is queued or being written."""
     project = project_for_role(user=request.user, slug=slug, role=Membership.Role.ANNOTATOR)
-    return render(request, "training.html#rounds", {"project": project, **_rounds_context(project)})
+    manages = user_manages_project(user=request.user, project=project)
+    return render(request, "training.html#rounds", {"project": project, "manages": manages, **_rounds_context(project)})
 
 
 @login_required

@@ -418,3 +418,15 @@ def test_the_models_page_shows_the_leaderboard_and_the_gate_and_starts_battles(t
     good = client.post(reverse("models-evaluate", args=["arena"]), {"candidate": "v2", "prompts": "10"})
     assert good.status_code == 302
     assert Round.objects.filter(kind=Round.Kind.BATTLE).latest("number").writers == ["v2", "v1"]  # v1 is active
+
+
+def test_the_training_page_names_a_battles_writers_to_managers_only(written):
+    project, _, battle = written
+    annotator = MembershipFactory(project=project, role=Membership.Role.ANNOTATOR).user
+    manager = MembershipFactory(project=project, role=Membership.Role.MANAGER).user
+    client = Client()
+    for user, shown in [(annotator, "<td>a blind battle</td>"), (manager, "<td>v1 + base (battle)</td>")]:
+        client.force_login(user)
+        rounds = client.get(reverse("training-rounds", args=["arena"])).content.decode()
+        assert shown in rounds
+        assert ("v1 + base" in rounds) == (user == manager)

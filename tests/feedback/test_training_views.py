@@ -302,6 +302,8 @@ def settings_data(**overrides):
         "auto_train": "on",
         "auto_train_threshold": "25",
         "auto_promote": "on",
+        "promote_when_preferred": "on",
+        "battle_share": "0.25",
         "round_size": "10",
         "training_algorithm": "dpo",
         "training_config": '{"epochs": 2, "beta": 0.2}',
@@ -318,6 +320,7 @@ def test_managers_change_the_training_settings(client, project, manager):
     assert response.status_code == 302 and messages_of(response) == ["Training settings saved."]
     assert project.auto_train and project.auto_promote and project.auto_train_threshold == 25
     assert project.training_config == {"epochs": 2, "beta": 0.2} and project.round_size == 10
+    assert project.promote_when_preferred and project.battle_share == 0.25
 
 
 @pytest.mark.parametrize(
@@ -328,6 +331,8 @@ def test_managers_change_the_training_settings(client, project, manager):
         ({"training_config": "[1, 2]"}, "must be a JSON object"),
         ({"training_config": "{not json"}, "Enter a valid JSON"),
         ({"auto_train_threshold": "0"}, "greater than or equal to 1"),
+        ({"battle_share": "1.5"}, "less than or equal to 1.0"),
+        ({"battle_share": "-0.1"}, "greater than or equal to 0.0"),
     ],
 )
 def test_bad_settings_are_shown_at_their_field_and_not_saved(client, project, manager, overrides, message):

@@ -8,6 +8,8 @@ The winner is said as FastChat's rating code reads it: ``model_a``, ``model_b``,
 
 from __future__ import annotations
 
+import re
+from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
@@ -16,7 +18,7 @@ from typing import Any
 from django.db.models import F, Q
 from django.db.models.functions import Length
 
-from feedback.models import PairwiseJudgement, Project, Round
+from feedback.models import Completion, PairwiseJudgement, Project, Round
 from feedback.selectors.leaderboard import Battle, leaderboard
 
 WINNER_OF_CHOICE: dict[str, str] = {
@@ -90,6 +92,49 @@ def battle_rows(
             annotator_id=annotator,
             created_at=created_at,
         )
+
+
+# How an answer that declines the request usually starts; a rough guide, shown as such on the Models page.
+REFUSAL = re.compile(
+    r"^\W*(i'?m sorry|i am sorry|sorry,|i can'?t|i cannot|i'?m (not able|unable)|i am (not able|unable)|as an ai)",
+    re.IGNORECASE,
+)
+
+
+@dataclass(frozen=True)
+class WriterAnswers:
+    """What a writer's battle answers looked like: how many, how long, how often they refuse, and how often
+    people found both answers of its battles bad."""
+
+    answers: int
+    mean_length: float
+    refusal_rate: float
+    battles: int
+    both_bad_rate: float | None
+
+
+def battle_writer_answers(*, project: Project, rows: list[BattleRow]) -> dict[str, WriterAnswers]:
+    """Each battle writer's answers (all its completions in the project's battle rounds) and its judged battles."""
+    texts: dict[str, list[str]] = defaultdict(list)
+    written = Completion.objects.filter(round__project=project, round__kind=Round.Kind.BATTLE)
+    for version, text in written.values_list("model_version__name", "text").iterator():
+        texts[version or BASE].append(text)
+    judged: dict[str, int] = defaultdict(int)
+    both_bad: dict[str, int] = defaultdict(int)
+    for row in rows:
+        for name in (row.model_a, row.model_b):
+            judged[name] += 1
+            both_bad[name] += row.winner == "tie (bothbad)"
+    return {
+        name: WriterAnswers(
+            answers=len(found),
+            mean_length=sum(map(len, found)) / len(found),
+            refusal_rate=sum(bool(REFUSAL.match(text)) for text in found) / len(found),
+            battles=judged[name],
+            both_bad_rate=both_bad[name] / judged[name] if judged[name] else None,
+        )
+        for name, found in texts.items()
+    }
 
 
 def _writer_is(field: str, name: str) -> Q:

@@ -7,10 +7,6 @@ redirects back to the page with what was queued or why nothing was.
 
 from __future__ import annotations
 
-from collections import defaultdict
-from dataclasses import dataclass
-from typing import Any
-
 from django import forms
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
@@ -21,7 +17,7 @@ from django.views.decorators.http import require_GET, require_POST
 
 from feedback.models import Membership, ModelVersion, Project, Round
 from feedback.selectors.access import project_for_role, user_manages_project
-from feedback.selectors.battles import BASE, battle_rows
+from feedback.selectors.battles import BASE, battle_rows, battle_writer_answers
 from feedback.selectors.leaderboard import leaderboard
 from feedback.services.rounds import MAX_ROUND_PROMPTS, MIN_BATTLE_PROMPTS, battle_request, round_enqueue
 
@@ -30,30 +26,6 @@ class EvaluationForm(forms.Form):
     candidate = forms.CharField(max_length=100)
     against = forms.CharField(max_length=100, required=False)
     prompts = forms.IntegerField(required=False, min_value=MIN_BATTLE_PROMPTS, max_value=MAX_ROUND_PROMPTS)
-
-
-@dataclass(frozen=True)
-class WriterFigures:
-    """What a writer's battle answers looked like: how long, and how often people found both answers bad."""
-
-    answers: int
-    mean_length: float
-    both_bad_rate: float
-
-
-def _writer_figures(rows: list[Any]) -> dict[str, WriterFigures]:
-    lengths: dict[str, list[int]] = defaultdict(list)
-    both_bad: dict[str, int] = defaultdict(int)
-    for row in rows:
-        for name, length in ((row.model_a, row.length_a), (row.model_b, row.length_b)):
-            lengths[name].append(length)
-            both_bad[name] += row.winner == "tie (bothbad)"
-    return {
-        name: WriterFigures(
-            answers=len(found), mean_length=sum(found) / len(found), both_bad_rate=both_bad[name] / len(found)
-        )
-        for name, found in lengths.items()
-    }
 
 
 def _heat(rate: float) -> int:
@@ -86,7 +58,7 @@ def _render(
                 ],
             )
         )
-    figures = _writer_figures(rows)
+    figures = battle_writer_answers(project=project, rows=rows)
     versions = list(ModelVersion.objects.filter(project=project, kind=ModelVersion.Kind.POLICY).order_by("-created_at"))
     context = {
         "project": project,
@@ -97,7 +69,7 @@ def _render(
             for m in board["models"]
         ],
         "matrix": matrix,
-        "models": [{**model, "figures": figures[model["name"]]} for model in board["models"]],
+        "models": [{**model, "figures": figures.get(model["name"])} for model in board["models"]],
         "versions": versions,
         "battles_open": Round.objects.filter(
             project=project, kind=Round.Kind.BATTLE, status__in=[Round.Status.QUEUED, Round.Status.RUNNING]

@@ -13,6 +13,7 @@ from django.urls import reverse
 from rest_framework.test import APIClient
 
 from feedback.models import Completion, Membership, ModelVersion, PairwiseJudgement, Project, Round
+from feedback.selectors.battles import battle_rows, battle_writer_answers
 from feedback.selectors.preferences import ExportOptionsError, PreferenceExportOptions, preference_rows
 from feedback.services.generation import round_write
 from feedback.services.promotion_gate import promotion_gate_check, promotion_gate_open, promotion_gate_tick
@@ -430,3 +431,29 @@ def test_the_training_page_names_a_battles_writers_to_managers_only(written):
         rounds = client.get(reverse("training-rounds", args=["arena"])).content.decode()
         assert shown in rounds
         assert ("v1 + base" in rounds) == (user == manager)
+
+
+def test_each_writers_answers_are_measured_for_the_models_page(written):
+    project, v1, battle = written
+    v1_answers = Completion.objects.filter(round=battle, model_version=v1).order_by("pk")
+    Completion.objects.filter(pk=v1_answers[0].pk).update(text="I'm sorry, but I can't help with that.")
+    Completion.objects.filter(pk=v1_answers[1].pk).update(text="As an AI, I cannot say.")
+    Completion.objects.filter(round=battle, model_version=None).update(text="x" * 30)
+    Project.objects.filter(pk=project.pk).update(battle_share=1.0)
+    project.refresh_from_db()
+    annotator = UserFactory()
+    for judged in range(4):
+        task = lease(project, annotator)
+        submit(
+            project=project,
+            annotator=annotator,
+            task_id=task.pk,
+            client_uuid=uuid.uuid4(),
+            kind="pairwise",
+            choice="both_bad" if not judged else "a",
+        )
+    figures = battle_writer_answers(project=project, rows=list(battle_rows(project=project)))
+    assert (figures["v1"].answers, figures["base"].answers) == (12, 12)
+    assert figures["v1"].refusal_rate == pytest.approx(2 / 12) and figures["base"].refusal_rate == 0.0
+    assert figures["base"].mean_length == 30.0
+    assert (figures["v1"].battles, figures["v1"].both_bad_rate) == (4, 0.25)

@@ -457,3 +457,31 @@ def test_each_writers_answers_are_measured_for_the_models_page(written):
     assert figures["v1"].refusal_rate == pytest.approx(2 / 12) and figures["base"].refusal_rate == 0.0
     assert figures["base"].mean_length == 30.0
     assert (figures["v1"].battles, figures["v1"].both_bad_rate) == (4, 0.25)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_with_the_gate_on_a_runs_version_battles_instead_of_being_promoted(tiny_model_dir):
+    from feedback.services.training_runs import training_run_execute, training_run_start
+    from tests.feedback.test_training_runs import SMALL, judge_everything
+
+    project = ProjectFactory(
+        slug="gated",
+        mode="pairwise",
+        completions_per_prompt=2,
+        base_model=str(tiny_model_dir),
+        training_config={**SMALL, "learning_rate": 1e-3},
+        auto_promote=True,  # the gate replaces its rule
+        promote_when_preferred=True,
+    )
+    for _ in range(10):
+        PromptFactory(project=project, split="eval")
+    judge_everything(project, UserFactory())
+    run = training_run_execute(run_id=training_run_start(project=project, algorithm="dpo", enqueue=False).pk)
+    assert run.status == "succeeded", run.error
+    version = run.produced_version
+    assert not version.is_active
+    battle = Round.objects.get(project=project, kind=Round.Kind.BATTLE)
+    assert battle.writers == [version.name, "base"]
+    # queued on commit, and the test's queue runs tasks at once: the battle is written
+    assert battle.status == Round.Status.DONE and Completion.objects.filter(round=battle).count() == 20
+    assert version.gate["decision"] == "wait" and version.gate["round"] == battle.number

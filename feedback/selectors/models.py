@@ -1,3 +1,4 @@
+import math
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,20 @@ def model_for_generation(*, project: Project) -> tuple[str, ModelVersion | None]
     if version is not None:
         return str(model_version_weights_dir(version=version)), version
     return project.base_model or settings.BASE_MODEL, None
+
+
+def accuracy_interval(*, accuracy: float | None, pairs: int | None, z: float = 1.96) -> tuple[float, float] | None:
+    """The Wilson score interval (95 % by default) of a held-out accuracy measured on ``pairs`` pairs; None without one.
+
+    A run's held-out pairs come from a few held-out prompts, and the pairs of one prompt share completions, so
+    they are not independent: read the interval as the least uncertainty there is, wider still when the pairs
+    come from few prompts. Two accuracies whose intervals overlap widely do not show a change.
+    """
+    if accuracy is None or not pairs:
+        return None
+    centre = (accuracy + z * z / (2 * pairs)) / (1 + z * z / pairs)
+    half = z * math.sqrt(accuracy * (1 - accuracy) / pairs + z * z / (4 * pairs * pairs)) / (1 + z * z / pairs)
+    return max(centre - half, 0.0), min(centre + half, 1.0)
 
 
 def reward_model_newest(*, project: Project) -> ModelVersion | None:

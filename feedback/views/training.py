@@ -28,6 +28,7 @@ from django_htmx.middleware import HtmxDetails
 from feedback.ids import whole_number
 from feedback.models import Membership, ModelVersion, Project, Round, TrainingRun
 from feedback.selectors.access import project_for_role, user_manages_project
+from feedback.selectors.models import accuracy_interval
 from feedback.selectors.rounds import round_list
 from feedback.selectors.side_by_side import side_by_side_read
 from feedback.services.model_versions import ModelVersionError, model_version_promote
@@ -138,11 +139,14 @@ def _versions(project: Project) -> list[dict[str, Any]]:
     for version in versions:
         before = version.metrics.get("eval_before") or {}
         after = version.metrics.get("eval_after") or {}
+        figure = "logp_accuracy" if "logp_accuracy" in after else "accuracy"  # DPO and GRPO, or a reward model
         rows.append(
             {
                 "version": version,
                 "before": before,
                 "after": after,
+                "before_interval": accuracy_interval(accuracy=before.get(figure), pairs=before.get("pairs")),
+                "after_interval": accuracy_interval(accuracy=after.get(figure), pairs=after.get("pairs")),
                 "action": None
                 if version.is_active or version.kind == ModelVersion.Kind.REWARD
                 else ("Roll back" if active and version.created_at < active.created_at else "Promote"),

@@ -8,6 +8,7 @@ from tqdm import tqdm
 
 from feedback.management.arguments import round_numbers, writer_names
 from feedback.models import ModelVersion, Project, TrainingRun
+from feedback.selectors.models import accuracy_interval
 from feedback.services.side_by_side import side_by_side_write
 from feedback.services.training_runs import (
     ALGORITHMS,
@@ -105,10 +106,12 @@ class Command(BaseCommand):
         # a DPO or GRPO version: the chosen answer more likely, parent -> trained; a reward model: its own accuracy
         figure = "logp_accuracy" if "logp_accuracy" in eval_after else "accuracy"
         before, after = eval_before.get(figure), eval_after.get(figure)
+        pairs = eval_after.get("pairs")
         self.stdout.write(
             self.style.SUCCESS(
                 f"Run {run.pk} succeeded: model version {version.name} in {version.weights_path}; "
-                f"held-out preference accuracy {_pct(before)} -> {_pct(after)}."
+                f"held-out preference accuracy {_pct(before, pairs)} -> {_pct(after, pairs)}"
+                + (f" on {pairs} pairs (95 % intervals; pairs of one prompt are not independent)." if pairs else ".")
             )
         )
         if version.kind == ModelVersion.Kind.POLICY:  # here too: there may be no worker to take the queued task
@@ -120,5 +123,8 @@ class Command(BaseCommand):
                 self.stdout.write(f"The side-by-side answers could not be written: {written.get('error')}")
 
 
-def _pct(value: float | None) -> str:
-    return "n/a" if value is None else f"{100 * value:.1f}%"
+def _pct(value: float | None, pairs: int | None) -> str:
+    interval = accuracy_interval(accuracy=value, pairs=pairs)
+    if value is None or interval is None:
+        return "n/a"
+    return f"{100 * value:.1f}% [{100 * interval[0]:.1f}, {100 * interval[1]:.1f}]"

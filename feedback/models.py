@@ -73,6 +73,15 @@ class Project(models.Model):
         help_text="Share (0 to 1) of an annotator's tasks that are blind battles between model versions while "
         "a battle wants judgements; 0 serves none.",
     )
+    gold_share = models.FloatField(
+        default=0.1,
+        validators=[MinValueValidator(0.0), MaxValueValidator(1.0)],
+        help_text="Share (0 to 1) of an annotator's tasks that are gold items (prompts with a known answer), "
+        "while any are left for them; 0 serves none.",
+    )
+    gold_feedback = models.BooleanField(
+        default=False, help_text="After a wrong answer on a gold item, the annotator is shown the expected one."
+    )
     promote_when_preferred = models.BooleanField(
         default=False,
         help_text="A finished run's version is put in blind battles against the active version and promoted "
@@ -95,6 +104,7 @@ class Project(models.Model):
             models.CheckConstraint(
                 condition=Q(battle_share__gte=0, battle_share__lte=1), name="project_battle_share_range"
             ),
+            models.CheckConstraint(condition=Q(gold_share__gte=0, gold_share__lte=1), name="project_gold_share_range"),
         ]
 
     def __str__(self) -> str:
@@ -138,6 +148,12 @@ class Prompt(models.Model):
         default=Split.TRAIN,
         help_text="An evaluation prompt never reaches training data, training exports or ordinary rounds.",
     )
+    gold = models.JSONField(
+        null=True,
+        blank=True,
+        help_text='The known answer: {"choice": "a"|"b"} for two completions, or {"ranking": [[0], [1, 2], [3]]} '
+        "(groups of completion indices, best first) over the completions the prompt was imported with.",
+    )
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
@@ -150,6 +166,8 @@ class Prompt(models.Model):
                 name="unique_prompt_external_id",
             ),
         ]
+        # the task queue asks on every next-task whether a project has gold items: a few rows, not its prompts
+        indexes = [models.Index(fields=["project"], condition=Q(gold__isnull=False), name="prompt_gold")]
 
     def __str__(self) -> str:
         text = self.messages[-1]["content"] if self.messages else ""

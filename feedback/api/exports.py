@@ -89,6 +89,9 @@ class ExportOptionsSerializer(serializers.Serializer):
     test_fraction = serializers.FloatField(default=0.1, min_value=0.001, max_value=0.999)
     split_seed = serializers.CharField(default="rankwise", min_length=1, max_length=100)
     pseudonymise = serializers.BooleanField(default=False, help_text="judgements: HMAC pseudonyms.")
+    gold = serializers.BooleanField(
+        default=False, help_text="Also the gold items (prompts with a known answer), left out by default."
+    )
     reward_scores = serializers.BooleanField(
         default=False,
         help_text="Each completion's score by the newest reward model (null if unscored): dpo chosen_reward and "

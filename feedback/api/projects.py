@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from django.conf import settings
+from django.core.exceptions import ValidationError
 from django.db.models import CharField, Count, F, IntegerField, QuerySet, Value
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema, inline_serializer
 from rest_framework import serializers, status
@@ -40,7 +41,7 @@ from feedback.selectors.access import project_for_role, project_role_check, user
 from feedback.selectors.models import completion_reward_scores, reward_model_newest
 from feedback.selectors.projects import project_list_for_user
 from feedback.services.model_versions import ModelVersionError, model_version_promote
-from feedback.services.prompts import PromptImportError, prompts_import_records
+from feedback.services.prompts import PromptImportError, prompt_gold_set, prompts_import_records
 
 MAX_IMPORT_RECORDS = 10_000
 
@@ -383,7 +384,7 @@ class ModelVersionOutputSerializer(serializers.Serializer):
     gate = serializers.DictField(
         help_text="The promotion gate's decision when the project promotes only what people prefer: {decision: "
         "wait|promote|reject, against, wins, losses, ties, log_likelihood_ratio, promote_above, reject_below, "
-        "round, problem, opened_at, checked_at, decided_at}; {} otherwise."
+        "round, problem, opened_at, checked_at, decided_at}; {} otherwise, and for non-managers."
     )
     created_at = serializers.DateTimeField()
 
@@ -406,7 +407,58 @@ class ModelVersionListApi(APIView):
     def get(self, request: Request, slug: str) -> Response:
         project = project_for_role(user=request.user, slug=slug, role=Membership.Role.ANNOTATOR)
         versions = ModelVersion.objects.filter(project=project).order_by("-created_at", "-id")
-        return _page(request, self, versions, self.OutputSerializer)
+        response = _page(request, self, versions, self.OutputSerializer)
+        if not user_manages_project(user=request.user, project=project):
+            for row in response.data["results"]:
+                row["gate"] = {}  # it names the versions a battle is between; battles are blind to annotators
+        return response
+
+
+class PromptGoldApi(APIView):
+    """POST gives a training prompt its known answer (managers); a gold item then checks the annotators who meet it."""
+
+    class InputSerializer(serializers.Serializer):
+        gold = serializers.JSONField(
+            allow_null=True,
+            help_text='{"choice": "a"|"b"} for a prompt imported with two completions, or {"ranking": [[0], [1, 2], '
+            "[3]]}: groups of the imported completions' indices, best first; null takes the gold answer away.",
+        )
+
+        class Meta:
+            ref_name = "PromptGold"
+
+    class OutputSerializer(serializers.Serializer):
+        id = serializers.IntegerField()
+        gold = serializers.JSONField(allow_null=True)
+
+        class Meta:
+            ref_name = "PromptGoldAnswer"
+
+    @extend_schema(
+        operation_id="projects_prompts_gold",
+        summary="Set or clear a prompt's gold answer (managers)",
+        request=InputSerializer,
+        responses={
+            200: OutputSerializer,
+            400: VALIDATION_ERROR,
+            401: NOT_AUTHENTICATED,
+            403: FORBIDDEN,
+            404: NOT_FOUND,
+        },
+    )
+    def post(self, request: Request, slug: str, prompt_id: str) -> Response:
+        project = project_for_role(user=request.user, slug=slug, role=Membership.Role.MANAGER)
+        number = id_from(prompt_id)
+        prompt = Prompt.objects.filter(pk=number, project=project).first() if number is not None else None
+        if prompt is None:
+            raise NotFound("No such prompt.")
+        body = self.InputSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        try:
+            prompt = prompt_gold_set(prompt=prompt, gold=body.validated_data["gold"])
+        except ValidationError as error:
+            return Response(error.message_dict, status=status.HTTP_400_BAD_REQUEST)
+        return Response(self.OutputSerializer({"id": prompt.pk, "gold": prompt.gold}).data)
 
 
 class ModelVersionPromoteApi(APIView):

@@ -8,6 +8,11 @@ urlpatterns: list = [
     path("projects/", projects.ProjectListApi.as_view(), name="projects"),
     path("projects/<str:slug>/", projects.ProjectDetailApi.as_view(), name="project"),
     path("projects/<str:slug>/prompts/", projects.PromptsApi.as_view(), name="project-prompts"),
+    path(
+        "projects/<str:slug>/prompts/<str:prompt_id>/gold/",
+        projects.PromptGoldApi.as_view(),
+        name="project-prompt-gold",
+    ),
     path("projects/<str:slug>/completions/", projects.CompletionListApi.as_view(), name="project-completions"),
     path("projects/<str:slug>/model-versions/", projects.ModelVersionListApi.as_view(), name="project-model-versions"),
     path(

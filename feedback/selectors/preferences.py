@@ -97,6 +97,7 @@ class PreferenceExportOptions:
     test_fraction: float = 0.1  # share of prompts in the test part
     split_seed: str = "rankwise"  # changes which prompts land in the test part
     pseudonymise: bool = False  # judgements: HMAC pseudonyms instead of annotator ids
+    gold: bool = False  # also the gold items (prompts with a known answer), which are left out by default
     reward_scores: bool = False  # each completion's score by the project's newest reward model (None if unscored)
     chunk_size: int = 2000  # rows fetched from the database at a time
 
@@ -202,6 +203,7 @@ _OPTIONS: dict[str, tuple[str, Any]] = {
     "test_fraction": ("test_fraction", float | int),
     "split_seed": ("split_seed", str),
     "pseudonymise": ("pseudonymise", bool),
+    "gold": ("gold", bool),
     "reward_scores": ("reward_scores", bool),
 }
 _TYPE_NAMES = {str: "string", bool: "boolean", int: "whole number", float | int: "number", datetime: "date-time"}
@@ -337,6 +339,8 @@ def _streams(
     )
     if id_range is not None:
         chosen_prompts = chosen_prompts.filter(id__gte=id_range[0], id__lt=id_range[1])
+    if not options.gold:  # judgements on gold items check the annotators; they are training data only when asked
+        chosen_prompts = chosen_prompts.filter(gold__isnull=True)
     prompts = chosen_prompts.order_by("id").values_list("id", "messages")
     # Rows are picked by their prompt rather than by project: the database then walks the prompt index in
     # prompt order and sorts little (the texts not at all) instead of sorting a whole project's rows up front.

@@ -28,7 +28,17 @@ from django.db.models import Case, Count, F, IntegerField, OuterRef, Q, Subquery
 from django.db.models.expressions import CombinedExpression
 from django.db.models.functions import Coalesce, Greatest, Least
 
-from feedback.models import Assignment, Completion, PairwiseJudgement, Project, RankingJudgement, Round, RoundPrompt
+from feedback.models import (
+    Assignment,
+    Completion,
+    PairwiseJudgement,
+    Project,
+    Prompt,
+    RankingJudgement,
+    Round,
+    RoundPrompt,
+)
+from feedback.selectors.gold import imported_completion_ids
 
 FIRST_BATCH = 8
 MAX_BATCH = 256
@@ -159,15 +169,17 @@ def task_candidates_for_annotator(*, project: Project, annotator: User, now: dat
     are all judged costs one empty read. The first batch is small (the first candidate usually wins);
     batches double while they yield nothing. What a batch offers is read from one snapshot; the
     caller takes a slot with an insert that the database refuses if someone was faster, and moves
-    on to the next candidate. Battle rounds come first when a battle is due (``_battle_due``), last otherwise.
+    on to the next candidate. Gold items come first when one is due, and are otherwise not served;
+    battle rounds come first when a battle is due, last otherwise (``_specials_due``).
     """
     rounds = list(Round.objects.filter(project=project).order_by("-number").values_list("pk", "kind"))
     battles = [pk for pk, kind in rounds if kind == Round.Kind.BATTLE] if project.battle_share > 0 else []
     training = [pk for pk, kind in rounds if kind == Round.Kind.TRAINING]
-    ordered = (
-        battles + training if battles and _battle_due(project=project, annotator=annotator) else training + battles
-    )
-    for round_id in ordered:
+    gold = set(Prompt.objects.filter(project=project, gold__isnull=False).values_list("pk", flat=True))
+    gold_due, battle_due = _specials_due(project=project, annotator=annotator, battles=battles, gold=gold)
+    if gold_due:
+        yield from _gold_candidates(project=project, annotator=annotator, gold=gold)
+    for round_id in battles + training if battle_due else training + battles:
         pairwise = round_id in battles or project.mode == Project.Mode.PAIRWISE
         capacity = project.overlap * items_per_prompt(
             project=project, completions=project.completions_per_prompt, pairwise=pairwise
@@ -175,20 +187,76 @@ def task_candidates_for_annotator(*, project: Project, annotator: User, now: dat
         if capacity == 0:
             continue
         yield from _round_candidates(
-            project=project, annotator=annotator, round_id=round_id, pairwise=pairwise, capacity=capacity, now=now
+            project=project,
+            annotator=annotator,
+            round_id=round_id,
+            pairwise=pairwise,
+            capacity=capacity,
+            gold=gold,
+            now=now,
         )
 
 
-def _battle_due(*, project: Project, annotator: User) -> bool:
-    """Whether one more battle keeps the annotator's share of battle tasks within the project's battle share."""
+def _specials_due(*, project: Project, annotator: User, battles: list[int], gold: set[int]) -> tuple[bool, bool]:
+    """Whether a gold item, and whether a battle, is due for the annotator.
+
+    A gold item is due when one more keeps their share of gold tasks within the project's gold share;
+    gold items come out of the battle budget, so a battle is due when battles and gold items together
+    stay within the battle share.
+    """
+    if not battles and not (gold and project.gold_share > 0):
+        return False, False
     taken = Assignment.objects.filter(project=project, annotator=annotator).aggregate(
-        tasks=Count("pk"), battles=Count("pk", filter=Q(round__kind=Round.Kind.BATTLE))
+        tasks=Count("pk"),
+        battles=Count("pk", filter=Q(round_id__in=battles)),
+        gold=Count("pk", filter=Q(prompt_id__in=gold)),
     )
-    return bool(taken["battles"] + 1 <= project.battle_share * (taken["tasks"] + 1))
+    tasks = taken["tasks"] + 1
+    gold_due = bool(gold) and taken["gold"] + 1 <= project.gold_share * tasks
+    battle_due = bool(battles) and taken["battles"] + taken["gold"] + 1 <= project.battle_share * tasks
+    return gold_due, battle_due
+
+
+def _gold_candidates(*, project: Project, annotator: User, gold: set[int]) -> Iterator[ItemCandidate]:
+    """The gold items the annotator has not met, in random order. They have no overlap cap: each annotator
+    meets each once, in the slot after the last one taken. A gold item is one of the items of the round
+    the prompt was imported in (the completions its gold answer ranks)."""
+    met: set[str] = set()
+    slots: dict[str, set[int]] = defaultdict(set)
+    for key, slot, annotator_id in Assignment.objects.filter(prompt_id__in=gold).values_list(
+        "item_key", "slot", "annotator_id"
+    ):
+        if annotator_id == annotator.pk:
+            met.add(key)
+        if slot is not None:
+            slots[key].add(slot)
+    imported = imported_completion_ids(prompt_ids=gold)
+    pairwise = project.mode == Project.Mode.PAIRWISE
+    for prompt_id in random.sample(sorted(imported), len(imported)):
+        round_id, ids = imported[prompt_id]
+        ids = ids[: project.completions_per_prompt]
+        if len(ids) < 2:
+            continue
+        if pairwise:
+            items = [(item_key_for_pair(a, b), (a, b)) for a, b in combinations(ids, 2)]
+        else:
+            items = [(item_key_for_prompt(prompt_id, round_id), tuple(ids))]
+        for key, members in random.sample(items, len(items)):
+            if key in met:
+                continue
+            slot = next(n for n in range(len(slots[key]) + 1) if n not in slots[key])
+            yield ItemCandidate(prompt_id, round_id, key, members, slot, None, pairwise)
 
 
 def _round_candidates(
-    *, project: Project, annotator: User, round_id: int, pairwise: bool, capacity: int, now: datetime
+    *,
+    project: Project,
+    annotator: User,
+    round_id: int,
+    pairwise: bool,
+    capacity: int,
+    gold: set[int],
+    now: datetime,
 ) -> Iterator[ItemCandidate]:
     queue = RoundPrompt.objects.filter(round_id=round_id, judgement_count__lt=capacity).order_by(
         "judgement_count", "pk"
@@ -205,7 +273,7 @@ def _round_candidates(
             return
         last_id, _, last_count = batch[-1]
         cursor = (last_count, last_id)
-        prompt_ids = [prompt_id for _, prompt_id, _ in batch]
+        prompt_ids = [prompt_id for _, prompt_id, _ in batch if prompt_id not in gold]  # gold: _gold_candidates
         completions = _first_completions(round_id=round_id, prompt_ids=prompt_ids, k=project.completions_per_prompt)
         rows_by_item: dict[str, list[dict[str, Any]]] = defaultdict(list)
         for row in Assignment.objects.filter(round_id=round_id, prompt_id__in=prompt_ids).values(

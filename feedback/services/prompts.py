@@ -27,6 +27,7 @@ from django.utils import timezone
 
 from feedback.models import Completion, Project, Prompt, RoundPrompt
 from feedback.rendering import markdown_to_safe_html
+from feedback.selectors.gold import GoldError, gold_check, imported_completion_ids
 from feedback.services.rounds import round_of_imported_completions
 
 ROLES = ("system", "user", "assistant")
@@ -79,6 +80,7 @@ class _ValidRecord:
     metadata: dict[str, Any]
     completions: list[tuple[str, str]] = field(default_factory=list)  # (text, source model)
     split: str | None = None  # "train" or "eval"; None when the record does not say
+    gold: dict[str, Any] | None = None  # the known answer over the record's completions (selectors/gold.py)
 
 
 class _Invalid(Exception):
@@ -224,11 +226,11 @@ def _validate_record(record: Any) -> _ValidRecord:
         raise _Invalid("", "must be a JSON object")
     if "prompt" not in record:
         raise _Invalid("prompt", "is missing")
-    unknown = set(record) - {"prompt", "completions", "id", "metadata", "split"}
+    unknown = set(record) - {"prompt", "completions", "id", "metadata", "split", "gold"}
     if unknown:
         name = sorted(str(key) for key in unknown)[0]
         _check_text(name, "field name")
-        raise _Invalid(name[:100], "is not a known field (prompt, completions, id, metadata, split)")
+        raise _Invalid(name[:100], "is not a known field (prompt, completions, id, metadata, split, gold)")
     messages = _validate_messages(record["prompt"])
     completions = record.get("completions") or []
     if not isinstance(completions, list):
@@ -244,12 +246,20 @@ def _validate_record(record: Any) -> _ValidRecord:
     if not isinstance(metadata, dict):
         raise _Invalid("metadata", "must be an object")
     _validate_metadata(metadata)
+    split = _validate_split(record.get("split"))
+    try:
+        gold = gold_check(record.get("gold"), completions=len(completions))
+    except GoldError as error:
+        raise _Invalid("gold", str(error)) from None
+    if gold is not None and split == Prompt.Split.EVAL:
+        raise _Invalid("gold", "an evaluation prompt gets no ordinary tasks, so a gold answer on it is never asked")
     return _ValidRecord(
         messages=messages,
         external_id=external_id,
         metadata=metadata,
         completions=[_validate_completion(c, i) for i, c in enumerate(completions)],
-        split=_validate_split(record.get("split")),
+        split=split,
+        gold=gold,
     )
 
 
@@ -332,6 +342,24 @@ def prompts_split_set(*, prompts: QuerySet[Prompt], split: str) -> int:
     if split not in Prompt.Split.values:
         raise ValidationError({"split": f"must be 'train' or 'eval'; it is {split!r}"})
     return prompts.exclude(split=split).update(split=split)
+
+
+def prompt_gold_set(*, prompt: Prompt, gold: Any) -> Prompt:
+    """Give a training prompt its known answer over the completions it was imported with; None takes it away.
+
+    A mistake is a ValidationError keyed ``gold`` and changes nothing."""
+    if gold is not None and prompt.split == Prompt.Split.EVAL:
+        raise ValidationError(
+            {"gold": "an evaluation prompt gets no ordinary tasks, so a gold answer on it is never asked"}
+        )
+    _, imported = imported_completion_ids(prompt_ids=[prompt.pk]).get(prompt.pk, (0, []))
+    try:
+        stored = gold_check(gold, completions=len(imported))
+    except GoldError as error:
+        raise ValidationError({"gold": str(error)}) from None
+    Prompt.objects.filter(pk=prompt.pk).update(gold=stored)
+    prompt.gold = stored
+    return prompt
 
 
 def completion_check(*, text: str, source_model: str) -> None:
@@ -419,6 +447,7 @@ def _write(project: Project, records: list[_ValidRecord], progress: Callable[[in
                         external_id=r.external_id,
                         metadata=r.metadata,
                         split=r.split or Prompt.Split.TRAIN,  # drawn above; the default never applies
+                        gold=r.gold,
                     )
                     for r in batch
                 ]
@@ -498,7 +527,7 @@ def _csv_records(lines: Iterable[str]) -> Iterator[tuple[int, Any]]:
         yield 1, _Invalid("prompt", "the header has no 'prompt' column")
         return
     completion_columns = [c for c in columns if c.startswith("completion")]
-    others = [c for c in columns if c not in completion_columns and c not in ("prompt", "id", "split")]
+    others = [c for c in columns if c not in completion_columns and c not in ("prompt", "id", "split", "gold")]
     while True:
         try:
             row = next(reader)
@@ -518,6 +547,12 @@ def _csv_records(lines: Iterable[str]) -> Iterator[tuple[int, Any]]:
         record["completions"] = [row[c] for c in completion_columns if row[c]]
         if row.get("split"):  # an empty cell: the project's share decides
             record["split"] = row["split"]
+        if row.get("gold"):  # JSON, as in a JSONL record
+            try:
+                record["gold"] = json.loads(row["gold"])
+            except ValueError:
+                yield line, _Invalid("gold", 'must be JSON, like {"choice": "a"} or {"ranking": [[0], [1]]}')
+                continue
         if others:
             record["metadata"] = {c: row[c] for c in others if row[c] is not None}
         yield line, record
@@ -526,6 +561,6 @@ def _csv_records(lines: Iterable[str]) -> Iterator[tuple[int, Any]]:
 def prompts_import_csv(
     *, project: Project, lines: Iterable[str], progress: Callable[[int], None] | None = None
 ) -> ImportResult:
-    """Import CSV: a `prompt` column, optional `id`, `split` (train or eval) and `completion_*` columns;
+    """Import CSV: a `prompt` column, optional `id`, `split` (train or eval), `gold` (JSON) and `completion_*` columns;
     other columns become metadata."""
     return _write(project, _validated(project, _csv_records(lines)), progress)

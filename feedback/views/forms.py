@@ -80,6 +80,7 @@ class ExportForm(forms.Form):
     )
     test_fraction = forms.FloatField(min_value=0.001, max_value=0.999, initial=0.1)
     pseudonymise = forms.BooleanField(required=False, help_text="judgements: pseudonyms instead of user ids")
+    gold = forms.BooleanField(required=False, help_text="also the gold items (prompts with a known answer)")
     reward_scores = forms.BooleanField(required=False, help_text="each completion's score by the newest reward model")
 
     def __init__(self, *args: Any, project: Project, **kwargs: Any) -> None:

@@ -20,6 +20,7 @@ from rest_framework.test import APIClient
 from feedback.models import Assignment, Completion, Membership, PairwiseJudgement, Project, Round
 from feedback.services.assignments import assignment_lease_next
 from feedback.services.generation import round_write
+from feedback.services.promotion_gate import promotion_gate_open
 from feedback.services.rounds import battle_request
 from tests.factories import (
     CompletionFactory,
@@ -263,3 +264,20 @@ def test_neither_the_completion_ids_nor_the_a_b_order_follow_the_writer(written_
         )
     assert len(shown_first) == 40
     assert 0 < sum(shown_first) < 40  # v1's answer is A on some battles, B on the others
+
+
+def test_model_versions_do_not_tell_annotators_which_battle_a_version_is_in(arena, queue):
+    project, v1, _ = arena
+    project.promote_when_preferred = True
+    project.save()
+    gate = promotion_gate_open(version=v1).gate
+    assert (gate["decision"], gate["against"], gate["round"]) == ("wait", "base", 3)
+    _, annotator = member(project, "ann", Membership.Role.ANNOTATOR)
+    _, manager = member(project, "boss", Membership.Role.MANAGER)
+    url = f"/api/v1/projects/{project.slug}/model-versions/"
+    rounds = annotator.get(f"/api/v1/projects/{project.slug}/rounds/").json()
+    assert (rounds[0]["number"], rounds[0]["kind"], rounds[0]["writers"]) == (3, "battle", [])  # hidden here
+    told = {version["name"]: version["gate"] for version in manager.get(url).json()["results"]}
+    assert (told["v1"]["round"], told["v1"]["against"]) == (3, "base")
+    shown = {version["name"]: version["gate"] for version in annotator.get(url).json()["results"]}
+    assert "round" not in shown["v1"] and "against" not in shown["v1"], shown

@@ -97,6 +97,7 @@ TABLE: dict[str, Cell] = {
     "api:project-prompts": Cell("get", members(200)),
     "api:project-prompts POST": Cell("post", managers(400)),
     "api:project-completions": Cell("get", members(200)),
+    "api:project-prompt-gold": Cell("post", managers(400)),
     "api:project-model-versions": Cell("get", members(200)),
     "api:project-model-version-side-by-side": Cell("get", managers(200)),
     "api:project-next-task": Cell("get", members(200)),
@@ -167,6 +168,7 @@ def world(staff_user, settings, tiny_model_dir):
         "version_name": version.name,
         "job_id": job.id,
         "username": users["annotator"].username,
+        "prompt_id": str(project.prompts.first().pk),
     }
     return {"users": users, "ids": ids}
 
@@ -231,6 +233,7 @@ def test_every_operation_answers_429_to_an_address_that_keeps_sending_wrong_toke
         "version_name": "v1",
         "job_id": "1",
         "username": "someone",
+        "prompt_id": "1",
     }
     response = getattr(client, cell.method)(_path(name, ids) + cell.query)
     assert response.status_code == 429

@@ -75,6 +75,9 @@ class Command(BaseCommand):
         parser.add_argument("--split-seed", default="rankwise", help="changes which prompts are in the test part")
         parser.add_argument("--pseudonymise", action="store_true", help="judgements: HMAC pseudonyms for annotators")
         parser.add_argument(
+            "--gold", action="store_true", help="also the gold items (prompts with a known answer), left out by default"
+        )
+        parser.add_argument(
             "--reward-scores", action="store_true", help="each completion's score by the newest reward model"
         )
 
@@ -107,6 +110,7 @@ class Command(BaseCommand):
                     "test_fraction": opts["test_fraction"],
                     "split_seed": opts["split_seed"],
                     "pseudonymise": opts["pseudonymise"],
+                    "gold": opts["gold"],
                     "reward_scores": opts["reward_scores"],
                 }
             )

@@ -237,6 +237,7 @@ def _gold_candidates(*, project: Project, annotator: User, gold: set[int]) -> It
         ids = ids[: project.completions_per_prompt]
         if len(ids) < 2:
             continue
+        items: list[tuple[str, tuple[int, ...]]]
         if pairwise:
             items = [(item_key_for_pair(a, b), (a, b)) for a, b in combinations(ids, 2)]
         else:

@@ -18,7 +18,7 @@ from feedback.api.serializers import FORBIDDEN, NOT_AUTHENTICATED, NOT_FOUND, qu
 from feedback.models import Membership, Project
 from feedback.selectors.access import project_for_role
 from feedback.selectors.quality import (
-    GOLD_NOT_AVAILABLE,
+    GOLD_NOTE,
     PAIRWISE_CATEGORIES,
     QualityFilters,
     annotator_quality_report,
@@ -45,7 +45,7 @@ class QualityFiltersSerializer(serializers.Serializer):
 
 
 class FlagSerializer(serializers.Serializer):
-    code = serializers.ChoiceField(choices=["too_fast", "position_bias"])
+    code = serializers.ChoiceField(choices=["too_fast", "position_bias", "below_chance_on_gold"])
     message = serializers.CharField(help_text="What was seen, with the threshold.")
 
     class Meta:
@@ -69,7 +69,13 @@ class AnnotatorStatsSerializer(serializers.Serializer):
     tie_rate = serializers.FloatField(allow_null=True, help_text="Ranking: the share of rankings with a tie.")
     both_bad_rate = serializers.FloatField(allow_null=True, help_text="Pairwise only.")
     skips = serializers.IntegerField(help_text="Tasks the annotator skipped.")
-    gold_accuracy = serializers.FloatField(allow_null=True, help_text="Null: gold items are not available yet.")
+    gold_decisions = serializers.IntegerField(
+        help_text="Decisions on gold items: a pairwise judgement, or each pair of a ranking the gold answer orders."
+    )
+    gold_correct = serializers.IntegerField(help_text="... that match the known answer.")
+    gold_accuracy = serializers.FloatField(allow_null=True, help_text="Null without gold decisions.")
+    gold_ci_low = serializers.FloatField(allow_null=True, help_text="95 % Wilson interval.")
+    gold_ci_high = serializers.FloatField(allow_null=True)
     flags = FlagSerializer(many=True)
 
     class Meta:
@@ -109,6 +115,7 @@ class ThresholdsSerializer(serializers.Serializer):
     too_fast_median_seconds = serializers.FloatField()
     position_share = serializers.FloatField()
     position_p_value = serializers.FloatField()
+    min_gold = serializers.IntegerField()
 
 
 class QualityOutputSerializer(serializers.Serializer):
@@ -119,7 +126,7 @@ class QualityOutputSerializer(serializers.Serializer):
     splits = SplitsSerializer()
     annotators = AnnotatorStatsSerializer(many=True)
     thresholds = ThresholdsSerializer()
-    gold = serializers.CharField(default=GOLD_NOT_AVAILABLE, help_text="Gold accuracy, once gold items exist.")
+    gold = serializers.CharField(default=GOLD_NOTE, help_text="How gold accuracy is measured.")
     computed_at = serializers.DateTimeField(
         help_text="When the judgements were read. Unfiltered figures come from a cache; filtered ones are computed "
         "for the request."

@@ -33,6 +33,8 @@ from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
+from itertools import combinations, groupby
+from operator import itemgetter
 from typing import Any, Literal
 
 import krippendorff
@@ -52,11 +54,13 @@ from feedback.models import (
     ModelVersion,
     PairwiseJudgement,
     Project,
+    Prompt,
     RankedCompletion,
     RankingJudgement,
     Round,
 )
 from feedback.queue import enqueue
+from feedback.selectors.gold import gold_completion_ranks
 from feedback.services.assignments import UNSHOWABLE_SKIP_PREFIX
 
 PAIRWISE_CATEGORIES = ("first", "second", "tie", "both_bad")
@@ -72,6 +76,8 @@ class Thresholds:
     too_fast_median_seconds: float = 4.0  # median time per task below this: too fast to have read both answers
     position_share: float = 0.65  # share of "A" (or of "B", at 1 - this) at or beyond this ...
     position_p_value: float = 0.01  # ... and a binomial test against 0.5 below this: position-biased
+    min_gold: int = 10  # fewer gold decisions than this are never flagged ...
+    # ... and below chance on gold: the 95 % interval of the gold accuracy lies wholly under 0.5
 
 
 THRESHOLDS = Thresholds()
@@ -203,7 +209,11 @@ class AnnotatorStats:
     tie_rate: float | None = None  # pairwise: ties among judgements; ranking: rankings with a tie
     both_bad_rate: float | None = None  # pairwise only
     skips: int = 0
-    gold_accuracy: None = None  # gold items are not built yet
+    gold_decisions: int = 0  # judgements on gold items (rankings: the pairs their gold answer orders)
+    gold_correct: int = 0  # ... that match the known answer
+    gold_accuracy: float | None = None
+    gold_ci_low: float | None = None  # 95 % Wilson interval of the gold accuracy
+    gold_ci_high: float | None = None
     flags: list[Flag] = field(default_factory=list)
 
 
@@ -221,7 +231,11 @@ class QualityReport:
     freshness: str = "Computed for this request."  # how fresh the figures are, in words
 
 
-GOLD_NOT_AVAILABLE = "Gold items are not available yet."
+GOLD_NOTE = (
+    "Gold accuracy: the share of decisions on gold items (prompts with a known answer) that match it, with its 95 % "
+    "Wilson interval; a pairwise judgement is one decision (a tie is right only where the answer is a tie), a ranking "
+    "one per pair of completions the gold answer orders."
+)
 
 
 def project_quality(*, project: Project, filters: QualityFilters | None = None) -> QualityReport:
@@ -602,6 +616,7 @@ def _annotator_stats(
             s.tie_rate, s.both_bad_rate = row["tie"] / row["n"], row["both_bad"] / row["n"]
 
     _times(judged, of)
+    _gold_decisions(judged, of, ranking=ranking)
     _leave_one_out(table, of)
     for annotator_id, skips in _skips(project, filters):
         of(annotator_id).skips = skips
@@ -612,8 +627,50 @@ def _annotator_stats(
         if s.position_decisions:
             s.first_share = s.first_chosen / s.position_decisions
             s.position_p_value = binomial_p_value(successes=s.first_chosen, trials=s.position_decisions)
+        if s.gold_decisions:
+            s.gold_accuracy = s.gold_correct / s.gold_decisions
+            s.gold_ci_low, s.gold_ci_high = wilson_interval(successes=s.gold_correct, trials=s.gold_decisions)
         s.flags = annotator_flags(s)
     return sorted(stats.values(), key=lambda s: s.username)
+
+
+def _gold_decisions(judged: QuerySet, of: Any, *, ranking: bool) -> None:
+    """Each annotator's decisions on gold items, and how many match the known answer."""
+    on_gold = judged.filter(prompt__gold__isnull=False)
+    ranks = gold_completion_ranks(prompts=Prompt.objects.filter(pk__in=on_gold.values("prompt_id")))
+    if not ranks:
+        return
+    if not ranking:
+        rows = on_gold.values_list("annotator_id", "prompt_id", "left_id", "right_id", "choice")
+        for annotator_id, prompt_id, left, right, choice in rows.iterator():
+            expected = ranks.get(prompt_id, {})
+            if left not in expected or right not in expected:
+                continue
+            truth = "tie" if expected[left] == expected[right] else ("a" if expected[left] < expected[right] else "b")
+            s = of(annotator_id)
+            s.gold_decisions += 1
+            s.gold_correct += choice == truth
+        return
+    placed = RankedCompletion.objects.filter(judgement_id__in=on_gold.values("id")).order_by("judgement_id")
+    fields = ("judgement_id", "judgement__annotator_id", "judgement__prompt_id", "completion_id", "rank")
+    for _, group in groupby(placed.values_list(*fields).iterator(), key=itemgetter(0)):
+        entries = list(group)
+        expected = ranks.get(entries[0][2], {})
+        given = {completion_id: rank for *_, completion_id, rank in entries if completion_id in expected}
+        s = of(entries[0][1])
+        for a, b in combinations(sorted(given), 2):
+            if expected[a] == expected[b]:
+                continue  # the gold answer leaves the pair equal: nothing to get right or wrong
+            s.gold_decisions += 1
+            s.gold_correct += (given[a] < given[b]) == (expected[a] < expected[b]) and given[a] != given[b]
+
+
+def wilson_interval(*, successes: int, trials: int, z: float = 1.959964) -> tuple[float, float]:
+    """The 95 % Wilson score interval of a proportion (Wilson 1927): sound near 0 and 1 and for few trials."""
+    share = successes / trials
+    centre = (share + z * z / (2 * trials)) / (1 + z * z / trials)
+    half = z * math.sqrt(share * (1 - share) / trials + z * z / (4 * trials * trials)) / (1 + z * z / trials)
+    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def _skips(project: Project, filters: QualityFilters) -> list[tuple[int, int]]:
@@ -749,6 +806,20 @@ def annotator_flags(stats: AnnotatorStats, thresholds: Thresholds = THRESHOLDS) 
                 message=f"Chose {side} in {max(share, 1 - share):.0%} of {stats.position_decisions} decisions, "
                 f"p = {p_value:.2g} (flagged at {thresholds.position_share:.0%} or more "
                 f"with p below {thresholds.position_p_value:g}).",
+            )
+        )
+    if (
+        stats.gold_decisions >= thresholds.min_gold
+        and stats.gold_ci_high is not None
+        and stats.gold_accuracy is not None
+        and stats.gold_ci_high < 0.5
+    ):
+        flags.append(
+            Flag(
+                code="below_chance_on_gold",
+                message=f"Right on {stats.gold_accuracy:.0%} of {stats.gold_decisions} gold decisions "
+                f"(95 % interval {stats.gold_ci_low:.0%} to {stats.gold_ci_high:.0%}; flagged when the interval lies "
+                f"below 50 %, with {thresholds.min_gold} decisions or more).",
             )
         )
     return flags

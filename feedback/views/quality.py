@@ -10,7 +10,7 @@ from django.views.decorators.http import require_GET
 
 from feedback.models import Membership
 from feedback.selectors.access import project_for_role
-from feedback.selectors.quality import FILTER_NAMES, GOLD_NOT_AVAILABLE, project_quality_cached, quality_filters_parse
+from feedback.selectors.quality import FILTER_NAMES, GOLD_NOTE, project_quality_cached, quality_filters_parse
 
 
 @login_required
@@ -24,7 +24,7 @@ def quality_page(request: HttpRequest, slug: str) -> HttpResponse:
         "given": given,
         "filter_names": FILTER_NAMES,
         "versions": project.model_versions.order_by("name").values_list("name", flat=True),
-        "gold": GOLD_NOT_AVAILABLE,
+        "gold": GOLD_NOTE,
     }
     try:
         filters = quality_filters_parse(project=project, data=given)

@@ -38,8 +38,8 @@ def test_the_api_gives_agreement_splits_and_annotators(judged):
     assert (body["splits"]["unanimous"], body["splits"]["majority"], body["splits"]["no_majority"]) == (1, 1, 1)
     assert body["splits"]["most_split"][0]["votes"] == {"first": 1, "second": 1, "tie": 1}
     assert [a["username"] for a in body["annotators"]] == ["ann-0", "ann-1", "ann-2"]
-    assert all(a["gold_accuracy"] is None for a in body["annotators"])
-    assert body["gold"] == "Gold items are not available yet."
+    assert all((a["gold_accuracy"], a["gold_decisions"]) == (None, 0) for a in body["annotators"])  # no gold items
+    assert body["gold"].startswith("Gold accuracy: the share of decisions on gold items")
     assert body["thresholds"]["too_fast_median_seconds"] == 4.0
 
 
@@ -101,7 +101,7 @@ def test_the_page_shows_the_same_figures_and_the_thresholds(judged):
     assert page.status_code == 200
     assert f"{alpha:.3f}" in html
     assert 'id="annotator-ann-2"' in html
-    assert "not available yet" in html
+    assert "below chance on gold when the 95 % interval" in html
     assert "too fast below a median of 4.0 s" in html
 
 

@@ -21,6 +21,7 @@ from rest_framework.views import APIView
 from feedback.api.serializers import CSRF_FAILED, NOT_AUTHENTICATED, NOT_FOUND, THROTTLED, VALIDATION_ERROR
 from feedback.models import COMPLETIONS_PER_PROMPT_MAX, Membership, PairwiseJudgement, Project
 from feedback.selectors.access import project_for_role
+from feedback.selectors.gold import gold_feedback
 from feedback.services.assignments import assignment_lease_next
 from feedback.services.judgements import RATIONALE_MAX, TIME_MS_MAX, JudgementSubmission, judgement_submit
 
@@ -142,6 +143,12 @@ class JudgementSubmitApi(APIView):
         rationale = serializers.CharField()
         time_ms = serializers.IntegerField(allow_null=True)
         created_at = serializers.DateTimeField()
+        gold_feedback = serializers.CharField(
+            allow_null=True,
+            default=None,
+            help_text="After a wrong answer on a check item with a known answer, in projects that say so: the "
+            "expected answer; otherwise null.",
+        )
 
         class Meta:
             ref_name = "Judgement"
@@ -175,4 +182,5 @@ class JudgementSubmitApi(APIView):
         body = self.OutputSerializer(result.judgement).data
         if result.ranking is not None:
             body["ranking"] = result.ranking
+        body["gold_feedback"] = gold_feedback(project=project, judgement=result.judgement)
         return Response(body, status=status.HTTP_201_CREATED if result.created else status.HTTP_200_OK)

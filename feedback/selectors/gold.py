@@ -12,7 +12,7 @@ from collections import defaultdict
 from collections.abc import Iterable
 from typing import Any
 
-from feedback.models import Completion, Prompt, Round
+from feedback.models import Completion, Judgement, PairwiseJudgement, Project, Prompt, RankingJudgement, Round
 
 
 class GoldError(ValueError):
@@ -88,3 +88,38 @@ def gold_completion_ranks(*, prompts: Iterable[Prompt]) -> dict[int, dict[int, i
         if len(expected) == len(ids):  # a gold answer always covers the import; a mismatch is never scored
             ranks[prompt_id] = dict(zip(ids, expected, strict=True))
     return dict(ranks)
+
+
+def gold_feedback(*, project: Project, judgement: Judgement) -> str | None:
+    """What to tell the annotator after a wrong answer on a gold item, when the project allows it; else None.
+
+    Said in the task's own terms (A and B, or the answers' places as shown), never by completion id."""
+    if not project.gold_feedback:
+        return None
+    prompt = Prompt.objects.filter(pk=judgement.prompt_id, gold__isnull=False).first()
+    expected = gold_completion_ranks(prompts=[prompt]).get(judgement.prompt_id) if prompt else None
+    if not expected:
+        return None
+    intro = "That was a check item with a known answer: "
+    if isinstance(judgement, PairwiseJudgement):
+        left, right = expected.get(judgement.left_id), expected.get(judgement.right_id)
+        if left is None or right is None:
+            return None
+        truth = "tie" if left == right else ("a" if left < right else "b")
+        if judgement.choice == truth:
+            return None
+        return intro + {"a": "A is better.", "b": "B is better.", "tie": "they are equally good."}[truth]
+    if not isinstance(judgement, RankingJudgement):
+        return None
+    shown = judgement.assignment.display_order if judgement.assignment else []
+    given = dict(judgement.ranked.values_list("completion_id", "rank"))
+    ordered = [(a, b) for a in shown for b in shown if a in expected and b in expected and expected[a] < expected[b]]
+    if all(given.get(a, 0) < given.get(b, 0) for a, b in ordered):
+        return None
+    place = {completion_id: number for number, completion_id in enumerate(shown, start=1)}
+    groups: dict[int, list[str]] = defaultdict(list)
+    for completion_id in shown:
+        if completion_id in expected:
+            groups[expected[completion_id]].append(f"answer {place[completion_id]}")
+    order = " > ".join(" = ".join(group) for _, group in sorted(groups.items()))
+    return intro + f"{order} (answers numbered as they were shown, top first)."

@@ -11,11 +11,13 @@ import json
 import uuid
 from typing import Any
 
+from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.contrib.auth.models import User
 from django.core.exceptions import ValidationError
 from django.http import HttpRequest, HttpResponse, HttpResponseBadRequest
 from django.shortcuts import redirect, render
+from django.template.loader import render_to_string
 from django.urls import reverse
 from django.views.decorators.http import require_GET, require_POST
 from django_htmx.middleware import HtmxDetails
@@ -23,6 +25,7 @@ from django_htmx.middleware import HtmxDetails
 from feedback.ids import id_from
 from feedback.models import Membership, Project, Round
 from feedback.selectors.access import project_for_role
+from feedback.selectors.gold import gold_feedback
 from feedback.selectors.projects import generation_progress
 from feedback.selectors.tasks import Task, task_kind_by_id, task_progress
 from feedback.services.assignments import assignment_lease_next, assignment_lease_renew, assignment_skip
@@ -185,11 +188,18 @@ def annotate_submit(request: AnnotatorRequest, slug: str) -> HttpResponse:
     kind = task_kind_by_id(project=project, task_id=form.cleaned_data["task_id"])
     submission = JudgementSubmission(kind=kind, **form.cleaned_data)
     try:
-        judgement_submit(project=project, annotator=request.user, submission=submission)
+        result = judgement_submit(project=project, annotator=request.user, submission=submission)
     except ValidationError as error:
         return _rejected(request, project, submission.task_id, _error_dict(error))
+    expected = gold_feedback(project=project, judgement=result.judgement) if result.created else None
     if request.htmx:
-        return _prefetched(request, project, shown=shown, event="rankwise:judged")
+        response = _prefetched(request, project, shown=shown, event="rankwise:judged")
+        if expected:  # above the next task, out of band: the page has already moved on
+            notice = render_to_string("annotate.html#notice", {"gold_feedback": expected}, request=request)
+            response.content += f'<div id="notice" hx-swap-oob="innerHTML">{notice}</div>'.encode()
+        return response
+    if expected:
+        messages.info(request, expected)
     return redirect("annotate", slug=project.slug)
 
 

@@ -33,9 +33,11 @@ def world(staff_user):
     project = ProjectFactory(slug="alpha")
     run = TrainingRunFactory(project=project, status=TrainingRun.Status.QUEUED)
     version = ModelVersionFactory(project=project)
+    prompt = PromptFactory(project=project)
     client = APIClient()
     client.force_login(staff_user)
-    return {"client": client, "ids": {"slug": "alpha", "run_id": run.pk, "version_id": version.pk}}
+    ids = {"slug": "alpha", "run_id": run.pk, "version_id": version.pk, "prompt_id": prompt.pk}
+    return {"client": client, "ids": ids}
 
 
 def _snapshot():

@@ -208,3 +208,68 @@ def test_a_ranking_is_scored_on_the_pairs_its_gold_answer_orders():
     stats = project_quality(project=project).annotators[0]
     assert (stats.gold_decisions, stats.gold_correct) == (2, 0)
     assert json.dumps(stats.gold_accuracy) == "0.0"
+
+
+def _one_gold_task(project, annotator):
+    task = lease(project, annotator)
+    first = Completion.objects.filter(prompt_id=task.prompt_id).order_by("pk").first()
+    right = "a" if task.completion_a_id == first.pk else "b"
+    return task, right, {"a": "b", "b": "a"}[right]
+
+
+@pytest.mark.parametrize("allowed", [True, False])
+def test_a_wrong_gold_answer_gets_the_expected_one_where_the_project_allows_it(allowed):
+    project = ProjectFactory(
+        slug="fb", mode="pairwise", completions_per_prompt=2, gold_share=1.0, gold_feedback=allowed
+    )
+    prompts_import_records(project=project, records=[_record(f"g{i}", gold={"choice": "a"}) for i in range(2)])
+    annotator = MembershipFactory(project=project, role=Membership.Role.ANNOTATOR).user
+    client = APIClient()
+    client.force_authenticate(annotator)
+    task, right, wrong = _one_gold_task(project, annotator)
+    body = {"task_id": task.pk, "client_uuid": str(uuid.uuid4()), "kind": "pairwise", "choice": wrong}
+    answer = client.post("/api/v1/projects/fb/judgements/", body, format="json").json()
+    expected = f"That was a check item with a known answer: {right.upper()} is better."
+    assert answer["gold_feedback"] == (expected if allowed else None)
+    task, right, _ = _one_gold_task(project, annotator)
+    body = {"task_id": task.pk, "client_uuid": str(uuid.uuid4()), "kind": "pairwise", "choice": right}
+    assert client.post("/api/v1/projects/fb/judgements/", body, format="json").json()["gold_feedback"] is None
+
+
+def test_the_annotate_page_shows_the_expected_answer_above_the_next_task(client):
+    project = ProjectFactory(slug="pg", mode="pairwise", completions_per_prompt=2, gold_share=1.0, gold_feedback=True)
+    prompts_import_records(project=project, records=[_record(f"g{i}", gold={"choice": "a"}) for i in range(2)])
+    annotator = MembershipFactory(project=project, role=Membership.Role.ANNOTATOR).user
+    client.force_login(annotator)
+    task, right, wrong = _one_gold_task(project, annotator)
+    data = {"task_id": task.pk, "client_uuid": str(uuid.uuid4()), "choice": wrong, "shown": task.pk}
+    html = client.post("/projects/pg/annotate/submit/", data, HTTP_HX_REQUEST="true").content.decode()
+    assert '<div id="notice" hx-swap-oob="innerHTML">' in html
+    assert f"That was a check item with a known answer: {right.upper()} is better." in html
+    plain = client.post(
+        "/projects/pg/annotate/submit/",
+        {"task_id": lease(project, annotator).pk, "client_uuid": str(uuid.uuid4()), "choice": "tie"},
+        follow=True,
+    ).content.decode()
+    assert "That was a check item with a known answer:" in plain
+
+
+def test_a_ranking_gets_the_expected_order_in_the_places_it_was_shown():
+    project = ProjectFactory(slug="rf", mode="ranking", completions_per_prompt=3, gold_share=1.0, gold_feedback=True)
+    prompts_import_records(
+        project=project, records=[_record("g", completions=("x", "y", "z"), gold={"ranking": [[0], [1, 2]]})]
+    )
+    annotator = MembershipFactory(project=project, role=Membership.Role.ANNOTATOR).user
+    task = lease(project, annotator)
+    x = Completion.objects.filter(prompt__project=project).order_by("pk").first().pk
+    others = [c for c in task.display_order if c != x]
+    client = APIClient()
+    client.force_authenticate(annotator)
+    body = {"task_id": task.pk, "client_uuid": str(uuid.uuid4()), "kind": "ranking", "ranking": [others, [x]]}
+    feedback = client.post("/api/v1/projects/rf/judgements/", body, format="json").json()["gold_feedback"]
+    place = {c: n for n, c in enumerate(task.display_order, start=1)}
+    rest = " = ".join(f"answer {place[c]}" for c in task.display_order if c != x)
+    assert feedback == (
+        f"That was a check item with a known answer: answer {place[x]} > {rest} "
+        "(answers numbered as they were shown, top first)."
+    )

@@ -133,6 +133,29 @@ class Membership(models.Model):
         return f"{self.user} in {self.project} as {self.role}"
 
 
+class AnnotatorExclusion(models.Model):
+    """An annotator whose judgements the project leaves out of exports, training snapshots and battles.
+
+    Their judgements stay stored; including the annotator again (deleting this row) brings them back.
+    """
+
+    project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="exclusions")
+    annotator = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="+")
+    excluded_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    reason = models.CharField(max_length=500, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["project", "annotator"], name="one_exclusion_per_project_annotator"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.annotator} left out of {self.project}"
+
+
 class Prompt(models.Model):
     class Split(models.TextChoices):
         TRAIN = "train", "Training"

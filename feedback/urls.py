@@ -10,6 +10,11 @@ urlpatterns = [
     path("projects/<slug:slug>/annotate/skip/", annotate.annotate_skip, name="annotate-skip"),
     path("projects/<slug:slug>/export/", exports.export_page, name="export"),
     path("projects/<slug:slug>/quality/", quality.quality_page, name="quality"),
+    path(
+        "projects/<slug:slug>/quality/annotators/<str:username>/exclusion/",
+        quality.quality_annotator_exclusion,
+        name="quality-annotator-exclusion",
+    ),
     path("projects/<slug:slug>/models/", evaluation.models_page, name="models"),
     path("projects/<slug:slug>/models/evaluate/", evaluation.models_evaluate, name="models-evaluate"),
     path("projects/<slug:slug>/training/", training.training_page, name="training"),

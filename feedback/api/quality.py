@@ -6,16 +6,25 @@ cannot be used is a 400 naming it ({field: [message]}), as the Quality page show
 
 from __future__ import annotations
 
+from django.contrib.auth.models import User
 from django.core.exceptions import ValidationError
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import serializers, status
+from rest_framework.exceptions import NotFound
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from feedback.api.serializers import FORBIDDEN, NOT_AUTHENTICATED, NOT_FOUND, query_data
-from feedback.models import Membership, Project
+from feedback.api.serializers import (
+    FORBIDDEN,
+    NOT_AUTHENTICATED,
+    NOT_FOUND,
+    VALIDATION_ERROR,
+    StrictCharField,
+    query_data,
+)
+from feedback.models import AnnotatorExclusion, Membership, Project
 from feedback.selectors.access import project_for_role
 from feedback.selectors.quality import (
     GOLD_NOTE,
@@ -25,6 +34,7 @@ from feedback.selectors.quality import (
     project_quality_cached,
     quality_filters_parse,
 )
+from feedback.services.annotators import REASON_MAX, annotator_exclude, annotator_include
 
 
 class QualityFiltersSerializer(serializers.Serializer):
@@ -127,6 +137,12 @@ class QualityOutputSerializer(serializers.Serializer):
     annotators = AnnotatorStatsSerializer(many=True)
     thresholds = ThresholdsSerializer()
     gold = serializers.CharField(default=GOLD_NOTE, help_text="How gold accuracy is measured.")
+    excluded = serializers.ListField(
+        child=serializers.CharField(),
+        default=list,
+        help_text="Annotators whose judgements are left out of exports, training and battles (their figures are "
+        "still here).",
+    )
     computed_at = serializers.DateTimeField(
         help_text="When the judgements were read. Unfiltered figures come from a cache; filtered ones are computed "
         "for the request."
@@ -166,7 +182,11 @@ class QualityApi(APIView):
             filters = _filters(request, project)
         except ValidationError as error:
             return Response(error.message_dict, status=status.HTTP_400_BAD_REQUEST)
-        return Response(QualityOutputSerializer(project_quality_cached(project=project, filters=filters)).data)
+        body = QualityOutputSerializer(project_quality_cached(project=project, filters=filters)).data
+        body["excluded"] = sorted(
+            AnnotatorExclusion.objects.filter(project=project).values_list("annotator__username", flat=True)
+        )
+        return Response(body)
 
 
 class AnnotatorQualityApi(APIView):
@@ -200,3 +220,75 @@ class AnnotatorQualityApi(APIView):
             "Quality-Stale": "true" if report.stale else "false",
         }
         return Response(AnnotatorStatsSerializer(stats).data, headers=headers)
+
+
+class _AnnotatorExclusionApi(APIView):
+    """Leave an annotator's judgements out of the project's exports, snapshots and battles, or count them again."""
+
+    include = False
+
+    class InputSerializer(serializers.Serializer):
+        reason = StrictCharField(
+            required=False, allow_blank=True, max_length=REASON_MAX, help_text="Why (kept with the exclusion)."
+        )
+
+        class Meta:
+            ref_name = "AnnotatorExclusionRequest"
+
+    class OutputSerializer(serializers.Serializer):
+        username = serializers.CharField()
+        excluded = serializers.BooleanField(help_text="Whether the annotator's judgements are left out now.")
+        changed = serializers.BooleanField(help_text="False: they already were (or were not) excluded.")
+
+        class Meta:
+            ref_name = "AnnotatorExclusion"
+
+    def post(self, request: Request, slug: str, username: str) -> Response:
+        project = project_for_role(user=request.user, slug=slug, role=Membership.Role.MANAGER)
+        body = self.InputSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        try:
+            if self.include:
+                changed = annotator_include(project=project, username=username)
+            else:
+                reason = body.validated_data.get("reason", "")
+                by = request.user if isinstance(request.user, User) else None
+                changed = annotator_exclude(project=project, username=username, by=by, reason=reason)
+        except ValidationError as error:
+            raise NotFound(" ".join(error.messages)) from None
+        answer = {"username": username, "excluded": not self.include, "changed": changed}
+        return Response(self.OutputSerializer(answer).data)
+
+
+EXCLUSION_RESPONSES = {
+    200: _AnnotatorExclusionApi.OutputSerializer,
+    400: VALIDATION_ERROR,
+    401: NOT_AUTHENTICATED,
+    403: FORBIDDEN,
+    404: OpenApiResponse(description="No such project (or not one of yours), or no one of that name annotated in it."),
+}
+
+
+class AnnotatorExcludeApi(_AnnotatorExclusionApi):
+    @extend_schema(
+        operation_id="projects_annotators_exclude",
+        summary="Leave an annotator's judgements out of exports, training and battles (managers)",
+        description="Nothing is deleted; POST .../include/ counts them again.",
+        request=_AnnotatorExclusionApi.InputSerializer,
+        responses=EXCLUSION_RESPONSES,
+    )
+    def post(self, request: Request, slug: str, username: str) -> Response:
+        return super().post(request, slug, username)
+
+
+class AnnotatorIncludeApi(_AnnotatorExclusionApi):
+    include = True
+
+    @extend_schema(
+        operation_id="projects_annotators_include",
+        summary="Count an excluded annotator's judgements again (managers)",
+        request=_AnnotatorExclusionApi.InputSerializer,
+        responses=EXCLUSION_RESPONSES,
+    )
+    def post(self, request: Request, slug: str, username: str) -> Response:
+        return super().post(request, slug, username)

@@ -31,6 +31,15 @@ class StrictPageNumberPagination(PageNumberPagination):
         return value
 
 
+class StrictCharField(serializers.CharField):
+    """A JSON body's string; DRF's CharField also takes numbers, which the schema does not."""
+
+    def to_internal_value(self, data: Any) -> str:
+        if not isinstance(data, str):
+            self.fail("invalid")
+        return super().to_internal_value(data)
+
+
 class StrictBooleanField(serializers.BooleanField):
     """A JSON body's true or false; DRF's BooleanField also takes 0, 1, "yes" and "off", which the schema does not."""
 

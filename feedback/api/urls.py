@@ -35,6 +35,16 @@ urlpatterns: list = [
         quality.AnnotatorQualityApi.as_view(),
         name="project-quality-annotator",
     ),
+    path(
+        "projects/<str:slug>/annotators/<str:username>/exclude/",
+        quality.AnnotatorExcludeApi.as_view(),
+        name="project-annotator-exclude",
+    ),
+    path(
+        "projects/<str:slug>/annotators/<str:username>/include/",
+        quality.AnnotatorIncludeApi.as_view(),
+        name="project-annotator-include",
+    ),
     path("projects/<str:slug>/rounds/", rounds.RoundListApi.as_view(), name="project-rounds"),
     path("projects/<str:slug>/evaluations/", evaluations.EvaluationStartApi.as_view(), name="project-evaluations"),
     path("projects/<str:slug>/leaderboard/", evaluations.LeaderboardApi.as_view(), name="project-leaderboard"),

@@ -19,6 +19,7 @@ from django.db.models import F, Q
 from django.db.models.functions import Length
 
 from feedback.models import Completion, PairwiseJudgement, Project, Round
+from feedback.selectors.annotators import excluded_annotator_ids
 from feedback.selectors.leaderboard import Battle, leaderboard
 
 WINNER_OF_CHOICE: dict[str, str] = {
@@ -53,8 +54,11 @@ def battle_rows(
     *, project: Project, between: tuple[str, str] | None = None, filters: dict[str, Any] | None = None
 ) -> Iterator[BattleRow]:
     """The project's battles in the order they were judged; only those of the two writers ``between`` when given,
-    and only the judgements that match ``filters`` (keyword lookups on PairwiseJudgement)."""
-    judgements = PairwiseJudgement.objects.filter(project=project, round__kind=Round.Kind.BATTLE, **(filters or {}))
+    and only the judgements that match ``filters`` (keyword lookups on PairwiseJudgement). Excluded annotators'
+    battles are left out, as their other judgements are."""
+    judgements = PairwiseJudgement.objects.filter(
+        project=project, round__kind=Round.Kind.BATTLE, **(filters or {})
+    ).exclude(annotator_id__in=excluded_annotator_ids(project=project))
     named = judgements.annotate(
         writer_a=F("left__model_version__name"),
         writer_b=F("right__model_version__name"),

@@ -56,6 +56,7 @@ from feedback.models import (
     RankingJudgement,
     Round,
 )
+from feedback.selectors.annotators import excluded_annotator_ids
 from feedback.selectors.battles import battle_rows
 from feedback.selectors.models import completion_reward_scores, reward_model_newest
 
@@ -371,6 +372,7 @@ def _streams(
     completions = written.order_by("prompt_id", "id").values_list(*completion_fields)
 
     spec = EXPORT_FORMATS[options.format]
+    excluded = excluded_annotator_ids(project=project)  # their judgements stay stored, and out of every export
     pairwise = None
     if spec.pairwise:
         pairwise_fields = ["prompt_id", "id", "annotator_id", "left_id", "right_id", "choice"]
@@ -379,6 +381,7 @@ def _streams(
         pairwise = (
             PairwiseJudgement.objects.filter(prompt_id__in=project_prompts, **_judgement_filters(options, ""))
             .exclude(round_id__in=battles)
+            .exclude(annotator_id__in=excluded)
             .order_by("prompt_id", "id")
             .values_list(*pairwise_fields, named=True)
         )
@@ -390,6 +393,7 @@ def _streams(
         RankedCompletion.objects.filter(
             judgement__prompt_id__in=project_prompts, **_judgement_filters(options, "judgement__")
         )
+        .exclude(judgement__annotator_id__in=excluded)
         .order_by("judgement__prompt_id", "judgement_id", "rank", "position")
         .values_list(*ranked_fields)
     )

@@ -249,8 +249,9 @@ def test_next_task_and_submit_take_a_few_queries_whatever_the_queue_holds(mode, 
     for client in clients:  # some leases and judgements already in the queue
         submit(client, project, judgement_body(next_task(client, project).json()))
     client = clients[0]
-    # project, membership, own lease, the queue (its rounds, then 3), the lease's insert in a transaction (3), the task
-    with django_assert_max_num_queries(11):
+    # project, membership, own lease, the queue (its rounds, its gold prompts, then 3), the lease's insert in a
+    # transaction (3), the task
+    with django_assert_max_num_queries(12):
         task = next_task(client, project).json()
     # project, membership, the task, then its lease, the judgement (and ranks), the count in a transaction
     with django_assert_max_num_queries(9):

@@ -36,7 +36,13 @@ def world(staff_user):
     prompt = PromptFactory(project=project)
     client = APIClient()
     client.force_login(staff_user)
-    ids = {"slug": "alpha", "run_id": run.pk, "version_id": version.pk, "prompt_id": prompt.pk}
+    ids = {
+        "slug": "alpha",
+        "run_id": run.pk,
+        "version_id": version.pk,
+        "prompt_id": prompt.pk,
+        "username": staff_user.username,
+    }
     return {"client": client, "ids": ids}
 
 

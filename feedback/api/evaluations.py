@@ -9,21 +9,19 @@ from __future__ import annotations
 
 from typing import Any
 
-from django.core.exceptions import ValidationError
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiResponse, extend_schema
-from rest_framework import serializers, status
+from rest_framework import serializers
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from feedback.api.rounds import RoundOutputSerializer
+from feedback.api.rounds import RoundOutputSerializer, round_queued
 from feedback.api.serializers import FORBIDDEN, NOT_AUTHENTICATED, NOT_FOUND, READ_ERRORS, ErrorSerializer
 from feedback.models import Membership
 from feedback.selectors.access import project_for_role
 from feedback.selectors.battles import project_leaderboard
-from feedback.selectors.rounds import RoundProgress
-from feedback.services.rounds import MAX_ROUND_PROMPTS, MIN_BATTLE_PROMPTS, battle_request, round_enqueue
+from feedback.services.rounds import MAX_ROUND_PROMPTS, MIN_BATTLE_PROMPTS, battle_request
 
 
 class EvaluationStartApi(APIView):
@@ -71,17 +69,11 @@ class EvaluationStartApi(APIView):
         body = self.InputSerializer(data=request.data)
         body.is_valid(raise_exception=True)
         data: dict[str, Any] = body.validated_data
-        try:
-            battle = battle_request(
+        return round_queued(
+            lambda: battle_request(
                 project=project, candidate=data["candidate"], against=data.get("against"), prompts=data.get("prompts")
             )
-        except ValidationError as error:
-            if "round" in error.message_dict:
-                return Response({"detail": " ".join(error.message_dict["round"])}, status=status.HTTP_409_CONFLICT)
-            return Response(error.message_dict, status=status.HTTP_400_BAD_REQUEST)
-        round_enqueue(round=battle)
-        queued = RoundProgress(round=battle, completions=0, judgements=0)
-        return Response(RoundOutputSerializer(queued).data, status=status.HTTP_202_ACCEPTED)
+        )
 
 
 class LeaderboardModelSerializer(serializers.Serializer):

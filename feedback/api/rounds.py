@@ -7,6 +7,7 @@ written refuses the request with a 409.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from django.core.exceptions import ValidationError
@@ -116,18 +117,26 @@ class RoundListApi(APIView):
         body = self.InputSerializer(data=request.data)
         body.is_valid(raise_exception=True)
         data: dict[str, Any] = body.validated_data
-        try:
-            requested = round_request(
+        return round_queued(
+            lambda: round_request(
                 project=project,
                 prompts=data.get("prompts"),
                 strategy=data.get("strategy") or Round.Strategy.OLDEST_ROUND_FIRST,
                 writers=data.get("versions"),
             )
-        except ValidationError as error:
-            if "round" in error.message_dict:
-                return Response({"detail": " ".join(error.message_dict["round"])}, status=status.HTTP_409_CONFLICT)
-            return Response(error.message_dict, status=status.HTTP_400_BAD_REQUEST)
-        round_enqueue(round=requested)
-        # As queued, not read back: a newer request may already have replaced it.
-        queued = RoundProgress(round=requested, completions=0, judgements=0)
-        return Response(RoundOutputSerializer(queued).data, status=status.HTTP_202_ACCEPTED)
+        )
+
+
+def round_queued(ask: Callable[[], Round]) -> Response:
+    """Ask for a round and queue it for the worker: 202 with the round as queued; a 409 while another round of
+    the project is open, a 400 naming the field for any other mistake (nothing is queued then)."""
+    try:
+        requested = ask()
+    except ValidationError as error:
+        if "round" in error.message_dict:
+            return Response({"detail": " ".join(error.message_dict["round"])}, status=status.HTTP_409_CONFLICT)
+        return Response(error.message_dict, status=status.HTTP_400_BAD_REQUEST)
+    round_enqueue(round=requested)
+    # As queued, not read back: a newer request may already have replaced it.
+    queued = RoundProgress(round=requested, completions=0, judgements=0)
+    return Response(RoundOutputSerializer(queued).data, status=status.HTTP_202_ACCEPTED)

@@ -1,8 +1,10 @@
-"""Command-line values that more than one command reads: the rounds and writers that limit exports and runs."""
+"""What more than one command shares: the rounds and writers that limit exports and runs, and how errors are named."""
 
 from __future__ import annotations
 
 import argparse
+
+from django.core.exceptions import ValidationError
 
 
 def round_numbers(value: str) -> list[int]:
@@ -18,3 +20,10 @@ def round_numbers(value: str) -> list[int]:
 def writer_names(value: str) -> list[str]:
     """``v3, base`` -> ["v3", "base"]: version names, or base."""
     return [name.strip() for name in value.split(",") if name.strip()]
+
+
+def named_errors(error: ValidationError, options: dict[str, str]) -> str:
+    """A service's field errors in one line, each named by the command-line option that carries the field."""
+    return "; ".join(
+        f"{options.get(field, field)}: {' '.join(messages)}" for field, messages in error.message_dict.items()
+    )

@@ -3,6 +3,7 @@ from typing import Any
 from django.core.exceptions import ValidationError
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
+from feedback.management.arguments import named_errors
 from feedback.management.commands.generate import round_write_here
 from feedback.models import Project
 from feedback.services.rounds import MIN_BATTLE_PROMPTS, battle_request, round_enqueue
@@ -45,12 +46,7 @@ class Command(BaseCommand):
         try:
             battle = battle_request(project=target, candidate=candidate, against=against, prompts=prompts)
         except ValidationError as error:
-            raise CommandError(
-                "; ".join(
-                    f"{OPTIONS.get(field, field)}: {' '.join(messages)}"
-                    for field, messages in error.message_dict.items()
-                )
-            ) from None
+            raise CommandError(named_errors(error, OPTIONS)) from None
         one, other = battle.writers
         if not sync:
             round_enqueue(round=battle)

@@ -6,6 +6,7 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from huey.exceptions import TaskLockedException
 from tqdm import tqdm
 
+from feedback.management.arguments import named_errors
 from feedback.models import Project, Round
 from feedback.queue import enqueue, generation_writing, rounds_left_running
 from feedback.services.generation import GenerationError, completions_generate, round_write
@@ -89,7 +90,7 @@ class Command(BaseCommand):
         except ValidationError as error:
             left = rounds_left_running([target.pk]) if sync and "round" in error.message_dict else []
             if not left:
-                raise CommandError(_named(error)) from None
+                raise CommandError(named_errors(error, OPTIONS)) from None
             requested = left[0]  # its writer stopped: finish it here, then a new round can be asked for
             self.stdout.write(f"Round {requested.number} was left unfinished; writing the rest of it here.")
         if not sync:
@@ -159,10 +160,3 @@ class _Bar:
 
     def __exit__(self, *exc: object) -> None:
         self.bar.close()
-
-
-def _named(error: ValidationError) -> str:
-    """The service's field errors, each named by the option that carries the field."""
-    return "; ".join(
-        f"{OPTIONS.get(field, field)}: {' '.join(messages)}" for field, messages in error.message_dict.items()
-    )

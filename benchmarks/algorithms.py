@@ -112,6 +112,10 @@ def judgement_rows(prompts: list[Any], answers: list[list[Any]]) -> tuple[list[d
     return pairs, groups
 
 
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
@@ -208,24 +212,12 @@ def held_out_figures(method: str, metrics: dict[str, Any]) -> str:
     return text
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=str(DEFAULT_MODEL), help="base model directory")
-    parser.add_argument("--prompts", type=int, default=64, help="prompts in all, held-out ones included")
-    parser.add_argument("--held-out", type=int, default=16, help="prompts never trained on, for the figures")
-    parser.add_argument("--k", type=int, default=4, help="base-model answers per prompt, ranked together")
-    parser.add_argument("--max-new-tokens", type=int, default=96, help="length limit of every answer sampled")
-    parser.add_argument("--samples", type=int, default=4, help="answers per held-out prompt to measure lengths")
-    parser.add_argument("--epochs", type=int, default=1, help="passes over the training data, every method")
-    parser.add_argument("--only", nargs="*", choices=METHODS, help="run only these (ppo and grpo_online need reward)")
-    parser.add_argument("--work", type=Path, help="directory for the data and models (default: a new temporary one)")
-    args = parser.parse_args()
-    if not (Path(args.model) / "config.json").is_file():
-        sys.exit(f"no model at {args.model}: run `python manage.py fetch_default_model` first")
-    import training  # noqa: F401  (the OpenMP wait policy it sets is inherited by the children)
+def train_all(
+    args: argparse.Namespace, work: Path, runs: dict[str, tuple[Measured | None, dict[str, Any]]]
+) -> tuple[list[Any], list[dict]]:
+    """Sample and rank the base model's answers, write the exports and train each method.
 
-    work = args.work or Path(tempfile.mkdtemp(prefix="algorithms-bench-"))
-    work.mkdir(parents=True, exist_ok=True)
+    Returns the held-out prompts and pairs."""
     prompts = load_prompts(args.prompts)
     held_prompts, train_prompts = prompts[: args.held_out], prompts[args.held_out :]
 
@@ -251,7 +243,6 @@ def main() -> None:
         flush=True,
     )
 
-    runs: dict[str, tuple[Measured, dict[str, Any]]] = {}
     for method in METHODS:
         if args.only and method not in args.only:
             continue
@@ -259,7 +250,46 @@ def main() -> None:
         print(f"running {method} ...", flush=True)
         measured = run_measured(train_command(method, args, files, out), cwd=ROOT)
         runs[method] = (measured, json.loads((out / "metrics.json").read_text()))
-        print(f"  {measured.wall_seconds:.0f} s, peak {measured.peak_rss_mb:.0f} MB", flush=True)
+        print(
+            f"  {measured.wall_seconds:.0f} s wall, {measured.cpu_seconds:.0f} s CPU, "
+            f"peak {measured.peak_rss_mb:.0f} MB",
+            flush=True,
+        )
+    return held_prompts, held_pairs
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=str(DEFAULT_MODEL), help="base model directory")
+    parser.add_argument("--prompts", type=int, default=64, help="prompts in all, held-out ones included")
+    parser.add_argument("--held-out", type=int, default=16, help="prompts never trained on, for the figures")
+    parser.add_argument("--k", type=int, default=4, help="base-model answers per prompt, ranked together")
+    parser.add_argument("--max-new-tokens", type=int, default=96, help="length limit of every answer sampled")
+    parser.add_argument("--samples", type=int, default=4, help="answers per held-out prompt to measure lengths")
+    parser.add_argument("--epochs", type=int, default=1, help="passes over the training data, every method")
+    parser.add_argument("--only", nargs="*", choices=METHODS, help="run only these (ppo and grpo_online need reward)")
+    parser.add_argument("--work", type=Path, help="directory for the data and models (default: a new temporary one)")
+    parser.add_argument(
+        "--measure-only", action="store_true", help="train nothing: measure the versions an earlier run left in --work"
+    )
+    args = parser.parse_args()
+    if args.measure_only and args.work is None:
+        parser.error("--measure-only needs --work")
+    if not (Path(args.model) / "config.json").is_file():
+        sys.exit(f"no model at {args.model}: run `python manage.py fetch_default_model` first")
+    import training  # noqa: F401  (the OpenMP wait policy it sets is inherited by the children)
+
+    work = args.work or Path(tempfile.mkdtemp(prefix="algorithms-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    runs: dict[str, tuple[Measured | None, dict[str, Any]]] = {}
+    if args.measure_only:
+        held_prompts = [row["prompt"] for row in read_jsonl(work / "held_prompts.jsonl")]
+        held_pairs = read_jsonl(work / "held_pairs.jsonl")
+        for method in METHODS:
+            if (work / method / "metrics.json").is_file():
+                runs[method] = (None, json.loads((work / method / "metrics.json").read_text()))
+    else:
+        held_prompts, held_pairs = train_all(args, work, runs)
 
     print("measuring answers on the held-out prompts ...", flush=True)
     versions = {"base": args.model} | {m: str(work / m) for m in runs if m != "reward"}
@@ -276,10 +306,13 @@ def main() -> None:
     print("| method | wall | CPU | peak RSS | steps | held-out figures of the loop (before -> after) | load |")
     print("|---|---:|---:|---:|---:|---|---|")
     for method, (m, metrics) in runs.items():
-        print(
-            f"| {method} | {m.wall_seconds:.0f} s | {m.cpu_seconds:.0f} s | {m.peak_rss_mb:.0f} MB | "
-            f"{metrics['steps']} | {held_out_figures(method, metrics)} | {m.load_before} -> {m.load_after} |"
+        measured = (
+            f"{m.wall_seconds:.0f} s | {m.cpu_seconds:.0f} s | {m.peak_rss_mb:.0f} MB"
+            if m is not None
+            else "– | – | –"  # an earlier run's: its own output has them
         )
+        load = f"{m.load_before} -> {m.load_after}" if m is not None else "–"
+        print(f"| {method} | {measured} | {metrics['steps']} | {held_out_figures(method, metrics)} | {load} |")
     print()
     print(
         f"Answers to the {len(held_prompts)} held-out prompts, {args.samples} each, temperature {TEMPERATURE}, "
@@ -304,12 +337,12 @@ def main() -> None:
             f"| {name} | {statistics.fmean(tokens):.1f} | {vs_tokens} | {statistics.fmean(word_counts):.1f} | "
             f"{vs_words} | {cut:.0%} | {p['logp_accuracy']:.3f} ({p['logp_accuracy_per_token']:.3f}) |"
         )
-    if "reward" in runs:
+    if "reward" in runs and runs["reward"][0] is not None:
         for method in ("ppo", "grpo_online"):
-            if method in runs:
-                total = runs["reward"][0].wall_seconds + runs[method][0].wall_seconds
+            if method in runs and runs[method][0] is not None:
+                total = runs["reward"][0].wall_seconds + runs[method][0].wall_seconds  # type: ignore[union-attr]
                 print(f"\nreward model + {method}: {total:.0f} s wall in all")
-    raw = {m: {"measured": vars(measured), "metrics": metrics} for m, (measured, metrics) in runs.items()}
+    raw = {m: {"measured": measured and vars(measured), "metrics": metrics} for m, (measured, metrics) in runs.items()}
     (work / "results.json").write_text(
         json.dumps({"runs": raw, "lengths": lengths, "preference": preference}, indent=2)
     )

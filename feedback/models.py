@@ -441,6 +441,8 @@ class Assignment(models.Model):
         indexes = [
             models.Index(fields=["project", "state", "expires_at"]),
             models.Index(fields=["annotator", "project", "state"], name="assignment_annotator_state"),
+            # the queue's count of an annotator's gold and battle tasks reads this index alone
+            models.Index(fields=["project", "annotator", "prompt", "round"], name="assignment_annotator_items"),
         ]
 
     def __str__(self) -> str:

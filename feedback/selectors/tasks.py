@@ -219,19 +219,17 @@ def _specials_due(*, project: Project, annotator: User, battles: list[int], gold
 
 def _gold_candidates(*, project: Project, annotator: User, gold: set[int]) -> Iterator[ItemCandidate]:
     """The gold items the annotator has not met, in random order. They have no overlap cap: each annotator
-    meets each once, in the slot after the last one taken. A gold item is one of the items of the round
-    the prompt was imported in (the completions its gold answer ranks)."""
-    met: set[str] = set()
-    slots: dict[str, set[int]] = defaultdict(set)
-    for key, slot, annotator_id in Assignment.objects.filter(prompt_id__in=gold).values_list(
-        "item_key", "slot", "annotator_id"
-    ):
-        if annotator_id == annotator.pk:
-            met.add(key)
-        if slot is not None:
-            slots[key].add(slot)
-    imported = imported_completion_ids(prompt_ids=gold)
+    meets each once, in the first slot nobody holds. A gold item is one of the items of the round the prompt
+    was imported in (the completions its gold answer ranks).
+
+    What the annotator has met is read through the (annotator, item_key) index, and an item's slots through
+    the (item_key, slot) index when it is offered: the cost follows the annotator, not the gold items'
+    whole history (a gold item collects a judgement from every annotator)."""
     pairwise = project.mode == Project.Mode.PAIRWISE
+    met = set(Assignment.objects.filter(annotator=annotator, prompt_id__in=gold).values_list("item_key", flat=True))
+    if not pairwise and len(met) >= len(gold):
+        return  # one item a gold prompt, all met
+    imported = imported_completion_ids(prompt_ids=gold)
     for prompt_id in random.sample(sorted(imported), len(imported)):
         round_id, ids = imported[prompt_id]
         ids = ids[: project.completions_per_prompt]
@@ -245,7 +243,8 @@ def _gold_candidates(*, project: Project, annotator: User, gold: set[int]) -> It
         for key, members in random.sample(items, len(items)):
             if key in met:
                 continue
-            slot = next(n for n in range(len(slots[key]) + 1) if n not in slots[key])
+            taken = set(Assignment.objects.filter(item_key=key, slot__isnull=False).values_list("slot", flat=True))
+            slot = next(n for n in range(len(taken) + 1) if n not in taken)
             yield ItemCandidate(prompt_id, round_id, key, members, slot, None, pairwise)
 
 

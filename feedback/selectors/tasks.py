@@ -180,10 +180,11 @@ def task_candidates_for_annotator(*, project: Project, annotator: User, now: dat
     if gold_due:
         yield from _gold_candidates(project=project, annotator=annotator, gold=gold)
     for round_id in battles + training if battle_due else training + battles:
-        pairwise = round_id in battles or project.mode == Project.Mode.PAIRWISE
-        capacity = project.overlap * items_per_prompt(
-            project=project, completions=project.completions_per_prompt, pairwise=pairwise
-        )
+        battle = round_id in battles
+        pairwise = battle or project.mode == Project.Mode.PAIRWISE
+        # a battle prompt has one pair: its row leaves the queue's scan once that pair has its judgements
+        completions = 2 if battle else project.completions_per_prompt
+        capacity = project.overlap * items_per_prompt(project=project, completions=completions, pairwise=pairwise)
         if capacity == 0:
             continue
         yield from _round_candidates(

@@ -223,11 +223,15 @@ def _gold_candidates(*, project: Project, annotator: User, gold: set[int]) -> It
     meets each once, in the first slot nobody holds. A gold item is one of the items of the round the prompt
     was imported in (the completions its gold answer ranks).
 
-    What the annotator has met is read through the (annotator, item_key) index, and an item's slots through
-    the (item_key, slot) index when it is offered: the cost follows the annotator, not the gold items'
-    whole history (a gold item collects a judgement from every annotator)."""
+    What the annotator has met is read through the (project, annotator, prompt, round) index, and an item's
+    slots through the (item_key, slot) index when it is offered: the cost follows the annotator, not the gold
+    items' whole history (a gold item collects a judgement from every annotator)."""
     pairwise = project.mode == Project.Mode.PAIRWISE
-    met = set(Assignment.objects.filter(annotator=annotator, prompt_id__in=gold).values_list("item_key", flat=True))
+    met = set(
+        Assignment.objects.filter(project=project, annotator=annotator, prompt_id__in=gold).values_list(
+            "item_key", flat=True
+        )
+    )
     if not pairwise and len(met) >= len(gold):
         return  # one item a gold prompt, all met
     imported = imported_completion_ids(prompt_ids=gold)

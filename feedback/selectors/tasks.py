@@ -118,6 +118,17 @@ def _first_completions(*, round_id: int, prompt_ids: list[int], k: int) -> dict[
     return by_prompt
 
 
+def _items(
+    *, prompt_id: int, round_id: int, completion_ids: list[int], pairwise: bool
+) -> list[tuple[str, tuple[int, ...]]]:
+    """A prompt's items in a round, each (item key, its completions): every pair, or the whole group."""
+    if len(completion_ids) < 2:
+        return []
+    if pairwise:
+        return [(item_key_for_pair(a, b), (a, b)) for a, b in combinations(completion_ids, 2)]
+    return [(item_key_for_prompt(prompt_id, round_id), tuple(completion_ids))]
+
+
 def _candidates_for_prompt(
     *,
     project: Project,
@@ -129,13 +140,7 @@ def _candidates_for_prompt(
     rows_by_item: dict[str, list[dict[str, Any]]],
     now: datetime,
 ) -> list[ItemCandidate]:
-    if len(completion_ids) < 2:
-        return []
-    items: list[tuple[str, tuple[int, ...]]]
-    if pairwise:
-        items = [(item_key_for_pair(a, b), (a, b)) for a, b in combinations(completion_ids, 2)]
-    else:
-        items = [(item_key_for_prompt(prompt_id, round_id), tuple(completion_ids))]
+    items = _items(prompt_id=prompt_id, round_id=round_id, completion_ids=completion_ids, pairwise=pairwise)
 
     shown: dict[int, int] = defaultdict(int)  # completion id -> live slots on pairs that include it
     options = []
@@ -238,13 +243,7 @@ def _gold_candidates(*, project: Project, annotator: User, gold: set[int]) -> It
     for prompt_id in random.sample(sorted(imported), len(imported)):
         round_id, ids = imported[prompt_id]
         ids = ids[: project.completions_per_prompt]
-        if len(ids) < 2:
-            continue
-        items: list[tuple[str, tuple[int, ...]]]
-        if pairwise:
-            items = [(item_key_for_pair(a, b), (a, b)) for a, b in combinations(ids, 2)]
-        else:
-            items = [(item_key_for_prompt(prompt_id, round_id), tuple(ids))]
+        items = _items(prompt_id=prompt_id, round_id=round_id, completion_ids=ids, pairwise=pairwise)
         for key, members in random.sample(items, len(items)):
             if key in met:
                 continue

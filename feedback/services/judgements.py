@@ -171,7 +171,7 @@ def judgement_submit(*, project: Project, annotator: User, submission: Judgement
     # A repeated client UUID is not looked up here: its task is already done, so it fails validation
     # (or, racing, the insert) below, and both of those paths return the first judgement.
     submission = replace(submission, rationale=submission.rationale.strip())
-    assignment = Assignment.objects.filter(pk=submission.task_id, project=project).first()
+    assignment = Assignment.objects.filter(pk=submission.task_id, project=project).select_related("round").first()
     kind = task_kind(assignment=assignment) if assignment is not None else project.mode
     errors = _validate_fields(project=project, submission=submission, kind=kind)
     task_error = _validate_task(assignment=assignment, annotator=annotator)
@@ -201,7 +201,7 @@ def judgement_submit(*, project: Project, annotator: User, submission: Judgement
         raise ValidationError(
             {"task_id": _validate_task(assignment=fresh, annotator=annotator) or "This task changed; try again."}
         ) from None
-    if kind == Project.Mode.PAIRWISE and Round.objects.filter(pk=assignment.round_id, kind=Round.Kind.BATTLE).exists():
+    if assignment.round.kind == Round.Kind.BATTLE:
         enqueue("promotion_gate_task", project.pk)  # a battle judgement may decide a waiting version
     ranking = submission.ranking if isinstance(judgement, RankingJudgement) else None
     return SubmittedJudgement(judgement=judgement, created=True, ranking=ranking)

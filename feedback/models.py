@@ -528,6 +528,61 @@ class RankedCompletion(models.Model):
         return f"#{self.rank}: {self.completion_id}"
 
 
+class Adjudication(models.Model):
+    """A reviewer's final verdict on an item, which replaces the annotators' votes in exports and training snapshots.
+
+    The item is the one the annotators judged, named by the same ``item_key`` as their leases: an unordered pair
+    of completions (pairwise mode) or one round's completions of a prompt (ranking mode). A pairwise verdict
+    names the item's completions by id order: ``a`` is the lower id. A ranking verdict holds ``ranks``
+    ({completion id: rank}, 1 = best, ties share a rank) over every completion of the item. ``unusable`` keeps
+    the item out of training altogether. The annotators' judgements are never changed: undoing a verdict sets
+    ``undone_at`` and the votes count again. At most one verdict per item is in force.
+    """
+
+    class Verdict(models.TextChoices):
+        A = "a", "The first completion (lower id) is better"
+        B = "b", "The second completion is better"
+        TIE = "tie", "Tie"
+        BOTH_BAD = "both_bad", "Both bad"
+        RANKING = "ranking", "A ranking"
+        UNUSABLE = "unusable", "Unusable"
+
+    project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="adjudications")
+    prompt = models.ForeignKey(Prompt, on_delete=models.CASCADE, related_name="adjudications")
+    item_key = models.CharField(max_length=64, help_text="'p<prompt id>-r<round id>' or 'c<low id>-<high id>'.")
+    verdict = models.CharField(max_length=8, choices=Verdict.choices)
+    ranks = models.JSONField(
+        null=True, blank=True, help_text="Ranking verdicts: {completion id (a JSON string key): rank}."
+    )
+    note = models.TextField(blank=True)
+    reviewer = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="+")
+    created_at = models.DateTimeField(auto_now_add=True)
+    undone_at = models.DateTimeField(null=True, blank=True)
+    undone_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+
+    class Meta:
+        ordering = ["id"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["item_key"], condition=Q(undone_at__isnull=True), name="one_verdict_in_force_per_item"
+            ),
+            models.CheckConstraint(
+                condition=Q(verdict__in=["a", "b", "tie", "both_bad", "ranking", "unusable"]),
+                name="adjudication_verdict_valid",
+            ),
+            models.CheckConstraint(
+                condition=Q(verdict="ranking", ranks__isnull=False) | (~Q(verdict="ranking") & Q(ranks__isnull=True)),
+                name="adjudication_ranks_iff_ranking",
+            ),
+        ]
+        indexes = [models.Index(fields=["project", "undone_at"], name="adjudication_project_in_force")]
+
+    def __str__(self) -> str:
+        return f"{self.verdict} on {self.item_key} by {self.reviewer}"
+
+
 class TrainingRun(models.Model):
     class Algorithm(models.TextChoices):
         DPO = "dpo"

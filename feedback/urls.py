@@ -1,6 +1,6 @@
 from django.urls import path
 
-from feedback.views import annotate, evaluation, exports, pages, quality, training
+from feedback.views import annotate, evaluation, exports, pages, quality, review, training
 
 urlpatterns = [
     path("", pages.home, name="home"),
@@ -15,6 +15,10 @@ urlpatterns = [
         quality.quality_annotator_exclusion,
         name="quality-annotator-exclusion",
     ),
+    path("projects/<slug:slug>/review/", review.review_page, name="review"),
+    path("projects/<slug:slug>/review/<str:item_key>/", review.review_item_page, name="review-item"),
+    path("projects/<slug:slug>/review/<str:item_key>/verdict/", review.review_verdict, name="review-verdict"),
+    path("projects/<slug:slug>/review/<str:item_key>/undo/", review.review_undo, name="review-undo"),
     path("projects/<slug:slug>/models/", evaluation.models_page, name="models"),
     path("projects/<slug:slug>/models/evaluate/", evaluation.models_evaluate, name="models-evaluate"),
     path("projects/<slug:slug>/training/", training.training_page, name="training"),

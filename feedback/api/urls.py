@@ -1,6 +1,6 @@
 from django.urls import path
 
-from feedback.api import annotation, evaluations, exports, projects, quality, rounds, training
+from feedback.api import annotation, evaluations, exports, projects, quality, review, rounds, training
 
 app_name = "api"
 
@@ -45,6 +45,14 @@ urlpatterns: list = [
         quality.AnnotatorIncludeApi.as_view(),
         name="project-annotator-include",
     ),
+    path("projects/<str:slug>/review/", review.ReviewQueueApi.as_view(), name="project-review"),
+    path("projects/<str:slug>/review/<str:item_key>/", review.ReviewItemApi.as_view(), name="project-review-item"),
+    path(
+        "projects/<str:slug>/review/<str:item_key>/verdict/",
+        review.ReviewVerdictApi.as_view(),
+        name="project-review-verdict",
+    ),
+    path("projects/<str:slug>/review/<str:item_key>/undo/", review.ReviewUndoApi.as_view(), name="project-review-undo"),
     path("projects/<str:slug>/rounds/", rounds.RoundListApi.as_view(), name="project-rounds"),
     path("projects/<str:slug>/evaluations/", evaluations.EvaluationStartApi.as_view(), name="project-evaluations"),
     path("projects/<str:slug>/leaderboard/", evaluations.LeaderboardApi.as_view(), name="project-leaderboard"),

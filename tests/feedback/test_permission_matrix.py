@@ -31,6 +31,7 @@ from tests.factories import (
     TrainingRunFactory,
     UserFactory,
 )
+from tests.feedback.export_helpers import compare
 
 pytestmark = pytest.mark.django_db
 
@@ -80,6 +81,10 @@ TABLE: dict[str, Cell] = {
     "export": Cell("get", managers(200)),
     "quality": Cell("get", reviewers(200)),
     "quality-annotator-exclusion": Cell("post", managers(302)),
+    "review": Cell("get", reviewers(200)),
+    "review-item": Cell("get", reviewers(200)),
+    "review-verdict": Cell("post", reviewers(400)),
+    "review-undo": Cell("post", reviewers(400)),
     "models": Cell("get", reviewers(200)),
     "models-evaluate": Cell("post", managers(400)),
     "training": Cell("get", members(200)),
@@ -110,6 +115,10 @@ TABLE: dict[str, Cell] = {
     "api:project-quality-annotator": Cell("get", reviewers(200)),
     "api:project-annotator-exclude": Cell("post", managers(200)),
     "api:project-annotator-include": Cell("post", managers(200)),
+    "api:project-review": Cell("get", reviewers(200)),
+    "api:project-review-item": Cell("get", reviewers(200)),
+    "api:project-review-verdict": Cell("post", reviewers(400)),
+    "api:project-review-undo": Cell("post", reviewers(400)),
     "api:project-rounds": Cell("get", members(200)),
     "api:project-rounds POST": Cell("post", managers(202)),
     "api:project-evaluations": Cell("post", managers(400)),
@@ -151,8 +160,7 @@ def world(staff_user, settings, tiny_model_dir):
     settings.BASE_MODEL = str(tiny_model_dir)  # /healthz answers 200 only with a base model on disk
     project = ProjectFactory(slug="alpha", mode="pairwise", completions_per_prompt=2)
     other = ProjectFactory(slug="beta")
-    for _ in range(2):
-        CompletionFactory.create_batch(2, prompt=PromptFactory(project=project))
+    pairs = [CompletionFactory.create_batch(2, prompt=PromptFactory(project=project)) for _ in range(2)]
     users = {"anonymous": None, "staff": staff_user}
     for who, where, role in [
         ("annotator", project, Membership.Role.ANNOTATOR),
@@ -161,6 +169,8 @@ def world(staff_user, settings, tiny_model_dir):
         ("other manager", other, Membership.Role.MANAGER),
     ]:
         users[who] = MembershipFactory(project=where, role=role, user=UserFactory()).user
+    left, right = pairs[0]
+    compare(users["annotator"], left, right, "a")  # an item for the review pages
     version = ModelVersionFactory(project=project, metrics={"side_by_side": {"status": "queued"}})
     run = TrainingRunFactory(project=project, status=TrainingRun.Status.QUEUED)
     job = export_job_start(project=project, options=PreferenceExportOptions(), file_type="jsonl", requested_by_id=None)
@@ -172,6 +182,7 @@ def world(staff_user, settings, tiny_model_dir):
         "job_id": job.id,
         "username": users["annotator"].username,
         "prompt_id": str(project.prompts.first().pk),
+        "item_key": f"c{left.pk}-{right.pk}",
     }
     return {"users": users, "ids": ids}
 
@@ -237,6 +248,7 @@ def test_every_operation_answers_429_to_an_address_that_keeps_sending_wrong_toke
         "job_id": "1",
         "username": "someone",
         "prompt_id": "1",
+        "item_key": "c1-2",
     }
     response = getattr(client, cell.method)(_path(name, ids) + cell.query)
     assert response.status_code == 429

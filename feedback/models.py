@@ -52,6 +52,13 @@ class Project(models.Model):
     )
     training_algorithm = models.CharField(max_length=16, choices=Algorithm.choices, default=Algorithm.DPO)
     training_config = models.JSONField(default=dict, blank=True, help_text="Hyperparameters for training runs.")
+    weighting = models.CharField(
+        max_length=16,
+        choices=[("reliability", "By annotator reliability"), ("raw", "One vote each")],
+        default="reliability",
+        help_text="What an annotator's vote counts when a training run labels its pairs: their reliability "
+        "(from gold items and agreement) or one each.",
+    )
     auto_train = models.BooleanField(default=False)
     auto_train_threshold = models.PositiveIntegerField(default=200, validators=[MinValueValidator(1)])
     auto_promote = models.BooleanField(default=False)
@@ -105,6 +112,7 @@ class Project(models.Model):
                 condition=Q(battle_share__gte=0, battle_share__lte=1), name="project_battle_share_range"
             ),
             models.CheckConstraint(condition=Q(gold_share__gte=0, gold_share__lte=1), name="project_gold_share_range"),
+            models.CheckConstraint(condition=Q(weighting__in=["reliability", "raw"]), name="project_weighting_valid"),
         ]
 
     def __str__(self) -> str:

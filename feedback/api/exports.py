@@ -35,6 +35,7 @@ from feedback.selectors.preferences import (
     FORMATS,
     PAIR_MODES,
     SPLITS,
+    WEIGHTINGS,
     ExportOptionsError,
     PreferenceExportOptions,
 )
@@ -51,6 +52,11 @@ class ExportOptionsSerializer(serializers.Serializer):
     conversational = serializers.BooleanField(default=False, help_text="Message lists instead of strings.")
     pairs = serializers.ChoiceField(choices=PAIR_MODES, default="all", help_text="dpo: pairs from rankings.")
     min_agreement = serializers.FloatField(default=0.0, min_value=0.0, max_value=1.0)
+    weighting = serializers.ChoiceField(
+        choices=WEIGHTINGS,
+        default="reliability",
+        help_text="dpo: a vote counts its annotator's reliability (from gold items and agreement), or one (raw).",
+    )
     created_from = serializers.DateTimeField(required=False, help_text="Judgements created at or after.")
     created_before = serializers.DateTimeField(required=False, help_text="Judgements created before.")
     annotators = serializers.ListField(

@@ -31,6 +31,7 @@ from feedback.api.serializers import (
 from feedback.ids import MAX_ID, id_from
 from feedback.models import Membership, ModelVersion, Project, TrainingRun
 from feedback.selectors.access import project_for_role, project_role_check
+from feedback.selectors.preferences import WEIGHTINGS
 from feedback.selectors.side_by_side import side_by_side_read
 from feedback.services.training_runs import (
     SNAPSHOT_LIMITS,
@@ -147,6 +148,12 @@ class TrainingRunListApi(APIView):
             max_length=200,
             help_text="Train only on completions by these writers: version names of the project, or base.",
         )
+        weighting = serializers.ChoiceField(
+            choices=WEIGHTINGS,
+            required=False,
+            help_text="What a vote counts when the DPO pairs are labelled: its annotator's reliability or one "
+            "each (raw); the project's setting when left out.",
+        )
 
         class Meta:
             ref_name = "TrainingRunStart"
@@ -202,6 +209,7 @@ class TrainingRunListApi(APIView):
                 triggered_by=request.user if request.user.is_authenticated else None,
                 trigger=TrainingRun.Trigger.API,
                 limits={name: body.validated_data.get(name) for name in SNAPSHOT_LIMITS},
+                weighting=body.validated_data.get("weighting"),
             )
         except TrainingRunError as error:
             if _has_active_run(project) is not None:  # another request started one meanwhile

@@ -13,8 +13,20 @@ Rules (DESIGN.md, "Formats"):
   every worse one, ``adjacent`` each rank against the next one down. Tied completions never
   form a pair.
 - Across annotators a pair counts the votes for each side. ``votes`` is the number of votes
-  for either side, ``agreement`` = majority / votes, ``weight`` = agreement. A pair with no
-  vote for either side, with equal votes, or below ``min_agreement`` is left out.
+  for either side. With ``weighting="raw"`` each vote counts 1: ``chosen`` is the majority's
+  side and ``agreement`` = ``weight`` = majority / votes. With ``weighting="reliability"`` (the
+  default) a vote counts its annotator's reliability weight (selectors/reliability.py; negative
+  for someone mostly wrong, whose vote then counts for the other side): ``chosen`` is the side
+  with the larger weighted vote, ``weight`` = its weighted share, and ``agreement`` stays the raw
+  share of votes for ``chosen``. A pair with no vote for either side, with tied (weighted) votes,
+  or with ``weight`` below ``min_agreement`` is left out.
+- A reviewer's verdict in force on an item (models.Adjudication) replaces its votes: the pair (or
+  every pair of a ranked item) takes the verdict's order with ``weight`` 1 and ``adjudicated``
+  true, ``votes`` and ``agreement`` still describing the annotators; a tie, both-bad or unusable
+  verdict leaves the item's pairs out. A GRPO group with a ranking verdict is that ranking alone
+  (``annotators`` 1); an unusable one is left out. The ``judgements`` export keeps every
+  judgement, names the verdict that replaced it in ``superseded_by``, and adds the verdict itself
+  as a row of kind ``adjudication`` (``adjudicated`` true, the reviewer as ``annotator``).
 - GRPO: one annotator's ranking of K completions gives ``r_i = (K - place_i) / (K - 1)``
   where tied completions share the mean of the places they span; a completion's reward and
   rank (mean place) are the means over the annotators who ranked it; ``annotators`` counts
@@ -34,7 +46,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from collections import Counter
+from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -47,6 +59,7 @@ from django.conf import settings
 from django.db.models import Q, QuerySet
 
 from feedback.models import (
+    Adjudication,
     Completion,
     Judgement,
     PairwiseJudgement,
@@ -59,13 +72,17 @@ from feedback.models import (
 from feedback.selectors.annotators import excluded_annotator_ids
 from feedback.selectors.battles import battle_rows
 from feedback.selectors.models import completion_reward_scores, reward_model_newest
+from feedback.selectors.reliability import Reliability, project_reliability
+from feedback.selectors.review import verdicts_in_force
 
 ExportFormat = Literal["dpo", "grpo", "judgements", "battles"]
 PairMode = Literal["all", "best_vs_rest", "adjacent"]
 Split = Literal["train", "test", "eval"]
+Weighting = Literal["raw", "reliability"]
 
 PAIR_MODES: tuple[str, ...] = ("all", "best_vs_rest", "adjacent")
 SPLITS: tuple[str, ...] = ("train", "test", "eval")
+WEIGHTINGS: tuple[str, ...] = ("reliability", "raw")
 
 
 class ExportOptionsError(ValueError):
@@ -84,7 +101,8 @@ class PreferenceExportOptions:
     format: ExportFormat = "dpo"
     conversational: bool = False  # message lists instead of strings (TRL's conversational format)
     pairs: PairMode = "all"  # which pairs a ranking yields
-    min_agreement: float = 0.0  # dpo: leave out pairs whose agreement is below this
+    min_agreement: float = 0.0  # dpo: leave out pairs whose weight is below this
+    weighting: Weighting = "reliability"  # dpo: what a vote counts, 1 (raw) or its annotator's reliability weight
     created_from: datetime | None = None  # judgements created at or after
     created_before: datetime | None = None  # judgements created strictly before (an empty range gives no rows)
     annotator_ids: tuple[int, ...] | None = None  # only these annotators' judgements
@@ -107,6 +125,8 @@ class PreferenceExportOptions:
             raise ExportOptionsError("format", f"must be one of {', '.join(FORMATS)}, not {self.format!r}")
         if self.pairs not in PAIR_MODES:
             raise ExportOptionsError("pairs", f"must be one of {', '.join(PAIR_MODES)}, not {self.pairs!r}")
+        if self.weighting not in WEIGHTINGS:
+            raise ExportOptionsError("weighting", f"must be reliability or raw, not {self.weighting!r}")
         if not 0.0 <= self.min_agreement <= 1.0:
             raise ExportOptionsError("min_agreement", "must be between 0 and 1")
         if self.split is not None and self.split not in SPLITS:
@@ -193,6 +213,7 @@ _OPTIONS: dict[str, tuple[str, Any]] = {
     "conversational": ("conversational", bool),
     "pairs": ("pairs", str),
     "min_agreement": ("min_agreement", float | int),
+    "weighting": ("weighting", str),
     "created_from": ("created_from", datetime),
     "created_before": ("created_before", datetime),
     "annotators": ("annotator_ids", tuple),
@@ -217,6 +238,7 @@ class _Ranking:
     ids: list[int]  # completion ids, best first
     ranks: list[int]  # their ranks
     stored: dict[str, Any] | None = None  # judgements export: the judgement's stored columns (_stored_columns)
+    verdict: Adjudication | None = None  # a reviewer's ranking verdict, standing for the item's rankings
 
 
 @dataclass
@@ -229,6 +251,9 @@ class _PromptGroup:
     pairwise: list[Any]  # rows of _streams' pairwise query, fields by name
     rankings: list[_Ranking]
     rewards: dict[int, float | None] | None  # completion id -> reward model score, with the reward_scores option
+    verdicts: dict[str, Adjudication]  # item key -> the verdict in force, for this prompt's items
+    round_ids: dict[int, int]  # completion id -> its round's id (a ranked item's key names it)
+    reliability: Reliability | None  # what each annotator's vote counts; None: 1 each (raw weighting)
 
 
 def prompt_in_split(*, prompt_id: int, options: PreferenceExportOptions) -> bool:
@@ -365,7 +390,7 @@ def _streams(
 
     # Completions and ranked completions come K to a prompt or a judgement, by far the most rows: plain tuples,
     # unpacked by name where they are read, as named rows cost about 10 % of a dpo export (benchmarks/RESULTS.md).
-    completion_fields = ["prompt_id", "id", "text", "round__number", "generation_params__truncated"]
+    completion_fields = ["prompt_id", "id", "text", "round__number", "generation_params__truncated", "round_id"]
     if options.reward_scores:
         written = written.annotate(reward=completion_reward_scores(reward_model=reward_model_newest(project=project)))
         completion_fields.append("reward")
@@ -405,8 +430,12 @@ def _prompt_groups(
     options: PreferenceExportOptions,
     on_prompt: Callable[[int], None] | None,
     id_range: tuple[int, int] | None,
+    reliability: Reliability | None,
 ) -> Iterator[_PromptGroup]:
     prompts, completions, pairwise, ranked = _streams(project, options, id_range)
+    verdicts: dict[int, dict[str, Adjudication]] = defaultdict(dict)  # prompt id -> item key -> verdict in force
+    for key, verdict in verdicts_in_force(project=project).items():
+        verdicts[verdict.prompt_id][key] = verdict
     stored = _stored_columns(RankingJudgement) if EXPORT_FORMATS[options.format].raw else None
     size = options.chunk_size
     completion_rows = _Cursor(completions.iterator(chunk_size=size))
@@ -425,7 +454,8 @@ def _prompt_groups(
         texts = {completion_id: text for _, completion_id, text, *_ in written}
         rounds = {completion_id: number for _, completion_id, _, number, *_ in written}
         cut = {completion_id for _, completion_id, _, _, truncated, *_ in written if truncated}
-        rewards = {row[1]: row[5] for row in written} if options.reward_scores else None
+        round_ids = {row[1]: row[5] for row in written}
+        rewards = {row[1]: row[6] for row in written} if options.reward_scores else None
         rankings: list[_Ranking] = []
         judgement_id = None
         for _, ranked_judgement, annotator_id, completion_id, rank, *judgement_fields in ranked_entries:
@@ -451,6 +481,9 @@ def _prompt_groups(
                 pairwise=kept_pairs,
                 rankings=kept_rankings,
                 rewards=rewards,
+                verdicts=verdicts.get(prompt_id, {}),
+                round_ids=round_ids,
+                reliability=reliability,
             )
 
 
@@ -461,30 +494,46 @@ def _shapers(options: PreferenceExportOptions) -> tuple[Callable[[list[dict[str,
 
 
 def _dpo_rows(group: _PromptGroup, options: PreferenceExportOptions, prompt: Any, answer: Callable) -> Iterator[dict]:
-    votes = [  # (winner id, loser id), one per vote
-        (row.left_id, row.right_id) if row.choice == PairwiseJudgement.Choice.A else (row.right_id, row.left_id)
-        for row in group.pairwise
-        if row.choice in (PairwiseJudgement.Choice.A, PairwiseJudgement.Choice.B)
-    ]
+    # (low id, high id) -> [votes for low, votes for high, weighted votes for low, weighted votes for high]
+    tally: dict[tuple[int, int], list[float]] = defaultdict(lambda: [0, 0, 0.0, 0.0])
+
+    def vote(winner: int, loser: int, annotator_id: int) -> None:
+        low_won = winner < loser
+        counts = tally[(winner, loser) if low_won else (loser, winner)]
+        weight = group.reliability.weight(annotator_id) if group.reliability is not None else 1.0
+        counts[0 if low_won else 1] += 1
+        counts[2 if (low_won == (weight >= 0)) else 3] += abs(weight)
+
+    for row in group.pairwise:
+        if row.choice == PairwiseJudgement.Choice.A:
+            vote(row.left_id, row.right_id, row.annotator_id)
+        elif row.choice == PairwiseJudgement.Choice.B:
+            vote(row.right_id, row.left_id, row.annotator_id)
     for ranking in group.rankings:
         ids = ranking.ids
-        votes += [
-            (ids[better], ids[worse]) for better, worse in ranking_pairs(ranks=tuple(ranking.ranks), mode=options.pairs)
-        ]
-    wins = Counter(votes)
+        for better, worse in ranking_pairs(ranks=tuple(ranking.ranks), mode=options.pairs):
+            vote(ids[better], ids[worse], ranking.annotator_id)
+    ruled = _verdict_pairs(group, options)
 
     # Strings go out as they are; only the conversational shape wraps each text.
     shaped = {cid: answer(text) for cid, text in group.texts.items()} if options.conversational else group.texts
-    for low, high in sorted({(a, b) if a < b else (b, a) for a, b in wins}):
-        for_low, for_high = wins.get((low, high), 0), wins.get((high, low), 0)
-        if for_low == for_high:
-            continue
+    for low, high in sorted(tally.keys() | ruled.keys()):
+        for_low, for_high, weighted_low, weighted_high = tally.get((low, high), (0, 0, 0.0, 0.0))
+        if (low, high) in ruled:
+            chosen = ruled[(low, high)]
+            if chosen is None:
+                continue
+            weight = 1.0
+        else:
+            if weighted_low == weighted_high:
+                continue
+            chosen = low if weighted_low > weighted_high else high
+            weight = max(weighted_low, weighted_high) / (weighted_low + weighted_high)
+            if weight < options.min_agreement:
+                continue
+        rejected = high if chosen == low else low
         total = for_low + for_high
-        chosen, rejected, majority = (low, high, for_low) if for_low > for_high else (high, low, for_high)
-        agreement = majority / total
-        if agreement < options.min_agreement:
-            continue
-        row: dict[str, Any] = {
+        pair_row: dict[str, Any] = {
             "prompt": prompt,
             "chosen": shaped[chosen],
             "rejected": shaped[rejected],
@@ -494,19 +543,70 @@ def _dpo_rows(group: _PromptGroup, options: PreferenceExportOptions, prompt: Any
             "chosen_truncated": chosen in group.cut,
             "rejected_truncated": rejected in group.cut,
             "votes": total,
-            "agreement": agreement,
-            "weight": agreement,
+            "agreement": (for_low if chosen == low else for_high) / total if total else 0.0,
+            "weight": weight,
+            "adjudicated": (low, high) in ruled,
             "round": group.rounds[chosen],
         }
         if group.rewards is not None:
-            row.update(chosen_reward=group.rewards[chosen], rejected_reward=group.rewards[rejected])
-        yield row
+            pair_row.update(chosen_reward=group.rewards[chosen], rejected_reward=group.rewards[rejected])
+        yield pair_row
+
+
+def _verdict_pairs(group: _PromptGroup, options: PreferenceExportOptions) -> dict[tuple[int, int], int | None]:
+    """(low id, high id) -> the chosen id the verdicts in force give the pair, or None where they leave it out."""
+    ruled: dict[tuple[int, int], int | None] = {}
+    for key, verdict in group.verdicts.items():
+        if key.startswith("c"):  # a pair: c<low id>-<high id>
+            low, high = (int(part) for part in key[1:].split("-"))
+            ruled[(low, high)] = {"a": low, "b": high}.get(verdict.verdict)
+            continue
+        item = _item_completions(group, key)
+        ruled.update({(a, b): None for a in item for b in item if a < b})
+        if verdict.verdict == Adjudication.Verdict.RANKING:
+            ranking = _verdict_ranking(verdict, group.texts)
+            ids = ranking.ids
+            for better, worse in ranking_pairs(ranks=tuple(ranking.ranks), mode=options.pairs):
+                ruled[_ordered(ids[better], ids[worse])] = ids[better]
+    return ruled
+
+
+def _item_completions(group: _PromptGroup, key: str) -> list[int]:
+    """The completions of a ranked item (p<prompt id>-r<round id>) that the options let through."""
+    return sorted(cid for cid, round_id in group.round_ids.items() if key == f"p{group.prompt_id}-r{round_id}")
+
+
+def _ordered(a: int, b: int) -> tuple[int, int]:
+    return (a, b) if a < b else (b, a)
+
+
+def _verdict_ranking(verdict: Adjudication, texts: Mapping[int, str]) -> _Ranking:
+    """A ranking verdict as a ranking of the completions the options let through, best first."""
+    ranks = {int(cid): rank for cid, rank in (verdict.ranks or {}).items()}
+    ids = sorted((cid for cid in ranks if cid in texts), key=lambda cid: (ranks[cid], cid))
+    return _Ranking(verdict.pk, verdict.reviewer_id, ids, [ranks[cid] for cid in ids], verdict=verdict)
+
+
+def _rankings_in_force(group: _PromptGroup) -> list[_Ranking]:
+    """The prompt's rankings with each ranked item's verdict in force standing for the item's rankings (alone:
+    a ranking verdict; none: an unusable one)."""
+    replaced: dict[int, Adjudication] = {}  # completion id -> the verdict of its item
+    for key, verdict in group.verdicts.items():
+        if key.startswith("p"):
+            replaced.update(dict.fromkeys(_item_completions(group, key), verdict))
+    kept = [ranking for ranking in group.rankings if ranking.ids[0] not in replaced]
+    for verdict in {verdict.pk: verdict for verdict in replaced.values()}.values():
+        if verdict.verdict == Adjudication.Verdict.RANKING:
+            ranking = _verdict_ranking(verdict, group.texts)
+            if len(ranking.ids) >= 2:
+                kept.append(ranking)
+    return kept
 
 
 def _grpo_rows(group: _PromptGroup, options: PreferenceExportOptions, prompt: Any, answer: Callable) -> Iterator[dict]:
     """One group per round of the prompt: a ranking covers one round's completions, so rounds never mix."""
     by_round: dict[int, list[_Ranking]] = {}
-    for ranking in group.rankings:
+    for ranking in _rankings_in_force(group):
         by_round.setdefault(group.rounds[ranking.ids[0]], []).append(ranking)
     for number in sorted(by_round):
         yield from _grpo_group(group, by_round[number], number, prompt, answer)
@@ -536,6 +636,7 @@ def _grpo_group(
         "completion_ids": ids,
         "truncated": [cid in group.cut for cid in ids],
         "annotators": len(rankings),
+        "adjudicated": any(ranking.verdict is not None for ranking in rankings),
         "round": number,
     }
     if group.rewards is not None:
@@ -553,6 +654,12 @@ def _judgement_rows(
     def who(annotator_id: int) -> str:
         return annotator_pseudonym(annotator_id=annotator_id) if options.pseudonymise else str(annotator_id)
 
+    def verdict_on(completion_ids: list[int]) -> Adjudication | None:
+        low, high = min(completion_ids), max(completion_ids)
+        if f"c{low}-{high}" in group.verdicts:
+            return group.verdicts[f"c{low}-{high}"]
+        return group.verdicts.get(f"p{group.prompt_id}-r{group.round_ids[low]}")
+
     for row in group.pairwise:
         out = dict.fromkeys(_JUDGEMENT_COLUMNS)
         out.update((name, getattr(row, name)) for name in pairwise_stored)
@@ -569,6 +676,7 @@ def _judgement_rows(
             ranks=None,
             round=group.rounds[row.left_id],
         )
+        _mark_superseded(out, verdict_on([row.left_id, row.right_id]))
         if group.rewards is not None:
             out["reward_scores"] = [group.rewards[row.left_id], group.rewards[row.right_id]]
         yield out
@@ -589,9 +697,42 @@ def _judgement_rows(
             ranks=ranking.ranks,
             round=group.rounds[ids[0]],
         )
+        _mark_superseded(out, verdict_on(ids))
         if group.rewards is not None:
             out["reward_scores"] = [group.rewards[cid] for cid in ids]
         yield out
+    for key, verdict in group.verdicts.items():
+        ids = [int(part) for part in key[1:].split("-")] if key.startswith("c") else _item_completions(group, key)
+        if verdict.verdict == Adjudication.Verdict.RANKING:
+            ids = _verdict_ranking(verdict, group.texts).ids
+        if not all(cid in group.texts for cid in ids):
+            continue
+        out = dict.fromkeys(_JUDGEMENT_COLUMNS)
+        ranks = {int(cid): rank for cid, rank in (verdict.ranks or {}).items()}
+        out.update(
+            kind="adjudication",
+            judgement_id=verdict.pk,
+            prompt_id=group.prompt_id,
+            prompt=prompt,
+            annotator=verdict.reviewer.username,
+            created_at=verdict.created_at.isoformat(),
+            completion_ids=ids,
+            truncated=[cid in group.cut for cid in ids],
+            completions=[answer(group.texts[cid]) for cid in ids],
+            choice=None if verdict.verdict == Adjudication.Verdict.RANKING else verdict.verdict,
+            ranks=[ranks[cid] for cid in ids] if ranks else None,
+            rationale=verdict.note,
+            round=group.rounds[ids[0]],
+            adjudicated=True,
+        )
+        if group.rewards is not None:
+            out["reward_scores"] = [group.rewards[cid] for cid in ids]
+        yield out
+
+
+def _mark_superseded(out: dict[str, Any], verdict: Adjudication | None) -> None:
+    out["adjudicated"] = False
+    out["superseded_by"] = verdict.pk if verdict is not None else None
 
 
 @cache
@@ -611,13 +752,15 @@ def preference_rows(
     options: PreferenceExportOptions,
     on_prompt: Callable[[int], None] | None = None,
     id_range: tuple[int, int] | None = None,
+    reliability: Reliability | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Export rows for a project, prompt by prompt in id order, streamed from the database.
 
     ``on_prompt(1)`` is called once per prompt read (a progress hook; the total is the
     project's prompt count). ``id_range=(first, end)`` reads only the prompts with
     ``first <= id < end``: the rows of consecutive ranges, one after the other, are the
-    rows of the whole.
+    rows of the whole, when they are given the same ``reliability`` (`preference_weights`;
+    read from the whole project when not given and the options weigh votes).
     """
     spec = EXPORT_FORMATS[options.format]
     if spec.project_rows is not None:
@@ -625,8 +768,18 @@ def preference_rows(
         return
     shape_prompt, answer = _shapers(options)
     assert spec.rows is not None
-    for group in _prompt_groups(project, options, on_prompt, id_range):
+    weights = (reliability or preference_weights(project=project, options=options)) if _weighs(options) else None
+    for group in _prompt_groups(project, options, on_prompt, id_range, weights):
         yield from spec.rows(group, options, shape_prompt(group.messages), answer)
+
+
+def _weighs(options: PreferenceExportOptions) -> bool:
+    return options.format == "dpo" and options.weighting == "reliability"
+
+
+def preference_weights(*, project: Project, options: PreferenceExportOptions) -> Reliability | None:
+    """What each annotator's vote counts in an export with these options: None for one each."""
+    return project_reliability(project=project) if _weighs(options) else None
 
 
 def _battle_rows(
@@ -692,6 +845,7 @@ EXPORT_FORMATS: dict[str, ExportFormatSpec] = {
             ("votes", "int32"),
             ("agreement", "float64"),
             ("weight", "float64"),
+            ("adjudicated", "bool"),
             ("round", "int64"),
         ),
         pairwise=True,
@@ -709,6 +863,7 @@ EXPORT_FORMATS: dict[str, ExportFormatSpec] = {
             ("completion_ids", "list<int64>"),
             ("truncated", "list<bool>"),
             ("annotators", "int32"),
+            ("adjudicated", "bool"),
             ("round", "int64"),
         ),
         pairwise=False,
@@ -733,6 +888,8 @@ EXPORT_FORMATS: dict[str, ExportFormatSpec] = {
             ("rationale", "string"),
             ("time_ms", "int64"),
             ("round", "int64"),
+            ("adjudicated", "bool"),
+            ("superseded_by", "int64"),
         ),
         pairwise=True,
         raw=True,

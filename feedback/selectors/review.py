@@ -140,7 +140,8 @@ def item_completion_ids(*, project: Project, item: ItemKey) -> list[int]:
 
 def verdicts_in_force(*, project: Project) -> dict[str, Adjudication]:
     """item_key -> the project's verdict in force on it (at most one per item; undone verdicts are history)."""
-    return {v.item_key: v for v in Adjudication.objects.filter(project=project, undone_at__isnull=True)}
+    in_force = Adjudication.objects.filter(project=project, undone_at__isnull=True).select_related("reviewer")
+    return {v.item_key: v for v in in_force}
 
 
 # --- the queue ---------------------------------------------------------------------------------------------

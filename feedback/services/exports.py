@@ -33,7 +33,14 @@ from django.utils import timezone
 from feedback.db import use_own_connections
 from feedback.models import Project, Prompt
 from feedback.queue import enqueue
-from feedback.selectors.preferences import EXPORT_FORMATS, PreferenceExportOptions, export_columns, preference_rows
+from feedback.selectors.preferences import (
+    EXPORT_FORMATS,
+    PreferenceExportOptions,
+    export_columns,
+    preference_rows,
+    preference_weights,
+)
+from feedback.selectors.reliability import Reliability
 
 FILE_TYPES = ("jsonl", "parquet")  # the kinds of file an export writes, by their extension
 JSONL_LINES_PER_CHUNK = 1000
@@ -106,7 +113,7 @@ def _dpo_lines(rows: Iterable[dict[str, Any]], encode: Callable[[Any], str]) -> 
             f'"chosen_truncated": {_FLAG[row["chosen_truncated"]]}, '
             f'"rejected_truncated": {_FLAG[row["rejected_truncated"]]}, "votes": {row["votes"]}, '
             f'"agreement": {_number_text(row["agreement"])}, "weight": {_number_text(row["weight"])}, '
-            f'"round": {row["round"]}}}'
+            f'"adjudicated": {_FLAG[row["adjudicated"]]}, "round": {row["round"]}}}'
         )
 
 
@@ -150,20 +157,23 @@ def export_jsonl(
         yield from (chunk.encode() for chunk in export_jsonl_chunks(rows=rows))
         return
     workers = min(workers, len(slices))
+    weights = preference_weights(project=project, options=options)  # one estimate for every slice
     context = multiprocessing.get_context("fork")
     helpers: list[tuple[BaseProcess, Connection]] = []
     try:
         for worker in range(1, workers):
             receiver, sender = context.Pipe(duplex=False)
             process = context.Process(
-                target=_export_slices, args=(project, options, slices[worker::workers], sender), daemon=True
+                target=_export_slices, args=(project, options, weights, slices[worker::workers], sender), daemon=True
             )
             process.start()
             sender.close()
             helpers.append((process, receiver))
         for index, (first, end, prompts) in enumerate(slices):
             if index % workers == 0:
-                rows = preference_rows(project=project, options=options, on_prompt=on_prompt, id_range=(first, end))
+                rows = preference_rows(
+                    project=project, options=options, on_prompt=on_prompt, id_range=(first, end), reliability=weights
+                )
                 yield from (chunk.encode() for chunk in export_jsonl_chunks(rows=rows))
                 continue
             try:
@@ -204,13 +214,17 @@ def _prompt_slices(*, project: Project, size: int) -> list[tuple[int, int, int]]
 
 
 def _export_slices(
-    project: Project, options: PreferenceExportOptions, slices: list[tuple[int, int, int]], sender: Connection
+    project: Project,
+    options: PreferenceExportOptions,
+    weights: Reliability | None,
+    slices: list[tuple[int, int, int]],
+    sender: Connection,
 ) -> None:
     """In a forked process: export each slice and send its JSONL, or the error that stopped it."""
     use_own_connections()  # never the parent's, whatever state it left them in
     try:
         for first, end, _ in slices:
-            rows = preference_rows(project=project, options=options, id_range=(first, end))
+            rows = preference_rows(project=project, options=options, id_range=(first, end), reliability=weights)
             sender.send_bytes(_EXPORTED + "".join(export_jsonl_chunks(rows=rows)).encode())
     except Exception as error:
         sender.send_bytes(_FAILED + f"{type(error).__name__}: {error}".encode())

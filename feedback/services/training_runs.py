@@ -37,6 +37,7 @@ from feedback.selectors.preferences import (
     ExportOptionsError,
     PreferenceExportOptions,
     preference_rows,
+    preference_weights,
     training_prompt_rows,
 )
 from feedback.services.model_versions import model_version_promote
@@ -195,7 +196,7 @@ def run_dir(run: TrainingRun) -> Path:
 
 
 def _snapshot_options(
-    project: Project, export_format: ExportFormat, test_fraction: float, limits: Mapping[str, Any]
+    project: Project, export_format: ExportFormat, test_fraction: float, limits: Mapping[str, Any], weighting: str
 ) -> PreferenceExportOptions:
     """The export options a run's snapshot is read with: every round, or those ``limits`` keep.
 
@@ -207,7 +208,12 @@ def _snapshot_options(
         raise TrainingRunError(f"{unknown[0]} does not limit a snapshot; use {', '.join(SNAPSHOT_LIMITS)}")
     try:
         options = PreferenceExportOptions.from_mapping(
-            {**limits, "format": export_format, "test_fraction": test_fraction}
+            {
+                **limits,
+                "format": export_format,
+                "test_fraction": test_fraction,
+                "weighting": weighting if export_format == "dpo" else None,
+            }
         )
     except ExportOptionsError as error:
         raise TrainingRunError(f"{error.field}: {error.message}") from None
@@ -221,9 +227,14 @@ def _snapshot_options(
 
 def _snapshot(project: Project, base: PreferenceExportOptions, *, prompts: bool) -> tuple[list[dict], list[dict]]:
     """The training and held-out rows: the export's, or with ``prompts`` every training prompt (same split)."""
-    rows = training_prompt_rows if prompts else preference_rows
-    train = list(rows(project=project, options=replace(base, split="train")))
-    held_out = list(rows(project=project, options=replace(base, split="test")))
+    if prompts:
+        return (
+            list(training_prompt_rows(project=project, options=replace(base, split="train"))),
+            list(training_prompt_rows(project=project, options=replace(base, split="test"))),
+        )
+    weights = preference_weights(project=project, options=base)  # one estimate for both parts
+    train = list(preference_rows(project=project, options=replace(base, split="train"), reliability=weights))
+    held_out = list(preference_rows(project=project, options=replace(base, split="test"), reliability=weights))
     return train, held_out
 
 
@@ -243,12 +254,15 @@ def training_run_start(
     trigger: str = TrainingRun.Trigger.MANUAL,
     test_fraction: float = 0.1,
     limits: Mapping[str, Any] | None = None,
+    weighting: str | None = None,
     enqueue: bool = True,
 ) -> TrainingRun:
     """Snapshot the project's judgements and queue a run; at most one is queued or running per project.
 
     The snapshot takes every round unless ``limits`` (``rounds``, ``since_round``, ``writers``, as
-    exports take them) keep fewer; they are recorded in the run's ``data_counts``. ``enqueue=False``
+    exports take them) keep fewer; they are recorded in the run's ``data_counts``. A DPO snapshot's
+    pairs are labelled with ``weighting`` (``reliability`` or ``raw``, as exports; the project's
+    setting when None), which ``data_counts`` records too. ``enqueue=False``
     leaves the run for the caller to execute itself (``train --sync``), so no worker can take it too.
     """
     algorithm, entry = _algorithm_for(project, algorithm)
@@ -264,7 +278,7 @@ def training_run_start(
     if TrainingRun.objects.filter(project=project, status__in=["queued", "running"]).exists():
         raise TrainingRunError(f"a training run of {project.slug} is already queued or running")
     export_format = entry.formats[project.mode]
-    options = _snapshot_options(project, export_format, test_fraction, limits or {})
+    options = _snapshot_options(project, export_format, test_fraction, limits or {}, weighting or project.weighting)
     limited = {name: value for name, value in options.as_mapping().items() if name in SNAPSHOT_LIMITS}
     if entry.uses_reward_model and limited:
         raise TrainingRunError(
@@ -281,6 +295,8 @@ def training_run_start(
     }
     if limited:
         counts["limits"] = limited
+    if export_format == "dpo" and not entry.uses_reward_model:
+        counts["weighting"] = options.weighting
     try:
         with transaction.atomic():
             run = TrainingRun.objects.create(

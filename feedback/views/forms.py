@@ -15,7 +15,7 @@ from django.contrib.auth import get_user_model
 from django.utils import timezone
 
 from feedback.models import ModelVersion, Project
-from feedback.selectors.preferences import FORMATS, PAIR_MODES, PreferenceExportOptions
+from feedback.selectors.preferences import FORMATS, PAIR_MODES, WEIGHTINGS, PreferenceExportOptions
 
 RANK_PREFIX = "rank-"
 
@@ -65,6 +65,12 @@ class ExportForm(forms.Form):
     )
     conversational = forms.BooleanField(required=False, help_text="message lists instead of strings")
     min_agreement = forms.FloatField(min_value=0, max_value=1, initial=0, help_text="dpo: leave out pairs below this")
+    weighting = forms.ChoiceField(
+        choices=[(w, w) for w in WEIGHTINGS],
+        initial="reliability",
+        required=False,
+        help_text="dpo: a vote counts its annotator's reliability, or one (raw)",
+    )
     created_from = forms.DateField(required=False, help_text="judgements from this day")
     created_until = forms.DateField(required=False, help_text="to this day, inclusive")
     annotators = forms.ModelMultipleChoiceField(queryset=get_user_model().objects.none(), required=False)

@@ -80,6 +80,7 @@ class TrainingSettingsForm(forms.ModelForm):
             "round_size",
             "training_algorithm",
             "training_config",
+            "weighting",
         ]
         widgets = {"training_config": forms.Textarea(attrs={"rows": 4})}
         labels = {
@@ -91,6 +92,7 @@ class TrainingSettingsForm(forms.ModelForm):
             "round_size": "Prompts in the round a promotion starts (empty: all)",
             "training_algorithm": "Algorithm",
             "training_config": "Hyperparameters (JSON)",
+            "weighting": "A DPO pair's votes count",
         }
 
     def clean(self) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""Exports stream: the memory an export needs does not grow with the number of rows."""
+"""Exports stream: the memory an export needs does not grow with the number of rows, but for the reliability
+estimate's arrays (under 200 bytes per vote) when votes are weighted by it."""
 
 import gc
 import tracemalloc
@@ -13,11 +14,12 @@ from tests.feedback.export_helpers import bulk_rankings, fast_password_hashing
 pytestmark = pytest.mark.django_db
 
 
-def traced_export(project, path, file_format: str) -> tuple[int, int]:
+def traced_export(project, path, file_format: str, weighting: str = "raw") -> tuple[int, int]:
     gc.collect()
     tracemalloc.start()
     try:
-        rows = export_write_file(project=project, options=PreferenceExportOptions(format=file_format), path=path)
+        options = PreferenceExportOptions(format=file_format, weighting=weighting)
+        rows = export_write_file(project=project, options=options, path=path)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
@@ -33,9 +35,13 @@ def test_export_memory_is_flat_in_the_number_of_rows(settings, tmp_path):
     small = {suffix: traced_export(project, tmp_path / f"small.{suffix}", "dpo") for suffix in ("jsonl", "parquet")}
     bulk_rankings(project, prompts=10_200, annotators=[annotator], start=3_400)
     large = {suffix: traced_export(project, tmp_path / f"large.{suffix}", "dpo") for suffix in ("jsonl", "parquet")}
+    weighted_rows, weighted_peak = traced_export(project, tmp_path / "weighted.jsonl", "dpo", "reliability")
 
     for suffix in ("jsonl", "parquet"):
         (small_rows, small_peak), (large_rows, large_peak) = small[suffix], large[suffix]
         assert (small_rows, large_rows) == (20_400, 81_600)
         # Four times the rows; an export that gathered its rows in memory would need about four times the memory.
         assert large_peak / small_peak < 1.3, (suffix, small_peak, large_peak)
+    # The same rows, weighted: one vote per row here, and the estimate's arrays on top of the streaming export.
+    assert weighted_rows == 81_600
+    assert (weighted_peak - large["jsonl"][1]) / weighted_rows < 250, (weighted_peak, large["jsonl"][1])

@@ -307,6 +307,7 @@ def settings_data(**overrides):
         "round_size": "10",
         "training_algorithm": "dpo",
         "training_config": '{"epochs": 2, "beta": 0.2}',
+        "weighting": "raw",
     }
     return data | overrides
 
@@ -320,7 +321,7 @@ def test_managers_change_the_training_settings(client, project, manager):
     assert response.status_code == 302 and messages_of(response) == ["Training settings saved."]
     assert project.auto_train and project.auto_promote and project.auto_train_threshold == 25
     assert project.training_config == {"epochs": 2, "beta": 0.2} and project.round_size == 10
-    assert project.promote_when_preferred and project.battle_share == 0.25
+    assert project.promote_when_preferred and project.battle_share == 0.25 and project.weighting == "raw"
 
 
 @pytest.mark.parametrize(
@@ -333,6 +334,7 @@ def test_managers_change_the_training_settings(client, project, manager):
         ({"auto_train_threshold": "0"}, "greater than or equal to 1"),
         ({"battle_share": "1.5"}, "less than or equal to 1.0"),
         ({"battle_share": "-0.1"}, "greater than or equal to 0.0"),
+        ({"weighting": "majority"}, "Select a valid choice. majority is not one of the available choices."),
     ],
 )
 def test_bad_settings_are_shown_at_their_field_and_not_saved(client, project, manager, overrides, message):

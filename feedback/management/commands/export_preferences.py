@@ -19,6 +19,7 @@ from feedback.selectors.preferences import (
     FORMATS,
     PAIR_MODES,
     SPLITS,
+    WEIGHTINGS,
     ExportOptionsError,
     PreferenceExportOptions,
 )
@@ -54,6 +55,12 @@ class Command(BaseCommand):
         )
         parser.add_argument("--pairs", choices=PAIR_MODES, default="all", help="pairs derived from rankings (dpo)")
         parser.add_argument("--min-agreement", type=_fraction, default=0.0, help="leave out pairs below this (dpo)")
+        parser.add_argument(
+            "--weighting",
+            choices=WEIGHTINGS,
+            default="reliability",
+            help="what a vote counts (dpo): its annotator's reliability, or one (raw)",
+        )
         parser.add_argument("--since", type=_moment, help="judgements created at or after this date")
         parser.add_argument("--until", type=_moment, help="judgements created before this date")
         parser.add_argument("--annotator", action="append", default=[], help="username; repeat for several")
@@ -99,6 +106,7 @@ class Command(BaseCommand):
                     "conversational": opts["conversational"],
                     "pairs": opts["pairs"],
                     "min_agreement": opts["min_agreement"],
+                    "weighting": opts["weighting"],
                     "created_from": opts["since"],
                     "created_before": opts["until"],
                     "annotators": self._annotator_ids(opts["annotator"]),

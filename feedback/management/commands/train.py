@@ -9,6 +9,7 @@ from tqdm import tqdm
 from feedback.management.arguments import round_numbers, writer_names
 from feedback.models import ModelVersion, Project, TrainingRun
 from feedback.selectors.models import accuracy_interval
+from feedback.selectors.preferences import WEIGHTINGS
 from feedback.services.side_by_side import side_by_side_write
 from feedback.services.training_runs import (
     ALGORITHMS,
@@ -50,6 +51,12 @@ class Command(BaseCommand):
         parser.add_argument(
             "--writers", type=writer_names, help="train only on completions by these writers: version names or base"
         )
+        parser.add_argument(
+            "--weighting",
+            choices=WEIGHTINGS,
+            help="what a vote counts when DPO pairs are labelled: its annotator's reliability, or one (raw); "
+            "default: the project's setting",
+        )
 
     def handle(
         self,
@@ -60,6 +67,7 @@ class Command(BaseCommand):
         rounds: list[int] | None,
         since_round: int | None,
         writers: list[str] | None,
+        weighting: str | None,
         **options: Any,
     ) -> None:
         target = Project.objects.filter(slug=project).first()
@@ -73,6 +81,7 @@ class Command(BaseCommand):
                 config={**options["config"], **given},
                 trigger=TrainingRun.Trigger.COMMAND,
                 limits={"rounds": rounds, "since_round": since_round, "writers": writers},
+                weighting=weighting,
                 enqueue=not sync,
             )
         except TrainingRunError as error:

@@ -42,6 +42,7 @@ def world(staff_user):
         "version_id": version.pk,
         "prompt_id": prompt.pk,
         "username": staff_user.username,
+        "item_key": "c1-2",
     }
     return {"client": client, "ids": ids}
 

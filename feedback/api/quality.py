@@ -34,6 +34,7 @@ from feedback.selectors.quality import (
     project_quality_cached,
     quality_filters_parse,
 )
+from feedback.selectors.reliability import MIN_GOLD, MIN_SHARED
 from feedback.services.annotators import REASON_MAX, annotator_exclude, annotator_include
 
 
@@ -55,7 +56,7 @@ class QualityFiltersSerializer(serializers.Serializer):
 
 
 class FlagSerializer(serializers.Serializer):
-    code = serializers.ChoiceField(choices=["too_fast", "position_bias", "below_chance_on_gold"])
+    code = serializers.ChoiceField(choices=["too_fast", "position_bias", "below_chance_on_gold", "unreliable"])
     message = serializers.CharField(help_text="What was seen, with the threshold.")
 
     class Meta:
@@ -86,6 +87,20 @@ class AnnotatorStatsSerializer(serializers.Serializer):
     gold_accuracy = serializers.FloatField(allow_null=True, help_text="Null without gold decisions.")
     gold_ci_low = serializers.FloatField(allow_null=True, help_text="95 % Wilson interval.")
     gold_ci_high = serializers.FloatField(allow_null=True)
+    reliability = serializers.FloatField(
+        allow_null=True,
+        help_text="The chance the annotator names the better of two completions, as exports weight their votes: "
+        "their own estimate, or the project's mean (reliability_own false). Null when filtered (it is estimated "
+        "from the whole project) and for an excluded annotator.",
+    )
+    reliability_own = serializers.BooleanField(
+        allow_null=True,
+        help_text=f"Whether reliability is the annotator's own estimate ({MIN_GOLD} gold votes or {MIN_SHARED} votes "
+        "on pairs others voted on too) rather than the project's mean. Null when filtered.",
+    )
+    reliability_votes = serializers.IntegerField(
+        allow_null=True, help_text="Their votes on a pair's order that the estimate read. Null when filtered."
+    )
     flags = FlagSerializer(many=True)
 
     class Meta:
@@ -126,6 +141,7 @@ class ThresholdsSerializer(serializers.Serializer):
     position_share = serializers.FloatField()
     position_p_value = serializers.FloatField()
     min_gold = serializers.IntegerField()
+    unreliable_below = serializers.FloatField(help_text="An annotator's own reliability below this is flagged.")
 
 
 class QualityOutputSerializer(serializers.Serializer):
@@ -136,6 +152,13 @@ class QualityOutputSerializer(serializers.Serializer):
     splits = SplitsSerializer()
     annotators = AnnotatorStatsSerializer(many=True)
     thresholds = ThresholdsSerializer()
+    reliability_method = serializers.CharField(
+        allow_null=True, help_text="How reliability is estimated; null when filtered."
+    )
+    reliability_mean = serializers.FloatField(
+        allow_null=True, help_text="The project's mean reliability, which annotators without their own estimate get."
+    )
+    reliability_note = serializers.CharField(help_text="What the reliability figures are, or why there are none.")
     gold = serializers.CharField(default=GOLD_NOTE, help_text="How gold accuracy is measured.")
     excluded = serializers.ListField(
         child=serializers.CharField(),

@@ -16,7 +16,8 @@ scans, not with Python objects (benchmarks/quality_speed.py):
   renewed lease keeps) to the judgement (``created_at``), in tenths of a second; agreement with the
   leave-one-out majority (the other annotators' most common category on the unit, when one is
   most common); position bias; tie and both-bad rates; skips the annotator chose (not tasks the
-  app could not show). Flags name their threshold (THRESHOLDS).
+  app could not show); in the unfiltered figures only, their reliability (`selectors/reliability.py`, an
+  estimate over the whole project that a filter cannot narrow). Flags name their threshold (THRESHOLDS).
 
 The unfiltered figures are cached (`project_quality_cached`): see "Freshness" there.
 
@@ -50,6 +51,7 @@ from django.http import Http404
 from django.utils import timezone
 
 from feedback.models import (
+    AnnotatorExclusion,
     Assignment,
     ModelVersion,
     PairwiseJudgement,
@@ -61,6 +63,7 @@ from feedback.models import (
 )
 from feedback.queue import enqueue
 from feedback.selectors.gold import gold_completion_ranks
+from feedback.selectors.reliability import MIN_GOLD, MIN_SHARED, project_reliability
 from feedback.services.assignments import UNSHOWABLE_SKIP_PREFIX
 
 PAIRWISE_CATEGORIES = ("first", "second", "tie", "both_bad")
@@ -78,6 +81,7 @@ class Thresholds:
     position_p_value: float = 0.01  # ... and a binomial test against 0.5 below this: position-biased
     min_gold: int = 10  # fewer gold decisions than this are never flagged ...
     # ... and below chance on gold: the 95 % interval of the gold accuracy lies wholly under 0.5
+    unreliable_below: float = 0.65  # an annotator's own reliability estimate below this: unreliable
 
 
 THRESHOLDS = Thresholds()
@@ -188,7 +192,7 @@ class Splits:
 
 @dataclass(frozen=True, kw_only=True)
 class Flag:
-    code: str  # "too_fast" or "position_bias"
+    code: str  # "too_fast", "position_bias", "below_chance_on_gold" or "unreliable"
     message: str  # what was seen, with the threshold
 
 
@@ -214,6 +218,10 @@ class AnnotatorStats:
     gold_accuracy: float | None = None
     gold_ci_low: float | None = None  # 95 % Wilson interval of the gold accuracy
     gold_ci_high: float | None = None
+    # Reliability, in the unfiltered figures only (None when filtered); an excluded annotator is not estimated.
+    reliability: float | None = None  # the chance they name the better of two completions, as their votes use it
+    reliability_own: bool | None = None  # their own estimate (enough gold or shared votes), else the project's mean
+    reliability_votes: int | None = None  # their votes on a pair's order that the estimate read
     flags: list[Flag] = field(default_factory=list)
 
 
@@ -226,6 +234,9 @@ class QualityReport:
     splits: Splits
     annotators: list[AnnotatorStats]
     thresholds: Thresholds = THRESHOLDS
+    reliability_method: str | None = None  # how reliability is estimated; None when filtered
+    reliability_mean: float | None = None  # what an annotator without their own estimate gets; None when filtered
+    reliability_note: str = ""  # what the reliability figures are, or why there are none
     computed_at: datetime = field(default_factory=timezone.now)  # when the judgements were read
     stale: bool = False  # judgements or skips came since, or the figures are older than MAX_AGE
     freshness: str = "Computed for this request."  # how fresh the figures are, in words
@@ -238,14 +249,26 @@ GOLD_NOTE = (
 )
 
 
+FILTERED_RELIABILITY_NOTE = (
+    "Reliability is estimated from all of the project's judgements, so a filter cannot narrow it: see the figures "
+    "without filters."
+)
+
+
 def project_quality(*, project: Project, filters: QualityFilters | None = None) -> QualityReport:
-    """Agreement and every annotator's statistics over the project's judgements that pass the filters."""
+    """Agreement and every annotator's statistics over the project's judgements that pass the filters; unfiltered,
+    each annotator's reliability too."""
     filters = filters or QualityFilters()
     ranking = project.mode == Project.Mode.RANKING
     categories = _ranks(project, filters) if ranking else PAIRWISE_CATEGORIES
     votes = _ranking_votes(project, filters) if ranking else _pairwise_votes(project, filters)
     table = _vote_table(votes, len(categories))
     stats = _annotator_stats(project, filters, table, ranking=ranking)
+    method, mean, note = None, None, FILTERED_RELIABILITY_NOTE
+    if not filters.any:
+        method, mean, note = _reliability(project, stats)
+    for s in stats:
+        s.flags = annotator_flags(s)
     return QualityReport(
         mode=project.mode,
         filters=filters,
@@ -253,7 +276,31 @@ def project_quality(*, project: Project, filters: QualityFilters | None = None) 
         agreement=_agreement(table, categories, level="ordinal" if ranking else "nominal"),
         splits=_splits(table, votes, categories, ranking=ranking),
         annotators=stats,
+        reliability_method=method,
+        reliability_mean=mean,
+        reliability_note=note,
     )
+
+
+def _reliability(project: Project, stats: list[AnnotatorStats]) -> tuple[str, float, str]:
+    """Each annotator's reliability into their statistics; the method, the project's mean and a note on them."""
+    found = project_reliability(project=project)
+    excluded = set(AnnotatorExclusion.objects.filter(project=project).values_list("annotator_id", flat=True))
+    for s in stats:
+        s.reliability_own, s.reliability_votes = False, 0
+        if s.annotator_id in excluded:
+            continue  # their votes count for nothing, so the estimate leaves them out
+        mine = found.annotators.get(s.annotator_id)
+        s.reliability = found.mean if mine is None else mine.reliability
+        if mine is not None:
+            s.reliability_own, s.reliability_votes = mine.own, mine.votes
+    note = (
+        f"Reliability: the chance an annotator names the better of two completions ({found.method}; "
+        f"{found.pairs} pairs with a vote on their order). An annotator's own estimate counts from {MIN_GOLD} "
+        f"votes on gold pairs or {MIN_SHARED} on pairs others voted on too; before that they get the project's mean, "
+        f"{found.mean:.2f}. Excluded annotators are not estimated."
+    )
+    return found.method, found.mean, note
 
 
 def annotator_quality(*, project: Project, username: str, filters: QualityFilters | None = None) -> AnnotatorStats:
@@ -278,7 +325,12 @@ def annotator_quality_report(
             return stats, report
     if not project.memberships.filter(user_id=user.pk).exists():
         raise Http404("No such annotator in this project.")
-    return AnnotatorStats(annotator_id=user.pk, username=username), report
+    stats = AnnotatorStats(annotator_id=user.pk, username=username)
+    if report.reliability_mean is not None:  # unfiltered: no vote yet, so the project's mean, as an export uses it
+        stats.reliability_own, stats.reliability_votes = False, 0
+        if not AnnotatorExclusion.objects.filter(project=project, annotator_id=user.pk).exists():
+            stats.reliability = report.reliability_mean
+    return stats, report
 
 
 # --- freshness: the unfiltered figures, cached ----------------------------------------------------------------
@@ -286,12 +338,13 @@ def annotator_quality_report(
 # A full pass reads every judgement: about 2 s (pairwise) and 7 s (ranking) at 100,000 prompts on SQLite
 # (benchmarks/RESULTS.md, "Quality figures"). So the unfiltered figures are kept in Django's cache (shared by
 # every process: Redis or files in the data dir) with the time the judgements were read (`computed_at`) and a
-# stamp of what they read (the judgements' count and highest id, the skips' count). A request compares the
-# stamp with the project's now (three indexed counts) and:
+# stamp of what they read (the judgements' count and highest id, the skips' count, and the excluded annotators,
+# whom the reliability estimate leaves out). A request compares the stamp with the project's now (three indexed
+# counts and the project's few exclusions) and:
 #
 # - nothing cached (the first request, or the cache was cleared): computes them in the request and keeps them;
 # - cached, same stamp and younger than MAX_AGE: serves them, saying when they were computed;
-# - cached but stale (judgements or skips since, or older than MAX_AGE): if the last full pass took under
+# - cached but stale (judgements, skips or exclusions since, or older than MAX_AGE): if the last full pass took under
 #   INLINE_SECONDS, computes them again in the request; otherwise serves the cached figures marked stale, saying
 #   what changed since, and queues `quality_figures_task` (once: a flag in the cache) to compute them again.
 #
@@ -299,7 +352,7 @@ def annotator_quality_report(
 
 MAX_AGE = timedelta(minutes=30)
 INLINE_SECONDS = 0.5
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -307,6 +360,7 @@ class _Stamp:
     judgements: int
     last_judgement_id: int
     skips: int
+    excluded: tuple[int, ...]  # excluded annotators: the reliability estimate leaves them out
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -329,7 +383,9 @@ def _stamp(project: Project) -> _Stamp:
     judged = RankingJudgement if project.mode == Project.Mode.RANKING else PairwiseJudgement
     counts = judged.objects.filter(project=project).order_by().aggregate(n=Count("id"), last=Max("id"))
     skips = Assignment.objects.filter(project=project, state=Assignment.State.SKIPPED).count()
-    return _Stamp(judgements=counts["n"], last_judgement_id=counts["last"] or 0, skips=skips)
+    exclusions = AnnotatorExclusion.objects.filter(project=project).order_by("annotator_id")
+    excluded = tuple(exclusions.values_list("annotator_id", flat=True))
+    return _Stamp(judgements=counts["n"], last_judgement_id=counts["last"] or 0, skips=skips, excluded=excluded)
 
 
 def quality_figures_refresh(*, project: Project) -> QualityReport:
@@ -378,6 +434,8 @@ def _changes(then: _Stamp, now: _Stamp) -> str:
     if now.skips != then.skips:
         new = now.skips - then.skips
         said.append(f"{new} new skip{'s' if new != 1 else ''}" if new > 0 else "skips changed")
+    if now.excluded != then.excluded:
+        said.append("excluded annotators changed")
     return " and ".join(said)
 
 
@@ -630,7 +688,6 @@ def _annotator_stats(
         if s.gold_decisions:
             s.gold_accuracy = s.gold_correct / s.gold_decisions
             s.gold_ci_low, s.gold_ci_high = wilson_interval(successes=s.gold_correct, trials=s.gold_decisions)
-        s.flags = annotator_flags(s)
     return sorted(stats.values(), key=lambda s: s.username)
 
 
@@ -820,6 +877,14 @@ def annotator_flags(stats: AnnotatorStats, thresholds: Thresholds = THRESHOLDS) 
                 message=f"Right on {stats.gold_accuracy:.0%} of {stats.gold_decisions} gold decisions "
                 f"(95 % interval {stats.gold_ci_low:.0%} to {stats.gold_ci_high:.0%}; flagged when the interval lies "
                 f"below 50 %, with {thresholds.min_gold} decisions or more).",
+            )
+        )
+    if stats.reliability_own and stats.reliability is not None and stats.reliability < thresholds.unreliable_below:
+        flags.append(
+            Flag(
+                code="unreliable",
+                message=f"Reliability {stats.reliability:.2f} from {stats.reliability_votes} votes on pairs "
+                f"(flagged below {thresholds.unreliable_below:g}, once their own estimate counts).",
             )
         )
     return flags

@@ -16,8 +16,10 @@ network), it times GET /api/v1/projects/{slug}/quality/ unfiltered: the first ca
 cached: the full pass), then `calls` calls served from the cache, the Quality page once, one
 request with the cached figures past their maximum age (a full pass under half a second is
 redone in the request; a slower one is served marked stale and its recompute queued),
-and the API once with each kind of filter (computed in the request). The figures go to
-benchmarks/RESULTS.md (## Quality figures), with the machine, the load average and the method.
+and the API once with each kind of filter (computed in the request). Last, outside a request, the full
+refresh the worker runs (`quality_figures_refresh`, each annotator's reliability included) and the
+reliability estimate alone (`project_reliability`). The figures go to benchmarks/RESULTS.md
+(## Quality figures), with the machine, the load average and the method.
 """
 
 from __future__ import annotations
@@ -283,6 +285,17 @@ def measure(*, slug: str, viewer, calls: int) -> dict[str, object]:
         )
     }
     flagged = {a["username"]: sorted(f["code"] for f in a["flags"]) for a in body["annotators"] if a["flags"]}
+
+    from feedback.models import Project
+    from feedback.selectors.reliability import project_reliability
+
+    project = Project.objects.get(slug=slug)
+    start = time.perf_counter()
+    quality.quality_figures_refresh(project=project)
+    refresh = time.perf_counter() - start
+    start = time.perf_counter()
+    reliability = project_reliability(project=project)
+    estimate = time.perf_counter() - start
     return {
         "body": body,
         "full_pass": full_pass,
@@ -292,6 +305,10 @@ def measure(*, slug: str, viewer, calls: int) -> dict[str, object]:
         "stale_served": stale_served,
         "filtered": filtered,
         "flagged": flagged,
+        "refresh": refresh,
+        "estimate": estimate,
+        "iterations": reliability.iterations,
+        "pairs": reliability.pairs,
     }
 
 
@@ -340,7 +357,11 @@ def main() -> None:
                 + ", ".join(f"{name} {seconds:.2f} s" for name, seconds in figures["filtered"].items())
                 + f". Alpha {agreement['alpha']:.3f} ({agreement['level']}) over {agreement['units']:,} units; "
                 f"flagged: {len(figures['flagged'])} annotators "
-                f"({', '.join(sorted({c for codes in figures['flagged'].values() for c in codes}))})."
+                f"({', '.join(sorted({c for codes in figures['flagged'].values() for c in codes}))}). "
+                f"The full refresh (quality_figures_refresh, outside a request) {figures['refresh']:.2f} s, of which "
+                f"the reliability estimate {figures['estimate']:.2f} s ({figures['pairs']:,} pairs, "
+                f"{figures['iterations']} EM iterations); reliability mean {body['reliability_mean']:.3f}, "
+                f"unreliable: {sum('unreliable' in codes for codes in figures['flagged'].values())} annotators."
             )
             print(line, flush=True)
             lines.append(line)
@@ -359,8 +380,9 @@ def main() -> None:
             "through Django's full request handling in the benchmark's process (session auth, DRF, "
             "feedback/selectors/quality.py's aggregating queries), no network. The unfiltered figures are cached "
             "(the file cache in the data dir, as in production without Redis): the first call computes them, "
-            "later ones read them and check their stamp (judgement and skip counts); a stale request is timed "
-            "with the figures made older than the maximum age.",
+            "later ones read them and check their stamp (judgement and skip counts, exclusions); a stale request is "
+            "timed with the figures made older than the maximum age. The full refresh and the reliability estimate "
+            "are timed once each in the same process after the requests.",
             "",
             *lines,
         ]

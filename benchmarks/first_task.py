@@ -4,9 +4,10 @@ Usage: python benchmarks/first_task.py [--threads N] [--port P] [--timeout 900] 
 
 What `make run` does, in a fresh temporary data dir (RANKWISE_DATA_DIR; the already-fetched default
 model is symlinked into its models folder, so `fetch_default_model` finds it and nothing is
-downloaded or written under var/): `migrate`, `fetch_default_model`, `seed_demo` (which queues the
-demo's completions), then, at the moment `make run` prints the address, the worker (`run_huey
---flush-locks`) and the web server (`runserver`, with its autoreloader, as `make run` starts it) at once.
+downloaded or written under var/): `migrate`, `fetch_default_model`, `seed_demo` (which imports the
+shipped first round and queues the other prompts' completions), then, at the moment `make run` prints
+the address, the worker (`run_huey --flush-locks`) and the web server (`runserver`, with its
+autoreloader, as `make run` starts it) at once.
 The settings are `make run`'s: DEBUG=1, a new SECRET_KEY, SQLite and the file cache in the data dir
 (DATABASE_URL and REDIS_URL are removed from the environment). As the demo annotator (`alice`, her
 password from the demo-credentials.json seed_demo writes) the benchmark logs in through the login
@@ -15,11 +16,12 @@ until it serves a task, and every 2 s looks at the annotate page (does it say "A
 nothing is ready?).
 
 Reported: seconds from the address (the worker's start) and from the web server answering to the
-first task served; from the database, when the worker started the round (`Round.started_at`, after
-importing Django, torch and the consumer's start-up) and committed its first batch (the first
-`Completion.created_at`: the model loaded and the first prompts' completions written; the worker
-does not log the model load on its own); the CPU's flags (generation runs in bf16 only where the
-CPU has AVX512_BF16 or AMX, else fp32) and the load average before, at the first task and at the end.
+first task served, and whether it was a shipped one; from the database, when the worker started its
+round (`Round.started_at`, after importing Django, torch and the consumer's start-up) and committed
+its first batch (the first of its `Completion.created_at`: the model loaded and the first prompts'
+completions written; the worker does not log the model load on its own); the CPU's flags
+(generation runs in bf16 only where the CPU has AVX512_BF16 or AMX, else fp32) and the load average
+before, at the first task and at the end.
 
 --threads N sets OMP_NUM_THREADS and MKL_NUM_THREADS for the worker (torch's intra-op threads),
 to approximate a smaller or busier machine. There is no setting or environment variable that makes
@@ -62,7 +64,8 @@ POLL = 0.5
 INTRO = """\
 `python benchmarks/first_task.py [--threads N]`: what `make run` does, in a fresh temporary data dir with the
 already-fetched default model (SmolLM2-135M-Instruct) linked in: `migrate`, `fetch_default_model`, `seed_demo`
-(62 prompts, K = 4, at most 192 new tokens; it queues their completions), then the worker (`run_huey
+(62 prompts, K = 4, at most 192 new tokens; 8 come with the shipped first round, feedback/demo/first_round.jsonl,
+and it queues the other 54's completions), then the worker (`run_huey
 --flush-locks`) and `runserver` started together at the moment `make run` prints the address. The demo annotator
 logs in through the login form over HTTP and asks `GET /api/v1/projects/demo/next-task/` every 0.5 s until it
 serves a task; the annotate page is looked at every 2 s. The round's start and its first commit are read from
@@ -242,13 +245,24 @@ def run(args: argparse.Namespace, data_dir: Path, processes: list[subprocess.Pop
     load_at_task = load()
 
     db = sqlite3.connect(f"file:{data_dir / 'rankwise.sqlite3'}?mode=ro", uri=True)
-    started_at, prompts_written, prompts_total = db.execute(
-        "SELECT started_at, prompts_written, prompts_total FROM feedback_round ORDER BY id LIMIT 1"
+    # The worker's round; the shipped first round seed_demo imports is a finished round of imported completions.
+    worker_round = db.execute(
+        "SELECT id, started_at, prompts_written, prompts_total FROM feedback_round "
+        "WHERE strategy != 'imported' ORDER BY id LIMIT 1"
     ).fetchone()
-    # Read at once after the first task: only the first batch is committed (the next one takes far longer).
+    round_id, started_at, prompts_written, prompts_total = worker_round or (None, None, 0, 0)
+    # Read at once after the first task: what the worker has committed by then.
     first_commit, rows, tokens, cut = db.execute(
         "SELECT MIN(created_at), COUNT(*), SUM(json_extract(generation_params, '$.new_tokens')), "
-        "SUM(json_extract(generation_params, '$.truncated')) FROM feedback_completion"
+        "SUM(json_extract(generation_params, '$.truncated')) FROM feedback_completion WHERE round_id = ?",
+        (round_id,),
+    ).fetchone()
+    ids = [completion["id"] for completion in task["completions"]]
+    shipped_in_task, shipped_prompts = db.execute(
+        "SELECT (SELECT COUNT(*) FROM feedback_completion c JOIN feedback_round r ON c.round_id = r.id "
+        f"WHERE r.strategy = 'imported' AND c.id IN ({', '.join('?' * len(ids))})), "
+        "(SELECT COALESCE(SUM(prompts_written), 0) FROM feedback_round WHERE strategy = 'imported')",
+        ids,
     ).fetchone()
     db.close()
     round_started = db_time(started_at)
@@ -261,6 +275,8 @@ def run(args: argparse.Namespace, data_dir: Path, processes: list[subprocess.Pop
         "first_commit": None if first_commit_at is None else first_commit_at - wall0,
         "first_task": first_task,
         "completions_in_task": len(task["completions"]),
+        "first_task_shipped": shipped_in_task == len(ids),
+        "shipped_prompts": shipped_prompts,
         "committed": (rows, tokens or 0, cut or 0),
         "prompts_written": prompts_written,
         "prompts_total": prompts_total,
@@ -313,9 +329,11 @@ def report(args: argparse.Namespace, figures: dict, flags: set[str], host: str, 
         f"| **the first task served** | **{first:.1f} s** |",
         "",
         f"**{first:.1f} s from the address, {first - up:.1f} s from the web server answering**, to the first task "
-        f"({figures['completions_in_task']} completions; {figures['prompts_written']} of {figures['prompts_total']} "
-        f"prompts written by then; {figures['polls']} next-task calls, {figures['dropped']} connections the "
-        "server closed and asked again). ",
+        f"({figures['completions_in_task']} completions, "
+        + ("one of the shipped first round's" if figures["first_task_shipped"] else "written by the worker")
+        + f" ({figures['shipped_prompts']} prompts shipped); the worker's round had {figures['prompts_written']} of "
+        f"{figures['prompts_total']} prompts written by then; {figures['polls']} next-task calls, "
+        f"{figures['dropped']} connections the server closed and asked again). ",
     ]
     if figures["round_started"] is not None and figures["first_commit"] is not None:
         lines[-1] += (

@@ -171,7 +171,7 @@ class QualityOutputSerializer(serializers.Serializer):
         "for the request."
     )
     stale = serializers.BooleanField(
-        help_text="Judgements or skips came since computed_at (or the figures are over 30 minutes old): "
+        help_text="Judgements, skips or exclusions came since computed_at (or the figures are over 30 minutes old): "
         "new figures are being computed."
     )
     freshness = serializers.CharField(help_text="How fresh the figures are, in words.")

@@ -238,7 +238,7 @@ class QualityReport:
     reliability_mean: float | None = None  # what an annotator without their own estimate gets; None when filtered
     reliability_note: str = ""  # what the reliability figures are, or why there are none
     computed_at: datetime = field(default_factory=timezone.now)  # when the judgements were read
-    stale: bool = False  # judgements or skips came since, or the figures are older than MAX_AGE
+    stale: bool = False  # judgements, skips or exclusions came since, or the figures are older than MAX_AGE
     freshness: str = "Computed for this request."  # how fresh the figures are, in words
 
 

@@ -183,7 +183,7 @@ def test_each_annotators_gold_accuracy_and_the_below_chance_flag():
     )
     assert (stats["careless"].gold_correct, stats["careless"].gold_accuracy) == (0, 0.0)
     assert stats["careless"].gold_ci_high == pytest.approx(wilson_interval(successes=0, trials=12)[1])
-    assert [f.code for f in stats["careless"].flags] == ["below_chance_on_gold"]
+    assert [f.code for f in stats["careless"].flags] == ["below_chance_on_gold", "unreliable"]
     assert "Right on 0% of 12 gold decisions" in stats["careless"].flags[0].message
     assert stats["careful"].flags == []
 

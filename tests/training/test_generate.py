@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from training import generate
 from training.generate import SamplingConfig, generate_completions, next_tokens, render_prompt
 from training.models import load_model
 
@@ -128,6 +129,30 @@ def test_top_p_keeps_the_smallest_set_reaching_it():
     assert draws == {0, 1}
     greedy = next_tokens(logits, SamplingConfig(temperature=0))
     assert greedy.tolist() == [0]
+
+
+@pytest.mark.parametrize("candidates", [2, 3, 12])  # fewer than some rows' nuclei hold, just enough, the whole row
+def test_nucleus_draws_follow_the_nucleus_of_a_full_sort_whatever_the_candidates(monkeypatch, candidates):
+    monkeypatch.setattr(generate, "NUCLEUS_CANDIDATES", candidates)
+    flat = torch.linspace(1.0, 0.9, 12)  # nearly flat, no two alike: the nucleus is 11 of the 12 tokens
+    probs = torch.stack(
+        [
+            torch.tensor([0.02, 0.5, 0.3, 0.1, 0.05, 0.03] + [0.0] * 6),  # nucleus at 0.9: tokens 1, 2, 3
+            flat / flat.sum(),  # wider than every candidate set but the last
+            torch.tensor([0.0] * 11 + [1.0]),  # one certain token
+        ]
+    )
+    expected = probs.clone()
+    expected[0, [0, 4, 5]] = 0.0
+    expected[1, 11] = 0.0
+    expected = expected / expected.sum(dim=-1, keepdim=True)
+    torch.manual_seed(0)
+    draws = torch.stack([generate.nucleus_sample(probs, 0.9) for _ in range(6000)])  # (6000, 3)
+
+    for row in range(3):
+        counts = torch.bincount(draws[:, row], minlength=12) / len(draws)
+        assert torch.allclose(counts, expected[row], atol=0.025), (row, counts)
+        assert set(draws[:, row].tolist()) == set(expected[row].nonzero().squeeze(-1).tolist())
 
 
 def test_conversation_must_end_with_a_user_turn(tiny):

@@ -104,17 +104,21 @@ def reliability_estimate(
     if len(annotators) == 0:
         return Reliability(method=METHOD, annotators={}, mean=START, pairs=0, iterations=0)
     people, person = np.unique(annotators, return_inverse=True)
-    pair_keys = np.stack([low, high], axis=1)
-    pairs, pair = np.unique(pair_keys, axis=0, return_inverse=True)
+    completions = np.unique(np.concatenate([low, high]))
+    pairs, pair = np.unique(_pair_keys(low, high, completions), return_inverse=True)
     pair = pair.reshape(-1)
     sign = np.where(for_low, 1.0, -1.0)
 
+    gold_pairs = np.array(list(gold), dtype=np.int64).reshape(-1, 2)
+    gold_keys = _pair_keys(gold_pairs[:, 0], gold_pairs[:, 1], completions)
+    gold_truth = np.array(list(gold.values()), dtype=float)
+    where = np.searchsorted(pairs, gold_keys)
+    found = (gold_keys >= 0) & (where < len(pairs))
+    found[found] = pairs[where[found]] == gold_keys[found]
     known = np.zeros(len(pairs), dtype=bool)
     truth = np.zeros(len(pairs))
-    for index, (a, b) in enumerate(pairs.tolist()):
-        if (a, b) in gold:
-            known[index] = True
-            truth[index] = 1.0 if gold[(a, b)] else 0.0
+    known[where[found]] = True
+    truth[where[found]] = gold_truth[found]
     voters_per_pair = np.bincount(pair, minlength=len(pairs))
     votes = np.bincount(person, minlength=len(people))
     gold_votes = np.bincount(person, weights=known[pair], minlength=len(people)).astype(int)
@@ -157,6 +161,17 @@ def reliability_estimate(
 
 _PAIRWISE = np.dtype([("annotator", np.int64), ("left", np.int64), ("right", np.int64)])
 _PLACES = np.dtype([("judgement", np.int64), ("annotator", np.int64), ("completion", np.int64), ("rank", np.int16)])
+
+
+def _pair_keys(low: np.ndarray, high: np.ndarray, completions: np.ndarray) -> np.ndarray:
+    """One sortable int64 per (low id, high id) pair: the two ids' places among ``completions`` (sorted, distinct),
+    -1 for a pair with an id not among them."""
+    places = [np.searchsorted(completions, ids) for ids in (low, high)]
+    inside = np.ones(len(low), dtype=bool)
+    for ids, place in zip((low, high), places, strict=True):
+        inside &= place < len(completions)
+        inside[inside] = completions[place[inside]] == ids[inside]
+    return np.where(inside, (places[0].astype(np.int64) << 32) | places[1], -1)
 
 
 def _votes(project: Project) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

@@ -5,7 +5,7 @@ import re
 
 import pytest
 from django.contrib.auth import get_user_model
-from django.core.management import call_command
+from django.core.management import CommandError, call_command
 from django.test import Client
 from django.urls import reverse
 
@@ -169,4 +169,12 @@ def test_a_missing_or_unreadable_shipped_file_is_an_error_naming_it(monkeypatch,
     _ship(monkeypatch, tmp_path, [""])
     with pytest.raises(DemoSeedError, match="holds no prompts"):
         demo_seed()
+    assert not Project.objects.exists()
+
+
+def test_seed_demo_names_a_bad_shipped_file_in_one_line(monkeypatch, tmp_path):
+    missing = tmp_path / "first_round.jsonl"
+    monkeypatch.setattr(demo, "DEMO_FIRST_ROUND", missing)
+    with pytest.raises(CommandError, match=f"^{missing}: cannot be read"):
+        call_command("seed_demo")
     assert not Project.objects.exists()

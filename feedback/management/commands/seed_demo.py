@@ -1,9 +1,9 @@
 from typing import Any
 
-from django.core.management.base import BaseCommand
+from django.core.management.base import BaseCommand, CommandError
 
 from feedback.queue import enqueue
-from feedback.services.demo import demo_seed
+from feedback.services.demo import DemoSeedError, demo_seed
 from feedback.services.generation import prompts_lacking_completions
 
 
@@ -11,7 +11,10 @@ class Command(BaseCommand):
     help = "Seed the demo project and its users once, queue its completions, and print the logins."
 
     def handle(self, *args: Any, **options: Any) -> None:
-        seed = demo_seed()
+        try:
+            seed = demo_seed()
+        except DemoSeedError as error:
+            raise CommandError(str(error)) from None
         project = seed.project
         lacking = len(prompts_lacking_completions(project=project))
         if lacking:

@@ -187,6 +187,9 @@ SPECTACULAR_SETTINGS = {
         "ProjectModeEnum": "feedback.models.Project.Mode",
         # A job's `file_type` and the `file` asked for are the same choice set.
         "FileTypeEnum": "feedback.services.exports.FILE_TYPES",
+        # `kind` is a round's (training, battle) and an item's (pairwise, ranking).
+        "RoundKindEnum": "feedback.models.Round.Kind",
+        "ItemKindEnum": [("pairwise", "pairwise"), ("ranking", "ranking")],
     },
 }
 

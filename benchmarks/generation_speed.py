@@ -79,7 +79,7 @@ def main() -> None:
 
     import training  # noqa: F401, I001  (first: it sets the OpenMP wait policy the worker runs with before torch loads)
     import torch
-    from training.generate import SamplingConfig, generate_completions, inference_dtype, render_prompt
+    from training.generate import BATCH_ROWS, SamplingConfig, generate_completions, inference_dtype, render_prompt
     from training.models import load_model
 
     if args.threads:
@@ -92,7 +92,7 @@ def main() -> None:
     sampling = SamplingConfig(temperature=0.8, top_p=0.95, max_new_tokens=args.max_new_tokens)
     before = module_at(args.before, "training/generate.py")
     rows = args.prompts * args.k
-    batch = min(rows, 64)  # generate_completions' default rows per batch
+    batch = min(rows, BATCH_ROWS)  # generate_completions' default rows per batch
 
     def run_before(model) -> int:
         counter = CountingGenerate(model, tokenizer.eos_token_id)

@@ -113,12 +113,12 @@ def reliability_estimate(
     gold_keys = _pair_keys(gold_pairs[:, 0], gold_pairs[:, 1], completions)
     gold_truth = np.array(list(gold.values()), dtype=float)
     where = np.searchsorted(pairs, gold_keys)
-    found = (gold_keys >= 0) & (where < len(pairs))
-    found[found] = pairs[where[found]] == gold_keys[found]
+    matched = (gold_keys >= 0) & (where < len(pairs))
+    matched[matched] = pairs[where[matched]] == gold_keys[matched]
     known = np.zeros(len(pairs), dtype=bool)
     truth = np.zeros(len(pairs))
-    known[where[found]] = True
-    truth[where[found]] = gold_truth[found]
+    known[where[matched]] = True
+    truth[where[matched]] = gold_truth[matched]
     voters_per_pair = np.bincount(pair, minlength=len(pairs))
     votes = np.bincount(person, minlength=len(people))
     gold_votes = np.bincount(person, weights=known[pair], minlength=len(people)).astype(int)

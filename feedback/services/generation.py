@@ -132,7 +132,7 @@ def round_write(
     *,
     round_id: int,
     first_batch: int = 2,
-    batch_size: int = 16,
+    batch_size: int | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> GenerationResult:
     """Write a round: choose its prompts when it starts, then K completions each, a batch of prompts at a time.
@@ -141,11 +141,12 @@ def round_write(
     queue only ever sees a prompt with all its completions, and a round whose worker was killed
     resumes from what it committed, without duplicates, when it is written again. The first batch
     is small (``first_batch`` prompts) so that the first tasks reach annotators within seconds; the
-    later ones are large (``batch_size`` prompts, K rows each decoded together), which is where
-    batched decoding gets its speed. Each completion's generation_params say how many tokens it
-    has and whether the length limit cut it. A round that cannot be written is marked failed with
-    the reason, and the reason raised as a GenerationError; any other error fails it too, named by
-    its type, and is raised as it is, so that a new round can be asked for. Only a process that is
+    later ones are large (``batch_size`` prompts, K rows each decoded together; by default as many as
+    fill generate_completions' BATCH_ROWS), which is where batched decoding gets its speed. Each
+    completion's generation_params say how many tokens it has and whether the length limit cut it. A
+    round that cannot be written is marked failed with the reason, and the reason raised as a
+    GenerationError; any other error fails it too, named by its type, and is raised as it is, so that
+    a new round can be asked for. Only a process that is
     stopped (KeyboardInterrupt, SystemExit) leaves the round running, to be resumed.
     """
     round = _round_start(round_id=round_id)
@@ -172,9 +173,9 @@ def _batches(count: int, *, first_batch: int, batch_size: int) -> list[tuple[int
 
 
 def _round_write(
-    *, round: Round, first_batch: int, batch_size: int, progress: Callable[[int, int], None] | None
+    *, round: Round, first_batch: int, batch_size: int | None, progress: Callable[[int, int], None] | None
 ) -> GenerationResult:
-    from training.generate import SamplingConfig, generate_completions, inference_dtype
+    from training.generate import BATCH_ROWS, SamplingConfig, generate_completions, inference_dtype
     from training.models import ModelLoadError, default_device, load_model
 
     project = round.project
@@ -202,6 +203,7 @@ def _round_write(
     params = {"temperature": sampling.temperature, "top_p": sampling.top_p, "max_new_tokens": sampling.max_new_tokens}
     prompts_by_id = Prompt.objects.in_bulk(remaining)
     written = 0
+    batch_size = batch_size or max(1, BATCH_ROWS // k)
     for start, end in _batches(len(remaining), first_batch=first_batch, batch_size=batch_size):
         batch = [prompts_by_id[pk] for pk in remaining[start:end] if pk in prompts_by_id]
         shares = _shares(k, len(loaded))
@@ -283,7 +285,7 @@ def completions_generate(
     k: int | None = None,
     mix_previous: bool = False,
     first_batch: int = 2,
-    batch_size: int = 16,
+    batch_size: int | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> GenerationResult:
     """Write a round over the prompts no round has answered yet (at most ``prompt_limit``), here and now.

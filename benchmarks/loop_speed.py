@@ -50,15 +50,23 @@ def setup_django(data_dir: Path) -> None:
 
 
 def add_judgements(project, annotator, start: int, count: int) -> None:
-    from feedback.models import Completion, PairwiseJudgement, Prompt
+    from feedback.models import Completion, PairwiseJudgement, Prompt, Round
     from feedback.rendering import markdown_to_safe_html
 
+    # the judged completions come as one finished round of imported ones
+    imported, _ = Round.objects.get_or_create(
+        project=project,
+        number=1,
+        defaults={"status": Round.Status.DONE, "strategy": Round.Strategy.IMPORTED, "writers": ["bench"]},
+    )
     for i in range(start, start + count):
         question = f"{QUESTIONS[i % len(QUESTIONS)]} (case {i})"
         prompt = Prompt.objects.create(project=project, messages=[{"role": "user", "content": question}])
         # K = 4 completions a prompt, as in the project; one pair of them is judged
         good, bad, *_ = (
-            Completion.objects.create(prompt=prompt, text=t, html=markdown_to_safe_html(t), source_model="bench")
+            Completion.objects.create(
+                prompt=prompt, round=imported, text=t, html=markdown_to_safe_html(t), source_model="bench"
+            )
             for t in (GOOD.format(q=question), BAD, BAD + " Sorry.", "Maybe.")
         )
         left, right = (good, bad) if i % 2 else (bad, good)
@@ -68,6 +76,7 @@ def add_judgements(project, annotator, start: int, count: int) -> None:
             prompt=prompt,
             left=left,
             right=right,
+            round=imported,
             item_key=f"c{min(good.pk, bad.pk)}-{max(good.pk, bad.pk)}",
             choice="a" if left == good else "b",
             client_uuid=uuid.uuid4(),

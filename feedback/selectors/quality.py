@@ -137,7 +137,7 @@ def quality_filters_parse(*, project: Project, data: Mapping[str, str]) -> Quali
             try:
                 values[name] = _aware(values[name])
             except ValueError:
-                errors[name] = f"{values[name]!r} is not an ISO date or date-time."
+                errors[name] = f"{values[name]!r} is not an ISO date or date-time of the years 1 to 9999 (UTC)."
     if "model_version" in values:
         version = project.model_versions.filter(name=values["model_version"]).first()
         if version is None:
@@ -157,8 +157,15 @@ def quality_filters_parse(*, project: Project, data: Mapping[str, str]) -> Quali
 
 
 def _aware(text: str) -> datetime:
+    """The moment in UTC (a time without an offset is UTC). Python takes offsets up to 23:59 and PostgreSQL only up
+    to 15:59, so the moment goes to the database in UTC; ValueError if it is none, or outside the years 1 to 9999."""
     parsed = datetime.fromisoformat(text)
-    return parsed if timezone.is_aware(parsed) else parsed.replace(tzinfo=UTC)
+    if not timezone.is_aware(parsed):
+        return parsed.replace(tzinfo=UTC)
+    try:
+        return parsed.astimezone(UTC)
+    except OverflowError:
+        raise ValueError(text) from None
 
 
 @dataclass(frozen=True, kw_only=True)

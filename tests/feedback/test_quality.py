@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import krippendorff
 import numpy as np
@@ -177,6 +177,19 @@ def test_a_bad_filter_names_its_field(query, field):
     with pytest.raises(ValidationError) as raised:
         quality_filters_parse(project=project, data=query)
     assert field in raised.value.message_dict
+
+
+def test_a_far_offset_is_read_as_its_moment_in_utc_and_a_moment_beyond_the_calendar_is_named():
+    project = _pairwise_project()
+    # PostgreSQL refuses offsets beyond 15:59 in a query; the filter holds the same moment in UTC
+    filters = quality_filters_parse(project=project, data={"created_from": "2025-03-30T00:16:31-19:01"})
+    assert filters.created_from == datetime(2025, 3, 30, 19, 17, 31, tzinfo=UTC)
+    assert project_quality(project=project, filters=filters).judgements == 0
+    with pytest.raises(ValidationError) as raised:
+        quality_filters_parse(project=project, data={"created_before": "0001-01-01T00:00:00+05:00"})
+    assert raised.value.message_dict == {
+        "created_before": ["'0001-01-01T00:00:00+05:00' is not an ISO date or date-time of the years 1 to 9999 (UTC)."]
+    }
 
 
 def test_binomial_p_value_is_the_exact_two_sided_test():

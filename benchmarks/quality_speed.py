@@ -39,7 +39,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.annotate_speed import _insert, setup_django, write_results  # noqa: E402
+from benchmarks.annotate_speed import ASSIGNMENT_FIELDS, _insert, setup_django, write_results  # noqa: E402
 
 SECTION = "## Quality figures"
 K_RANKING = 4
@@ -203,23 +203,7 @@ def seed(*, mode: str, prompts: int, overlap: int, annotator_ids: list[int]) -> 
             )
             _insert_all(
                 Assignment,
-                [
-                    "id",
-                    "project",
-                    "annotator",
-                    "prompt",
-                    "round",
-                    "completion_a",
-                    "completion_b",
-                    "item_key",
-                    "slot",
-                    "display_order",
-                    "state",
-                    "skip_reason",
-                    "expires_at",
-                    "created_at",
-                    "finished_at",
-                ],
+                ASSIGNMENT_FIELDS,
                 assignment_rows,
             )
             common = ["id", "project", "annotator", "assignment", "prompt", "round"]

@@ -29,6 +29,10 @@ class Project(models.Model):
         GRPO_ONLINE = "grpo_online", "GRPO (online, reward model)"
         PPO = "ppo", "PPO (reward model)"
 
+    class Weighting(models.TextChoices):
+        RELIABILITY = "reliability", "By annotator reliability"
+        RAW = "raw", "One vote each"
+
     name = models.CharField(max_length=200)
     slug = models.SlugField(max_length=100, unique=True)
     guidelines = models.TextField(blank=True, help_text="Markdown shown to annotators.")
@@ -54,8 +58,8 @@ class Project(models.Model):
     training_config = models.JSONField(default=dict, blank=True, help_text="Hyperparameters for training runs.")
     weighting = models.CharField(
         max_length=16,
-        choices=[("reliability", "By annotator reliability"), ("raw", "One vote each")],
-        default="reliability",
+        choices=Weighting.choices,
+        default=Weighting.RELIABILITY,
         help_text="What an annotator's vote counts when a training run labels its pairs: their reliability "
         "(from gold items and agreement) or one each.",
     )

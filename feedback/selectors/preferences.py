@@ -73,7 +73,7 @@ from feedback.selectors.annotators import excluded_annotator_ids
 from feedback.selectors.battles import battle_rows
 from feedback.selectors.models import completion_reward_scores, reward_model_newest
 from feedback.selectors.reliability import Reliability, project_reliability
-from feedback.selectors.review import verdicts_in_force
+from feedback.selectors.review import ItemKey, item_key_parse, verdicts_in_force
 
 ExportFormat = Literal["dpo", "grpo", "judgements", "battles"]
 PairMode = Literal["all", "best_vs_rest", "adjacent"]
@@ -82,7 +82,7 @@ Weighting = Literal["raw", "reliability"]
 
 PAIR_MODES: tuple[str, ...] = ("all", "best_vs_rest", "adjacent")
 SPLITS: tuple[str, ...] = ("train", "test", "eval")
-WEIGHTINGS: tuple[str, ...] = ("reliability", "raw")
+WEIGHTINGS: tuple[str, ...] = tuple(Project.Weighting.values)
 
 
 class ExportOptionsError(ValueError):
@@ -556,13 +556,12 @@ def _dpo_rows(group: _PromptGroup, options: PreferenceExportOptions, prompt: Any
 def _verdict_pairs(group: _PromptGroup, options: PreferenceExportOptions) -> dict[tuple[int, int], int | None]:
     """(low id, high id) -> the chosen id the verdicts in force give the pair, or None where they leave it out."""
     ruled: dict[tuple[int, int], int | None] = {}
-    for key, verdict in group.verdicts.items():
-        if key.startswith("c"):  # a pair: c<low id>-<high id>
-            low, high = (int(part) for part in key[1:].split("-"))
-            ruled[(low, high)] = {"a": low, "b": high}.get(verdict.verdict)
+    for item, verdict in _verdict_items(group):
+        if item.kind == "pairwise":
+            ruled[(item.low, item.high)] = {"a": item.low, "b": item.high}.get(verdict.verdict)
             continue
-        item = _item_completions(group, key)
-        ruled.update({(a, b): None for a in item for b in item if a < b})
+        ids = _item_completions(group, item)
+        ruled.update({(a, b): None for a in ids for b in ids if a < b})
         if verdict.verdict == Adjudication.Verdict.RANKING:
             ranking = _verdict_ranking(verdict, group.texts)
             ids = ranking.ids
@@ -571,9 +570,15 @@ def _verdict_pairs(group: _PromptGroup, options: PreferenceExportOptions) -> dic
     return ruled
 
 
-def _item_completions(group: _PromptGroup, key: str) -> list[int]:
-    """The completions of a ranked item (p<prompt id>-r<round id>) that the options let through."""
-    return sorted(cid for cid, round_id in group.round_ids.items() if key == f"p{group.prompt_id}-r{round_id}")
+def _verdict_items(group: _PromptGroup) -> list[tuple[ItemKey, Adjudication]]:
+    return [(item_key_parse(key), verdict) for key, verdict in group.verdicts.items()]
+
+
+def _item_completions(group: _PromptGroup, item: ItemKey) -> list[int]:
+    """The completions of an item that the options let through: the pair, or the ranked round's."""
+    if item.kind == "pairwise":
+        return [cid for cid in (item.low, item.high) if cid in group.texts]
+    return sorted(cid for cid, round_id in group.round_ids.items() if round_id == item.round_id)
 
 
 def _ordered(a: int, b: int) -> tuple[int, int]:
@@ -590,16 +595,13 @@ def _verdict_ranking(verdict: Adjudication, texts: Mapping[int, str]) -> _Rankin
 def _rankings_in_force(group: _PromptGroup) -> list[_Ranking]:
     """The prompt's rankings with each ranked item's verdict in force standing for the item's rankings (alone:
     a ranking verdict; none: an unusable one)."""
-    replaced: dict[int, Adjudication] = {}  # completion id -> the verdict of its item
-    for key, verdict in group.verdicts.items():
-        if key.startswith("p"):
-            replaced.update(dict.fromkeys(_item_completions(group, key), verdict))
-    kept = [ranking for ranking in group.rankings if ranking.ids[0] not in replaced]
-    for verdict in {verdict.pk: verdict for verdict in replaced.values()}.values():
-        if verdict.verdict == Adjudication.Verdict.RANKING:
-            ranking = _verdict_ranking(verdict, group.texts)
-            if len(ranking.ids) >= 2:
-                kept.append(ranking)
+    ruled = [(item, verdict) for item, verdict in _verdict_items(group) if item.kind == "ranking"]
+    rounds = {item.round_id for item, _ in ruled}
+    kept = [ranking for ranking in group.rankings if group.round_ids[ranking.ids[0]] not in rounds]
+    for _, verdict in ruled:
+        ranking = _verdict_ranking(verdict, group.texts)
+        if verdict.verdict == Adjudication.Verdict.RANKING and len(ranking.ids) >= 2:
+            kept.append(ranking)
     return kept
 
 
@@ -702,10 +704,10 @@ def _judgement_rows(
             out["reward_scores"] = [group.rewards[cid] for cid in ids]
         yield out
     for key, verdict in group.verdicts.items():
-        ids = [int(part) for part in key[1:].split("-")] if key.startswith("c") else _item_completions(group, key)
+        ids = _item_completions(group, item_key_parse(key))
         if verdict.verdict == Adjudication.Verdict.RANKING:
             ids = _verdict_ranking(verdict, group.texts).ids
-        if not all(cid in group.texts for cid in ids):
+        if len(ids) < 2:  # the options let fewer than two of its completions through
             continue
         out = dict.fromkeys(_JUDGEMENT_COLUMNS)
         ranks = {int(cid): rank for cid, rank in (verdict.ranks or {}).items()}

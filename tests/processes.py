@@ -1,5 +1,6 @@
 """Helpers for tests that start workers and commands in processes of their own."""
 
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +20,20 @@ def database_url_for_subprocesses() -> str:
     return f"postgres://{credentials}{db['HOST'] or 'localhost'}:{db['PORT'] or 5432}/{db['NAME']}"
 
 
+def consumer_ready(pid: int) -> bool:
+    """Whether the huey consumer in process ``pid`` has finished starting and will stop cleanly on a signal.
+
+    Huey sets its signal handlers (SIGHUP among them, which Python leaves alone) last in its start,
+    after its "consumer started" line; a SIGINT before that interrupts the start with a traceback.
+    """
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    caught = int(next(line.split()[1] for line in status.splitlines() if line.startswith("SigCgt:")), 16)
+    return bool(caught & (1 << (signal.SIGHUP - 1)))
+
+
 class Consumer:
     """A huey consumer (`manage.py run_huey`) in a process of its own, logging to <data_dir>/<name>.log."""
 
@@ -29,6 +44,9 @@ class Consumer:
             self.process = subprocess.Popen(
                 [sys.executable, "manage.py", "run_huey", "--flush-locks"], cwd=ROOT, env=env, stdout=log, stderr=log
             )
+
+    def ready(self) -> bool:
+        return consumer_ready(self.process.pid)
 
     def log(self) -> str:
         return self.log_path.read_text()

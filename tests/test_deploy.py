@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.processes import consumer_ready
+
 ROOT = Path(__file__).resolve().parents[1]
 UNITS = ROOT / "deploy" / "systemd"
 VENV_BIN = Path(sys.executable).parent
@@ -164,8 +166,8 @@ def test_the_units_commands_migrate_then_serve_healthz_and_run_a_worker(
         assert (status, json.loads(body)) == (200, {"database": "ok", "queue": "ok", "data_dir": "ok", "model": "ok"})
         # Production settings: every other plain-HTTP request is sent to HTTPS.
         assert get(f"http://127.0.0.1:{port}/login/") == (301, "https://rankwise.example.com/login/")
-        # Stop the worker only once it is up: a signal while it still imports the app ends it with a traceback.
-        while "consumer started" not in (tmp_path / "services.log").read_text().lower():
+        # Stop the worker only once it is up: a signal while it still starts ends it with a traceback.
+        while not consumer_ready(worker.pid):
             assert worker.poll() is None, (tmp_path / "services.log").read_text()
             assert time.monotonic() < deadline, "the worker did not start: " + (tmp_path / "services.log").read_text()
             time.sleep(0.3)

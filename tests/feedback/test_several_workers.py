@@ -168,9 +168,7 @@ def test_runs_of_one_project_started_at_once_on_two_consumers_never_both_run(
     logs = lambda: "\n".join(f"--- {c.name}\n{c.log()[-3000:]}" for c in consumers)  # noqa: E731
     runs = TrainingRun.objects.filter(project=project)
     try:
-        wait_for(
-            lambda: all("consumer started" in c.log().lower() for c in consumers), seconds=120, what="the consumers"
-        )
+        wait_for(lambda: all(c.ready() for c in consumers), seconds=120, what="the consumers")
         tasks.training_schedule_task()
         tasks.training_schedule_task()
         wait_for(

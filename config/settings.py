@@ -233,6 +233,14 @@ RANKWISE_MAX_TRAINING_BATCH_SIZE = _limit("RANKWISE_MAX_TRAINING_BATCH_SIZE", 51
 # Processes a DPO or GRPO run trains in (data-parallel, one per GPU): above 1 the worker starts the run
 # under torchrun (feedback.services.training_runs); 1 trains inside the worker itself.
 TRAIN_PROCESSES = _limit("RANKWISE_TRAIN_PROCESSES", 1)
+# What writes completions (feedback.services.generation): our own decoding loop (torch), or vLLM on a GPU
+# (the `vllm` extra); a worker without vLLM or a GPU refuses to write with it at the first generation.
+GENERATION_BACKENDS = ("torch", "vllm")
+GENERATION_BACKEND = env.str("RANKWISE_GENERATION_BACKEND", default="torch")
+if GENERATION_BACKEND not in GENERATION_BACKENDS:
+    raise ImproperlyConfigured(
+        f"RANKWISE_GENERATION_BACKEND must be one of {', '.join(GENERATION_BACKENDS)}, not {GENERATION_BACKEND!r}"
+    )
 # When a project's queue wants fewer judgements than this, the worker writes the next round of
 # completions for this many prompts that lack them.
 GENERATION_LOW_WATER = env.int("RANKWISE_GENERATION_LOW_WATER", default=20)

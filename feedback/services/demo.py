@@ -216,20 +216,21 @@ def demo_first_round_pick(records: list[dict[str, Any]], count: int) -> list[dic
 def demo_first_round_write(*, model_dir: Path, prompts: int, seed: int, path: Path = DEMO_FIRST_ROUND) -> int:
     """Sample the shipped first round with the default model and the demo's settings; the prompts written.
 
-    Sampled through the worker's own ``generate_completions`` with a fixed seed; each completion's
-    generation_params record the model, sampling, seed, dtype, device and library versions, its new
-    tokens and whether the length limit cut it.
+    Sampled as the worker writes rounds (``writer_load``, with the configured backend) with a fixed seed;
+    each completion's generation_params record the model, sampling, seed, dtype, device and library versions
+    (vLLM's too, and ``backend: vllm``, when it wrote them), its new tokens and whether the length limit cut it.
     """
     import torch
     import transformers
 
-    from training.generate import SamplingConfig, generate_completions, inference_dtype
-    from training.models import default_device, load_model
+    from feedback.services.generation import writer_load
+    from training.generate import SamplingConfig, inference_dtype
+    from training.models import default_device
 
     chosen = demo_first_round_pick(demo_prompt_records(), prompts)
     device = default_device()
-    dtype = inference_dtype(device)
-    model, tokenizer = load_model(str(model_dir), dtype=dtype, device=device)
+    dtype = inference_dtype(device)  # what either backend writes in on this device
+    write = writer_load(model=str(model_dir))
     sampling = SamplingConfig(  # the demo project's: the model's defaults but for the length limit
         temperature=Project._meta.get_field("temperature").get_default(),
         top_p=Project._meta.get_field("top_p").get_default(),
@@ -237,10 +238,8 @@ def demo_first_round_write(*, model_dir: Path, prompts: int, seed: int, path: Pa
         seed=seed,
     )
     conversations = [_messages(record["prompt"]) for record in chosen]
-    samples = generate_completions(
-        model, tokenizer, conversations, k=DEMO_K, sampling=sampling, batch_size=len(chosen) * DEMO_K
-    )
-    written_with = {
+    samples = write(conversations, DEMO_K, sampling)
+    written_with: dict[str, Any] = {
         "model": model_dir.name,
         "temperature": sampling.temperature,
         "top_p": sampling.top_p,
@@ -252,6 +251,10 @@ def demo_first_round_write(*, model_dir: Path, prompts: int, seed: int, path: Pa
         "transformers": transformers.__version__,
         "shipped": True,
     }
+    if settings.GENERATION_BACKEND == "vllm":
+        from importlib.metadata import version
+
+        written_with |= {"backend": "vllm", "vllm": version("vllm")}
     lines = []
     for record, written in zip(chosen, samples, strict=True):
         completions = [

@@ -3,7 +3,7 @@
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from django.conf import settings
 from django.core.exceptions import ValidationError
@@ -20,9 +20,60 @@ from feedback.selectors.rounds import round_judged_pairs, round_prompts_by_judge
 from feedback.selectors.tasks import judgements_left
 from feedback.services.rounds import BASE, round_request, round_writers_default, round_writers_mix
 
+if TYPE_CHECKING:
+    from training.generate import Sample, SamplingConfig
+
 
 class GenerationError(Exception):
     pass
+
+
+# A model ready to write: (conversations, k, sampling) -> k samples for each conversation, in order.
+Writer = Callable[[list[list[dict[str, str]]], int, "SamplingConfig"], list[list["Sample"]]]
+
+
+def writer_load(*, model: str) -> Writer:
+    """``model`` (a directory or id) ready to write completions with the backend RANKWISE_GENERATION_BACKEND names.
+
+    ``torch`` (the default): the weights loaded now on ``default_device()`` in ``inference_dtype``, and each
+    write decodes all its rows as one batch with ``generate_completions``. ``vllm``: a vLLM engine started
+    now (and kept for the model's later writes in this process), each write through
+    ``generate_completions_vllm``. A model that cannot be loaded, or a vLLM backend without the vllm package or
+    a CUDA GPU, is a GenerationError saying what is missing, raised before anything is written.
+    """
+    if settings.GENERATION_BACKEND == "vllm":
+        return _vllm_writer(model=model)
+    from training.generate import generate_completions, inference_dtype
+    from training.models import ModelLoadError, default_device, load_model
+
+    device = default_device()  # CUDA when the worker has a GPU
+    try:
+        loaded, tokenizer = load_model(model, dtype=inference_dtype(device), device=device)
+    except ModelLoadError as error:
+        raise GenerationError(str(error)) from None
+
+    def write(conversations: list[list[dict[str, str]]], k: int, sampling: "SamplingConfig") -> list[list["Sample"]]:
+        rows = max(len(conversations) * k, 1)
+        return generate_completions(loaded, tokenizer, conversations, k=k, sampling=sampling, batch_size=rows)
+
+    return write
+
+
+def _vllm_writer(*, model: str) -> Writer:
+    from training.generate_vllm import VllmUnavailable, generate_completions_vllm, vllm_engine
+    from training.models import ModelLoadError
+
+    try:
+        vllm_engine(model)  # started here, so that a model vLLM cannot serve fails before prompts are chosen
+    except VllmUnavailable as error:
+        raise GenerationError(f"RANKWISE_GENERATION_BACKEND is vllm, but {error}") from None
+    except ModelLoadError as error:  # a LoRA version whose adapter or base cannot be read to merge them
+        raise GenerationError(str(error)) from None
+
+    def write(conversations: list[list[dict[str, str]]], k: int, sampling: "SamplingConfig") -> list[list["Sample"]]:
+        return generate_completions_vllm(model, conversations, k=k, sampling=sampling)
+
+    return write
 
 
 @dataclass
@@ -175,19 +226,14 @@ def _batches(count: int, *, first_batch: int, batch_size: int) -> list[tuple[int
 def _round_write(
     *, round: Round, first_batch: int, batch_size: int | None, progress: Callable[[int, int], None] | None
 ) -> GenerationResult:
-    from training.generate import BATCH_ROWS, SamplingConfig, generate_completions, inference_dtype
-    from training.models import ModelLoadError, default_device, load_model
+    from training.generate import BATCH_ROWS, SamplingConfig
 
     project = round.project
     label = " + ".join(round.writers)
-    device = default_device()  # CUDA when the worker has a GPU
-    dtype = inference_dtype(device)
-    loaded = []
-    for name, version in _writer_models(project=project, writers=round.writers):
-        try:
-            loaded.append((load_model(name, dtype=dtype, device=device), name, version))
-        except ModelLoadError as error:
-            raise GenerationError(str(error)) from None
+    loaded = [
+        (writer_load(model=name), name, version)
+        for name, version in _writer_models(project=project, writers=round.writers)
+    ]
     if not round.prompt_ids:
         prompt_ids = _round_prompt_ids(round=round)
         Round.objects.filter(pk=round.pk).update(prompt_ids=prompt_ids, prompts_total=len(prompt_ids))
@@ -208,12 +254,10 @@ def _round_write(
         batch = [prompts_by_id[pk] for pk in remaining[start:end] if pk in prompts_by_id]
         shares = _shares(k, len(loaded))
         rows = []
-        for share, ((model, tokenizer), name, version) in zip(shares, loaded, strict=True):
+        for share, (write, name, version) in zip(shares, loaded, strict=True):
             if not share or not batch:
                 continue
-            samples = generate_completions(
-                model, tokenizer, [p.messages for p in batch], k=share, sampling=sampling, batch_size=len(batch) * share
-            )
+            samples = write([p.messages for p in batch], share, sampling)
             for prompt, written_for in zip(batch, samples, strict=True):
                 for sample in written_for[:share]:
                     # A byte-level tokenizer can decode a NUL, which PostgreSQL cannot store (and imports refuse).
@@ -262,18 +306,11 @@ def answers_sample(
     Returns each answer's text and whether the length limit cut it. The seed is set before sampling,
     so two models given the same conversations and settings draw from the same random stream.
     """
-    from training.generate import SamplingConfig, generate_completions, inference_dtype
-    from training.models import ModelLoadError, default_device, load_model
+    from training.generate import SamplingConfig
 
-    device = default_device()
-    try:
-        loaded, tokenizer = load_model(model, dtype=inference_dtype(device), device=device)
-    except ModelLoadError as error:
-        raise GenerationError(str(error)) from None
+    write = writer_load(model=model)
     sampling = SamplingConfig(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed)
-    samples = generate_completions(
-        loaded, tokenizer, conversations, k=1, sampling=sampling, batch_size=max(len(conversations), 1)
-    )
+    samples = write(conversations, 1, sampling)
     # A byte-level tokenizer can decode a NUL, which PostgreSQL cannot store.
     return [(written[0].text.replace("\x00", ""), written[0].truncated) for written in samples]
 

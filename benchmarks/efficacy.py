@@ -1,7 +1,7 @@
 """Efficacy: does a round of judgements visibly change what the model writes?
 
 Usage: python benchmarks/efficacy.py [--preferences short_first_sentence,list,direct] [--rounds 1]
-           [--prompts 50] [--held-out 20] [--samples 2] [--config '{"learning_rate": 5e-5}']
+           [--prompts 50] [--held-out 20] [--samples 2] [--config '{"learning_rate": 1e-4}']
 
 Drives the product's own path on the default model (SmolLM2-135M-Instruct), in a temporary data dir with its
 own SQLite database, the worker's work done in this process (as `--sync` does):
@@ -16,9 +16,9 @@ own SQLite database, the worker's work done in this process (as `--sync` does):
    of ``--config`` when given) makes v1, which is promoted; with ``--rounds 3`` the promoted version writes a
    new round on the same prompts (``round_request`` / ``round_write``), people judge it, and the next run trains
    on every round, three times;
-4. the base model and the newest version answer ``--held-out`` prompts the runs never saw, ``--samples`` each,
-   with the project's sampling settings and the same seed (``answers_sample``, the side-by-side path), and the
-   preferred property is measured on both.
+4. after every round, the base model and the round's version answer ``--held-out`` prompts the runs never saw,
+   ``--samples`` each, with the project's sampling settings and the same seed (``answers_sample``, the
+   side-by-side path), and the preferred property is measured on both.
 
 Preferences (their property, the direction people prefer, and the extreme it can move to):
 
@@ -29,7 +29,7 @@ Preferences (their property, the direction people prefer, and the extreme it can
   "Certainly", "Great question", "Here is", ...) or a first sentence that remarks on the question ("... can be a
   daunting task", "... is a great way"); no preamble preferred (extreme: none).
 
-Reported per preference: the property on the base model's and the new version's held-out answers with the
+Reported per preference and round: the property on the base model's and the new version's held-out answers with the
 standard error of each mean and of their difference (paired by prompt: each prompt's mean over its samples),
 how far the change goes toward the extreme (``progress``, per cent), judgements per 10 points of that progress,
 and a fluency guard: perplexity on a fixed neutral text set (NEUTRAL_TEXTS) and the share of empty answers and of
@@ -379,11 +379,12 @@ def run_benchmark(args: argparse.Namespace, chosen: list[str]) -> None:
             runs.append(run)
             print(f"[{name}] round {number}: {sum(judged.values())} judgements {dict(judged)}, "
                   f"run {run.pk} made {version.name} ({time.perf_counter() - t0:.0f} s)", flush=True)  # fmt: skip
-
-        weights = str(model_version_weights_dir(version=version))
-        answers = held_out_answers(weights, held_out, args.samples)
-        results.append(report_row(name, preference, base_answers, answers, judged, runs, base_ppl, perplexity(weights)))
-        print(f"[{name}] measured ({time.perf_counter() - t0:.0f} s)", flush=True)
+            # Measured after every round, so one run with rounds gives the figures after one round too.
+            weights = str(model_version_weights_dir(version=version))
+            answers = held_out_answers(weights, held_out, args.samples)
+            row = report_row(name, preference, base_answers, answers, judged, runs, base_ppl, perplexity(weights))
+            results.append({**row, "round": number})
+            print(f"[{name}] round {number} measured ({time.perf_counter() - t0:.0f} s)", flush=True)
 
     print_results(args, results, time.perf_counter() - started)
 
@@ -453,15 +454,16 @@ def print_results(args: argparse.Namespace, results: list[dict[str, Any]], secon
           f"{args.held_out} held-out prompts x {args.samples} answers per model, training settings "
           f"{json.dumps(args.config) if args.config else 'the defaults'}; {seconds / 60:.1f} min\n")  # fmt: skip
     print(
-        "| preference (property) | base model | new version | change (SE) | progress to extreme (SE) | judgements "
-        "(trained pairs) | judgements per 10 points | perplexity base -> new | empty | repeated |"
+        "| preference (property) | rounds | base model | new version | change (SE) | progress to extreme (SE) | "
+        "judgements (trained pairs) | judgements per 10 points | perplexity base -> new | empty | repeated |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for row in results:
         (bm, bs), (nm, ns), (c, cs) = row["base"], row["new"], row["change"]
         per = f"{row['per_10_points']:.0f}" if row["per_10_points"] else "no progress"
         print(
-            f"| {row['name']} ({row['unit']}) | {bm:.3f} ± {bs:.3f} | {nm:.3f} ± {ns:.3f} | {c:+.3f} ± {cs:.3f} | "
+            f"| {row['name']} ({row['unit']}) | {row['round']} | {bm:.3f} ± {bs:.3f} | {nm:.3f} ± {ns:.3f} | "
+            f"{c:+.3f} ± {cs:.3f} | "
             f"{row['progress']:+.1f} % ± {row['progress_se']:.1f} | {row['judgements']} ({row['trained_pairs']}) | "
             f"{per} | {row['ppl'][0]:.2f} -> {row['ppl'][1]:.2f} | "
             f"{100 * row['empty'][0]:.0f} -> {100 * row['empty'][1]:.0f} % | "
@@ -474,6 +476,8 @@ def print_results(args: argparse.Namespace, results: list[dict[str, Any]], secon
     )
     print("|---|---:|---:|---|---|---|---|")
     for row in results:
+        if row["round"] != args.rounds:
+            continue  # a preference's last row holds all its runs
         for number, run in enumerate(row["runs"], start=1):
             before, after = run["before"], run["after"]
             n = after.get("pairs") or 0

@@ -19,6 +19,8 @@ from typing import Any, ClassVar, TypeVar, get_type_hints
 from training.loss_types import DPO_LOSS_TYPES, DPO_LOSSES, DPO_SMOOTHED_LOSS_TYPES, GRPO_LOSS_TYPES
 
 SCHEDULERS = ("cosine", "linear", "constant")
+LEARNING_RATE_HELP = "peak AdamW learning rate (LoRA; use ~5e-7..5e-6 for full fine-tuning)"
+MIN_STEPS_HELP = "optimizer steps at least: a small set is passed over more than `epochs` times to reach them"
 PRECISIONS = ("auto", "bf16", "fp32")
 LARGEST_INT = 2**63 - 1  # what the database's JSON and torch's seeds hold
 
@@ -34,15 +36,14 @@ class TrainConfig:
 
     # Whether its loop splits each batch over the processes of torchrun or accelerate launch (not a setting).
     data_parallel: ClassVar[bool] = False
-    learning_rate: float = option(
-        5e-5, "peak AdamW learning rate (LoRA; use ~5e-7..5e-6 for full fine-tuning)", flags=("--lr",)
-    )
+    learning_rate: float = option(5e-5, LEARNING_RATE_HELP, flags=("--lr",))
     weight_decay: float = option(0.0, "AdamW decoupled weight decay")
     warmup_ratio: float = option(0.1, "share of steps with a linear learning-rate warmup")
     lr_scheduler: str = option(
         "cosine", "learning-rate schedule after warmup", flags=("--scheduler",), choices=SCHEDULERS
     )
     epochs: int = option(1, "passes over the training data")
+    min_steps: int = option(0, MIN_STEPS_HELP)
     batch_size: int = option(4, "examples per forward pass")
     gradient_accumulation: int = option(1, "forward passes per optimizer step", flags=("--grad-accum",))
     max_grad_norm: float = option(1.0, "gradient clipping by global norm; 0 disables")
@@ -88,7 +89,7 @@ class TrainConfig:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
-        for name in ("save_every", "seed", "weight_decay", "max_grad_norm"):
+        for name in ("min_steps", "save_every", "seed", "weight_decay", "max_grad_norm"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative")
         for f in fields(self):
@@ -125,6 +126,10 @@ class DPOConfig(TrainConfig):
         True, "multiply each pair's loss by its `weight` (annotator agreement)", flags=("--weights", "--no-weights")
     )
     batch_size: int = option(4, "pairs per forward pass (twice as many sequences: chosen and rejected)")
+    # Chosen by benchmarks/efficacy.py: one round of about 300 judgements moves what the model writes
+    # (docs/DESIGN.md, "Training defaults").
+    learning_rate: float = option(2e-4, LEARNING_RATE_HELP, flags=("--lr",))
+    min_steps: int = option(48, MIN_STEPS_HELP)
 
     def validate(self) -> None:
         super().validate()
@@ -151,6 +156,9 @@ class GRPOConfig(TrainConfig):
     num_iterations: int = option(2, "optimizer steps per batch of groups (μ); more than 1 makes clipping matter")
     eval_beta: float = option(0.1, "β of the implicit reward in held-out metrics (comparable with DPO runs)")
     batch_size: int = option(2, "groups per forward pass (all K completions of each group together)")
+    # Chosen by benchmarks/efficacy.py, as DPO's (docs/DESIGN.md, "Training defaults").
+    learning_rate: float = option(2e-4, LEARNING_RATE_HELP, flags=("--lr",))
+    min_steps: int = option(48, MIN_STEPS_HELP)
 
     def validate(self) -> None:
         super().validate()
@@ -202,6 +210,9 @@ class OnlineGRPOConfig(GRPOConfig):
     max_new_tokens: int = option(64, "longest rollout completion in tokens")
     eval_samples: int = option(2, "completions sampled per held-out prompt to measure the mean reward")
     batch_size: int = option(2, "prompts per rollout batch (each with num_generations completions)")
+    # Offline GRPO's defaults were measured on judged groups; online runs keep the shared ones.
+    learning_rate: float = option(5e-5, LEARNING_RATE_HELP, flags=("--lr",))
+    min_steps: int = option(0, MIN_STEPS_HELP)
 
     def validate(self) -> None:
         super().validate()

@@ -85,7 +85,9 @@ def train_dpo(
     before = evaluate_pairs(None, eval_pairs, ref, precision=precision, **eval_kwargs)
 
     lengths = [len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs]
-    plan = step_plan(lengths, config.batch_size, config.gradient_accumulation, config.epochs, config.seed)
+    plan = step_plan(
+        lengths, config.batch_size, config.gradient_accumulation, config.epochs, config.seed, config.min_steps
+    )
     total_steps = len(plan)
     optimizer, params, scheduler, checkpoint, start_step = start_optimization(
         config,

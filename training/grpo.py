@@ -33,6 +33,7 @@ are those of the whole micro-batch.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -108,7 +109,8 @@ def train_grpo(
     before = evaluate_pairs(None, eval_pairs, ref, precision=precision, **eval_kwargs)
 
     lengths = [len(g.prompt_ids) * len(g.completion_ids) + sum(map(len, g.completion_ids)) for g in groups]
-    plan = step_plan(lengths, config.batch_size, config.gradient_accumulation, config.epochs, config.seed)
+    min_batches = math.ceil(config.min_steps / config.num_iterations)  # each batch takes num_iterations steps
+    plan = step_plan(lengths, config.batch_size, config.gradient_accumulation, config.epochs, config.seed, min_batches)
     total_steps = len(plan) * config.num_iterations
     optimizer, params, scheduler, checkpoint, start_step = start_optimization(
         config,

@@ -83,7 +83,14 @@ def train_grpo_online(
 
     before = mean_reward()
 
-    plan = prompt_plan(len(prompts.train), batch_size=config.batch_size, epochs=config.epochs, seed=config.seed)
+    plan = prompt_plan(
+        len(prompts.train),
+        batch_size=config.batch_size,
+        epochs=config.epochs,
+        seed=config.seed,
+        min_steps=config.min_steps,
+        steps_per_batch=config.num_iterations,
+    )
     total_steps = len(plan) * config.num_iterations
     optimizer, params, scheduler, checkpoint, start_step = start_optimization(
         config,

@@ -124,7 +124,14 @@ def train_ppo(
 
     before = mean_reward()
 
-    plan = prompt_plan(len(prompts.train), batch_size=config.batch_size, epochs=config.epochs, seed=config.seed)
+    plan = prompt_plan(
+        len(prompts.train),
+        batch_size=config.batch_size,
+        epochs=config.epochs,
+        seed=config.seed,
+        min_steps=config.min_steps,
+        steps_per_batch=config.ppo_epochs,
+    )
     total_steps = len(plan) * config.ppo_epochs
     optimizer, params, scheduler, checkpoint, start_step = start_optimization(
         config,

@@ -209,7 +209,9 @@ def train_reward(
 
     sequences = [(e.prompt_ids, c) for e in examples for c in _completions(e)]
     lengths = [len(e.prompt_ids) * len(_completions(e)) + sum(map(len, _completions(e))) for e in examples]
-    plan = step_plan(lengths, config.batch_size, config.gradient_accumulation, config.epochs, config.seed)
+    plan = step_plan(
+        lengths, config.batch_size, config.gradient_accumulation, config.epochs, config.seed, config.min_steps
+    )
     total_steps = len(plan)
     optimizer, params, scheduler, checkpoint, start_step = start_optimization(
         config,

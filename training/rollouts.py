@@ -7,6 +7,7 @@ reward model of the policy's base model and tokenizer (the scores are of the sam
 from __future__ import annotations
 
 import copy
+import math
 import random
 from dataclasses import dataclass, replace
 from typing import Any
@@ -106,9 +107,17 @@ def prompt_set(
     )
 
 
-def prompt_plan(count: int, *, batch_size: int, epochs: int, seed: int) -> list[list[int]]:
-    """Rollout batches of prompt indices: each epoch every prompt once, batches in a seeded order."""
+def prompt_plan(
+    count: int, *, batch_size: int, epochs: int, seed: int, min_steps: int = 0, steps_per_batch: int = 1
+) -> list[list[int]]:
+    """Rollout batches of prompt indices: each epoch every prompt once, batches in a seeded order.
+
+    More epochs than ``epochs`` when that is fewer than ``min_steps`` optimizer steps, at
+    ``steps_per_batch`` steps on each rollout batch (as ``step_plan`` does for offline data).
+    """
     batches = [list(range(i, min(i + batch_size, count))) for i in range(0, count, batch_size)]
+    if batches:
+        epochs = max(epochs, math.ceil(min_steps / (len(batches) * steps_per_batch)))
     plan = []
     for epoch in range(epochs):
         order = list(batches)

@@ -188,12 +188,17 @@ def make_optimizer(
 
 
 def step_plan(
-    lengths: Sequence[int], batch_size: int, accumulation: int, epochs: int, seed: int
+    lengths: Sequence[int], batch_size: int, accumulation: int, epochs: int, seed: int, min_steps: int = 0
 ) -> list[list[list[int]]]:
     """All optimizer steps of a run: each a list of micro-batches of example indices.
 
-    Deterministic given the seed, so a resumed run sees the same batches in the same order.
+    ``epochs`` passes over the data, or more when that is fewer than ``min_steps`` optimizer steps:
+    a small set is passed over as often as it takes to reach them. Deterministic given the seed, so a
+    resumed run sees the same batches in the same order.
     """
+    steps_per_epoch = math.ceil(math.ceil(len(lengths) / batch_size) / accumulation)
+    if steps_per_epoch:
+        epochs = max(epochs, math.ceil(min_steps / steps_per_epoch))
     micro = []
     for epoch in range(epochs):
         micro.extend(length_sorted_batches(lengths, batch_size, seed=seed * 1000 + epoch))

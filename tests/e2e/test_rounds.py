@@ -34,6 +34,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 PROMPTS = 8
 CONFIG = {
     "epochs": 1,
+    "min_steps": 0,
     "batch_size": 2,
     "max_length": 64,
     "max_prompt_length": 32,

@@ -22,6 +22,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 
 CONFIG = {
     "epochs": 1,
+    "min_steps": 0,
     "batch_size": 4,
     "max_length": 64,
     "max_prompt_length": 32,

@@ -12,6 +12,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 
 FEW_STEPS = {
     "epochs": 1,
+    "min_steps": 0,
     "batch_size": 4,
     "max_length": 96,
     "max_prompt_length": 64,

@@ -18,6 +18,7 @@ from tests.feedback.export_helpers import compare, make_prompt
 
 CONFIG = {
     "epochs": 1,
+    "min_steps": 0,
     "batch_size": 4,
     "max_length": 64,
     "max_prompt_length": 32,

@@ -27,7 +27,15 @@ from tests.feedback.export_helpers import rank
 
 pytestmark = pytest.mark.django_db
 
-SMALL = {"epochs": 1, "batch_size": 4, "max_length": 64, "max_prompt_length": 32, "eval_batch_size": 8, "save_every": 0}
+SMALL = {
+    "epochs": 1,
+    "min_steps": 0,
+    "batch_size": 4,
+    "max_length": 64,
+    "max_prompt_length": 32,
+    "eval_batch_size": 8,
+    "save_every": 0,
+}
 
 
 @pytest.fixture

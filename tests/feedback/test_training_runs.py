@@ -41,7 +41,15 @@ from tests.processes import database_url_for_subprocesses
 pytestmark = pytest.mark.django_db(transaction=True)
 ROOT = Path(__file__).resolve().parents[2]
 
-SMALL = {"epochs": 1, "batch_size": 4, "max_length": 64, "max_prompt_length": 32, "eval_batch_size": 8, "save_every": 0}
+SMALL = {
+    "epochs": 1,
+    "min_steps": 0,
+    "batch_size": 4,
+    "max_length": 64,
+    "max_prompt_length": 32,
+    "eval_batch_size": 8,
+    "save_every": 0,
+}
 
 
 @pytest.fixture
@@ -217,6 +225,8 @@ def test_train_command_sync_and_its_errors(project, capsys):
         call_command("train", "loop", "--beta", "0")
     with pytest.raises(CommandError, match="must be a JSON object"):
         call_command("train", "loop", "--config", "[1]")
+    with pytest.raises(CommandError, match="^dpo settings: min_steps must not be negative$"):
+        call_command("train", "loop", "--min-steps", "-1")
     assert TrainingRun.objects.count() == 1
 
 

@@ -11,7 +11,19 @@ from training.__main__ import build_parser, config_from_args, main
 from training.config import DPOConfig, GRPOConfig
 
 REPO = Path(__file__).resolve().parents[2]
-TINY = ["--max-length", "64", "--max-prompt-length", "48", "--lr", "1e-3", "--batch-size", "8", "--quiet"]
+TINY = [
+    "--min-steps",
+    "0",
+    "--max-length",
+    "64",
+    "--max-prompt-length",
+    "48",
+    "--lr",
+    "1e-3",
+    "--batch-size",
+    "8",
+    "--quiet",
+]
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:

@@ -31,6 +31,10 @@ def test_config_from_mapping_names_the_field_and_stores_numbers_as_floats():
         config_from_mapping(DPOConfig, {"seed": 2**64})
     with pytest.raises(ValueError, match="^save_every must not be negative$"):
         config_from_mapping(DPOConfig, {"save_every": -1})
+    with pytest.raises(ValueError, match="^min_steps must not be negative$"):
+        config_from_mapping(GRPOConfig, {"min_steps": -1})
+    with pytest.raises(ValueError, match="^min_steps must be a whole number, not 1.5$"):
+        config_from_mapping(DPOConfig, {"min_steps": 1.5})
     for text in ("cosine\x00", "\ud800"):
         with pytest.raises(ValueError, match="^lr_scheduler must not hold a NUL character or a lone surrogate$"):
             config_from_mapping(DPOConfig, {"lr_scheduler": text})

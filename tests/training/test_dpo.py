@@ -16,6 +16,7 @@ from training.runs import evaluate_pairs
 def tiny_config(**overrides) -> DPOConfig:
     values = {
         "learning_rate": 1e-3,
+        "min_steps": 0,
         "batch_size": 8,
         "warmup_ratio": 0.0,
         "max_length": 64,

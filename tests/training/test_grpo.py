@@ -7,6 +7,7 @@ from training.grpo import GRPOConfig, train_grpo
 def tiny_config(**overrides) -> GRPOConfig:
     values = {
         "learning_rate": 1e-3,
+        "min_steps": 0,
         "batch_size": 4,
         "warmup_ratio": 0.0,
         "max_length": 64,

@@ -23,7 +23,7 @@ PAIRS = [
 
 @pytest.mark.slow
 def test_a_few_dpo_steps_on_the_default_model_then_save_reload_generate(tmp_path, real_model_dir):
-    config = DPOConfig(batch_size=2, max_length=128, max_prompt_length=96, learning_rate=1e-4)
+    config = DPOConfig(batch_size=2, max_length=128, max_prompt_length=96, learning_rate=1e-4, min_steps=0)
     result = train_dpo(
         config,
         train_examples=PAIRS[:4],

@@ -10,7 +10,14 @@ from training.data import DataFormatError
 from training.models import ModelLoadError
 from training.reward import HEAD_FILE, load_reward_model, score_texts, train_reward
 
-FAST = {"max_length": 64, "max_prompt_length": 48, "learning_rate": 3e-3, "batch_size": 8, "precision": "fp32"}
+FAST = {
+    "min_steps": 0,
+    "max_length": 64,
+    "max_prompt_length": 48,
+    "learning_rate": 3e-3,
+    "batch_size": 8,
+    "precision": "fp32",
+}
 
 
 def train(tmp_path, model_dir, records, **overrides):

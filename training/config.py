@@ -126,8 +126,8 @@ class DPOConfig(TrainConfig):
         True, "multiply each pair's loss by its `weight` (annotator agreement)", flags=("--weights", "--no-weights")
     )
     batch_size: int = option(4, "pairs per forward pass (twice as many sequences: chosen and rejected)")
-    # Chosen by benchmarks/efficacy.py: one round of about 300 judgements moves what the model writes
-    # (docs/DESIGN.md, "Training defaults").
+    # Chosen by benchmarks/efficacy.py and defaults_sweep.py: one round of about 300 judgements moves what
+    # the model writes (docs/DESIGN.md, "Training defaults").
     learning_rate: float = option(2e-4, LEARNING_RATE_HELP, flags=("--lr",))
     min_steps: int = option(48, MIN_STEPS_HELP)
 
@@ -156,8 +156,8 @@ class GRPOConfig(TrainConfig):
     num_iterations: int = option(2, "optimizer steps per batch of groups (μ); more than 1 makes clipping matter")
     eval_beta: float = option(0.1, "β of the implicit reward in held-out metrics (comparable with DPO runs)")
     batch_size: int = option(2, "groups per forward pass (all K completions of each group together)")
-    # Chosen by benchmarks/efficacy.py, as DPO's (docs/DESIGN.md, "Training defaults").
-    learning_rate: float = option(2e-4, LEARNING_RATE_HELP, flags=("--lr",))
+    # Chosen by benchmarks/defaults_sweep.py, as DPO's (docs/DESIGN.md, "Training defaults").
+    learning_rate: float = option(3e-4, LEARNING_RATE_HELP, flags=("--lr",))
     min_steps: int = option(48, MIN_STEPS_HELP)
 
     def validate(self) -> None:

@@ -17,19 +17,11 @@ from feedback.services.training_runs import training_run_execute
 from tests.e2e.conftest import log_in_as
 from tests.factories import MembershipFactory, ProjectFactory, UserFactory
 from tests.feedback.export_helpers import compare, make_prompt
+from tests.feedback.test_training_runs import SMALL
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 
-CONFIG = {
-    "epochs": 1,
-    "min_steps": 0,
-    "batch_size": 4,
-    "max_length": 64,
-    "max_prompt_length": 32,
-    "eval_batch_size": 8,
-    "save_every": 0,
-    "learning_rate": 1e-3,
-}
+CONFIG = {**SMALL, "learning_rate": 1e-3}
 
 
 @pytest.fixture

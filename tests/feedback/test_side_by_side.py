@@ -15,17 +15,10 @@ from feedback.services.side_by_side import side_by_side_request, side_by_side_wr
 from feedback.services.training_runs import run_dir, training_run_execute, training_run_start
 from tests.factories import MembershipFactory, ModelVersionFactory, ProjectFactory, PromptFactory, TrainingRunFactory
 from tests.feedback.export_helpers import compare, make_prompt
+from tests.feedback.test_training_runs import SMALL
 
-CONFIG = {
-    "epochs": 1,
-    "min_steps": 0,
-    "batch_size": 4,
-    "max_length": 64,
-    "max_prompt_length": 32,
-    "eval_batch_size": 8,
-    "save_every": 0,
-    "learning_rate": 1e-2,  # large, so that the tiny model's 8-token answers change whatever prompts are held out
-}
+# a large learning rate, so that the tiny model's 8-token answers change whatever prompts are held out
+CONFIG = {**SMALL, "learning_rate": 1e-2}
 HTMX = {"HTTP_HX_REQUEST": "true"}
 
 

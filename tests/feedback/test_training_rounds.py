@@ -24,18 +24,9 @@ from tests.factories import (
     UserFactory,
 )
 from tests.feedback.export_helpers import rank
+from tests.feedback.test_training_runs import SMALL
 
 pytestmark = pytest.mark.django_db
-
-SMALL = {
-    "epochs": 1,
-    "min_steps": 0,
-    "batch_size": 4,
-    "max_length": 64,
-    "max_prompt_length": 32,
-    "eval_batch_size": 8,
-    "save_every": 0,
-}
 
 
 @pytest.fixture

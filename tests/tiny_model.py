@@ -57,23 +57,24 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-def make_tiny_model_dir(path: Path, *, seed: int = 0) -> Path:
-    """Save a tiny random LlamaForCausalLM and its tokenizer into ``path``; return ``path``."""
+def make_tiny_model_dir(path: Path, *, seed: int = 0, **shape: Any) -> Path:
+    """Save a tiny random LlamaForCausalLM and its tokenizer into ``path``; return ``path``.
+
+    ``shape`` overrides LlamaConfig's sizes (another head size, say).
+    """
     path = Path(path)
     tokenizer = build_tokenizer()
     torch.manual_seed(seed)
+    sizes = {"hidden_size": 48, "intermediate_size": 96, "num_attention_heads": 4, "num_key_value_heads": 2}
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=48,
-        intermediate_size=96,
         num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         max_position_embeddings=512,
         tie_word_embeddings=True,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
+        **(sizes | shape),
     )
     model = LlamaForCausalLM(config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id

@@ -18,9 +18,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
-from tests.tiny_model import build_tokenizer
+from tests.tiny_model import build_tokenizer, make_tiny_model_dir
 from tests.training.test_generate import CONVERSATIONS, HELLO, MULTI
 from training import generate_vllm
 from training.generate import SamplingConfig, generate_completions, render_prompt
@@ -227,29 +226,15 @@ def test_a_lora_version_reaches_vllm_as_its_merged_weights(fake_vllm, tiny_model
 def _vllm_tiny_model_dir(path: Path) -> Path:
     """A tiny random Llama like tests/tiny_model.py's, with heads of 64 (vLLM's attention kernels take
     only some head sizes) and weights large enough that its greedy answers vary instead of repeating a token."""
-    tokenizer = build_tokenizer()
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
+    return make_tiny_model_dir(
+        path,
         hidden_size=128,
         intermediate_size=256,
-        num_hidden_layers=2,
         num_attention_heads=2,
         num_key_value_heads=1,
         head_dim=64,
-        max_position_embeddings=512,
-        tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
         initializer_range=0.5,
     )
-    model = LlamaForCausalLM(config)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.save_pretrained(path, safe_serialization=True)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 def _with_eos(source: Path, path: Path, token_id: int) -> Path:

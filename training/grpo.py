@@ -33,7 +33,6 @@ are those of the whole micro-batch.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -109,8 +108,15 @@ def train_grpo(
     before = evaluate_pairs(None, eval_pairs, ref, precision=precision, **eval_kwargs)
 
     lengths = [len(g.prompt_ids) * len(g.completion_ids) + sum(map(len, g.completion_ids)) for g in groups]
-    min_batches = math.ceil(config.min_steps / config.num_iterations)  # each batch takes num_iterations steps
-    plan = step_plan(lengths, config.batch_size, config.gradient_accumulation, config.epochs, config.seed, min_batches)
+    plan = step_plan(
+        lengths,
+        config.batch_size,
+        config.gradient_accumulation,
+        config.epochs,
+        config.seed,
+        min_steps=config.min_steps,
+        steps_per_batch=config.num_iterations,
+    )
     total_steps = len(plan) * config.num_iterations
     optimizer, params, scheduler, checkpoint, start_step = start_optimization(
         config,

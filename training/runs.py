@@ -188,15 +188,22 @@ def make_optimizer(
 
 
 def step_plan(
-    lengths: Sequence[int], batch_size: int, accumulation: int, epochs: int, seed: int, min_steps: int = 0
+    lengths: Sequence[int],
+    batch_size: int,
+    accumulation: int,
+    epochs: int,
+    seed: int,
+    min_steps: int = 0,
+    steps_per_batch: int = 1,
 ) -> list[list[list[int]]]:
-    """All optimizer steps of a run: each a list of micro-batches of example indices.
+    """All batches of a run: each a list of micro-batches of example indices, trained on ``steps_per_batch``
+    optimizer steps (GRPO's iterations; one otherwise).
 
     ``epochs`` passes over the data, or more when that is fewer than ``min_steps`` optimizer steps:
-    a small set is passed over as often as it takes to reach them. Deterministic given the seed, so a
-    resumed run sees the same batches in the same order.
+    a small set is passed over as often as it takes to reach them (as ``prompt_plan`` does for
+    rollouts). Deterministic given the seed, so a resumed run sees the same batches in the same order.
     """
-    steps_per_epoch = math.ceil(math.ceil(len(lengths) / batch_size) / accumulation)
+    steps_per_epoch = math.ceil(math.ceil(len(lengths) / batch_size) / accumulation) * steps_per_batch
     if steps_per_epoch:
         epochs = max(epochs, math.ceil(min_steps / steps_per_epoch))
     micro = []

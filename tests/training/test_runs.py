@@ -127,6 +127,8 @@ def test_step_plan_passes_over_a_small_set_again_until_it_reaches_min_steps():
         len(step_plan(lengths, batch_size=2, accumulation=1, epochs=1, seed=4, min_steps=4)) == 4
     )  # one epoch is enough
     assert step_plan([], batch_size=2, accumulation=1, epochs=1, seed=4, min_steps=4) == []
+    # GRPO's batches each take num_iterations steps: 2 batches x 2 steps an epoch, so 5 steps need 2 epochs.
+    assert len(step_plan(lengths, batch_size=4, accumulation=1, epochs=1, seed=4, min_steps=5, steps_per_batch=2)) == 4
 
 
 def test_prompt_plan_counts_min_steps_in_optimizer_steps():

@@ -128,7 +128,7 @@ class DPOConfig(TrainConfig):
     batch_size: int = option(4, "pairs per forward pass (twice as many sequences: chosen and rejected)")
     # Chosen by benchmarks/efficacy.py and defaults_sweep.py: one round of about 300 judgements moves what
     # the model writes (docs/DESIGN.md, "Training defaults").
-    learning_rate: float = option(2e-4, LEARNING_RATE_HELP, flags=("--lr",))
+    learning_rate: float = option(1.5e-4, LEARNING_RATE_HELP, flags=("--lr",))
     min_steps: int = option(48, MIN_STEPS_HELP)
 
     def validate(self) -> None:

@@ -1,14 +1,17 @@
 """What the online loops (online GRPO, PPO) share: the reward model beside the policy, sampling and scoring.
 
-Rollouts are sampled with ``training.generate`` from the policy as it is, and scored by a
-reward model of the policy's base model and tokenizer (the scores are of the same token ids).
+Rollouts are sampled with ``training.generate`` from the policy's weights (a LoRA policy merged into
+a copy first), and scored by a reward model of the policy's base model and tokenizer (the scores are
+of the same token ids).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -144,16 +147,9 @@ def sample_and_score(
     precision: str,
 ) -> Samples:
     """Sample ``k`` completions per prompt from the policy and score each with the reward model."""
-    # Under bf16 the LoRA policy's frozen base weights are stored in bf16 (tune_for_training): its
-    # linear layers take float32 input only under autocast, when sampling as when training.
-    with autocast_context(precision, next(policy.parameters()).device):
+    with _sampler(policy, precision) as model:
         texts = generate_completions(
-            _generator(policy),
-            tokenizer,
-            [prompt_messages(p) for p in prompts],
-            k=k,
-            sampling=sampling,
-            batch_size=batch_size,
+            model, tokenizer, [prompt_messages(p) for p in prompts], k=k, sampling=sampling, batch_size=batch_size
         )
     prompt_ids = [encode_prompt(tokenizer, prompt_messages(p)) for p in prompts]
     # The ids as sampled, not the text encoded again: a sampled sequence need not be its text's own
@@ -210,8 +206,27 @@ def mean_sample_reward(
     }
 
 
-def _generator(policy: torch.nn.Module) -> PreTrainedModel:
-    """The model to sample from: with LoRA, the base model, into whose layers the adapters are woven."""
-    model = policy.get_base_model() if is_lora(policy) else policy
-    assert isinstance(model, PreTrainedModel)
-    return model
+@contextlib.contextmanager
+def _sampler(policy: torch.nn.Module, precision: str) -> Iterator[PreTrainedModel]:
+    """The model to sample from, and how: the policy's weights as one plain model.
+
+    A LoRA policy is merged into a copy in the run's precision (bf16 as the worker's inference model
+    where the CPU has it), so that a decoding step runs one product per layer rather than the frozen
+    layer, the adapter's two small ones and autocast's casts: at a rollout's few rows a step costs
+    about its number of operations, not its arithmetic (benchmarks/RESULTS.md, "Rollouts from a
+    merged copy"). The copy takes a fraction of a second against seconds of sampling and is dropped
+    after it. The log-probs the losses use are the policy's own, taken after sampling, so the
+    importance ratios are exact whatever the copy rounded. A policy without LoRA samples as it
+    trains, under the run's autocast.
+    """
+    if not is_lora(policy):
+        assert isinstance(policy, PreTrainedModel)
+        with autocast_context(precision, next(policy.parameters()).device):
+            yield policy
+        return
+    merged = copy.deepcopy(policy).merge_and_unload()
+    assert isinstance(merged, PreTrainedModel)
+    merged.to(torch.bfloat16 if precision == "bf16" else torch.float32)
+    if next(merged.parameters()).device.type == "cpu":
+        merged.set_attn_implementation("sdpa")  # eager attention is for training's backward (tune_for_training)
+    yield merged

@@ -226,7 +226,7 @@ def _sampler(policy: torch.nn.Module, precision: str) -> Iterator[PreTrainedMode
         return
     merged = copy.deepcopy(policy).merge_and_unload()
     assert isinstance(merged, PreTrainedModel)
-    merged.to(torch.bfloat16 if precision == "bf16" else torch.float32)
+    merged.to(torch.bfloat16 if precision == "bf16" else torch.float32)  # type: ignore[arg-type]
     if next(merged.parameters()).device.type == "cpu":
         merged.set_attn_implementation("sdpa")  # eager attention is for training's backward (tune_for_training)
     yield merged

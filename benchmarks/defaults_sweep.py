@@ -1,7 +1,7 @@
 """Training settings against efficacy.py's preferences, fast: the numbers behind the training defaults.
 
-Usage: python benchmarks/defaults_sweep.py dpo|grpo PREFERENCE [--work DIR] [--samples N] [--reuse]
-           [-- TRAINING OPTIONS...]
+Usage: python benchmarks/defaults_sweep.py [--work DIR] [--samples N] [--reuse] dpo|grpo PREFERENCE
+           [-- TRAINING OPTIONS...]      (everything after PREFERENCE goes to ``python -m training``)
        e.g. python benchmarks/defaults_sweep.py dpo list -- --lr 2e-4 --min-steps 48
 
 efficacy.py drives the whole product path (the API, runs, promotion, rounds) and takes about ten minutes a
@@ -18,7 +18,7 @@ preference; this takes the same measurement without the app, so that many settin
    more answers: repeated answers are rare, and 40 of them cannot tell 1 from 2 %);
 4. the trained model answers the held-out prompts as the base model did, and the property's change is
    reported as efficacy.py reports it (progress toward the extreme), with perplexity on efficacy.py's neutral
-   texts (the base model's beside it) and the empty and repeated answers among the 40.
+   texts (the base model's beside it) and the empty and repeated answers among its answers (200 by default).
 
 One line of JSON per call is printed and appended to ``--work``/results.jsonl.
 """
@@ -47,10 +47,6 @@ def conversation(text: str) -> list[dict[str, str]]:
     return [{"role": "user", "content": text}]
 
 
-def held_out_key(samples: int) -> str:
-    return "held_out" if samples == 2 else f"held_out_{samples}"  # 2: the key of the first cached answers
-
-
 def base_answers(work: Path, samples: int) -> dict[str, Any]:
     cached = work / "base.json"
     if not cached.exists():
@@ -68,9 +64,9 @@ def base_answers(work: Path, samples: int) -> dict[str, Any]:
         texts = [text for text, _ in written]
         cached.write_text(json.dumps({"train": [texts[i :: len(train)] for i in range(len(train))]}))
     answers = json.loads(cached.read_text())
-    if held_out_key(samples) not in answers:
+    if f"held_out_{samples}" not in answers:
         held_out = [conversation(text) for text in efficacy.prompts_for(HELD_OUT_PROMPTS, TRAIN_PROMPTS)]
-        answers[held_out_key(samples)] = efficacy.held_out_answers(str(efficacy.DEFAULT_MODEL), held_out, samples)
+        answers[f"held_out_{samples}"] = efficacy.held_out_answers(str(efficacy.DEFAULT_MODEL), held_out, samples)
         cached.write_text(json.dumps(answers))
     if answers.get("perplexity") is None:
         answers["perplexity"] = efficacy.perplexity(str(efficacy.DEFAULT_MODEL))
@@ -109,6 +105,8 @@ def main() -> None:
     parser.add_argument("options", nargs=argparse.REMAINDER, help="after --: python -m training options")
     args = parser.parse_args()
     options = args.options[1:] if args.options[:1] == ["--"] else args.options
+    if not 1 <= args.samples <= 16:
+        parser.error(f"--samples must be between 1 and 16, not {args.samples}")
     if not (efficacy.DEFAULT_MODEL / "config.json").is_file():
         sys.exit("the default model is missing: run `python manage.py fetch_default_model` first")
     args.work.mkdir(parents=True, exist_ok=True)
@@ -133,7 +131,7 @@ def main() -> None:
             sys.exit(f"training failed:\n{done.stderr[-3000:]}")
     trained = time.perf_counter() - started
     held_out = [conversation(text) for text in efficacy.prompts_for(HELD_OUT_PROMPTS, TRAIN_PROMPTS)]
-    base = answers[held_out_key(args.samples)]
+    base = answers[f"held_out_{args.samples}"]
     new = efficacy.held_out_answers(str(out), held_out, args.samples)
     measured = [statistics.fmean(statistics.fmean(map(preference.measure, texts)) for texts in side)
                 for side in (base, new)]  # fmt: skip

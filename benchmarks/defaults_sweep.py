@@ -18,7 +18,8 @@ preference; this takes the same measurement without the app, so that many settin
    more answers: repeated answers are rare, and 40 of them cannot tell 1 from 2 %);
 4. the trained model answers the held-out prompts as the base model did, and the property's change is
    reported as efficacy.py reports it (progress toward the extreme), with perplexity on efficacy.py's neutral
-   texts (the base model's beside it) and the empty and repeated answers among its answers (200 by default).
+   texts (the base model's beside it) and the empty and repeated answers among its answers (200 by default);
+   its answers are kept in the run's directory as held_out_answers.json, to read what the guard counted.
 
 One line of JSON per call is printed and appended to ``--work``/results.jsonl.
 """
@@ -136,6 +137,7 @@ def main() -> None:
     measured = [statistics.fmean(statistics.fmean(map(preference.measure, texts)) for texts in side)
                 for side in (base, new)]  # fmt: skip
     flat = [text for texts in new for text in texts]
+    (out / "held_out_answers.json").write_text(json.dumps(new, indent=1))  # to read what the guard counts
     result = {
         "algorithm": args.algorithm,
         "preference": args.preference,

@@ -20,7 +20,7 @@ from training.loss_types import DPO_LOSS_TYPES, DPO_LOSSES, DPO_SMOOTHED_LOSS_TY
 
 SCHEDULERS = ("cosine", "linear", "constant")
 LEARNING_RATE_HELP = "peak AdamW learning rate (LoRA; use ~5e-7..5e-6 for full fine-tuning)"
-MIN_STEPS_HELP = "optimizer steps at least: a small set is passed over more than `epochs` times to reach them"
+MIN_STEPS_HELP = "optimizer steps at least: a small set is passed over again until it reaches them, and no further"
 PRECISIONS = ("auto", "bf16", "fp32")
 LARGEST_INT = 2**63 - 1  # what the database's JSON and torch's seeds hold
 

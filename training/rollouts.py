@@ -115,18 +115,21 @@ def prompt_plan(
 ) -> list[list[int]]:
     """Rollout batches of prompt indices: each epoch every prompt once, batches in a seeded order.
 
-    More epochs than ``epochs`` when that is fewer than ``min_steps`` optimizer steps, at
-    ``steps_per_batch`` steps on each rollout batch (as ``step_plan`` does for offline data).
+    When ``epochs`` make fewer than ``min_steps`` optimizer steps, at ``steps_per_batch`` steps on
+    each rollout batch, the prompts are passed over again until the plan reaches them, the last pass
+    stopping partway (as ``step_plan`` does for offline data).
     """
     batches = [list(range(i, min(i + batch_size, count))) for i in range(0, count, batch_size)]
-    if batches:
-        epochs = max(epochs, math.ceil(min_steps / (len(batches) * steps_per_batch)))
+    steps_per_epoch = len(batches) * steps_per_batch
+    short = 0 < steps_per_epoch * epochs < min_steps
+    if short:
+        epochs = math.ceil(min_steps / steps_per_epoch)
     plan = []
     for epoch in range(epochs):
         order = list(batches)
         random.Random(seed * 1000 + epoch).shuffle(order)
         plan.extend(order)
-    return plan
+    return plan[: math.ceil(min_steps / steps_per_batch)] if short else plan
 
 
 @dataclass

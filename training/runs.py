@@ -199,17 +199,22 @@ def step_plan(
     """All batches of a run: each a list of micro-batches of example indices, trained on ``steps_per_batch``
     optimizer steps (GRPO's iterations; one otherwise).
 
-    ``epochs`` passes over the data, or more when that is fewer than ``min_steps`` optimizer steps:
-    a small set is passed over as often as it takes to reach them (as ``prompt_plan`` does for
-    rollouts). Deterministic given the seed, so a resumed run sees the same batches in the same order.
+    ``epochs`` passes over the data, or, when that is fewer than ``min_steps`` optimizer steps, a
+    small set passed over again until it reaches them and no further: the last pass stops partway
+    (whole passes would give a set of 23 steps a pass 69 steps for 48, and the steps past where a
+    small preference is met only cost fluency; benchmarks/RESULTS.md, "Efficacy"). The same rule as
+    ``prompt_plan``'s for rollouts. Deterministic given the seed, so a resumed run sees the same
+    batches in the same order.
     """
     steps_per_epoch = math.ceil(math.ceil(len(lengths) / batch_size) / accumulation) * steps_per_batch
-    if steps_per_epoch:
-        epochs = max(epochs, math.ceil(min_steps / steps_per_epoch))
+    short = 0 < steps_per_epoch * epochs < min_steps
+    if short:
+        epochs = math.ceil(min_steps / steps_per_epoch)
     micro = []
     for epoch in range(epochs):
         micro.extend(length_sorted_batches(lengths, batch_size, seed=seed * 1000 + epoch))
-    return [micro[i : i + accumulation] for i in range(0, len(micro), accumulation)]
+    plan = [micro[i : i + accumulation] for i in range(0, len(micro), accumulation)]
+    return plan[: math.ceil(min_steps / steps_per_batch)] if short else plan
 
 
 def run_fingerprint(config: dict[str, Any], model_fingerprint: str, keys: Sequence[str]) -> str:

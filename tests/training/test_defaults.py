@@ -61,7 +61,7 @@ def test_the_defaults_move_a_preference_the_old_defaults_barely_moved(tmp_path, 
                 GRPOConfig(**settings), train_examples=groups, eval_examples=[], model=str(tiny_model_dir), out_dir=out
             )
         moved[name] = progress(base, preferred_share(out))
-    assert moved["defaults"] >= 0.25, moved  # measured: DPO 0.66, GRPO 0.96
+    assert moved["defaults"] >= 0.25, moved  # measured: DPO 0.63, GRPO 0.96
     if algorithm == "dpo":
         assert moved["old"] < 0.15, moved  # measured: 0.09
     else:  # GRPO's two steps on each batch moved this easy preference a third of the way before too

@@ -119,22 +119,24 @@ def test_step_plan_covers_every_epoch_in_a_fixed_order():
     assert len(plan) == 4  # 4 micro-batches per epoch, 2 per step
 
 
-def test_step_plan_passes_over_a_small_set_again_until_it_reaches_min_steps():
+def test_step_plan_passes_over_a_small_set_again_until_it_reaches_min_steps_and_no_further():
     lengths = [5, 3, 9, 1, 7, 2, 8]  # 4 micro-batches of 2, 2 steps an epoch
-    assert len(step_plan(lengths, batch_size=2, accumulation=2, epochs=1, seed=4, min_steps=5)) == 6  # 3 epochs
+    plan = step_plan(lengths, batch_size=2, accumulation=2, epochs=1, seed=4, min_steps=5)
+    assert len(plan) == 5  # two whole passes and one step of a third, not three whole passes
+    assert plan[:4] == step_plan(lengths, batch_size=2, accumulation=2, epochs=2, seed=4)
     assert len(step_plan(lengths, batch_size=2, accumulation=2, epochs=4, seed=4, min_steps=5)) == 8  # epochs rule
     assert (
         len(step_plan(lengths, batch_size=2, accumulation=1, epochs=1, seed=4, min_steps=4)) == 4
     )  # one epoch is enough
     assert step_plan([], batch_size=2, accumulation=1, epochs=1, seed=4, min_steps=4) == []
-    # GRPO's batches each take num_iterations steps: 2 batches x 2 steps an epoch, so 5 steps need 2 epochs.
-    assert len(step_plan(lengths, batch_size=4, accumulation=1, epochs=1, seed=4, min_steps=5, steps_per_batch=2)) == 4
+    # GRPO's batches each take num_iterations steps: 2 batches x 2 steps an epoch, so 5 steps need 3 batches.
+    assert len(step_plan(lengths, batch_size=4, accumulation=1, epochs=1, seed=4, min_steps=5, steps_per_batch=2)) == 3
 
 
 def test_prompt_plan_counts_min_steps_in_optimizer_steps():
     # 5 prompts in batches of 2: 3 rollout batches an epoch, each trained on twice.
-    assert len(prompt_plan(5, batch_size=2, epochs=1, seed=0, min_steps=7, steps_per_batch=2)) == 6  # 2 epochs
+    plan = prompt_plan(5, batch_size=2, epochs=1, seed=0, min_steps=7, steps_per_batch=2)
+    assert len(plan) == 4  # 8 steps: a whole pass and one batch of the next
+    assert sorted(map(tuple, plan[:3])) == [(0, 1), (2, 3), (4,)]
     assert len(prompt_plan(5, batch_size=2, epochs=1, seed=0, min_steps=6, steps_per_batch=2)) == 3
-    assert sorted(map(tuple, prompt_plan(5, batch_size=2, epochs=1, seed=0, min_steps=7, steps_per_batch=2))) == [
-        (0, 1), (0, 1), (2, 3), (2, 3), (4,), (4,)
-    ]  # fmt: skip
+    assert len(prompt_plan(5, batch_size=2, epochs=3, seed=0, min_steps=7, steps_per_batch=2)) == 9  # epochs rule

@@ -19,7 +19,7 @@ preference; this takes the same measurement without the app, so that many settin
 4. the trained model answers the held-out prompts as the base model did, and the property's change is
    reported as efficacy.py reports it (progress toward the extreme), with perplexity on efficacy.py's neutral
    texts (the base model's beside it) and the empty and repeated answers among its answers (200 by default);
-   its answers are kept in the run's directory as held_out_answers.json, to read what the guard counted.
+   its answers are kept in the run's directory (held_out_answers-SAMPLES.json), to read what the guard counted.
 
 One line of JSON per call is printed and appended to ``--work``/results.jsonl.
 """
@@ -106,8 +106,8 @@ def main() -> None:
     parser.add_argument("options", nargs=argparse.REMAINDER, help="after --: python -m training options")
     args = parser.parse_args()
     options = args.options[1:] if args.options[:1] == ["--"] else args.options
-    if not 1 <= args.samples <= 16:
-        parser.error(f"--samples must be between 1 and 16, not {args.samples}")
+    if not 1 <= args.samples <= 50:
+        parser.error(f"--samples must be between 1 and 50, not {args.samples}")
     if not (efficacy.DEFAULT_MODEL / "config.json").is_file():
         sys.exit("the default model is missing: run `python manage.py fetch_default_model` first")
     args.work.mkdir(parents=True, exist_ok=True)
@@ -137,7 +137,7 @@ def main() -> None:
     measured = [statistics.fmean(statistics.fmean(map(preference.measure, texts)) for texts in side)
                 for side in (base, new)]  # fmt: skip
     flat = [text for texts in new for text in texts]
-    (out / "held_out_answers.json").write_text(json.dumps(new, indent=1))  # to read what the guard counts
+    (out / f"held_out_answers-{args.samples}.json").write_text(json.dumps(new, indent=1))  # to read the repeated ones
     result = {
         "algorithm": args.algorithm,
         "preference": args.preference,

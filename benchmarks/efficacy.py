@@ -247,18 +247,22 @@ def repeated(text: str) -> bool:
 
 
 def held_out_answers(model: str, conversations: list[list[dict[str, str]]], samples: int) -> list[list[str]]:
-    """Each held-out prompt's ``samples`` answers, the project's sampling settings and one seed for every model."""
+    """Each held-out prompt's ``samples`` answers, the project's sampling settings and the same seeds for every
+    model. Drawn 10 a prompt at a time (the first 10 with SEED, the next with SEED + 1, ...), so that no batch
+    is larger than the 200 rows the default draws in one, and the first 10 are the same whatever ``samples`` is."""
     from feedback.services.generation import answers_sample
 
-    written = answers_sample(
-        model=model,
-        conversations=conversations * samples,
-        temperature=0.8,
-        top_p=0.95,
-        max_new_tokens=MAX_NEW_TOKENS,
-        seed=SEED,
-    )
-    texts = [text for text, _ in written]
+    texts = []
+    for chunk, start in enumerate(range(0, samples, 10)):
+        written = answers_sample(
+            model=model,
+            conversations=conversations * min(10, samples - start),
+            temperature=0.8,
+            top_p=0.95,
+            max_new_tokens=MAX_NEW_TOKENS,
+            seed=SEED + chunk,
+        )
+        texts += [text for text, _ in written]
     return [texts[i :: len(conversations)] for i in range(len(conversations))]
 
 
@@ -319,7 +323,7 @@ def main() -> None:
     if unknown or not chosen:
         parser.error(f"--preferences: unknown {unknown}; use some of {', '.join(PREFERENCES)}")
     for name, value, low, high in (("rounds", args.rounds, 1, 5), ("prompts", args.prompts, 2, 1000),
-                                   ("held-out", args.held_out, 2, 1000), ("samples", args.samples, 1, 16)):  # fmt: skip
+                                   ("held-out", args.held_out, 2, 1000), ("samples", args.samples, 1, 50)):  # fmt: skip
         if not low <= value <= high:
             parser.error(f"--{name} must be between {low} and {high}, not {value}")
     if not isinstance(args.config, dict):
@@ -401,7 +405,8 @@ def run_benchmark(args: argparse.Namespace, chosen: list[str]) -> None:
             answers = held_out_answers(weights, held_out, args.samples)
             row = report_row(name, preference, base_answers, answers, judged, runs, base_ppl, perplexity(weights))
             results.append({**row, "round": number})
-            print(f"[{name}] round {number} measured ({time.perf_counter() - t0:.0f} s)", flush=True)
+            print(f"[{name}] round {number} measured ({time.perf_counter() - t0:.0f} s): "
+                  f"{json.dumps(results[-1], default=str)}", flush=True)  # fmt: skip
 
     print_results(args, results, time.perf_counter() - started)
 

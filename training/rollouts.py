@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import math
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -25,6 +24,7 @@ from training.lineage import base_model_of
 from training.logprobs import autocast_context, completion_logps, evaluation
 from training.models import ModelLoadError, is_lora, reference_mode
 from training.reward import RewardModel, load_reward_model, score_sequences
+from training.runs import passes
 
 
 def load_scorer(reward_model: str, tokenizer: Any, policy_name: str, device: torch.device) -> RewardModel:
@@ -115,21 +115,17 @@ def prompt_plan(
 ) -> list[list[int]]:
     """Rollout batches of prompt indices: each epoch every prompt once, batches in a seeded order.
 
-    When ``epochs`` make fewer than ``min_steps`` optimizer steps, at ``steps_per_batch`` steps on
-    each rollout batch, the prompts are passed over again until the plan reaches them, the last pass
-    stopping partway (as ``step_plan`` does for offline data).
+    ``epochs`` passes, or as ``runs.passes`` extends them to reach ``min_steps`` optimizer steps at
+    ``steps_per_batch`` steps on each rollout batch (as ``step_plan`` does for offline data).
     """
     batches = [list(range(i, min(i + batch_size, count))) for i in range(0, count, batch_size)]
-    steps_per_epoch = len(batches) * steps_per_batch
-    short = 0 < steps_per_epoch * epochs < min_steps
-    if short:
-        epochs = math.ceil(min_steps / steps_per_epoch)
+    epochs, stop = passes(len(batches) * steps_per_batch, epochs, min_steps, steps_per_batch)
     plan = []
     for epoch in range(epochs):
         order = list(batches)
         random.Random(seed * 1000 + epoch).shuffle(order)
         plan.extend(order)
-    return plan[: math.ceil(min_steps / steps_per_batch)] if short else plan
+    return plan[:stop]
 
 
 @dataclass

@@ -199,22 +199,28 @@ def step_plan(
     """All batches of a run: each a list of micro-batches of example indices, trained on ``steps_per_batch``
     optimizer steps (GRPO's iterations; one otherwise).
 
-    ``epochs`` passes over the data, or, when that is fewer than ``min_steps`` optimizer steps, a
-    small set passed over again until it reaches them and no further: the last pass stops partway
-    (whole passes would give a set of 23 steps a pass 69 steps for 48, and the steps past where a
-    small preference is met only cost fluency; benchmarks/RESULTS.md, "Efficacy"). The same rule as
-    ``prompt_plan``'s for rollouts. Deterministic given the seed, so a resumed run sees the same
-    batches in the same order.
+    ``epochs`` passes over the data, or as ``passes`` extends them to reach ``min_steps``.
+    Deterministic given the seed, so a resumed run sees the same batches in the same order.
     """
     steps_per_epoch = math.ceil(math.ceil(len(lengths) / batch_size) / accumulation) * steps_per_batch
-    short = 0 < steps_per_epoch * epochs < min_steps
-    if short:
-        epochs = math.ceil(min_steps / steps_per_epoch)
+    epochs, stop = passes(steps_per_epoch, epochs, min_steps, steps_per_batch)
     micro = []
     for epoch in range(epochs):
         micro.extend(length_sorted_batches(lengths, batch_size, seed=seed * 1000 + epoch))
-    plan = [micro[i : i + accumulation] for i in range(0, len(micro), accumulation)]
-    return plan[: math.ceil(min_steps / steps_per_batch)] if short else plan
+    return [micro[i : i + accumulation] for i in range(0, len(micro), accumulation)][:stop]
+
+
+def passes(steps_per_epoch: int, epochs: int, min_steps: int, steps_per_batch: int) -> tuple[int, int | None]:
+    """How many passes a plan makes, and after how many batches it stops (None: at the end).
+
+    ``epochs`` passes, or, when they make fewer than ``min_steps`` optimizer steps, a small set passed
+    over again until it reaches them and no further: the last pass stops partway. Whole passes would
+    give a set of 23 steps a pass 69 steps for 48, and the steps past where a small preference is met
+    only cost fluency (benchmarks/RESULTS.md, "Efficacy"). Offline plans and rollout plans alike.
+    """
+    if not 0 < steps_per_epoch * epochs < min_steps:
+        return epochs, None
+    return math.ceil(min_steps / steps_per_epoch), math.ceil(min_steps / steps_per_batch)
 
 
 def run_fingerprint(config: dict[str, Any], model_fingerprint: str, keys: Sequence[str]) -> str:

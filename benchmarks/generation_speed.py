@@ -11,11 +11,13 @@ Ways:
   current decoding loop), run as it was called then (8 rows per ``generate`` call, fp32);
 - ``generate``: plain ``model.generate`` on the current code's batches (same rows per call,
   sorted the same way), in fp32 and in the inference dtype;
+- ``previous``: ``generate_completions`` as it was at ``--previous`` (default: the commit before
+  the KV cache written in place and the bf16 weights laid out once), in the inference dtype;
 - ``now``: ``generate_completions`` in fp32 and in the inference dtype (bf16 where the CPU
   has AVX512_BF16 or AMX).
 
 Usage: python benchmarks/generation_speed.py [--prompts 20] [--k 4] [--max-new-tokens 64]
-       [--rounds 3] [--threads N]
+       [--rounds 3] [--threads N] [--ways before,generate-fp32,generate,previous,now-fp32,now]
 """
 
 import argparse
@@ -31,6 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 DEFAULT_MODEL = ROOT / "var" / "models" / "SmolLM2-135M-Instruct"
 BEFORE = "733af3b"  # the last commit whose training/generate.py batched through model.generate
+PREVIOUS = "b135a6f"  # the last commit whose decoding loop concatenated its KV cache and laid weights out every step
 
 QUESTIONS = [
     "How do I reverse a list in Python?",
@@ -74,7 +77,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--before", default=BEFORE, help="git ref of the code to compare with")
-    parser.add_argument("--ways", default="before,generate-fp32,generate,now-fp32,now")
+    parser.add_argument("--previous", default=PREVIOUS, help="git ref of the earlier decoding loop to compare with")
+    parser.add_argument("--ways", default="before,generate-fp32,generate,previous,now-fp32,now")
     args = parser.parse_args()
 
     import training  # noqa: F401, I001  (first: it sets the OpenMP wait policy the worker runs with before torch loads)
@@ -91,6 +95,7 @@ def main() -> None:
     conversations = [[{"role": "user", "content": f"{QUESTIONS[i % 8]} ({i})"}] for i in range(args.prompts)]
     sampling = SamplingConfig(temperature=0.8, top_p=0.95, max_new_tokens=args.max_new_tokens)
     before = module_at(args.before, "training/generate.py")
+    previous = module_at(args.previous, "training/generate.py")
     rows = args.prompts * args.k
     batch = min(rows, BATCH_ROWS)  # generate_completions' default rows per batch
 
@@ -127,14 +132,15 @@ def main() -> None:
             tokenizer.padding_side = "right"
         return counter.tokens
 
-    def run_now(model) -> int:
-        out = generate_completions(model, tokenizer, conversations, k=args.k, sampling=sampling)
+    def run_now(model, generate=generate_completions) -> int:
+        out = generate(model, tokenizer, conversations, k=args.k, sampling=sampling)
         return sum(s.tokens for samples in out for s in samples)
 
     ways = {
         "before": lambda: run_before(model32),
         "generate-fp32": lambda: run_generate(model32),
         "generate": lambda: run_generate(model16),
+        "previous": lambda: run_now(model16, previous.generate_completions),
         "now-fp32": lambda: run_now(model32),
         "now": lambda: run_now(model16),
     }

@@ -5,18 +5,24 @@ two reasons measured in benchmarks/generation_speed.py: rows that reach EOS leav
 (their KV cache rows are dropped), so the steps after the first answers end cost only the
 rows still writing; and it reports for each completion how many tokens it has and whether
 the length limit cut it. Rows are sorted by prompt length before batching, so a batch pads
-its prompts little. Greedy decoding gives the same tokens as ``model.generate`` on the same
-batch in the same dtype (tests/training/test_generate.py).
+its prompts little. The KV cache is written in place and, on the CPU in bf16, the linear
+layers' weights are laid out for oneDNN once a call rather than at every product. Greedy
+decoding gives the same tokens as ``model.generate`` on the same batch in the same dtype
+(tests/training/test_generate.py).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import functools
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers.cache_utils import Cache, DynamicLayer
 
+from training.logprobs import evaluation
 from training.models import CACHE_KWARG
 
 
@@ -96,6 +102,82 @@ def _head(ordered: torch.Tensor, top_p: float) -> torch.Tensor:
     return ordered.masked_fill(ordered.cumsum(dim=-1) - ordered >= top_p, 0.0)
 
 
+class _PreallocatedLayer(DynamicLayer):
+    """One layer's KV cache, written in place into tensors that hold the whole decode from the start.
+
+    The default cache concatenates each step's keys and values to all the earlier ones, copying the
+    whole cache every step; at 64 to 128 rows that copy was 15 % of a decoding step (benchmarks/
+    RESULTS.md, "Generation speed"). The length a batch can reach is known before it starts (its
+    prompts' width plus max_new_tokens), so the tensors are made that long once and each step writes
+    its position. Attention reads the written positions as a view.
+    """
+
+    def __init__(self, capacity: int):
+        super().__init__()
+        self.capacity = capacity
+        self.length = 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.device = key_states.device
+        batch, heads, _, dim = key_states.shape
+        self.key_buffer = key_states.new_empty((batch, heads, self.capacity, dim))
+        self.value_buffer = value_states.new_empty((batch, heads, self.capacity, value_states.shape[-1]))
+        self.is_initialized = True
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: object, **kwargs: object
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        end = self.length + key_states.shape[-2]
+        self.key_buffer[:, :, self.length : end] = key_states
+        self.value_buffer[:, :, self.length : end] = value_states
+        self.length = end
+        self.keys, self.values = self.key_buffer[:, :, :end], self.value_buffer[:, :, :end]
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.is_initialized:
+            self.key_buffer, self.value_buffer = self.key_buffer[indices], self.value_buffer[indices]
+            self.keys, self.values = self.key_buffer[:, :, : self.length], self.value_buffer[:, :, : self.length]
+
+
+def _packed_linear(packed: torch.Tensor, linear: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    if x.dtype != packed.dtype:  # under autocast, say: the layer as it is
+        return torch.nn.functional.linear(x, linear.weight, linear.bias)
+    return torch.ops.mkldnn._linear_pointwise(x, packed, linear.bias, "none", [], "")
+
+
+@contextlib.contextmanager
+def _packed_linears(model: torch.nn.Module) -> Iterator[None]:
+    """While decoding, the model's bf16 linear layers on the CPU multiply with weights oneDNN has laid out once.
+
+    A bf16 ``F.linear`` lays its weight out again in oneDNN's blocked format at every call; at a decoding
+    step's few rows that is a large part of the product's time (benchmarks/RESULTS.md, "Generation
+    speed"). Laid out once before the batches, the products give the same results to the bit. The
+    layouts (the weights' size again) are dropped after.
+    """
+    linears = [
+        m
+        for m in model.modules()
+        if type(m) is torch.nn.Linear and m.weight.dtype == torch.bfloat16 and m.weight.device.type == "cpu"
+    ]
+    if not linears or not torch.backends.mkldnn.is_available() or not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        yield
+        return
+    for linear in linears:
+        packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), None)
+        linear.forward = functools.partial(_packed_linear, packed, linear)  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        for linear in linears:
+            del linear.forward
+
+
 def _decode_batch(
     model: PreTrainedModel,
     input_ids: torch.Tensor,
@@ -110,7 +192,8 @@ def _decode_batch(
     truncated = [True] * batch
     alive = torch.arange(batch, device=input_ids.device)  # batch row of each row still writing
     positions = (attention_mask.cumsum(dim=-1) - 1).clamp(min=0)  # (B, T), as model.generate counts them
-    cache = DynamicCache()
+    capacity = input_ids.shape[1] + sampling.max_new_tokens
+    cache = Cache(layer_class_to_replicate=functools.partial(_PreallocatedLayer, capacity))  # type: ignore[arg-type]
     out = model(
         input_ids=input_ids,
         attention_mask=attention_mask,
@@ -155,7 +238,6 @@ def _decode_batch(
 BATCH_ROWS = 128
 
 
-@torch.no_grad()
 def generate_completions(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -186,8 +268,6 @@ def generate_completions(
     pad_token_id = tokenizer.pad_token_id
     assert isinstance(eos_token_id, int) and isinstance(pad_token_id, int)
 
-    was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
     prompt_ids: list[list[int]] = tokenizer(
         [render_prompt(tokenizer, c) for c in conversations], add_special_tokens=False
@@ -195,7 +275,7 @@ def generate_completions(
     # rows of one conversation stay together, so each batch finishes whole conversations early
     rows = sorted((i for i in range(len(conversations)) for _ in range(k)), key=lambda i: (len(prompt_ids[i]), i))
     outputs: list[list[Sample]] = [[] for _ in conversations]
-    try:
+    with evaluation(model), _packed_linears(model):
         for start in range(0, len(rows), batch_size):
             batch_rows = rows[start : start + batch_size]
             width = max(len(prompt_ids[i]) for i in batch_rows)
@@ -211,6 +291,4 @@ def generate_completions(
                 outputs[i].append(Sample(text=text.strip(), token_ids=tuple(tokens), truncated=cut))
             if progress is not None:
                 progress(sum(len(o) == k for o in outputs), len(conversations))
-    finally:
-        model.train(was_training)
     return outputs

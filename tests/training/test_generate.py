@@ -159,3 +159,15 @@ def test_conversation_must_end_with_a_user_turn(tiny):
     model, tokenizer = tiny
     with pytest.raises(ValueError, match="user turn"):
         generate_completions(model, tokenizer, [MULTI[:3]], k=1, sampling=SamplingConfig(max_new_tokens=2))
+
+
+@pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="oneDNN has no bf16 on this CPU")
+def test_bf16_linears_multiply_with_weights_laid_out_once_and_are_plain_again_after(tiny_model_dir):
+    model, _ = load_model(str(tiny_model_dir), dtype=torch.bfloat16)
+    linear = model.lm_head
+    x = torch.randn(3, linear.in_features, dtype=torch.bfloat16)
+    with torch.no_grad(), generate._packed_linears(model):
+        assert "forward" in vars(linear)  # the packed product stands in for the layer's own
+        inside = linear(x)
+    assert torch.equal(inside, torch.nn.functional.linear(x, linear.weight))
+    assert "forward" not in vars(linear)

@@ -186,8 +186,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def summary(metrics: dict[str, Any], out_dir: Path) -> str:
     before, after = metrics["eval_before"], metrics.get("eval_after", {})
-    examples = metrics.get("train_pairs", metrics.get("train_groups"))
-    kind = "pairs" if "train_pairs" in metrics else "groups"
+    kind = next(k for k in ("pairs", "groups", "prompts") if f"train_{k}" in metrics)
+    examples = metrics[f"train_{kind}"]
     lines = [
         f"steps: {metrics['steps']}  time: {metrics['seconds']:.1f}s  "
         f"({metrics['tokens_per_second']:.0f} tokens/s training, precision {metrics['precision']})",
@@ -216,8 +216,14 @@ def summary(metrics: dict[str, Any], out_dir: Path) -> str:
             f"held-out accuracy ({before['pairs']} pairs): {before['accuracy']:.3f} -> {after['accuracy']:.3f}; "
             f"margin {before['margin']:.4f} -> {after['margin']:.4f}"
         )
+    elif before.get("prompts"):  # an online run: the reward model's score of fresh samples
+        lines.append(
+            f"held-out prompts ({before['prompts']}), the reward model's mean score of fresh samples: "
+            f"{before['reward']:.3f} -> {after['reward']:.3f}; their length "
+            f"{before['response_length']:.1f} -> {after['response_length']:.1f} tokens"
+        )
     else:
-        lines.append("held-out accuracy: no held-out pairs")
+        lines.append(f"held-out figures: no held-out {'prompts' if kind == 'prompts' else 'pairs'}")
     lines.append(f"model written to {out_dir}")
     return "\n".join(lines)
 

@@ -106,6 +106,28 @@ def test_a_reward_model_of_another_base_is_refused_naming_both(tmp_path, tiny_mo
         assert not (tmp_path / algorithm).exists()
 
 
+def test_the_command_line_says_what_an_online_run_trained_on_and_how_its_held_out_rewards_moved(
+    tmp_path, tiny_model_dir, reward_model_dir, capsys
+):
+    train, held_out = tmp_path / "train.jsonl", tmp_path / "held_out.jsonl"
+    train_rows, eval_rows = split(preference_pairs())
+    train.write_text("".join(json.dumps(row) + "\n" for row in train_rows[:6]))
+    held_out.write_text("".join(json.dumps(row) + "\n" for row in eval_rows[:3]))
+    for algorithm in ("ppo", "grpo_online"):
+        args = ["--prompts", str(train), "--eval-data", str(held_out), "--reward-model", str(reward_model_dir)]
+        args += ["--model", str(tiny_model_dir), "--max-new-tokens", "4", "--precision", "fp32", "--quiet"]
+        assert main([algorithm, *args, "--out", str(tmp_path / algorithm)]) == 0
+        text = capsys.readouterr().out
+        metrics = json.loads((tmp_path / algorithm / "metrics.json").read_text())
+        before, after = metrics["eval_before"], metrics["eval_after"]
+        assert "trained on 6 prompts; dropped 0 with a too-long prompt" in text
+        assert (
+            f"held-out prompts (3), the reward model's mean score of fresh samples: {before['reward']:.3f} -> "
+            f"{after['reward']:.3f}; their length {before['response_length']:.1f} -> "
+            f"{after['response_length']:.1f} tokens"
+        ) in text
+
+
 @pytest.mark.parametrize(
     ("field", "value", "message"),
     [

@@ -140,9 +140,24 @@ class _PreallocatedLayer(DynamicLayer):
         return self.length
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """Keep the rows ``indices``, in that order: only the rows that change place are copied, into the
+        first ``len(indices)`` rows of the tensors, which become the batch. With the order ``_survivors``
+        gives, a step where a few rows end copies those few, not the whole cache."""
         if self.is_initialized:
-            self.key_buffer, self.value_buffer = self.key_buffer[indices], self.value_buffer[indices]
+            moved = (indices != torch.arange(len(indices), device=indices.device)).nonzero().squeeze(-1)
+            for buffer in (self.key_buffer, self.value_buffer):
+                buffer[moved, :, : self.length] = buffer[indices[moved], :, : self.length]
+            self.key_buffer, self.value_buffer = self.key_buffer[: len(indices)], self.value_buffer[: len(indices)]
             self.keys, self.values = self.key_buffer[:, :, : self.length], self.value_buffer[:, :, : self.length]
+
+
+def _survivors(ended: torch.Tensor) -> torch.Tensor:
+    """The rows that did not end, as the batch's new order: a survivor among the first ones stays where it is,
+    and the survivors beyond fill the places of the rows that ended there. (B,) bool -> (b,) row indices."""
+    survivors = (~ended).nonzero().squeeze(-1)
+    order = torch.arange(len(survivors), device=ended.device)
+    order[ended[: len(survivors)]] = survivors[survivors >= len(survivors)]
+    return order
 
 
 def _packed_linear(packed: torch.Tensor, linear: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
@@ -214,7 +229,7 @@ def _decode_batch(
         if step == sampling.max_new_tokens - 1:
             break
         if bool(ended.any()):
-            keep = (~ended).nonzero().squeeze(-1)
+            keep = _survivors(ended)
             if keep.numel() == 0:
                 break
             # finished rows leave the batch, so later steps compute only the rows still writing

@@ -171,3 +171,20 @@ def test_bf16_linears_multiply_with_weights_laid_out_once_and_are_plain_again_af
         inside = linear(x)
     assert torch.equal(inside, torch.nn.functional.linear(x, linear.weight))
     assert "forward" not in vars(linear)
+
+
+def test_rows_that_end_give_their_places_to_the_last_survivors_and_the_cache_follows():
+    ended = torch.tensor([False, True, False, False, True, False])
+    order = generate._survivors(ended)
+    assert order.tolist() == [0, 5, 2, 3]
+    assert generate._survivors(torch.zeros(3, dtype=torch.bool)).tolist() == [0, 1, 2]
+    assert generate._survivors(torch.ones(3, dtype=torch.bool)).tolist() == []
+    layer = generate._PreallocatedLayer(capacity=5)
+    keys, values = torch.randn(6, 2, 3, 4), torch.randn(6, 2, 3, 4)
+    layer.update(keys, values)
+    layer.batch_select_indices(order)
+    assert torch.equal(layer.keys, keys[order]) and torch.equal(layer.values, values[order])
+    step = torch.randn(4, 2, 1, 4)
+    got_keys, _ = layer.update(step, step)
+    assert torch.equal(got_keys, torch.cat([keys[order], step], dim=2))
+    assert layer.get_seq_length() == 4

@@ -158,7 +158,7 @@ def shared_prompt_logps(
     prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
     prompt_positions = (prompt_mask.cumsum(1) - 1).clamp(min=0)  # (G, P)
     out = backbone(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=prompt_positions, use_cache=True)
-    cache = out.past_key_values
+    cache = getattr(out, CACHE_KWARG)  # the output names its cache as the forward names its keyword
     index = torch.tensor(list(owner), dtype=torch.long, device=device)  # (N,)
     cache.reorder_cache(index)  # (G, ...) -> (N, ...)
 

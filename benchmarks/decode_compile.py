@@ -11,7 +11,6 @@ others for each.
 """
 
 import argparse
-import functools
 import statistics
 import sys
 import time
@@ -31,12 +30,14 @@ def main() -> None:
     args = parser.parse_args()
     if args.steps < 2:
         parser.error("--steps must be at least 2: the first step is timed apart from the others")
+    for name, value in (("rows", args.rows), ("prompt-tokens", args.prompt_tokens)):
+        if value < 1:
+            parser.error(f"--{name} must be at least 1, not {value}")
 
     import training  # noqa: F401, I001  (first: it sets the OpenMP wait policy the worker runs with before torch loads)
     import torch
-    from transformers.cache_utils import Cache
 
-    from training.generate import _packed_linears, _PreallocatedLayer, inference_dtype
+    from training.generate import _decoding_cache, _packed_linears, inference_dtype
     from training.models import CACHE_KWARG, load_model
 
     if args.threads:
@@ -46,8 +47,7 @@ def main() -> None:
     prompt = torch.randint(100, 1000, (args.rows, args.prompt_tokens))
 
     def step_times(forward) -> list[float]:
-        capacity = args.prompt_tokens + args.steps
-        cache = Cache(layer_class_to_replicate=functools.partial(_PreallocatedLayer, capacity))
+        cache = _decoding_cache(args.prompt_tokens + args.steps)
         with torch.no_grad():
             out = model(input_ids=prompt, **{CACHE_KWARG: cache}, use_cache=True, logits_to_keep=1)
             tokens = out.logits[:, -1].argmax(-1)[:, None]

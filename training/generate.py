@@ -106,7 +106,7 @@ class _PreallocatedLayer(DynamicLayer):
     """One layer's KV cache, written in place into tensors that hold the whole decode from the start.
 
     The default cache concatenates each step's keys and values to all the earlier ones, copying the
-    whole cache every step; at 64 to 128 rows that copy was 15 % of a decoding step (benchmarks/
+    whole cache every step; at 64 rows that copy was 15 % of a decoding step (benchmarks/
     RESULTS.md, "Generation speed"). The length a batch can reach is known before it starts (its
     prompts' width plus max_new_tokens), so the tensors are made that long once and each step writes
     its position. Attention reads the written positions as a view.
@@ -149,6 +149,11 @@ class _PreallocatedLayer(DynamicLayer):
                 buffer[moved, :, : self.length] = buffer[indices[moved], :, : self.length]
             self.key_buffer, self.value_buffer = self.key_buffer[: len(indices)], self.value_buffer[: len(indices)]
             self.keys, self.values = self.key_buffer[:, :, : self.length], self.value_buffer[:, :, : self.length]
+
+
+def _decoding_cache(capacity: int) -> Cache:
+    """A KV cache of ``_PreallocatedLayer``s of ``capacity`` positions, each made as the model first writes it."""
+    return Cache(layer_class_to_replicate=functools.partial(_PreallocatedLayer, capacity))  # type: ignore[arg-type]
 
 
 def _survivors(ended: torch.Tensor) -> torch.Tensor:
@@ -207,8 +212,7 @@ def _decode_batch(
     truncated = [True] * batch
     alive = torch.arange(batch, device=input_ids.device)  # batch row of each row still writing
     positions = (attention_mask.cumsum(dim=-1) - 1).clamp(min=0)  # (B, T), as model.generate counts them
-    capacity = input_ids.shape[1] + sampling.max_new_tokens
-    cache = Cache(layer_class_to_replicate=functools.partial(_PreallocatedLayer, capacity))  # type: ignore[arg-type]
+    cache = _decoding_cache(input_ids.shape[1] + sampling.max_new_tokens)
     out = model(
         input_ids=input_ids,
         attention_mask=attention_mask,

@@ -470,7 +470,7 @@ def fixed_rollouts(model: str, reward_model: str, count: int) -> tuple[list[Any]
     prompts = demo_prompts(count)
     sampling = SamplingConfig(temperature=1.0, top_p=1.0, max_new_tokens=NEW_TOKENS, seed=0)
     samples = sample_and_score(
-        policy, scorer, tokenizer, prompts, k=1, sampling=sampling, batch_size=16, precision="fp32"
+        policy, scorer, tokenizer, prompts, k=1, sampling=sampling, batch_size=16, precision="fp32", share_prompt=True
     )
     keep = [i for i, c in enumerate(samples.completions) if len(c) == NEW_TOKENS][:PPO_BATCH]
     if len(keep) < PPO_BATCH:
@@ -600,7 +600,9 @@ def trl_grpo_trainer(model: str, reward_model: str, prompts: list[Any], out: str
         sequences = [
             (encode_prompt(tokenizer, prompt_messages(p)), ids) for p, ids in zip(prompts, completion_ids, strict=True)
         ]
-        return score_sequences(scorer, sequences, pad_id=int(tokenizer.pad_token_id), batch_size=16).tolist()
+        # Each sequence whole, as TRL scores with a reward model of its own (no prompt shared between completions).
+        pad_id = int(tokenizer.pad_token_id)
+        return score_sequences(scorer, sequences, pad_id=pad_id, batch_size=16, share_prompt=False).tolist()
 
     args = GRPOConfig(
         output_dir=out,
@@ -663,9 +665,8 @@ def child_grpo(engine: str, model: str, reward_model: str, count: int) -> dict:
 
     def counted_roll_out(*args: Any, **kwargs: Any) -> Any:
         rollout = roll_out(*args, **kwargs)
-        if rollout.batch is not None:
-            clock.rollout_tokens += int(rollout.batch.completion_lengths.sum())
-            clock.update_tokens += GRPO_ITERATIONS * rollout.batch.num_tokens
+        clock.rollout_tokens += sum(len(c) for _, c in rollout.sequences)
+        clock.update_tokens += GRPO_ITERATIONS * rollout.tokens
         return rollout
 
     grpo_online._roll_out = clock.timed(counted_roll_out)
@@ -688,7 +689,7 @@ def child_grpo_loss(model: str, reward_model: str) -> dict:
     from training.data import encode_prompt, prompt_messages
     from training.generate import SamplingConfig
     from training.grpo_online import _roll_out
-    from training.logprobs import completion_logps
+    from training.logprobs import grouped_logps
     from training.losses import grpo_loss
     from training.rollouts import frozen_reference, load_scorer
     from training.runs import load_policy, make_optimizer
@@ -702,8 +703,8 @@ def child_grpo_loss(model: str, reward_model: str) -> dict:
         scorer = load_scorer(reward_model, tokenizer, model, setup.device)
         sampling = SamplingConfig(temperature=1.0, top_p=1.0, max_new_tokens=NEW_TOKENS, seed=0)
         rollout = _roll_out(policy, frozen_reference(policy), scorer, tokenizer, prompts, config, sampling, "fp32")
-        assert rollout.batch is not None
-        batch, mask = rollout.batch, rollout.mask
+        assert len(rollout.sequences) == len(prompts) * GRPO_K  # every group's rewards differ
+        mask = rollout.mask
         with tempfile.TemporaryDirectory() as out:
             trainer = trl_grpo_trainer(model, reward_model, prompts, out)
         trl_model = trainer.model  # TRL's own copy of the base (its forward patched for its fused log-probs)
@@ -718,10 +719,9 @@ def child_grpo_loss(model: str, reward_model: str) -> dict:
         width = max(map(len, ids))
         prompt_ids = torch.tensor([[0] * (width - len(i)) + i for i in ids for _ in range(k)])
         prompt_mask = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in ids for _ in range(k)])
-        prompt_length = batch.prompt_lengths.tolist()
         completion_ids = torch.zeros_like(mask, dtype=torch.long)
-        for row, (start, length) in enumerate(zip(prompt_length, batch.completion_lengths.tolist(), strict=True)):
-            completion_ids[row, :length] = batch.input_ids[row, start : start + length]
+        for row, (_, completion) in enumerate(rollout.sequences):
+            completion_ids[row, : len(completion)] = torch.tensor(completion)
         inputs: dict[str, Any] = {
             "prompt_ids": prompt_ids,
             "prompt_mask": prompt_mask,
@@ -736,7 +736,13 @@ def child_grpo_loss(model: str, reward_model: str) -> dict:
         steps = []
         old_logps = None
         for _ in range(2):
-            logps = completion_logps(policy, batch, chunk_size=config.logprob_chunk_size).float()
+            logps = grouped_logps(
+                policy,
+                rollout.sequences,
+                pad_id=setup.pad_id,
+                share_prompt=config.share_prompt,
+                chunk_size=config.logprob_chunk_size,
+            ).float()
             old = logps.detach() if old_logps is None else old_logps
             ours = grpo_loss(
                 logps, old, rollout.ref_logps, rollout.advantages, mask, beta=GRPO_BETA, loss_type=loss_type

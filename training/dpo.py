@@ -20,11 +20,7 @@ import torch
 
 from training.config import DPOConfig
 from training.data import collate_pairs, sequence_key, tokenize_pairs
-from training.logprobs import (
-    autocast_context,
-    sequence_logps,
-    shared_prompt_logps,
-)
+from training.logprobs import autocast_context, grouped_logps
 from training.losses import dpo_loss
 from training.runs import (
     ProgressCallback,
@@ -120,17 +116,11 @@ def train_dpo(
             sums["tokens"] += batch.num_tokens
             b = len(idx)
             with autocast_context(precision, device):
-                if config.share_prompt:
-                    logps = shared_prompt_logps(
-                        policy,
-                        [pairs[i].prompt_ids for i in idx],
-                        [pairs[i].chosen_ids for i in idx] + [pairs[i].rejected_ids for i in idx],
-                        [*range(b), *range(b)],
-                        pad_id=pad_id,
-                        chunk_size=config.logprob_chunk_size,
-                    ).sum(dim=1)  # (2B,)
-                else:
-                    logps = sequence_logps(policy, batch, chunk_size=config.logprob_chunk_size)  # (2B,)
+                sides = [(pairs[i].prompt_ids, pairs[i].chosen_ids) for i in idx]
+                sides += [(pairs[i].prompt_ids, pairs[i].rejected_ids) for i in idx]
+                logps = grouped_logps(
+                    policy, sides, pad_id=pad_id, share_prompt=config.share_prompt, chunk_size=config.logprob_chunk_size
+                ).sum(dim=1)  # (2B,)
                 logps = logps.float()
             weights = torch.tensor([pairs[i].weight for i in idx]) if config.use_weights else None
             losses, chosen_rewards, rejected_rewards = dpo_loss(

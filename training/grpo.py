@@ -44,10 +44,9 @@ from training.config import GRPOConfig
 from training.data import GroupExample, collate_sequences, pairs_from_groups, sequence_key, tokenize_groups
 from training.logprobs import (
     autocast_context,
-    completion_logps,
     completion_mask,
+    grouped_logps,
     padded_from_keys,
-    shared_prompt_logps,
 )
 from training.losses import group_advantages, grpo_loss
 from training.runs import (
@@ -163,18 +162,13 @@ def train_grpo(
             ).to(device)  # (N, T)
 
             with autocast_context(precision, device):
-                if config.share_prompt:
-                    owner = [g for g, group in enumerate(batch_groups) for _ in group.completion_ids]
-                    logps = shared_prompt_logps(
-                        policy,
-                        [group.prompt_ids for group in batch_groups],
-                        completions,
-                        owner,
-                        pad_id=pad_id,
-                        chunk_size=config.logprob_chunk_size,
-                    )  # (N, T)
-                else:
-                    logps = completion_logps(policy, batch, chunk_size=config.logprob_chunk_size)  # (N, T)
+                logps = grouped_logps(
+                    policy,
+                    list(zip(prompts, completions, strict=True)),
+                    pad_id=pad_id,
+                    share_prompt=config.share_prompt,
+                    chunk_size=config.logprob_chunk_size,
+                )  # (N, T)
                 logps = logps.float()
             if iteration == 0:
                 old_logps[m] = logps.detach()

@@ -21,9 +21,9 @@ from typing import Any
 import torch
 
 from training.config import OnlineGRPOConfig
-from training.data import SequenceBatch, collate_sequences, encode_prompt, prompt_key, prompt_messages
+from training.data import encode_prompt, prompt_key, prompt_messages
 from training.generate import SamplingConfig
-from training.logprobs import autocast_context, completion_logps, completion_mask
+from training.logprobs import autocast_context, completion_mask, grouped_logps
 from training.losses import group_advantages, grpo_loss
 from training.reward import RewardModel
 from training.rollouts import (
@@ -79,6 +79,7 @@ def train_grpo_online(
             seed=config.seed + 1,
             batch_size=config.eval_batch_size,
             precision=precision,
+            share_prompt=config.share_prompt,
         )
 
     before = mean_reward()
@@ -129,15 +130,21 @@ def train_grpo_online(
             )
             skipped_groups += rollout.skipped
         metrics = {"reward": rollout.reward_mean, "reward_std": rollout.reward_std, "response_length": rollout.length}
-        if rollout.batch is None:  # every group had equal rewards: nothing to learn from this batch
+        if not rollout.sequences:  # every group had equal rewards: nothing to learn from this batch
             scheduler.step()
             last = {"loss": 0.0, "kl": 0.0, **metrics, "learning_rate": float(scheduler.get_last_lr()[0])}
             if progress is not None:
                 progress(step + 1, total_steps, {**last, "tokens_per_second": 0.0})
             continue
-        batch, mask = rollout.batch, rollout.mask
+        mask = rollout.mask
         with autocast_context(precision, device):
-            logps = completion_logps(policy, batch, chunk_size=config.logprob_chunk_size).float()  # (N, T)
+            logps = grouped_logps(
+                policy,
+                rollout.sequences,
+                pad_id=setup.pad_id,
+                share_prompt=config.share_prompt,
+                chunk_size=config.logprob_chunk_size,
+            ).float()  # (N, T)
         if iteration == 0:
             rollout.old_logps = logps.detach()
         loss = grpo_loss(
@@ -158,7 +165,7 @@ def train_grpo_online(
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        trained_tokens += batch.num_tokens
+        trained_tokens += rollout.tokens
         with torch.no_grad():
             delta = rollout.ref_logps - logps
             kl = float(((torch.exp(delta) - delta - 1) * mask).sum() / mask.sum())
@@ -168,7 +175,7 @@ def train_grpo_online(
             **metrics,
             "iteration": float(iteration),
             "learning_rate": lr,
-            "tokens_per_second": batch.num_tokens / max(time.perf_counter() - step_started, 1e-9),
+            "tokens_per_second": rollout.tokens / max(time.perf_counter() - step_started, 1e-9),
         }
         if progress is not None:
             progress(step + 1, total_steps, last)
@@ -212,7 +219,8 @@ class _Rollout:
     """One batch of sampled groups: their tokens, advantages, reference and old log-probs, and reward figures."""
 
     def __init__(self) -> None:
-        self.batch: SequenceBatch | None = None
+        self.sequences: list[tuple[list[int], list[int]]] = []  # (prompt, completion) ids, group by group
+        self.tokens = 0  # their prompt and completion tokens
         self.mask = torch.zeros(0)
         self.advantages = torch.zeros(0)
         self.ref_logps = torch.zeros(0)
@@ -246,6 +254,7 @@ def _roll_out(
         sampling=sampling,
         batch_size=config.eval_batch_size,
         precision=precision,
+        share_prompt=config.share_prompt,
     )
     rewards, completions = samples.rewards, samples.completions  # (G, K), G·K token lists
     out.reward_mean, out.reward_std = float(rewards.mean()), float(rewards.std(dim=1).mean())
@@ -256,14 +265,17 @@ def _roll_out(
         return out
     prompt_ids = [encode_prompt(tokenizer, prompt_messages(prompts[g])) for g in keep]
     device = next(policy.parameters()).device
-    out.batch = collate_sequences(
-        [prompt_ids[i] for i in range(len(keep)) for _ in range(k)],
-        [completions[g * k + j] for g in keep for j in range(k)],
-        int(tokenizer.pad_token_id),
-    )
-    out.mask = completion_mask(out.batch.completion_lengths).to(device)  # (N, T)
+    out.sequences = [(prompt_ids[i], completions[g * k + j]) for i, g in enumerate(keep) for j in range(k)]
+    out.tokens = sum(len(p) + len(c) for p, c in out.sequences)
+    out.mask = completion_mask(torch.tensor([len(c) for _, c in out.sequences])).to(device)  # (N, T)
     out.advantages = group_advantages(rewards[keep], config.advantage_scale).flatten().to(device)  # (N,)
     out.ref_logps = reference_token_logps(
-        policy, reference, out.batch, precision=precision, chunk=config.logprob_chunk_size
+        policy,
+        reference,
+        out.sequences,
+        pad_id=int(tokenizer.pad_token_id),
+        share_prompt=config.share_prompt,
+        precision=precision,
+        chunk=config.logprob_chunk_size,
     )  # (N, T)
     return out

@@ -19,7 +19,14 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel
 
-from training.data import SequenceBatch, collate_sequences, encode_completion, encode_prompt, sequence_key
+from training.data import (
+    SequenceBatch,
+    collate_sequences,
+    encode_completion,
+    encode_prompt,
+    length_sorted_batches,
+    sequence_key,
+)
 from training.models import CACHE_KWARG, is_lora, reference_mode
 
 
@@ -127,6 +134,58 @@ def completion_logps(model: torch.nn.Module, batch: SequenceBatch, *, chunk_size
     return out.index_put((rows, offset), token_logps)
 
 
+def grouped_logps(
+    model: torch.nn.Module,
+    sequences: Sequence[tuple[list[int], list[int]]],
+    *,
+    pad_id: int,
+    share_prompt: bool,
+    chunk_size: int = 2048,
+) -> torch.Tensor:
+    """(N, Tc) per-token log-probs of each (prompt, completion)'s completion, zero past its length.
+
+    With ``share_prompt`` each distinct prompt runs once for all its completions
+    (``shared_prompt_logps``); without, every sequence runs whole. The two agree to rounding.
+    """
+    if share_prompt:
+        prompts, owner = distinct_prompts(sequences)
+        completions = [c for _, c in sequences]
+        return shared_prompt_logps(model, prompts, completions, owner, pad_id=pad_id, chunk_size=chunk_size)
+    batch = collate_sequences([p for p, _ in sequences], [c for _, c in sequences], pad_id)
+    return completion_logps(model, batch, chunk_size=chunk_size)
+
+
+def distinct_prompts(sequences: Sequence[tuple[list[int], list[int]]]) -> tuple[list[list[int]], list[int]]:
+    """The distinct prompts of (prompt, completion) sequences in first-seen order, and each sequence's prompt index."""
+    index: dict[tuple[int, ...], int] = {}
+    owner = [index.setdefault(tuple(prompt), len(index)) for prompt, _ in sequences]
+    return [list(prompt) for prompt in index], owner
+
+
+def prompt_batches(
+    sequences: Sequence[tuple[list[int], list[int]]], batch_size: int, *, share_prompt: bool
+) -> list[list[int]]:
+    """Indices of (prompt, completion) sequences in batches of about ``batch_size``, shortest first, for passes
+    without grad.
+
+    With ``share_prompt`` the completions of one prompt stay in one batch (which may then hold more
+    than ``batch_size``), so that each prompt runs once.
+    """
+    lengths = [len(p) + len(c) for p, c in sequences]
+    if not share_prompt:
+        return length_sorted_batches(lengths, batch_size, seed=0, shuffle=False)
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, (prompt, _) in enumerate(sequences):
+        groups.setdefault(tuple(prompt), []).append(i)
+    batches: list[list[int]] = []
+    for group in sorted(groups.values(), key=lambda idx: max(lengths[i] for i in idx)):
+        if batches and len(batches[-1]) + len(group) <= batch_size:
+            batches[-1].extend(group)
+        else:
+            batches.append(list(group))
+    return batches
+
+
 def shared_prompt_logps(
     model: torch.nn.Module,
     prompts: Sequence[list[int]],
@@ -136,19 +195,43 @@ def shared_prompt_logps(
     pad_id: int,
     chunk_size: int = 2048,
 ) -> torch.Tensor:
-    """Like ``completion_logps``, but each prompt runs through the model once.
-
-    ``owner[i]`` is the index in ``prompts`` of completion i's prompt. The G prompts
-    are left-padded and run first; their key/value cache is gathered to the N
-    completions (gradients flow back through it) and the right-padded completions run
-    on top. Chosen and rejected (or the K completions of a group) thus share one prompt
-    pass, forward and backward. Positions are explicit, so padding does not shift them.
+    """Like ``completion_logps``, but each prompt runs through the model once (``shared_prompt_states``).
 
     Returns:
         (N, Tc) per-token completion log-probs, zero past each completion's length.
     """
     backbone, head = backbone_and_head(model)
-    device = next(model.parameters()).device
+    states, completion_ids, lengths = shared_prompt_states(backbone, prompts, completions, owner, pad_id=pad_id)
+    n, c = completion_ids.shape
+    rows = torch.repeat_interleave(torch.arange(n, device=states.device), lengths)  # (M,)
+    starts = torch.cumsum(lengths, 0) - lengths
+    offset = torch.arange(rows.shape[0], device=states.device) - starts[rows]  # (M,)
+    token_logps = token_logps_chunked(states[rows, offset], head, completion_ids[rows, offset], chunk_size)
+    result = torch.zeros(n, c, device=states.device, dtype=token_logps.dtype)
+    return result.index_put((rows, offset), token_logps)
+
+
+def shared_prompt_states(
+    backbone: torch.nn.Module,
+    prompts: Sequence[list[int]],
+    completions: Sequence[list[int]],
+    owner: Sequence[int],
+    *,
+    pad_id: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The transformer body's last hidden states of completion i after ``prompts[owner[i]]``, each prompt run once.
+
+    The G prompts are left-padded and run first; their key/value cache is gathered to the N
+    completions (gradients flow back through it) and the right-padded completions run on top.
+    Chosen and rejected (or the K completions of a group) thus share one prompt pass, forward
+    and backward. Positions are explicit, so padding does not shift them.
+
+    Returns:
+        states (N, 1 + C, H): position j is the state that predicts completion token j (position 0
+        is the prompt's last token), so position ``lengths[i]`` is the state of the sequence's last
+        token; the completion ids (N, C), right-padded; and their lengths (N,).
+    """
+    device = next(backbone.parameters()).device
     g, p = len(prompts), max(map(len, prompts))
     prompt_ids = torch.full((g, p), pad_id, dtype=torch.long)
     prompt_mask = torch.zeros((g, p), dtype=torch.long)
@@ -177,15 +260,8 @@ def shared_prompt_logps(
         use_cache=True,
         **{CACHE_KWARG: cache},
     ).last_hidden_state  # (N, C, H)
-    # Token j of a completion is predicted from position j-1; token 0 from the prompt's last position.
-    predicting = torch.cat([out.last_hidden_state[:, -1][index].unsqueeze(1), hidden[:, :-1]], dim=1)  # (N, C, H)
-
-    rows = torch.repeat_interleave(torch.arange(n, device=device), lengths)  # (M,)
-    starts = torch.cumsum(lengths, 0) - lengths
-    offset = torch.arange(rows.shape[0], device=device) - starts[rows]  # (M,)
-    token_logps = token_logps_chunked(predicting[rows, offset], head, completion_ids[rows, offset], chunk_size)
-    result = torch.zeros(n, c, device=device, dtype=token_logps.dtype)
-    return result.index_put((rows, offset), token_logps)
+    states = torch.cat([out.last_hidden_state[:, -1][index].unsqueeze(1), hidden], dim=1)  # (N, 1 + C, H)
+    return states, completion_ids, lengths
 
 
 def sequence_logps(model: torch.nn.Module, batch: SequenceBatch, *, chunk_size: int = 2048) -> torch.Tensor:
@@ -274,61 +350,35 @@ def reference_logps(
     computed (the rest came from the cache). New entries are flushed to disk.
     """
     out: dict[str, torch.Tensor] = {}
-    todo: dict[object, tuple[list[int], dict[str, list[int]]]] = {}  # group -> (prompt, {key: completion})
+    todo: dict[str, tuple[list[int], list[int]]] = {}  # the sequences to compute, by key
     for prompt, completion in sequences:
         key = sequence_key(prompt, completion)
         cached = cache.get(key)
         if cached is not None:
             out[key] = cached
         else:
-            group = tuple(prompt) if share_prompt else key  # without sharing, every sequence is its own group
-            todo.setdefault(group, (prompt, {}))[1][key] = completion
-    groups = sorted(todo.values(), key=lambda g: len(g[0]) + max(map(len, g[1].values())))
-    total = sum(len(todo) for _, todo in groups)
+            todo[key] = (prompt, completion)
+    keys, pending = list(todo), list(todo.values())
+    total = len(pending)
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
     done = 0
     try:
-        with reference_mode(model), autocast_context(precision, device):
-            for batch in _batches_of_completions(groups, batch_size):
-                prompts = [prompt for prompt, _ in batch]
-                keys = [key for _, todo in batch for key in todo]
-                completions = [c for _, todo in batch for c in todo.values()]
-                if share_prompt:
-                    owner = [g for g, (_, todo) in enumerate(batch) for _ in todo]
-                    logps = shared_prompt_logps(
-                        model, prompts, completions, owner, pad_id=pad_id, chunk_size=chunk_size
-                    )  # (n, Tc)
-                else:
-                    collated = collate_sequences(prompts, completions, pad_id)
-                    logps = completion_logps(model, collated, chunk_size=chunk_size)  # (n, Tc)
-                for row, (key, completion) in enumerate(zip(keys, completions, strict=True)):
-                    cache.put(key, logps[row, : len(completion)])
-                    out[key] = cache.get(key)  # type: ignore[assignment]
-                done += len(keys)
+        with reference_mode(model), autocast_context(precision, next(model.parameters()).device):
+            for idx in prompt_batches(pending, batch_size, share_prompt=share_prompt):
+                logps = grouped_logps(
+                    model, [pending[i] for i in idx], pad_id=pad_id, share_prompt=share_prompt, chunk_size=chunk_size
+                )  # (n, Tc)
+                for row, i in enumerate(idx):
+                    cache.put(keys[i], logps[row, : len(pending[i][1])])
+                    out[keys[i]] = cache.get(keys[i])  # type: ignore[assignment]
+                done += len(idx)
                 if on_batch is not None:
                     on_batch(done, total)
     finally:
         model.train(was_training)
     cache.flush()
     return out, total
-
-
-def _batches_of_completions(
-    groups: list[tuple[list[int], dict[str, list[int]]]], batch_size: int
-) -> Iterator[list[tuple[list[int], dict[str, list[int]]]]]:
-    """Consecutive prompt groups, about ``batch_size`` completions a batch (a group is never split)."""
-    batch: list[tuple[list[int], dict[str, list[int]]]] = []
-    size = 0
-    for group in groups:
-        if batch and size + len(group[1]) > batch_size:
-            yield batch
-            batch, size = [], 0
-        batch.append(group)
-        size += len(group[1])
-    if batch:
-        yield batch
 
 
 @contextlib.contextmanager

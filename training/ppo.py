@@ -120,6 +120,7 @@ def train_ppo(
             seed=config.seed + 1,
             batch_size=config.eval_batch_size,
             precision=precision,
+            share_prompt=config.share_prompt,
         )
 
     before = mean_reward()
@@ -264,13 +265,11 @@ def _roll_out(
         sampling=sampling,
         batch_size=config.eval_batch_size,
         precision=precision,
+        share_prompt=config.share_prompt,
     )
     device = next(actor.parameters()).device
-    batch = collate_sequences(
-        [encode_prompt(tokenizer, prompt_messages(p)) for p in prompts],
-        samples.completions,
-        int(tokenizer.pad_token_id),
-    )
+    prompt_ids = [encode_prompt(tokenizer, prompt_messages(p)) for p in prompts]
+    batch = collate_sequences(prompt_ids, samples.completions, int(tokenizer.pad_token_id))
     mask = completion_mask(batch.completion_lengths).to(device)  # (N, T)
     out = _Rollout(batch, mask)
     was_training = actor.training
@@ -278,7 +277,15 @@ def _roll_out(
     with autocast_context(precision, device):
         out.old_logps, out.old_values = actor(batch, config.logprob_chunk_size)
     actor.train(was_training)
-    ref_logps = reference_token_logps(actor.lm, reference, batch, precision=precision, chunk=config.logprob_chunk_size)
+    ref_logps = reference_token_logps(
+        actor.lm,
+        reference,
+        list(zip(prompt_ids, samples.completions, strict=True)),
+        pad_id=int(tokenizer.pad_token_id),
+        share_prompt=config.share_prompt,
+        precision=precision,
+        chunk=config.logprob_chunk_size,
+    )
 
     scores = samples.rewards[:, 0].to(device)  # (N,)
     delta = ref_logps - out.old_logps

@@ -4,8 +4,9 @@ The model reads prompt + completion and the head maps the last token's hidden st
 number. Pairs train it with the Bradley-Terry loss (``-logσ(r_chosen - r_rejected - margin)``),
 ranked groups with the Plackett-Luce likelihood of each annotator's ranking, ties sharing their
 place (``plackett_luce_loss``). As in InstructGPT (Ouyang et al., 2022) all completions of a
-group go through one forward pass; unlike it, the K·(K-1)/2 pairs of a ranking are not
-separate Bradley-Terry terms but one likelihood of the whole ranking.
+group go through one forward pass (and with ``share_prompt`` their prompt runs once for all of
+them); unlike it, the K·(K-1)/2 pairs of a ranking are not separate Bradley-Terry terms but one
+likelihood of the whole ranking.
 
 By default LoRA adapters train on the body and the head trains in full (``--full`` trains
 everything). The finished directory is the language model as any version is saved (full weights
@@ -24,7 +25,7 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from training.config import RewardConfig
 from training.data import (
@@ -33,16 +34,22 @@ from training.data import (
     collate_sequences,
     encode_completion,
     encode_prompt,
-    length_sorted_batches,
     pairs_from_groups,
     prompt_messages,
     sequence_key,
     tokenize_groups,
     tokenize_pairs,
 )
-from training.logprobs import autocast_context, evaluation
+from training.logprobs import (
+    autocast_context,
+    backbone_and_head,
+    distinct_prompts,
+    evaluation,
+    prompt_batches,
+    shared_prompt_states,
+)
 from training.losses import bradley_terry_loss, plackett_luce_loss
-from training.models import ModelLoadError, is_lora, load_model
+from training.models import ModelLoadError, load_model
 from training.runs import ProgressCallback, TrainResult, finish_run, load_policy, start_optimization, step_plan
 
 HEAD_FILE = "reward_head.safetensors"
@@ -56,12 +63,29 @@ class RewardModel(torch.nn.Module):
         self.lm = lm
         self.head = head
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """Scores (N,) of right-padded sequences (N, T), read at each one's last real token."""
-        base = self.lm.get_base_model() if is_lora(self.lm) else self.lm
-        assert isinstance(base, PreTrainedModel)
-        hidden = base.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (N, T, H)
-        last = hidden[torch.arange(hidden.shape[0], device=hidden.device), lengths - 1]  # (N, H)
+    def forward(
+        self, sequences: Sequence[tuple[list[int], list[int]]], *, pad_id: int, share_prompt: bool
+    ) -> torch.Tensor:
+        """Scores (N,) of tokenized (prompt, completion) sequences, read at each one's last token.
+
+        With ``share_prompt`` each distinct prompt runs once for all its completions (``shared_prompt_states``).
+        """
+        backbone, _ = backbone_and_head(self.lm)
+        n = len(sequences)
+        if share_prompt:
+            prompts, owner = distinct_prompts(sequences)
+            states, _, lengths = shared_prompt_states(
+                backbone, prompts, [c for _, c in sequences], owner, pad_id=pad_id
+            )  # (N, 1 + C, H)
+            last = states[torch.arange(n, device=states.device), lengths]  # (N, H)
+        else:
+            batch = collate_sequences([p for p, _ in sequences], [c for _, c in sequences], pad_id)
+            device = next(backbone.parameters()).device
+            hidden = backbone(
+                input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device), use_cache=False
+            ).last_hidden_state  # (N, T, H)
+            ends = (batch.prompt_lengths + batch.completion_lengths - 1).to(device)  # (N,)
+            last = hidden[torch.arange(n, device=device), ends]  # (N, H)
         with torch.autocast(last.device.type, enabled=False):  # the head stays in float32
             return self.head(last.float()).squeeze(-1)  # (N,)
 
@@ -120,23 +144,16 @@ def score_sequences(
     pad_id: int,
     batch_size: int,
     precision: str = "fp32",
+    share_prompt: bool = True,
 ) -> torch.Tensor:
     """Rewards (N,) of tokenized (prompt, completion) sequences, in batches of similar length, without grad."""
     scores = torch.zeros(len(sequences))
     device = next(model.parameters()).device
-    lengths = [len(p) + len(c) for p, c in sequences]
     with evaluation(model), autocast_context(precision, device):
-        for idx in length_sorted_batches(lengths, batch_size, seed=0, shuffle=False):
-            scores[idx] = _score_batch(model, [sequences[i] for i in idx], pad_id, device).float().cpu()
+        for idx in prompt_batches(sequences, batch_size, share_prompt=share_prompt):
+            batch = [sequences[i] for i in idx]
+            scores[idx] = model(batch, pad_id=pad_id, share_prompt=share_prompt).float().cpu()
     return scores
-
-
-def _score_batch(
-    model: RewardModel, sequences: Sequence[tuple[list[int], list[int]]], pad_id: int, device: torch.device
-) -> torch.Tensor:
-    batch = collate_sequences([p for p, _ in sequences], [c for _, c in sequences], pad_id)
-    lengths = batch.prompt_lengths + batch.completion_lengths
-    return model(batch.input_ids.to(device), batch.attention_mask.to(device), lengths.to(device))  # (N,)
 
 
 def pair_accuracy(chosen: torch.Tensor, rejected: torch.Tensor) -> dict[str, float | None]:
@@ -149,11 +166,19 @@ def pair_accuracy(chosen: torch.Tensor, rejected: torch.Tensor) -> dict[str, flo
 
 
 def evaluate_reward(
-    model: RewardModel, pairs: Sequence[PairExample], *, pad_id: int, batch_size: int, precision: str
+    model: RewardModel,
+    pairs: Sequence[PairExample],
+    *,
+    pad_id: int,
+    batch_size: int,
+    precision: str,
+    share_prompt: bool,
 ) -> dict[str, float | None]:
     """Held-out pairwise accuracy and margin of the reward model."""
     sequences = [(p.prompt_ids, c) for p in pairs for c in (p.chosen_ids, p.rejected_ids)]
-    scores = score_sequences(model, sequences, pad_id=pad_id, batch_size=batch_size, precision=precision)
+    scores = score_sequences(
+        model, sequences, pad_id=pad_id, batch_size=batch_size, precision=precision, share_prompt=share_prompt
+    )
     return pair_accuracy(scores[0::2], scores[1::2])
 
 
@@ -205,6 +230,7 @@ def train_reward(
     eval_pairs = held_out if pairs_data else pairs_from_groups(held_out)
 
     eval_kwargs: dict[str, Any] = {"pad_id": pad_id, "batch_size": config.eval_batch_size, "precision": precision}
+    eval_kwargs["share_prompt"] = config.share_prompt
     before = evaluate_reward(reward_model, eval_pairs, **eval_kwargs)
 
     sequences = [(e.prompt_ids, c) for e in examples for c in _completions(e)]
@@ -242,7 +268,7 @@ def train_reward(
             batch_sequences = [(e.prompt_ids, c) for e in batch_examples for c in _completions(e)]
             step_tokens += sum(len(p) + len(c) for p, c in batch_sequences)
             with autocast_context(precision, device):
-                scores = _score_batch(reward_model, batch_sequences, pad_id, device).float()  # (N,)
+                scores = reward_model(batch_sequences, pad_id=pad_id, share_prompt=config.share_prompt).float()  # (N,)
             groups = torch.split(scores, counts)  # one (K,) tensor per example; K = 2 for a pair
             if pairs_data:
                 chosen, rejected = scores[0::2], scores[1::2]  # (B,), (B,)

@@ -18,10 +18,10 @@ import torch
 from transformers import PreTrainedModel
 
 from training.config import OnlineGRPOConfig, PPOConfig
-from training.data import SequenceBatch, encode_prompt, prompt_key, prompt_messages
+from training.data import encode_prompt, prompt_key, prompt_messages
 from training.generate import SamplingConfig, generate_completions
 from training.lineage import base_model_of
-from training.logprobs import autocast_context, completion_logps, evaluation
+from training.logprobs import autocast_context, evaluation, grouped_logps
 from training.models import ModelLoadError, is_lora, reference_mode
 from training.reward import RewardModel, load_reward_model, score_sequences
 from training.runs import passes
@@ -50,15 +50,24 @@ def frozen_reference(policy: torch.nn.Module) -> torch.nn.Module | None:
 
 
 def reference_token_logps(
-    policy: torch.nn.Module, reference: torch.nn.Module | None, batch: SequenceBatch, *, precision: str, chunk: int
+    policy: torch.nn.Module,
+    reference: torch.nn.Module | None,
+    sequences: list[tuple[list[int], list[int]]],
+    *,
+    pad_id: int,
+    share_prompt: bool,
+    precision: str,
+    chunk: int,
 ) -> torch.Tensor:
-    """(N, T) per-token log-probs of the batch's completions under the reference, without grad."""
+    """(N, T) per-token log-probs of the (prompt, completion) sequences' completions under the reference, without
+    grad."""
     device = next(policy.parameters()).device
+    kwargs: dict[str, Any] = {"pad_id": pad_id, "share_prompt": share_prompt, "chunk_size": chunk}
     with evaluation(policy), autocast_context(precision, device):
         if reference is None:
             with reference_mode(policy):
-                return completion_logps(policy, batch, chunk_size=chunk).float()
-        return completion_logps(reference, batch, chunk_size=chunk).float()
+                return grouped_logps(policy, sequences, **kwargs).float()
+        return grouped_logps(reference, sequences, **kwargs).float()
 
 
 def unique_prompts(records: list[dict[str, Any]]) -> list[Any]:
@@ -144,8 +153,10 @@ def sample_and_score(
     sampling: SamplingConfig,
     batch_size: int,
     precision: str,
+    share_prompt: bool,
 ) -> Samples:
-    """Sample ``k`` completions per prompt from the policy and score each with the reward model."""
+    """Sample ``k`` completions per prompt from the policy and score each with the reward model (each prompt
+    once for its ``k`` completions, with ``share_prompt``)."""
     with _sampler(policy, precision) as model:
         texts = generate_completions(
             model, tokenizer, [prompt_messages(p) for p in prompts], k=k, sampling=sampling, batch_size=batch_size
@@ -161,6 +172,7 @@ def sample_and_score(
         pad_id=int(tokenizer.pad_token_id),
         batch_size=batch_size,
         precision=precision,
+        share_prompt=share_prompt,
     ).view(len(prompts), k)
     return Samples(completions, rewards)
 
@@ -176,6 +188,7 @@ def mean_sample_reward(
     seed: int,
     batch_size: int,
     precision: str,
+    share_prompt: bool,
 ) -> dict[str, float | None]:
     """The reward model's mean score of fresh samples on held-out prompts (the same seed before and after).
 
@@ -193,6 +206,7 @@ def mean_sample_reward(
         sampling=replace(sampling, seed=seed),
         batch_size=batch_size,
         precision=precision,
+        share_prompt=share_prompt,
     )
     g, k = scored.rewards.shape
     # The sampling noise of the mean over these prompts: each prompt's spread of scores, not the spread between prompts.

@@ -95,6 +95,39 @@ def test_values_out_of_range_name_the_field(field, value, message):
         OnlineGRPOConfig(**{field: value}).validate()
 
 
+def test_online_grpo_shares_each_prompt_among_its_group_with_the_same_numbers(
+    tmp_path, tiny_model_dir, reward_model_dir
+):
+    train_rows, eval_rows = split(preference_pairs())
+    runs = {}
+    for share in (True, False):
+        config = OnlineGRPOConfig(
+            **LENGTHS,
+            reward_model=str(reward_model_dir),
+            batch_size=4,
+            max_new_tokens=8,
+            min_steps=2,
+            epochs=1,
+            eval_samples=1,
+            share_prompt=share,
+        )
+        steps = []
+        train_grpo_online(
+            config,
+            train_examples=train_rows[:8],
+            eval_examples=eval_rows[:4],
+            model=str(tiny_model_dir),
+            out_dir=tmp_path / str(share),
+            progress=lambda step, total, metrics, steps=steps: steps.append(metrics),
+        )
+        runs[share] = steps[:2]  # one rollout batch: its two iterations
+    for shared, whole in zip(runs[True], runs[False], strict=True):
+        assert shared["response_length"] == whole["response_length"]  # the same samples
+        for name in ("reward", "loss", "kl"):
+            assert shared[name] == pytest.approx(whole[name], abs=1e-5)
+    assert runs[True][1]["kl"] > 0  # the second iteration moved away from the reference
+
+
 def test_rollouts_train_on_the_ids_the_policy_sampled(tiny_model_dir, reward_model_dir):
     from training.generate import SamplingConfig, generate_completions
     from training.models import load_model
@@ -108,7 +141,7 @@ def test_rollouts_train_on_the_ids_the_policy_sampled(tiny_model_dir, reward_mod
         model, tokenizer, [[{"role": "user", "content": p}] for p in prompts], k=3, sampling=sampling
     )
     samples = sample_and_score(
-        model, scorer, tokenizer, prompts, k=3, sampling=sampling, batch_size=8, precision="fp32"
+        model, scorer, tokenizer, prompts, k=3, sampling=sampling, batch_size=8, precision="fp32", share_prompt=True
     )
     eos = tokenizer.eos_token_id
     # The random model writes byte pieces whose text encodes to other ids: these must not be what is trained on.
@@ -139,7 +172,9 @@ def test_a_lora_policy_samples_from_a_merged_copy_and_is_left_as_it_was(tiny_mod
     woven = generate_completions(policy.get_base_model(), tokenizer, conversations, k=1, sampling=greedy)
     with reference_mode(policy):
         without = generate_completions(policy.get_base_model(), tokenizer, conversations, k=1, sampling=greedy)
-    samples = sample_and_score(policy, scorer, tokenizer, prompts, k=1, sampling=greedy, batch_size=8, precision="fp32")
+    samples = sample_and_score(
+        policy, scorer, tokenizer, prompts, k=1, sampling=greedy, batch_size=8, precision="fp32", share_prompt=True
+    )
     eos = tokenizer.eos_token_id
     assert woven != without  # the adapters decide what is written, so the copy carried them
     assert samples.completions == [[*s.token_ids, *([] if s.truncated else [eos])] for g in woven for s in g]

@@ -5,6 +5,8 @@ from training.data import collate_sequences, sequence_key
 from training.logprobs import (
     ReferenceCache,
     completion_logps,
+    grouped_logps,
+    prompt_batches,
     reference_logps,
     sequence_logps,
     shared_prompt_logps,
@@ -158,3 +160,28 @@ def test_reference_pass_shares_each_prompt_and_gives_the_per_sequence_numbers(ti
         key = sequence_key(prompt, completion)
         torch.testing.assert_close(shared[key], expected[row, : len(completion)], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(alone[key], expected[row, : len(completion)], atol=1e-5, rtol=1e-5)
+
+
+def test_grouped_logps_run_each_distinct_prompt_once_and_agree_with_whole_sequences(tiny_model_dir):
+    model, _ = load_model(str(tiny_model_dir))
+    owner = [2, 0, 2, 1, 0]  # a prompt's completions need not be next to each other
+    sequences = [(PROMPTS[o], c) for o, c in zip(owner, [*COMPLETIONS, [72, 73, 2], [84, 2]], strict=True)]
+    rows_embedded: list[int] = []
+    hook = model.get_input_embeddings().register_forward_hook(lambda m, args, out: rows_embedded.append(out.shape[0]))
+    shared = grouped_logps(model, sequences, pad_id=2, share_prompt=True)
+    assert rows_embedded == [3, 5]  # the three prompts once, then the five completions on their cache
+    rows_embedded.clear()
+    whole = grouped_logps(model, sequences, pad_id=2, share_prompt=False)
+    assert rows_embedded == [5]
+    hook.remove()
+    expected = completion_logps(model, collate_sequences(*zip(*sequences, strict=True), pad_id=2))
+    torch.testing.assert_close(whole, expected)
+    torch.testing.assert_close(shared, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_prompt_batches_keep_a_prompts_completions_together_shortest_first():
+    sequences = [([1, 2, 3], [4]), ([5], [6]), ([1, 2, 3], [7, 8, 9]), ([5], [6, 6]), ([9, 9], [1])]
+    assert prompt_batches(sequences, 2, share_prompt=True) == [[1, 3], [4], [0, 2]]
+    assert prompt_batches(sequences, 3, share_prompt=True) == [[1, 3, 4], [0, 2]]
+    assert prompt_batches(sequences, 1, share_prompt=True) == [[1, 3], [4], [0, 2]]  # a group is never split
+    assert prompt_batches(sequences, 2, share_prompt=False) == [[1, 3], [4, 0], [2]]

@@ -74,6 +74,31 @@ def test_a_bad_margin_names_its_line_and_field(tmp_path, tiny_model_dir):
         )
 
 
+def test_a_shared_prompt_pass_scores_and_trains_as_whole_sequences(tmp_path, tiny_model_dir):
+    from training.models import load_model
+    from training.reward import RewardModel, new_head
+
+    lm, _ = load_model(str(tiny_model_dir))
+    torch.manual_seed(0)
+    model = RewardModel(lm, new_head(lm))
+    # Prompts of different lengths, one with three completions in any order, completions of one token and more.
+    sequences = [([1, 40, 41], [70, 2]), ([1, 50], [2]), ([1, 40, 41], [80, 81, 82, 2]), ([1, 40, 41], [90, 2])]
+    scores = {}
+    grads = {}
+    for share in (True, False):
+        model.zero_grad()
+        scores[share] = model(sequences, pad_id=2, share_prompt=share)
+        scores[share].pow(2).sum().backward()
+        grads[share] = {n: p.grad.clone() for n, p in model.named_parameters()}
+    torch.testing.assert_close(scores[True], scores[False], atol=1e-5, rtol=1e-5)
+    for name, grad in grads[False].items():
+        torch.testing.assert_close(grads[True][name], grad, atol=1e-5, rtol=1e-4)
+
+    shared = train(tmp_path / "a", tiny_model_dir, ranked_groups(), epochs=1).metrics["eval_after"]
+    whole = train(tmp_path / "b", tiny_model_dir, ranked_groups(), epochs=1, share_prompt=False).metrics["eval_after"]
+    assert shared["margin"] == pytest.approx(whole["margin"], abs=1e-4)
+
+
 def test_a_model_directory_without_a_head_is_not_a_reward_model(tiny_model_dir):
     with pytest.raises(ModelLoadError, match=f"is not a reward model \\(no {HEAD_FILE}\\)"):
         load_reward_model(tiny_model_dir)

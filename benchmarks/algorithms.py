@@ -2,6 +2,7 @@
 
     python benchmarks/algorithms.py [--model var/models/SmolLM2-135M-Instruct] [--prompts 64] [--held-out 16]
         [--k 4] [--max-new-tokens 96] [--samples 4] [--epochs 1] [--only dpo grpo reward ppo grpo_online]
+        [--set METHOD:OPTIONS ...]
 
 The judgements are made as a ranking project would see them: the base model answers each prompt
 K times (temperature 0.8, top-p 0.95, the project defaults), and simulated annotators rank each
@@ -12,7 +13,8 @@ ranks). The prompts are the demo prompts (feedback/demo/prompts.jsonl) and a few
 ones below; ``--held-out`` of them (chosen at random, seeded) are never trained on.
 
 Each method then runs as ``python -m training ...`` in a process of its own, with its defaults
-and rollouts sampled as the project samples: dpo on the pairs; grpo on the ranked groups; reward
+(or the options ``--set`` gives it, as ``--set 'grpo_online:--lr 3e-4'``) and rollouts sampled as
+the project samples: dpo on the pairs; grpo on the ranked groups; reward
 on the ranked groups (Plackett-Luce); ppo and grpo_online on the training prompts against that
 reward model. For each: wall time, CPU time and peak resident memory of that process, and the
 held-out figures the loop reports (``eval_before`` / ``eval_after`` in its metrics.json).
@@ -30,6 +32,7 @@ import argparse
 import json
 import math
 import random
+import shlex
 import statistics
 import sys
 import tempfile
@@ -176,7 +179,7 @@ def paired(new: list[float], base: list[float]) -> tuple[float, float]:
 
 def train_command(method: str, args: argparse.Namespace, files: dict[str, Path], out: Path) -> list[str]:
     command = [sys.executable, "-m", "training", method, "--model", args.model, "--out", str(out), "--quiet"]
-    command += ["--epochs", str(args.epochs)]
+    command += ["--epochs", str(args.epochs), *args.options.get(method, [])]
     if method == "dpo":
         return command + ["--data", str(files["train_pairs"]), "--eval-data", str(files["held_pairs"])]
     if method in ("grpo", "reward"):
@@ -270,11 +273,24 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", choices=METHODS, help="run only these (ppo and grpo_online need reward)")
     parser.add_argument("--work", type=Path, help="directory for the data and models (default: a new temporary one)")
     parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="METHOD:OPTIONS",
+        help="options of one method's training command in place of its defaults, e.g. 'grpo_online:--lr 3e-4'",
+    )
+    parser.add_argument(
         "--measure-only", action="store_true", help="train nothing: measure the versions an earlier run left in --work"
     )
     args = parser.parse_args()
     if args.measure_only and args.work is None:
         parser.error("--measure-only needs --work")
+    args.options = {}
+    for item in args.set:
+        method, _, options = item.partition(":")
+        if method not in METHODS or not options.strip():
+            parser.error(f"--set {item!r}: expected METHOD:OPTIONS with METHOD one of {', '.join(METHODS)}")
+        args.options.setdefault(method, []).extend(shlex.split(options))
     if not (Path(args.model) / "config.json").is_file():
         sys.exit(f"no model at {args.model}: run `python manage.py fetch_default_model` first")
     import training  # noqa: F401  (the OpenMP wait policy it sets is inherited by the children)

@@ -155,6 +155,26 @@ def test_nucleus_draws_follow_the_nucleus_of_a_full_sort_whatever_the_candidates
         assert set(draws[:, row].tolist()) == set(expected[row].nonzero().squeeze(-1).tolist())
 
 
+def test_draws_follow_the_weights_and_never_take_a_weight_of_zero():
+    weights = torch.tensor(
+        [
+            [0.0, 0.5, 0.0, 0.3, 0.2, 0.0],  # zeros first, between and last
+            [0.0, 0.0, 0.0, 0.0, 0.0, 2.0],  # one certain entry, last; weights need not sum to 1
+            [3.0, 1.0, 0.0, 0.0, 0.0, 0.0],  # the last entries zero: the draw never runs past the row's total
+        ]
+    )
+    torch.manual_seed(0)
+    draws = torch.stack([generate.draw(weights) for _ in range(20000)])  # (20000, 3)
+    for row in range(3):
+        counts = torch.bincount(draws[:, row], minlength=6) / len(draws)
+        assert torch.allclose(counts, weights[row] / weights[row].sum(), atol=0.01), (row, counts)
+        assert set(draws[:, row].tolist()) == set(weights[row].nonzero().squeeze(-1).tolist())
+    torch.manual_seed(1)
+    again = generate.draw(weights.repeat(50, 1))
+    torch.manual_seed(1)
+    assert torch.equal(generate.draw(weights.repeat(50, 1)), again)  # the seed decides the draws
+
+
 def test_conversation_must_end_with_a_user_turn(tiny):
     model, tokenizer = tiny
     with pytest.raises(ValueError, match="user turn"):

@@ -78,6 +78,7 @@ def train_dpo(
     ref_rejected = torch.tensor([float(ref[sequence_key(p.prompt_ids, p.rejected_ids)].sum()) for p in pairs])
 
     eval_kwargs: dict[str, Any] = {"beta": config.beta, "pad_id": pad_id, "batch_size": config.eval_batch_size}
+    eval_kwargs["share_prompt"] = config.share_prompt
     before = evaluate_pairs(None, eval_pairs, ref, precision=precision, **eval_kwargs)
 
     lengths = [len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs]

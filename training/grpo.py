@@ -103,6 +103,7 @@ def train_grpo(
     ref, ref_computed, ref_seconds = setup.reference(config, sequences, cache_dir)
 
     eval_kwargs: dict[str, Any] = {"beta": config.eval_beta, "pad_id": pad_id, "batch_size": config.eval_batch_size}
+    eval_kwargs["share_prompt"] = config.share_prompt
     eval_kwargs["groups"] = eval_groups
     before = evaluate_pairs(None, eval_pairs, ref, precision=precision, **eval_kwargs)
 

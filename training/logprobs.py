@@ -145,10 +145,11 @@ def grouped_logps(
     """(N, Tc) per-token log-probs of each (prompt, completion)'s completion, zero past its length.
 
     With ``share_prompt`` each distinct prompt runs once for all its completions
-    (``shared_prompt_logps``); without, every sequence runs whole. The two agree to rounding.
+    (``shared_prompt_logps``); without, or when no prompt repeats (nothing to save), every
+    sequence runs whole. The two agree to rounding.
     """
-    if share_prompt:
-        prompts, owner = distinct_prompts(sequences)
+    prompts, owner = distinct_prompts(sequences)
+    if share_prompt and len(prompts) < len(sequences):
         completions = [c for _, c in sequences]
         return shared_prompt_logps(model, prompts, completions, owner, pad_id=pad_id, chunk_size=chunk_size)
     batch = collate_sequences([p for p, _ in sequences], [c for _, c in sequences], pad_id)

@@ -68,12 +68,13 @@ class RewardModel(torch.nn.Module):
     ) -> torch.Tensor:
         """Scores (N,) of tokenized (prompt, completion) sequences, read at each one's last token.
 
-        With ``share_prompt`` each distinct prompt runs once for all its completions (``shared_prompt_states``).
+        With ``share_prompt`` each distinct prompt runs once for all its completions (``shared_prompt_states``),
+        unless no prompt repeats.
         """
         backbone, _ = backbone_and_head(self.lm)
         n = len(sequences)
-        if share_prompt:
-            prompts, owner = distinct_prompts(sequences)
+        prompts, owner = distinct_prompts(sequences)
+        if share_prompt and len(prompts) < n:
             states, _, lengths = shared_prompt_states(
                 backbone, prompts, [c for _, c in sequences], owner, pad_id=pad_id
             )  # (N, 1 + C, H)

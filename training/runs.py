@@ -22,15 +22,16 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from training.config import TrainConfig
-from training.data import GroupExample, PairExample, collate_pairs, length_sorted_batches, sequence_key
+from training.data import GroupExample, PairExample, length_sorted_batches, sequence_key
 from training.lineage import base_model_of
 from training.logprobs import (
     ReferenceCache,
     autocast_context,
     evaluation,
+    grouped_logps,
     model_fingerprint,
+    prompt_batches,
     reference_logps,
-    sequence_logps,
 )
 from training.models import (
     LoraSettings,
@@ -403,9 +404,13 @@ def evaluate_pairs(
     pad_id: int,
     batch_size: int,
     precision: str,
+    share_prompt: bool,
 ) -> dict[str, float | None]:
     """Held-out figures of a model on the same pairs: its own log-prob preference (``logp_metrics``) and,
     for a trained model, the implicit reward against the reference (``implicit_reward_metrics``).
+
+    Each distinct (prompt, completion) runs once (GRPO's held-out pairs share their groups' completions),
+    ``batch_size`` pairs' worth at a time, and with ``share_prompt`` each prompt once for its completions.
 
     ``model=None`` scores the parent, the model the run started from: it is the reference, so its
     log-probs are the reference pass's and no implicit reward is reported. With ``groups`` (GRPO's
@@ -417,14 +422,17 @@ def evaluate_pairs(
     if model is None:
         chosen, rejected = ref_chosen, ref_rejected
     else:
-        chosen, rejected = torch.zeros(len(pairs)), torch.zeros(len(pairs))
-        device = next(model.parameters()).device
-        lengths = [len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs]
-        with evaluation(model), autocast_context(precision, device):
-            for idx in length_sorted_batches(lengths, batch_size, seed=0, shuffle=False):
-                logps = sequence_logps(model, collate_pairs([pairs[i] for i in idx], pad_id)).float().cpu()  # (2b,)
-                chosen[idx] = logps[: len(idx)]
-                rejected[idx] = logps[len(idx) :]
+        distinct = {
+            sequence_key(p.prompt_ids, c): (p.prompt_ids, c) for p in pairs for c in (p.chosen_ids, p.rejected_ids)
+        }
+        keys, sequences = list(distinct), list(distinct.values())
+        summed: dict[str, float] = {}
+        with evaluation(model), autocast_context(precision, next(model.parameters()).device):
+            for idx in prompt_batches(sequences, 2 * batch_size, share_prompt=share_prompt):
+                logps = grouped_logps(model, [sequences[i] for i in idx], pad_id=pad_id, share_prompt=share_prompt)
+                summed |= zip([keys[i] for i in idx], logps.sum(dim=1).float().tolist(), strict=True)
+        chosen = torch.tensor([summed[sequence_key(p.prompt_ids, p.chosen_ids)] for p in pairs])  # (B,)
+        rejected = torch.tensor([summed[sequence_key(p.prompt_ids, p.rejected_ids)] for p in pairs])  # (B,)
     metrics = logp_metrics(
         chosen,
         rejected,

@@ -64,6 +64,7 @@ def test_before_is_the_parents_own_figures_and_differs_between_base_models(tmp_p
             precision="fp32",
         )
         kwargs = {"beta": 0.1, "pad_id": tokenizer.pad_token_id, "batch_size": 8, "precision": "fp32"}
+        kwargs["share_prompt"] = True
         scored = evaluate_pairs(model, pairs, ref, **kwargs)
         for figure in ("logp_accuracy", "logp_accuracy_per_token", "pairs"):
             assert before[name][figure] == scored[figure]
@@ -116,7 +117,8 @@ def test_dpo_lora_learns_a_human_preference_on_held_out_prompts(tmp_path, tiny_m
         batch_size=8,
         precision="fp32",
     )
-    again = evaluate_pairs(model, pairs, ref, beta=0.1, pad_id=tokenizer.pad_token_id, batch_size=8, precision="fp32")
+    kwargs = {"beta": 0.1, "pad_id": tokenizer.pad_token_id, "batch_size": 8, "precision": "fp32"}
+    again = evaluate_pairs(model, pairs, ref, **kwargs, share_prompt=True)
     assert again["accuracy"] == m["eval_after"]["accuracy"]
     assert again["margin"] == pytest.approx(m["eval_after"]["margin"], abs=1e-5)
 
@@ -255,3 +257,30 @@ def test_nonsense_config_is_rejected_before_any_work(tmp_path):
             model=str(tmp_path / "missing"),
             out_dir=tmp_path / "o",
         )
+
+
+def test_held_out_pairs_of_one_group_run_each_completion_once(tiny_model_dir):
+    from training.data import PairExample, collate_sequences, sequence_key
+    from training.logprobs import completion_logps
+
+    model, _ = load_model(str(tiny_model_dir))
+    prompt, completions = [1, 40, 41, 42], [[70, 71, 2], [80, 2], [90, 91, 92, 2]]
+    # The three pairs of a group of three (as GRPO's held-out pairs are), and a pair of another prompt.
+    pairs = [PairExample(prompt, completions[i], completions[j], 1.0, "a") for i, j in ((0, 1), (0, 2), (1, 2))]
+    pairs.append(PairExample([1, 50], [60, 2], [61, 62, 2], 1.0, "b"))
+    sequences = [(p.prompt_ids, c) for p in pairs for c in (p.chosen_ids, p.rejected_ids)]
+    whole = completion_logps(model, collate_sequences(*zip(*sequences, strict=True), pad_id=2)).sum(dim=1).detach()
+    ref = {sequence_key(*s): torch.zeros(len(s[1])) for s in sequences}  # a reference of log-prob 0 everywhere
+    rows: list[int] = []
+    model.get_input_embeddings().register_forward_hook(lambda m, args, out: rows.append(out.shape[0]))
+    kwargs = {"beta": 0.1, "pad_id": 2, "batch_size": 8, "precision": "fp32"}
+    shared = evaluate_pairs(model, pairs, ref, **kwargs, share_prompt=True)
+    assert rows == [2, 5]  # the two prompts once, then the five distinct completions
+    rows.clear()
+    alone = evaluate_pairs(model, pairs, ref, **kwargs, share_prompt=False)
+    assert rows == [5]  # five distinct sequences, each whole
+    margins = whole[0::2] - whole[1::2]  # chosen minus rejected, pair by pair
+    for metrics in (shared, alone):
+        assert metrics["pairs"] == 4
+        assert metrics["logp_accuracy"] == float((margins > 0).float().mean())
+        assert metrics["logp_margin"] == pytest.approx(float(margins.mean()), abs=1e-5)

@@ -463,15 +463,14 @@ def fixed_rollouts(model: str, reward_model: str, count: int) -> tuple[list[Any]
     from training.generate import SamplingConfig
     from training.models import load_model
     from training.reward import load_reward_model
-    from training.rollouts import Sampler, sample_and_score
+    from training.rollouts import sample_and_score
 
     policy, tokenizer = load_model(model)
     scorer, _ = load_reward_model(reward_model)
     prompts = demo_prompts(count)
     sampling = SamplingConfig(temperature=1.0, top_p=1.0, max_new_tokens=NEW_TOKENS, seed=0)
-    sampler = Sampler(policy, "fp32")
     samples = sample_and_score(
-        sampler, scorer, tokenizer, prompts, k=1, sampling=sampling, batch_size=16, precision="fp32", share_prompt=True
+        policy, scorer, tokenizer, prompts, k=1, sampling=sampling, batch_size=16, precision="fp32", share_prompt=True
     )
     keep = [i for i, c in enumerate(samples.completions) if len(c) == NEW_TOKENS][:PPO_BATCH]
     if len(keep) < PPO_BATCH:
@@ -494,7 +493,7 @@ def child_ppo_loss(model: str, reward_model: str, count: int) -> dict:
     prompts, completions, scores = fixed_rollouts(model, reward_model, count)
     by_prompt = {prompt_key(p): (c, s) for p, c, s in zip(prompts, completions, scores, strict=True)}
 
-    def fixed_samples(sampler: Any, scorer: Any, tokenizer: Any, batch: list[Any], **kwargs: Any) -> Samples:
+    def fixed_samples(policy: Any, scorer: Any, tokenizer: Any, batch: list[Any], **kwargs: Any) -> Samples:
         chosen = [by_prompt[prompt_key(p)] for p in batch]
         return Samples([c for c, _ in chosen], torch.tensor([[s] for _, s in chosen]))
 
@@ -692,7 +691,7 @@ def child_grpo_loss(model: str, reward_model: str) -> dict:
     from training.grpo_online import _roll_out
     from training.logprobs import grouped_logps
     from training.losses import grpo_loss
-    from training.rollouts import Sampler, frozen_reference, load_scorer
+    from training.rollouts import frozen_reference, load_scorer
     from training.runs import load_policy, make_optimizer
 
     prompts = demo_prompts(GRPO_PROMPTS)
@@ -703,8 +702,7 @@ def child_grpo_loss(model: str, reward_model: str) -> dict:
         policy, tokenizer = setup.model, setup.tokenizer
         scorer = load_scorer(reward_model, tokenizer, model, setup.device)
         sampling = SamplingConfig(temperature=1.0, top_p=1.0, max_new_tokens=NEW_TOKENS, seed=0)
-        reference = frozen_reference(policy)
-        rollout = _roll_out(Sampler(policy, "fp32"), reference, scorer, tokenizer, prompts, config, sampling, "fp32")
+        rollout = _roll_out(policy, frozen_reference(policy), scorer, tokenizer, prompts, config, sampling, "fp32")
         assert len(rollout.sequences) == len(prompts) * GRPO_K  # every group's rewards differ
         mask = rollout.mask
         with tempfile.TemporaryDirectory() as out:

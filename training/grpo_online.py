@@ -27,7 +27,6 @@ from training.logprobs import autocast_context, completion_mask, grouped_logps
 from training.losses import group_advantages, grpo_loss
 from training.reward import RewardModel
 from training.rollouts import (
-    Sampler,
     frozen_reference,
     load_scorer,
     mean_sample_reward,
@@ -65,14 +64,13 @@ def train_grpo_online(
     policy, tokenizer, device, precision = setup.model, setup.tokenizer, setup.device, setup.precision
     scorer = load_scorer(config.reward_model, tokenizer, model, device)
     reference = frozen_reference(policy)
-    sampler = Sampler(policy, precision)
 
     prompts = prompt_set(config, tokenizer, train_examples, eval_examples)
     sampling = prompts.sampling
 
     def mean_reward() -> dict[str, float | None]:
         return mean_sample_reward(
-            sampler,
+            policy,
             scorer,
             tokenizer,
             prompts.eval,
@@ -121,7 +119,7 @@ def train_grpo_online(
         if iteration == 0 or rollout is None:
             batch_indices = plan[step // config.num_iterations]
             rollout = _roll_out(
-                sampler,
+                policy,
                 reference,
                 scorer,
                 tokenizer,
@@ -235,7 +233,7 @@ class _Rollout:
 
 @torch.no_grad()
 def _roll_out(
-    sampler: Sampler,
+    policy: torch.nn.Module,
     reference: torch.nn.Module | None,
     scorer: RewardModel,
     tokenizer: Any,
@@ -247,9 +245,8 @@ def _roll_out(
     """Sample K completions per prompt, score them, and keep the groups whose rewards differ."""
     out = _Rollout()
     k = config.num_generations
-    policy = sampler.policy
     samples = sample_and_score(
-        sampler,
+        policy,
         scorer,
         tokenizer,
         prompts,

@@ -34,7 +34,6 @@ from training.generate import SamplingConfig
 from training.logprobs import autocast_context, backbone_and_head, completion_mask, token_logps_chunked
 from training.losses import gae, masked_whiten, ppo_policy_loss, ppo_value_loss
 from training.rollouts import (
-    Sampler,
     frozen_reference,
     load_scorer,
     mean_sample_reward,
@@ -105,7 +104,6 @@ def train_ppo(
     policy, tokenizer, device, precision = setup.model, setup.tokenizer, setup.device, setup.precision
     scorer = load_scorer(config.reward_model, tokenizer, model, device)
     reference = frozen_reference(policy)
-    sampler = Sampler(policy, precision)
     actor = PolicyWithValueHead(policy)
 
     prompts = prompt_set(config, tokenizer, train_examples, eval_examples)
@@ -113,7 +111,7 @@ def train_ppo(
 
     def mean_reward() -> dict[str, float | None]:
         return mean_sample_reward(
-            sampler,
+            policy,
             scorer,
             tokenizer,
             prompts.eval,
@@ -160,9 +158,7 @@ def train_ppo(
         ppo_epoch = step % config.ppo_epochs
         if ppo_epoch == 0 or rollout is None:
             batch_prompts = [prompts.train[i] for i in plan[step // config.ppo_epochs]]
-            rollout = _roll_out(
-                actor, sampler, reference, scorer, tokenizer, batch_prompts, config, sampling, precision
-            )
+            rollout = _roll_out(actor, reference, scorer, tokenizer, batch_prompts, config, sampling, precision)
         batch, mask = rollout.batch, rollout.mask
         with autocast_context(precision, device):
             logps, values = actor(batch, config.logprob_chunk_size)  # (N, T), (N, T)
@@ -251,7 +247,6 @@ class _Rollout:
 @torch.no_grad()
 def _roll_out(
     actor: PolicyWithValueHead,
-    sampler: Sampler,
     reference: torch.nn.Module | None,
     scorer: Any,
     tokenizer: Any,
@@ -262,7 +257,7 @@ def _roll_out(
 ) -> _Rollout:
     """Sample, score, and turn the scores and the KL to the reference into advantages and returns."""
     samples = sample_and_score(
-        sampler,
+        actor.lm,
         scorer,
         tokenizer,
         prompts,

@@ -144,7 +144,7 @@ class Samples:
 
 
 def sample_and_score(
-    sampler: Sampler,
+    policy: torch.nn.Module,
     scorer: RewardModel,
     tokenizer: Any,
     prompts: list[Any],
@@ -157,7 +157,7 @@ def sample_and_score(
 ) -> Samples:
     """Sample ``k`` completions per prompt from the policy and score each with the reward model (each prompt
     once for its ``k`` completions, with ``share_prompt``)."""
-    with sampler.model() as model:
+    with _sampler(policy, precision) as model:
         texts = generate_completions(
             model, tokenizer, [prompt_messages(p) for p in prompts], k=k, sampling=sampling, batch_size=batch_size
         )
@@ -178,7 +178,7 @@ def sample_and_score(
 
 
 def mean_sample_reward(
-    sampler: Sampler,
+    policy: torch.nn.Module,
     scorer: RewardModel,
     tokenizer: Any,
     prompts: list[Any],
@@ -198,7 +198,7 @@ def mean_sample_reward(
     if not prompts:  # None rather than NaN: metrics are stored as JSON
         return {"reward": None, "reward_stderr": None, "response_length": None, "prompts": 0}
     scored = sample_and_score(
-        sampler,
+        policy,
         scorer,
         tokenizer,
         prompts,
@@ -219,52 +219,27 @@ def mean_sample_reward(
     }
 
 
-class Sampler:
-    """What rollouts sample from: the policy's weights as one plain model.
+@contextlib.contextmanager
+def _sampler(policy: torch.nn.Module, precision: str) -> Iterator[PreTrainedModel]:
+    """The model to sample from, and how: the policy's weights as one plain model.
 
     A LoRA policy is merged into a copy in the run's precision (bf16 as the worker's inference model
     where the CPU has it), so that a decoding step runs one product per layer rather than the frozen
     layer, the adapter's two small ones and autocast's casts: at a rollout's few rows a step costs
     about its number of operations, not its arithmetic (benchmarks/RESULTS.md, "Rollouts from a
-    merged copy"). The copy is made once a run, and before each use its merged layers are written
-    again in place from the policy's frozen weights and current adapters: copying the PEFT model and
-    merging it for every rollout batch took 2.5 to 7 s on an fp32 CPU, as long as sampling the batch
-    (benchmarks/RESULTS.md, "One merged copy a run"). The log-probs the losses use are the policy's
-    own, taken after sampling, so the importance ratios are exact whatever the copy rounded. A policy
-    without LoRA samples as it trains, under the run's autocast.
+    merged copy"). The copy takes a fraction of a second against seconds of sampling and is dropped
+    after it. The log-probs the losses use are the policy's own, taken after sampling, so the
+    importance ratios are exact whatever the copy rounded. A policy without LoRA samples as it
+    trains, under the run's autocast.
     """
-
-    def __init__(self, policy: torch.nn.Module, precision: str) -> None:
-        self.policy, self.precision = policy, precision
-        self.copy: PreTrainedModel | None = None
-        self.merged_layers: list[tuple[Any, torch.nn.Linear]] = []  # (the policy's LoRA layer, the copy's layer)
-        if not is_lora(policy):
-            return
-        from peft.tuners.lora import LoraLayer
-
-        merged = copy.deepcopy(policy).merge_and_unload()
-        assert isinstance(merged, PreTrainedModel)
-        merged.to(torch.bfloat16 if precision == "bf16" else torch.float32)  # type: ignore[arg-type]
-        merged.requires_grad_(False).eval()
-        if next(merged.parameters()).device.type == "cpu":
-            merged.set_attn_implementation("sdpa")  # eager attention is for training's backward (tune_for_training)
-        for name, layer in policy.get_base_model().named_modules():  # type: ignore[operator]
-            if isinstance(layer, LoraLayer):
-                target = merged.get_submodule(name)
-                assert isinstance(target, torch.nn.Linear)
-                self.merged_layers.append((layer, target))
-        self.copy = merged
-
-    @contextlib.contextmanager
-    def model(self) -> Iterator[PreTrainedModel]:
-        """The model to sample from now, with the policy's weights as they are."""
-        if self.copy is None:
-            assert isinstance(self.policy, PreTrainedModel)
-            with autocast_context(self.precision, next(self.policy.parameters()).device):
-                yield self.policy
-            return
-        with torch.no_grad():
-            for layer, target in self.merged_layers:
-                merged = layer.get_base_layer().weight + sum(layer.get_delta_weight(a) for a in layer.active_adapters)
-                target.weight.copy_(merged)
-        yield self.copy
+    if not is_lora(policy):
+        assert isinstance(policy, PreTrainedModel)
+        with autocast_context(precision, next(policy.parameters()).device):
+            yield policy
+        return
+    merged = copy.deepcopy(policy).merge_and_unload()
+    assert isinstance(merged, PreTrainedModel)
+    merged.to(torch.bfloat16 if precision == "bf16" else torch.float32)  # type: ignore[arg-type]
+    if next(merged.parameters()).device.type == "cpu":
+        merged.set_attn_implementation("sdpa")  # eager attention is for training's backward (tune_for_training)
+    yield merged

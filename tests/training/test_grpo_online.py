@@ -131,7 +131,7 @@ def test_online_grpo_shares_each_prompt_among_its_group_with_the_same_numbers(
 def test_rollouts_train_on_the_ids_the_policy_sampled(tiny_model_dir, reward_model_dir):
     from training.generate import SamplingConfig, generate_completions
     from training.models import load_model
-    from training.rollouts import Sampler, load_scorer, sample_and_score
+    from training.rollouts import load_scorer, sample_and_score
 
     model, tokenizer = load_model(str(tiny_model_dir))
     scorer = load_scorer(str(reward_model_dir), tokenizer, str(tiny_model_dir), model.device)
@@ -141,15 +141,7 @@ def test_rollouts_train_on_the_ids_the_policy_sampled(tiny_model_dir, reward_mod
         model, tokenizer, [[{"role": "user", "content": p}] for p in prompts], k=3, sampling=sampling
     )
     samples = sample_and_score(
-        Sampler(model, "fp32"),
-        scorer,
-        tokenizer,
-        prompts,
-        k=3,
-        sampling=sampling,
-        batch_size=8,
-        precision="fp32",
-        share_prompt=True,
+        model, scorer, tokenizer, prompts, k=3, sampling=sampling, batch_size=8, precision="fp32", share_prompt=True
     )
     eos = tokenizer.eos_token_id
     # The random model writes byte pieces whose text encodes to other ids: these must not be what is trained on.
@@ -158,40 +150,36 @@ def test_rollouts_train_on_the_ids_the_policy_sampled(tiny_model_dir, reward_mod
     assert samples.rewards.shape == (2, 3)
 
 
-def test_a_lora_policy_samples_from_one_merged_copy_that_follows_its_adapters(tiny_model_dir, reward_model_dir):
+def test_a_lora_policy_samples_from_a_merged_copy_and_is_left_as_it_was(tiny_model_dir, reward_model_dir):
     import torch
 
     from training.generate import SamplingConfig, generate_completions
     from training.models import LoraSettings, apply_lora, is_lora, load_model, reference_mode, tune_for_training
-    from training.rollouts import Sampler, load_scorer, sample_and_score
+    from training.rollouts import load_scorer, sample_and_score
 
     model, tokenizer = load_model(str(tiny_model_dir))
     policy = apply_lora(model, LoraSettings(4, 8, 0.0))
     tune_for_training(policy, precision="fp32", bf16_frozen_base=False)
-    sampler = Sampler(policy, "fp32")  # made while the adapters are still zero, as a run makes it
+    torch.manual_seed(0)
+    for name, parameter in policy.named_parameters():
+        if "lora_B" in name:
+            parameter.data.normal_(0, 0.5)  # adapters that change what the model writes
+    state = {name: tensor.clone() for name, tensor in policy.state_dict().items()}
     scorer = load_scorer(str(reward_model_dir), tokenizer, str(tiny_model_dir), policy.device)
     prompts = ["Tell me about cats.", "Explain rivers please.", "Describe a small boat."]
     conversations = [[{"role": "user", "content": p}] for p in prompts]
     greedy = SamplingConfig(temperature=0.0, max_new_tokens=12)
+    woven = generate_completions(policy.get_base_model(), tokenizer, conversations, k=1, sampling=greedy)
     with reference_mode(policy):
         without = generate_completions(policy.get_base_model(), tokenizer, conversations, k=1, sampling=greedy)
+    samples = sample_and_score(
+        policy, scorer, tokenizer, prompts, k=1, sampling=greedy, batch_size=8, precision="fp32", share_prompt=True
+    )
     eos = tokenizer.eos_token_id
-    for seed in (0, 1):  # two "steps": the adapters change between the two rollouts
-        torch.manual_seed(seed)
-        for name, parameter in policy.named_parameters():
-            if "lora_B" in name:
-                parameter.data.normal_(0, 0.5)  # adapters that change what the model writes
-        state = {name: tensor.clone() for name, tensor in policy.state_dict().items()}
-        woven = generate_completions(policy.get_base_model(), tokenizer, conversations, k=1, sampling=greedy)
-        samples = sample_and_score(
-            sampler, scorer, tokenizer, prompts, k=1, sampling=greedy, batch_size=8, precision="fp32", share_prompt=True
-        )
-        assert woven != without  # the adapters decide what is written, so the copy carried them
-        assert samples.completions == [[*s.token_ids, *([] if s.truncated else [eos])] for g in woven for s in g]
-        assert all(torch.equal(tensor, state[name]) for name, tensor in policy.state_dict().items())
+    assert woven != without  # the adapters decide what is written, so the copy carried them
+    assert samples.completions == [[*s.token_ids, *([] if s.truncated else [eos])] for g in woven for s in g]
     assert is_lora(policy) and policy.get_base_model().config._attn_implementation == "eager"
-    with sampler.model() as copy:
-        assert copy is sampler.copy and not is_lora(copy)  # one copy for the run, written again in place
+    assert all(torch.equal(tensor, state[name]) for name, tensor in policy.state_dict().items())
 
 
 def test_online_grpo_runs_in_bf16_with_the_lora_base_stored_in_bf16(tmp_path, tiny_model_dir, reward_model_dir):

@@ -77,10 +77,10 @@ def draw(weights: torch.Tensor) -> torch.Tensor:
     """One index per row of non-negative weights (B, N) -> (B,), each in proportion to its weight.
 
     By inverse CDF: a cumulative sum and a binary search. ``torch.multinomial`` draws one exponential
-    variate per entry; over this vocabulary of 49,152 tokens that took 12 ms a step at 8 rows and
-    175 ms at 128, against 0.5 and 6 ms here (benchmarks/RESULTS.md, "Generation speed"). The draw is
-    in (0, row total], and the search finds the first entry whose cumulative sum reaches it, so an
-    entry of weight 0 is never drawn.
+    variate per entry; over this vocabulary of 49,152 tokens that took 11 ms a step at 8 rows and
+    180 ms at 128, against 0.6 and 6 ms here (benchmarks/draw_speed.py; RESULTS.md, "Each prompt once
+    for its completions, draws by inverse CDF"). The draw is in (0, row total], and the search finds
+    the first entry whose cumulative sum reaches it, so an entry of weight 0 is never drawn.
     """
     cdf = weights.cumsum(dim=-1)  # (B, N), non-decreasing
     u = (1 - torch.rand(weights.shape[0], 1, device=weights.device)) * cdf[:, -1:]  # (B, 1) in (0, total]

@@ -145,21 +145,28 @@ def grouped_logps(
     """(N, Tc) per-token log-probs of each (prompt, completion)'s completion, zero past its length.
 
     With ``share_prompt`` each distinct prompt runs once for all its completions
-    (``shared_prompt_logps``); without, or when no prompt repeats (nothing to save), every
+    (``shared_prompt_logps``); without, or when no prompt repeats (``shared_prompts``), every
     sequence runs whole. The two agree to rounding.
     """
-    prompts, owner = distinct_prompts(sequences)
-    if share_prompt and len(prompts) < len(sequences):
+    shared = shared_prompts(sequences, share_prompt)
+    if shared is not None:
+        prompts, owner = shared
         completions = [c for _, c in sequences]
         return shared_prompt_logps(model, prompts, completions, owner, pad_id=pad_id, chunk_size=chunk_size)
     batch = collate_sequences([p for p, _ in sequences], [c for _, c in sequences], pad_id)
     return completion_logps(model, batch, chunk_size=chunk_size)
 
 
-def distinct_prompts(sequences: Sequence[tuple[list[int], list[int]]]) -> tuple[list[list[int]], list[int]]:
-    """The distinct prompts of (prompt, completion) sequences in first-seen order, and each sequence's prompt index."""
+def shared_prompts(
+    sequences: Sequence[tuple[list[int], list[int]]], share_prompt: bool
+) -> tuple[list[list[int]], list[int]] | None:
+    """The distinct prompts of (prompt, completion) sequences in first-seen order and each sequence's prompt
+    index, when a pass should run each prompt once: with ``share_prompt`` and some prompt repeated (else
+    there is nothing to save, and None)."""
     index: dict[tuple[int, ...], int] = {}
     owner = [index.setdefault(tuple(prompt), len(index)) for prompt, _ in sequences]
+    if not share_prompt or len(index) == len(sequences):
+        return None
     return [list(prompt) for prompt in index], owner
 
 

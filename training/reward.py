@@ -43,10 +43,10 @@ from training.data import (
 from training.logprobs import (
     autocast_context,
     backbone_and_head,
-    distinct_prompts,
     evaluation,
     prompt_batches,
     shared_prompt_states,
+    shared_prompts,
 )
 from training.losses import bradley_terry_loss, plackett_luce_loss
 from training.models import ModelLoadError, load_model
@@ -73,8 +73,9 @@ class RewardModel(torch.nn.Module):
         """
         backbone, _ = backbone_and_head(self.lm)
         n = len(sequences)
-        prompts, owner = distinct_prompts(sequences)
-        if share_prompt and len(prompts) < n:
+        shared = shared_prompts(sequences, share_prompt)
+        if shared is not None:
+            prompts, owner = shared
             states, _, lengths = shared_prompt_states(
                 backbone, prompts, [c for _, c in sequences], owner, pad_id=pad_id
             )  # (N, 1 + C, H)

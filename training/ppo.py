@@ -7,7 +7,9 @@ non-negative KL estimate GRPO uses too (the reference is the starting model: the
 LoRA adapters off, or a frozen copy for full fine-tuning). Optionally whiten those rewards over
 the batch, estimate advantages and returns with GAE from a value head, whiten the advantages,
 then take ``ppo_epochs`` optimizer steps on the batch with the clipped policy objective plus
-``vf_coef`` times the clipped value loss. ``epochs`` is passes over the prompts.
+``vf_coef`` times the clipped value loss. ``epochs`` is passes over the prompts. ``π_old`` and the
+values GAE starts from are the batch's first update pass, detached, as online GRPO's old log-probs
+are: the policy has not changed since it sampled the batch, so a rollout runs no pass of its own.
 
 Departures from Ouyang et al. (2022) and TRL's PPOTrainer: the value head is a linear layer on
 the policy's own body (no separate critic model, so no second copy with LoRA), initialised at
@@ -162,6 +164,9 @@ def train_ppo(
         batch, mask = rollout.batch, rollout.mask
         with autocast_context(precision, device):
             logps, values = actor(batch, config.logprob_chunk_size)  # (N, T), (N, T)
+        if rollout.advantages is None:  # the batch's first epoch: the policy is still the one that sampled it
+            _estimate_advantages(rollout, logps.detach(), values.detach(), config)
+        assert rollout.advantages is not None and rollout.returns is not None
         policy_loss = ppo_policy_loss(logps, rollout.old_logps, rollout.advantages, mask, cliprange=config.cliprange)
         value_loss = ppo_value_loss(
             values, rollout.old_values, rollout.returns, mask, cliprange_value=config.cliprange_value
@@ -232,16 +237,19 @@ def train_ppo(
 class _Rollout:
     """One rollout batch with what PPO's epochs on it need."""
 
-    def __init__(self, batch: SequenceBatch, mask: torch.Tensor) -> None:
+    def __init__(self, batch: SequenceBatch, mask: torch.Tensor, scores: torch.Tensor, ref_logps: torch.Tensor) -> None:
         self.batch = batch
         self.mask = mask  # (N, T)
+        self.scores = scores  # (N,) the reward model's
+        self.ref_logps = ref_logps  # (N, T)
+        # set by _estimate_advantages from the batch's first update pass
         self.old_logps = torch.zeros(0)  # (N, T)
         self.old_values = torch.zeros(0)  # (N, T)
-        self.advantages = torch.zeros(0)  # (N, T)
-        self.returns = torch.zeros(0)  # (N, T)
-        self.score_mean = 0.0
+        self.advantages: torch.Tensor | None = None  # (N, T)
+        self.returns: torch.Tensor | None = None  # (N, T)
         self.kl = 0.0  # mean over sequences of the summed per-token k3 KL to the reference
-        self.length = 0.0
+        self.score_mean = float(scores.mean())
+        self.length = float(batch.completion_lengths.float().mean())
 
 
 @torch.no_grad()
@@ -255,7 +263,7 @@ def _roll_out(
     sampling: SamplingConfig,
     precision: str,
 ) -> _Rollout:
-    """Sample, score, and turn the scores and the KL to the reference into advantages and returns."""
+    """Sample one completion per prompt, score it, and take the reference's log-probs of it."""
     samples = sample_and_score(
         actor.lm,
         scorer,
@@ -270,13 +278,6 @@ def _roll_out(
     device = next(actor.parameters()).device
     prompt_ids = [encode_prompt(tokenizer, prompt_messages(p)) for p in prompts]
     batch = collate_sequences(prompt_ids, samples.completions, int(tokenizer.pad_token_id))
-    mask = completion_mask(batch.completion_lengths).to(device)  # (N, T)
-    out = _Rollout(batch, mask)
-    was_training = actor.training
-    actor.eval()
-    with autocast_context(precision, device):
-        out.old_logps, out.old_values = actor(batch, config.logprob_chunk_size)
-    actor.train(was_training)
     ref_logps = reference_token_logps(
         actor.lm,
         reference,
@@ -286,18 +287,29 @@ def _roll_out(
         precision=precision,
         chunk=config.logprob_chunk_size,
     )
+    mask = completion_mask(batch.completion_lengths).to(device)  # (N, T)
+    return _Rollout(batch, mask, samples.rewards[:, 0].to(device), ref_logps)
 
-    scores = samples.rewards[:, 0].to(device)  # (N,)
-    delta = ref_logps - out.old_logps
+
+@torch.no_grad()
+def _estimate_advantages(
+    rollout: _Rollout, old_logps: torch.Tensor, old_values: torch.Tensor, config: PPOConfig
+) -> None:
+    """Turn the scores and the KL to the reference into advantages and returns, from the log-probs and values
+    of the policy that sampled the batch.
+
+    Those are the batch's first update pass, detached: until its first optimizer step the policy is
+    the one that sampled, so a pass of its own at rollout time would compute the same numbers again.
+    """
+    mask = rollout.mask
+    rollout.old_logps, rollout.old_values = old_logps, old_values
+    delta = rollout.ref_logps - old_logps
     kl = (torch.exp(delta) - delta - 1) * mask  # (N, T) k3: never negative
     rewards = -config.kl_coef * kl
-    last = batch.completion_lengths.to(device) - 1  # (N,)
-    rewards[torch.arange(len(last), device=device), last] += scores
+    last = rollout.batch.completion_lengths.to(mask.device) - 1  # (N,)
+    rewards[torch.arange(len(last), device=mask.device), last] += rollout.scores
     if config.whiten_rewards:
         rewards = masked_whiten(rewards, mask, shift_mean=False) * mask
-    advantages, out.returns = gae(rewards, out.old_values, mask, gamma=config.gamma, lam=config.lam)
-    out.advantages = masked_whiten(advantages, mask) * mask
-    out.score_mean = float(scores.mean())
-    out.kl = float(kl.sum(dim=1).mean())
-    out.length = float(batch.completion_lengths.float().mean())
-    return out
+    advantages, rollout.returns = gae(rewards, old_values, mask, gamma=config.gamma, lam=config.lam)
+    rollout.advantages = masked_whiten(advantages, mask) * mask
+    rollout.kl = float(kl.sum(dim=1).mean())

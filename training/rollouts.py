@@ -230,16 +230,24 @@ def _sampler(policy: torch.nn.Module, precision: str) -> Iterator[PreTrainedMode
     merged copy"). The copy takes a fraction of a second against seconds of sampling and is dropped
     after it. The log-probs the losses use are the policy's own, taken after sampling, so the
     importance ratios are exact whatever the copy rounded. A policy without LoRA samples as it
-    trains, under the run's autocast.
+    trains, under the run's autocast, with SDPA attention while it samples (6.1 s against 7.8 s for 8
+    rows of 48 tokens in fp32: RESULTS.md, "One pass fewer a PPO rollout").
     """
+    device = next(policy.parameters()).device
     if not is_lora(policy):
         assert isinstance(policy, PreTrainedModel)
-        with autocast_context(precision, next(policy.parameters()).device):
-            yield policy
+        attention = policy.config._attn_implementation
+        with autocast_context(precision, device):
+            if device.type == "cpu":
+                policy.set_attn_implementation("sdpa")
+            try:
+                yield policy
+            finally:
+                policy.set_attn_implementation(attention)
         return
     merged = copy.deepcopy(policy).merge_and_unload()
     assert isinstance(merged, PreTrainedModel)
     merged.to(torch.bfloat16 if precision == "bf16" else torch.float32)  # type: ignore[arg-type]
-    if next(merged.parameters()).device.type == "cpu":
+    if device.type == "cpu":
         merged.set_attn_implementation("sdpa")  # eager attention is for training's backward (tune_for_training)
     yield merged

@@ -2,6 +2,7 @@ import json
 import shutil
 
 import pytest
+import torch
 
 from tests.training.synthetic import preference_pairs, split
 from training.__main__ import main
@@ -166,3 +167,67 @@ def test_ppo_runs_in_bf16_with_the_lora_base_stored_in_bf16(tmp_path, tiny_model
     assert result.metrics["precision"] == "bf16"
     assert result.metrics["steps"] == 1
     assert result.metrics["eval_after"]["reward"] is not None
+
+
+def test_a_rollout_runs_no_pass_of_the_policy_beyond_sampling(tmp_path, tiny_model_dir, reward_model_dir, monkeypatch):
+    # The old log-probs and values are the batch's first update pass: one pass of the actor per PPO epoch.
+    from training import ppo
+
+    passes = []
+    forward = ppo.PolicyWithValueHead.forward
+
+    def counted(self, batch, chunk_size):
+        passes.append(torch.is_grad_enabled())
+        return forward(self, batch, chunk_size)
+
+    monkeypatch.setattr(ppo.PolicyWithValueHead, "forward", counted)
+    train_rows, _ = split(preference_pairs())
+    steps = []
+    result = train_ppo(
+        PPOConfig(**LENGTHS, reward_model=str(reward_model_dir), batch_size=8, ppo_epochs=2, max_new_tokens=8, learning_rate=3e-2),
+        train_examples=train_rows[:16],
+        eval_examples=[],
+        model=str(tiny_model_dir),
+        out_dir=tmp_path / "policy",
+        progress=lambda step, total, metrics: steps.append(metrics),
+    )
+    assert result.metrics["steps"] == 4  # two rollout batches of two epochs
+    assert passes == [True, True, True, True]
+    # Each batch's first epoch has its ratios exactly 1, the second batch's too, after the policy moved.
+    assert [m["clip_fraction"] == 0.0 for m in steps] == [True, False, True, False]
+    assert steps[2]["kl"] == steps[3]["kl"] > 0  # the KL to the reference of the policy that sampled the batch
+
+
+def test_a_fully_fine_tuned_policy_samples_with_sdpa_and_trains_with_eager_attention(
+    tiny_model_dir, reward_model_dir, monkeypatch
+):
+    from training import rollouts
+    from training.generate import SamplingConfig
+    from training.models import load_model, tune_for_training
+
+    policy, tokenizer = load_model(str(tiny_model_dir))
+    tune_for_training(policy, precision="fp32", bf16_frozen_base=False)
+    scorer = rollouts.load_scorer(str(reward_model_dir), tokenizer, str(tiny_model_dir), policy.device)
+    seen = []
+    generate = rollouts.generate_completions
+
+    def recorded(model, *args, **kwargs):
+        seen.append((model is policy, model.config._attn_implementation))
+        return generate(model, *args, **kwargs)
+
+    monkeypatch.setattr(rollouts, "generate_completions", recorded)
+    sampling = SamplingConfig(temperature=1.0, top_p=1.0, max_new_tokens=4, seed=0)
+    samples = rollouts.sample_and_score(
+        policy,
+        scorer,
+        tokenizer,
+        ["Tell me about cats."],
+        k=2,
+        sampling=sampling,
+        batch_size=8,
+        precision="fp32",
+        share_prompt=True,
+    )
+    assert seen == [(True, "sdpa")]
+    assert policy.config._attn_implementation == "eager"
+    assert samples.rewards.shape == (1, 2)

@@ -34,8 +34,10 @@ of each (``measured.run_measured``) and what the child measured inside:
   and ours with defaults. The loss from the same rollouts: one of ours, then TRL's
   ``_compute_loss`` and our ``grpo_loss`` on the same model, before and after one optimizer step.
 
-Rollout time is sampling plus the passes without gradient that score a batch (reward, reference,
-old log-probs, values); update time is the rest of the training loop. Rollout tokens are the
+Rollout time is sampling plus the passes without gradient each loop runs on a batch before its
+updates (the reward model, the reference, and TRL's value model and old log-probs where it runs a pass
+for them; our loops take old log-probs and values from the batch's first update pass); update time is
+the rest of the training loop. Rollout tokens are the
 completion tokens sampled (up to and including EOS); update tokens are prompt + completion tokens
 times the optimizer steps taken on them.
 """

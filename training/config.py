@@ -210,8 +210,8 @@ class OnlineGRPOConfig(GRPOConfig):
     max_new_tokens: int = option(64, "longest rollout completion in tokens")
     eval_samples: int = option(2, "completions sampled per held-out prompt to measure the mean reward")
     batch_size: int = option(2, "prompts per rollout batch (each with num_generations completions)")
-    # Offline GRPO's defaults were measured on judged groups; online runs keep the shared ones.
-    learning_rate: float = option(5e-5, LEARNING_RATE_HELP, flags=("--lr",))
+    # Offline GRPO's learning rate, inherited: at the shared 5e-5 an online run barely left the starting model
+    # (benchmarks/RESULTS.md, "Online GRPO's learning rate"). Not its min_steps, measured on judged groups.
     min_steps: int = option(0, MIN_STEPS_HELP)
 
     def validate(self) -> None:

@@ -230,8 +230,9 @@ def _sampler(policy: torch.nn.Module, precision: str) -> Iterator[PreTrainedMode
     merged copy"). The copy takes a fraction of a second against seconds of sampling and is dropped
     after it. The log-probs the losses use are the policy's own, taken after sampling, so the
     importance ratios are exact whatever the copy rounded. A policy without LoRA samples as it
-    trains, under the run's autocast, with SDPA attention while it samples (6.1 s against 7.8 s for 8
-    rows of 48 tokens in fp32: RESULTS.md, "One pass fewer a PPO rollout").
+    trains, under the run's autocast, with SDPA attention while it samples (5.9 to 6.4 s against 7.2
+    to 8.5 s for eager attention, 8 rows of 48 tokens in fp32: RESULTS.md, "One pass fewer a PPO
+    rollout").
     """
     device = next(policy.parameters()).device
     if not is_lora(policy):

@@ -184,7 +184,14 @@ def test_a_rollout_runs_no_pass_of_the_policy_beyond_sampling(tmp_path, tiny_mod
     train_rows, _ = split(preference_pairs())
     steps = []
     result = train_ppo(
-        PPOConfig(**LENGTHS, reward_model=str(reward_model_dir), batch_size=8, ppo_epochs=2, max_new_tokens=8, learning_rate=3e-2),
+        PPOConfig(
+            **LENGTHS,
+            reward_model=str(reward_model_dir),
+            batch_size=8,
+            ppo_epochs=2,
+            max_new_tokens=8,
+            learning_rate=3e-2,
+        ),
         train_examples=train_rows[:16],
         eval_examples=[],
         model=str(tiny_model_dir),

@@ -5,10 +5,10 @@ two reasons measured in benchmarks/generation_speed.py: rows that reach EOS leav
 (their KV cache rows are dropped), so the steps after the first answers end cost only the
 rows still writing; and it reports for each completion how many tokens it has and whether
 the length limit cut it. Rows are sorted by prompt length before batching, so a batch pads
-its prompts little. The KV cache is written in place and, on the CPU in bf16, the linear
-layers' weights are laid out for oneDNN once a call rather than at every product. Greedy
-decoding gives the same tokens as ``model.generate`` on the same batch in the same dtype
-(tests/training/test_generate.py).
+its prompts little. The KV cache is written in place and, on the CPU, the linear layers'
+weights are laid out once a call rather than at every product (for oneDNN in bf16, packed for
+MKL in fp32 at a step's few rows). Greedy decoding gives the same tokens as ``model.generate``
+on the same batch in the same dtype (tests/training/test_generate.py).
 """
 
 from __future__ import annotations
@@ -185,30 +185,66 @@ def _packed_linear(packed: torch.Tensor, linear: torch.nn.Linear, x: torch.Tenso
     return torch.ops.mkldnn._linear_pointwise(x, packed, linear.bias, "none", [], "")
 
 
+class _MKLPacked:
+    """An fp32 linear layer on the CPU whose weight MKL has packed for a decoding step's few rows.
+
+    A plain fp32 product of a few rows has MKL pack the weight again at every call: at 4 to 32 rows that
+    took 2 to 3x the time of the product with a weight packed once (benchmarks/RESULTS.md, "fp32 decoding
+    with weights packed once"). From about 64 rows the arithmetic dominates and packing gained nothing
+    over a whole batch, so steps of more than ``MAX_ROWS`` stay plain, as do passes over more than one
+    position a row (a batch's prompts). MKL's packed product takes exactly the rows it was packed for, so
+    fewer rows are padded up to them (a few rows cost about as much as one, in time, since the weights'
+    reading dominates), and the weight is packed again (0.2 s for the default model) only when a step has
+    more rows or a quarter or fewer.
+    """
+
+    MAX_ROWS = 32
+
+    def __init__(self, linear: torch.nn.Linear):
+        self.linear = linear
+        self.rows = 0
+        self.packed: torch.Tensor | None = None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        weight, bias = self.linear.weight, self.linear.bias
+        rows = x.shape[0]  # x: (batch, positions, features)
+        if x.dtype != weight.dtype or x.dim() != 3 or x.shape[1] != 1 or rows > self.MAX_ROWS:
+            return torch.nn.functional.linear(x, weight, bias)
+        if rows > self.rows or 4 * rows <= self.rows:
+            self.rows = rows
+            self.packed = torch.ops.mkl._mkl_reorder_linear_weight(weight.detach(), rows)
+        flat = torch.nn.functional.pad(x.view(rows, -1), (0, 0, 0, self.rows - rows))
+        return torch.ops.mkl._mkl_linear(flat, self.packed, weight, bias, self.rows)[:rows, None]
+
+
 @contextlib.contextmanager
 def _packed_linears(model: torch.nn.Module) -> Iterator[None]:
-    """While decoding, the model's bf16 linear layers on the CPU multiply with weights oneDNN has laid out once.
+    """While decoding, the model's linear layers on the CPU multiply with weights laid out once.
 
-    A bf16 ``F.linear`` lays its weight out again in oneDNN's blocked format at every call; at a decoding
-    step's few rows that is a large part of the product's time (benchmarks/RESULTS.md, "Generation
-    speed"). Laid out once before the batches, the products give the same results to the bit. The
-    layouts (the weights' size again) are dropped after.
+    A bf16 ``F.linear`` lays its weight out again in oneDNN's blocked format at every call, and an fp32
+    one of a few rows has MKL pack it again; at a decoding step's few rows that is a large part of the
+    product's time (benchmarks/RESULTS.md, "Generation speed"). bf16 layers are laid out for oneDNN once
+    a call, with the same results to the bit; fp32 layers are packed for MKL (``_MKLPacked``), with results
+    that differ from the plain product's in the last bits (below 2e-6 for the default model's layers).
+    Under autocast fp32 layers stay as they are, so that autocast still casts them. The layouts (the
+    weights' size again) are dropped after.
     """
-    linears = [
-        m
-        for m in model.modules()
-        if type(m) is torch.nn.Linear and m.weight.dtype == torch.bfloat16 and m.weight.device.type == "cpu"
-    ]
-    if not linears or not torch.backends.mkldnn.is_available() or not torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        yield
-        return
-    for linear in linears:
+    linears = [m for m in model.modules() if type(m) is torch.nn.Linear and m.weight.device.type == "cpu"]
+    bf16 = [m for m in linears if m.weight.dtype == torch.bfloat16]
+    fp32 = [m for m in linears if m.weight.dtype == torch.float32]
+    if not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+        bf16 = []
+    if not torch.backends.mkl.is_available() or torch.is_autocast_enabled("cpu"):
+        fp32 = []
+    for linear in bf16:
         packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), None)
         linear.forward = functools.partial(_packed_linear, packed, linear)  # type: ignore[method-assign]
+    for linear in fp32:
+        linear.forward = _MKLPacked(linear)  # type: ignore[method-assign,assignment]
     try:
         yield
     finally:
-        for linear in linears:
+        for linear in bf16 + fp32:
             del linear.forward
 
 

@@ -193,6 +193,31 @@ def test_bf16_linears_multiply_with_weights_laid_out_once_and_are_plain_again_af
     assert "forward" not in vars(linear)
 
 
+@pytest.mark.skipif(not torch.backends.mkl.is_available(), reason="torch without MKL")
+def test_fp32_decoding_steps_multiply_with_weights_packed_for_their_rows_and_prompt_passes_stay_plain(
+    tiny_model_dir,
+):
+    model, _ = load_model(str(tiny_model_dir), dtype=torch.float32)
+    linear = model.lm_head
+    step = torch.randn(8, 1, linear.in_features)  # a decoding step: one position a row
+    prompts = torch.randn(2, 5, linear.in_features)
+    with torch.no_grad(), generate._packed_linears(model):
+        packed = vars(linear)["forward"]
+        full = linear(step)
+        assert packed.rows == 8
+        assert torch.allclose(full, torch.nn.functional.linear(step, linear.weight), atol=1e-5)
+        # five rows still writing are padded to the eight packed for: each row's result is the same
+        assert torch.equal(linear(step[:5]), full[:5]) and packed.rows == 8
+        assert torch.equal(linear(step[:3]), full[:3]) and packed.rows == 8
+        assert linear(step[:2]).shape == (2, 1, linear.out_features) and packed.rows == 2  # a quarter: packed again
+        wide = torch.randn(33, 1, linear.in_features)  # more rows than a step that packing pays for
+        assert torch.equal(linear(wide), torch.nn.functional.linear(wide, linear.weight)) and packed.rows == 2
+        assert torch.equal(linear(prompts), torch.nn.functional.linear(prompts, linear.weight)) and packed.rows == 2
+    assert "forward" not in vars(linear)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), generate._packed_linears(model):
+        assert "forward" not in vars(linear)  # autocast casts the layer as it is
+
+
 def test_rows_that_end_give_their_places_to_the_last_survivors_and_the_cache_follows():
     ended = torch.tensor([False, True, False, False, True, False])
     order = generate._survivors(ended)

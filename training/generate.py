@@ -188,14 +188,14 @@ def _packed_linear(packed: torch.Tensor, linear: torch.nn.Linear, x: torch.Tenso
 class _MKLPacked:
     """An fp32 linear layer on the CPU whose weight MKL has packed for a decoding step's few rows.
 
-    A plain fp32 product of a few rows has MKL pack the weight again at every call: at 4 to 32 rows that
-    took 2 to 3x the time of the product with a weight packed once (benchmarks/RESULTS.md, "fp32 decoding
-    with weights packed once"). From about 64 rows the arithmetic dominates and packing gained nothing
-    over a whole batch, so steps of more than ``MAX_ROWS`` stay plain, as do passes over more than one
-    position a row (a batch's prompts). MKL's packed product takes exactly the rows it was packed for, so
-    fewer rows are padded up to them (a few rows cost about as much as one, in time, since the weights'
-    reading dominates), and the weight is packed again (0.2 s for the default model) only when a step has
-    more rows or a quarter or fewer.
+    A plain fp32 product has MKL pack the weight into its own layout at every call: at 4 to 32 rows that
+    took 1.8 to 2.8x the time of the product with a weight packed once (benchmarks/RESULTS.md, "fp32
+    decoding with weights packed once"). From 64 rows the arithmetic dominates, and over a batch of 80
+    rows packing gained nothing measurable, so steps of more than ``MAX_ROWS`` stay plain, as do passes
+    over more than one position a row (a batch's prompts). MKL's packed product takes exactly the rows it
+    was packed for, so fewer rows are padded up to them (the weights' reading dominates the time, not the
+    rows), and the weight is packed again (about 0.1 s for the default model) only when a step has more
+    rows, or a quarter as many or fewer.
     """
 
     MAX_ROWS = 32

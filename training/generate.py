@@ -232,9 +232,11 @@ def _packed_linears(model: torch.nn.Module) -> Iterator[None]:
     linears = [m for m in model.modules() if type(m) is torch.nn.Linear and m.weight.device.type == "cpu"]
     bf16 = [m for m in linears if m.weight.dtype == torch.bfloat16]
     fp32 = [m for m in linears if m.weight.dtype == torch.float32]
-    if not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+    onednn = torch.backends.mkldnn.is_available()
+    if not (onednn and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
         bf16 = []
-    if not torch.backends.mkl.is_available() or torch.is_autocast_enabled("cpu"):
+    # MKL's packed weights are held as oneDNN tensors, so the fp32 path needs both libraries
+    if not (onednn and torch.backends.mkl.is_available()) or torch.is_autocast_enabled("cpu"):
         fp32 = []
     for linear in bf16:
         packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), None)

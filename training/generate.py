@@ -7,8 +7,9 @@ rows still writing; and it reports for each completion how many tokens it has an
 the length limit cut it. Rows are sorted by prompt length before batching, so a batch pads
 its prompts little. The KV cache is written in place and, on the CPU, the linear layers'
 weights are laid out once a call rather than at every product (for oneDNN in bf16, packed for
-MKL in fp32 at a step's few rows). Greedy decoding gives the same tokens as ``model.generate``
-on the same batch in the same dtype (tests/training/test_generate.py).
+MKL in fp32 at a step's few rows). A Llama model's decoding steps run its operations written out
+(``_LlamaStep``), without the forward's per-call plumbing. Greedy decoding gives the same tokens
+as ``model.generate`` on the same batch in the same dtype (tests/training/test_generate.py).
 """
 
 from __future__ import annotations
@@ -17,8 +18,10 @@ import contextlib
 import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
+import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.cache_utils import Cache, DynamicLayer
 
@@ -250,6 +253,96 @@ def _packed_linears(model: torch.nn.Module) -> Iterator[None]:
             del linear.forward
 
 
+def _rms_norm(norm: Any, x: torch.Tensor) -> torch.Tensor:
+    """``LlamaRMSNorm``'s operations, in its order: in fp32, back to the input's dtype, times the weight."""
+    dtype = x.dtype
+    x = x.to(torch.float32)
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
+    return norm.weight * x.to(dtype)
+
+
+class _LlamaStep:
+    """A decoding step of a Llama model with SDPA attention, one new token a row, written out operation by operation.
+
+    The model's own forward builds the attention mask and passes its keywords through every layer and
+    module at every call; at a decoding step's few rows that costs about as much as the operations
+    outside the products (8 rows of the default model: sampling took 0.86x the time this way,
+    benchmarks/RESULTS.md, "Decoding steps written out"). This step runs the same operations in the
+    same order on the same weights and KV cache, so it gives the same logits to the bit (tests/training/
+    test_generate.py), and it makes once a step what the model makes once a layer: the mask as SDPA takes
+    it, and the rotary sine with ``rotate_half``'s sign folded in. As the model's SDPA attention does, a
+    batch without padding attends without a mask, grouped-query heads and all; with padding the query
+    heads of a key/value head form that head's query rows, which share the padding mask.
+    """
+
+    def __init__(self, model: PreTrainedModel):
+        self.model = model
+        config = model.config
+        self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
+
+    @staticmethod
+    def fits(model: PreTrainedModel) -> bool:
+        from transformers import LlamaForCausalLM
+
+        return type(model) is LlamaForCausalLM and model.config._attn_implementation == "sdpa"
+
+    def __call__(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, cache: Cache
+    ) -> torch.Tensor:
+        """(b, 1) tokens, the (b, L) padding mask, (b, 1) positions -> (b, 1, V) logits; the cache gains the step."""
+        body: Any = self.model.model
+        b = input_ids.shape[0]
+        h = body.embed_tokens(input_ids)  # (b, 1, H)
+        cos, sin = body.rotary_emb(h, position_ids)  # (b, 1, D)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (b, 1, 1, D): every head
+        half = cos.shape[-1] // 2
+        # rotate_half(x)·sin = cat(-x2, x1)·sin = cat(x2, x1)·cat(-sin1, sin2), the same products to the bit
+        sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+        padded = not bool(attention_mask.all())
+        mask: torch.Tensor | None = None
+        for layer, kv in zip(body.layers, cast(list[_PreallocatedLayer], cache.layers), strict=True):
+            attention, mlp = layer.self_attn, layer.mlp
+            x = _rms_norm(layer.input_layernorm, h)
+            q = attention.q_proj(x).view(b, 1, self.heads, -1).transpose(1, 2)  # (b, heads, 1, D)
+            k = attention.k_proj(x).view(b, 1, self.kv_heads, -1).transpose(1, 2)  # (b, kv_heads, 1, D)
+            v = attention.v_proj(x).view(b, 1, self.kv_heads, -1).transpose(1, 2)
+            q = q * cos + torch.cat((q[..., half:], q[..., :half]), dim=-1) * sin
+            k = k * cos + torch.cat((k[..., half:], k[..., :half]), dim=-1) * sin
+            keys, values = kv.update(k, v)  # (b, kv_heads, L, D)
+            if padded:
+                if mask is None:  # SDPA turns a boolean mask into this one at every call
+                    mask = torch.zeros(attention_mask.shape, dtype=q.dtype, device=q.device)
+                    mask = mask.masked_fill_(attention_mask == 0, float("-inf"))[:, None, None, :]  # (b, 1, 1, L)
+                q = q.reshape(b, self.kv_heads, -1, q.shape[-1])  # (b, kv_heads, heads / kv_heads, D)
+                o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attention.scaling)
+            else:
+                o = F.scaled_dot_product_attention(q, keys, values, scale=attention.scaling, enable_gqa=True)
+            h = h + attention.o_proj(o.reshape(b, 1, -1))
+            x = _rms_norm(layer.post_attention_layernorm, h)
+            h = h + mlp.down_proj(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x))
+        return self.model.lm_head(_rms_norm(body.norm, h))
+
+
+def _decoding_step(model: PreTrainedModel) -> Callable[..., torch.Tensor]:
+    """The model's decoding step: ``_LlamaStep`` where it fits, else the model's forward."""
+    if _LlamaStep.fits(model):
+        return _LlamaStep(model)
+
+    def step(
+        input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, cache: Cache
+    ) -> torch.Tensor:
+        out = model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            **{CACHE_KWARG: cache},
+            use_cache=True,
+        )
+        return out.logits
+
+    return step
+
+
 def _decode_batch(
     model: PreTrainedModel,
     input_ids: torch.Tensor,
@@ -273,9 +366,11 @@ def _decode_batch(
         use_cache=True,
         logits_to_keep=1,
     )
+    logits = out.logits[:, -1, :]  # (B, V)
     position = positions[:, -1:]  # (B, 1)
+    decoding_step = _decoding_step(model)
     for step in range(sampling.max_new_tokens):
-        tokens = next_tokens(out.logits[:, -1, :], sampling)  # (b,)
+        tokens = next_tokens(logits, sampling)  # (b,)
         ended = tokens == eos_token_id
         for row, token, end in zip(alive.tolist(), tokens.tolist(), ended.tolist(), strict=True):
             if end:
@@ -293,13 +388,7 @@ def _decode_batch(
             alive, tokens, position, attention_mask = alive[keep], tokens[keep], position[keep], attention_mask[keep]
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(alive), 1))], dim=-1)
         position = position + 1
-        out = model(
-            input_ids=tokens[:, None],
-            attention_mask=attention_mask,
-            position_ids=position,
-            **{CACHE_KWARG: cache},
-            use_cache=True,
-        )
+        logits = decoding_step(tokens[:, None], attention_mask, position, cache)[:, -1, :]
     return list(zip(written, truncated, strict=True))
 
 

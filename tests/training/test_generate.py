@@ -233,3 +233,34 @@ def test_rows_that_end_give_their_places_to_the_last_survivors_and_the_cache_fol
     got_keys, _ = layer.update(step, step)
     assert torch.equal(got_keys, torch.cat([keys[order], step], dim=2))
     assert layer.get_seq_length() == 4
+
+
+@pytest.mark.parametrize(
+    ("dtype", "autocast"), [(torch.float32, False), (torch.bfloat16, False), (torch.float32, True)]
+)
+@pytest.mark.parametrize("padded", [True, False])
+def test_a_llama_decoding_step_written_out_gives_the_models_logits_to_the_bit(tiny_model_dir, dtype, autocast, padded):
+    model, _ = load_model(str(tiny_model_dir), dtype=dtype)
+    assert generate._LlamaStep.fits(model)
+    torch.manual_seed(0)
+    prompts = torch.randint(3, model.config.vocab_size, (3, 6))
+    mask = torch.ones(3, 6, dtype=torch.long)
+    if padded:
+        mask[0, :4] = mask[2, :1] = 0  # left padding, as generate_completions pads its prompts
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    caches = [generate._decoding_cache(10), generate._decoding_cache(10)]
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        for cache in caches:
+            model(input_ids=prompts, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
+        tokens, position = torch.tensor([[5], [7], [9]]), positions[:, -1:] + 1
+        mask = torch.cat([mask, torch.ones(3, 1, dtype=torch.long)], dim=-1)
+        for _ in range(2):  # the second step reads the first one's keys and values from the cache
+            expected = model(
+                input_ids=tokens, attention_mask=mask, position_ids=position, cache=caches[0], use_cache=True
+            ).logits
+            got = generate._LlamaStep(model)(tokens, mask, position, caches[1])
+            assert got.shape == (3, 1, model.config.vocab_size) and torch.equal(got, expected)
+            tokens, position = expected[:, -1].argmax(-1, keepdim=True), position + 1
+            mask = torch.cat([mask, torch.ones(3, 1, dtype=torch.long)], dim=-1)
+    model.set_attn_implementation("eager")
+    assert not generate._LlamaStep.fits(model)  # other attention decodes through the model's forward

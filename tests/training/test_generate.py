@@ -3,7 +3,7 @@ import torch
 
 from training import generate
 from training.generate import SamplingConfig, generate_completions, next_tokens, render_prompt
-from training.models import load_model
+from training.models import CACHE_KWARG, load_model
 
 HELLO = [{"role": "user", "content": "hello"}]
 MULTI = [
@@ -251,12 +251,18 @@ def test_a_llama_decoding_step_written_out_gives_the_models_logits_to_the_bit(ti
     caches = [generate._decoding_cache(10), generate._decoding_cache(10)]
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         for cache in caches:
-            model(input_ids=prompts, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
+            model(
+                input_ids=prompts, attention_mask=mask, position_ids=positions, **{CACHE_KWARG: cache}, use_cache=True
+            )
         tokens, position = torch.tensor([[5], [7], [9]]), positions[:, -1:] + 1
         mask = torch.cat([mask, torch.ones(3, 1, dtype=torch.long)], dim=-1)
         for _ in range(2):  # the second step reads the first one's keys and values from the cache
             expected = model(
-                input_ids=tokens, attention_mask=mask, position_ids=position, cache=caches[0], use_cache=True
+                input_ids=tokens,
+                attention_mask=mask,
+                position_ids=position,
+                **{CACHE_KWARG: caches[0]},
+                use_cache=True,
             ).logits
             got = generate._LlamaStep(model)(tokens, mask, position, caches[1])
             assert got.shape == (3, 1, model.config.vocab_size) and torch.equal(got, expected)
